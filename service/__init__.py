@@ -1,0 +1,1 @@
+"""Keel service: reward scoring and moderation over HTTP."""

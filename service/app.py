@@ -1,0 +1,170 @@
+"""The FastAPI application: lifespan (load, warm up, drain), request middleware, error shapes."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from service import routes
+from service.batcher import Batcher
+from service.metrics import Metrics
+from service.runtime import BatchLimits, RewardRuntime
+from service.schemas import ErrorResponse
+from service.settings import Settings
+from service.state import ApiError, ServiceState
+
+log = logging.getLogger("keel.service")
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+
+
+def error_response(status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
+                   code: str | None = None, headers: dict[str, str] | None = None) -> JSONResponse:
+    body = {"error": {"message": message, "type": type, "param": param, "code": code}}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+class RequestMiddleware:
+    """Request ids, body-size limit (413), request metrics. Pure ASGI, so streaming is untouched."""
+
+    def __init__(self, app: ASGIApp, state: ServiceState):
+        self.app = app
+        self.state = state
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope["headers"])
+        incoming = headers.get(b"x-request-id", b"").decode("latin-1")
+        request_id = incoming if _REQUEST_ID.match(incoming) else uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = request_id
+        endpoint = _endpoint_label(scope)
+        started = time.perf_counter()
+        status = 500
+        limit = self.state.settings.max_body_bytes
+        received = 0
+        response_started = False
+
+        async def limited_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > limit:
+                raise BodyTooLarge
+            return message
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status, response_started
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                response_started = True
+                message.setdefault("headers", []).append((b"x-request-id", request_id.encode()))
+            await send(message)
+
+        try:
+            declared = int(headers.get(b"content-length", b"0") or 0)
+        except ValueError:
+            declared = 0
+        try:
+            if declared > limit:
+                raise BodyTooLarge
+            await self.app(scope, limited_receive, send_with_id)
+        except BodyTooLarge:
+            if response_started:
+                raise
+            response = error_response(413, f"request body is over the {limit}-byte limit", param="body",
+                                      code="body_too_large")
+            await response(scope, receive, send_with_id)
+        finally:
+            metrics = self.state.metrics
+            metrics.requests.labels(endpoint, str(status)).inc()
+            metrics.request_seconds.labels(endpoint).observe(time.perf_counter() - started)
+
+
+def _endpoint_label(scope: Scope) -> str:
+    path = scope.get("path", "")
+    known = ("/v1/score", "/v1/moderations", "/v1/models", "/healthz", "/readyz", "/metrics")
+    return path if path in known else "other"  # bounded label values, whatever clients send
+
+
+def _validation_message(error: RequestValidationError) -> tuple[str, str | None]:
+    first: dict[str, Any] = error.errors()[0] if error.errors() else {}
+    location = [str(part) for part in first.get("loc", ()) if part != "body"]
+    if first.get("type") == "json_invalid":
+        return "request body is not valid JSON (or not UTF-8): " + str(first.get("ctx", {}).get("error", "")), None
+    message = first.get("msg", "invalid request")
+    param = ".".join(location) or None
+    return (f"{param}: {message}" if param else message), param
+
+
+def create_app(settings: Settings | None = None, runtime: RewardRuntime | None = None) -> FastAPI:
+    """Build the app. The model is loaded (unless given) and warmed up during startup."""
+    settings = settings or Settings()
+    state = ServiceState(settings=settings, metrics=Metrics(), runtime=runtime)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if state.runtime is None:
+            if settings.model is None:
+                raise RuntimeError("no model directory: pass --model DIR or set KEEL_MODEL")
+            state.runtime = await asyncio.to_thread(
+                RewardRuntime, settings.model, settings.backend, settings.threads,
+                BatchLimits(settings.max_batch_size, settings.max_batch_tokens), state.metrics)
+        state.runtime.metrics = state.metrics
+        await asyncio.to_thread(state.runtime.warm_up)
+        state.batcher = Batcher(state.runtime.score, max_batch_texts=settings.max_batch_size * 4,
+                                max_wait_s=settings.max_wait_ms / 1000, max_queue_texts=settings.max_queue_texts,
+                                metrics=state.metrics)
+        state.batcher.start()
+        state.ready = True
+        state.metrics.ready.set(1)
+        log.info("ready: model %s (%s, heads %s)", state.runtime.name, settings.backend, state.runtime.heads)
+        yield
+        state.ready = False
+        state.metrics.ready.set(0)
+        await state.batcher.close()
+
+    errors = {status: {"model": ErrorResponse} for status in (400, 401, 413, 429, 503)}
+    app = FastAPI(title="Keel", version="0.1.0", lifespan=lifespan, responses=errors,
+                  description="Reward scoring and moderation with Keel reward models.")
+    app.state.keel = state
+    app.include_router(routes.health)
+    app.include_router(routes.api)
+    app.add_middleware(RequestMiddleware, state=state)
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, error: ApiError) -> JSONResponse:
+        return error_response(error.status, error.message, error.type, error.param, error.code, error.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
+        message, param = _validation_message(error)
+        return error_response(400, message, param=param, code="invalid_request")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
+        return error_response(error.status_code, str(error.detail), code=f"http_{error.status_code}")
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, error: Exception) -> JSONResponse:
+        log.exception("unhandled error in request %s", getattr(request.state, "request_id", "?"))
+        return error_response(500, f"internal error ({type(error).__name__}); request id "
+                              f"{getattr(request.state, 'request_id', '?')}", "server_error")
+
+    return app

@@ -1,0 +1,133 @@
+"""The scoring runtime, independent of HTTP: a loaded reward model behind ONNX Runtime or torch.
+
+`RewardRuntime.score(texts)` tokenises, sorts by length, runs the engine in batches bounded by a token
+budget, and returns raw scores [texts, heads]. It is synchronous; the batcher calls it from one thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from service.metrics import Metrics
+from training.artifact import ArtifactError, read_manifest
+from training.evaluate import encode
+from training.onnx_export import FP32_FILE, INT8_FILE, onnx_session, pad_batch
+from training.reward_model import load_tokenizer
+
+log = logging.getLogger(__name__)
+
+
+class OnnxEngine:
+    def __init__(self, path: Path, threads: int, pad_id: int):
+        self.session = onnx_session(path, threads)
+        self.input_names = [i.name for i in self.session.get_inputs()]
+        self.pad_id = pad_id
+
+    def run(self, items: Sequence[dict[str, list[int]]]) -> np.ndarray:
+        return self.session.run(["scores"], pad_batch(items, self.input_names, self.pad_id))[0]
+
+
+class TorchEngine:
+    def __init__(self, directory: Path, heads: list[str], threads: int, tokenizer: Any):
+        import torch
+
+        from training.reward_model import RewardModel, pick_device
+
+        torch.set_num_threads(threads)
+        self.device = pick_device()
+        self.model = RewardModel.load(directory, heads).to(self.device).eval()
+        self.tokenizer = tokenizer
+
+    def run(self, items: Sequence[dict[str, list[int]]]) -> np.ndarray:
+        import torch
+
+        from training.evaluate import collate
+
+        with torch.inference_mode():
+            batch = {k: v.to(self.device) for k, v in collate(self.tokenizer, items).items()}
+            return self.model(**batch).float().cpu().numpy()
+
+
+@dataclass
+class BatchLimits:
+    max_batch_size: int = 64
+    max_batch_tokens: int = 16384
+
+
+class RewardRuntime:
+    def __init__(self, directory: str | Path, backend: str = "onnx-int8", threads: int | None = None,
+                 limits: BatchLimits | None = None, metrics: Metrics | None = None):
+        self.directory = Path(directory)
+        self.manifest = read_manifest(self.directory)
+        self.heads: list[str] = self.manifest["heads"]
+        self.primary_head: str = self.manifest["primary_head"]
+        self.max_length: int = self.manifest["max_length"]
+        self.version: str = self.manifest.get("created_at", "unknown")
+        self.name = self.directory.name
+        self.backend = backend
+        self.limits = limits or BatchLimits()
+        self.metrics = metrics
+        stats = self.manifest["normalization"]
+        self.mean = np.array([stats[h]["mean"] for h in self.heads], dtype=np.float32)
+        self.std = np.array([stats[h]["std"] for h in self.heads], dtype=np.float32)
+        self.thresholds = {h: self.manifest["moderation"][h]["threshold"] for h in self.heads}
+        threads = threads or os.cpu_count() or 1
+        try:
+            self.tokenizer = load_tokenizer(str(self.directory), self.max_length, self.manifest["truncation_side"])
+            if backend == "torch":
+                self.engine: OnnxEngine | TorchEngine = TorchEngine(self.directory, self.heads, threads, self.tokenizer)
+            else:
+                onnx_file = self.directory / (INT8_FILE if backend == "onnx-int8" else FP32_FILE)
+                self.engine = OnnxEngine(onnx_file, threads, self.tokenizer.pad_token_id)
+        except ArtifactError:
+            raise
+        except Exception as error:  # missing, truncated or corrupt files: say which model and why
+            raise ArtifactError(f"cannot load {backend} model from {self.directory}: {error}") from error
+
+    def score(self, texts: Sequence[str]) -> np.ndarray:
+        """Raw scores [len(texts), heads]; texts are sorted by length and cut into token-budgeted batches."""
+        encoded = encode(self.tokenizer, texts, self.max_length)
+        order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]["input_ids"]))
+        out = np.empty((len(texts), len(self.heads)), dtype=np.float32)
+        start = 0
+        while start < len(order):
+            end = start + 1
+            # Sorted ascending, so the padded size of [start, end) is (end - start) * length of the last item.
+            while (end < len(order) and end - start < self.limits.max_batch_size
+                   and (end - start + 1) * len(encoded[order[end]]["input_ids"]) <= self.limits.max_batch_tokens):
+                end += 1
+            idx = order[start:end]
+            began = time.perf_counter()
+            scores = self.engine.run([encoded[i] for i in idx])
+            if scores.shape != (len(idx), len(self.heads)):
+                raise ArtifactError(f"model returned scores of shape {scores.shape}, expected "
+                                    f"({len(idx)}, {len(self.heads)}): the ONNX file does not match keel.json")
+            out[idx] = scores
+            if self.metrics:
+                self.metrics.inference_seconds.observe(time.perf_counter() - began)
+                self.metrics.batch_size.observe(len(idx))
+                self.metrics.batch_tokens.observe(len(idx) * len(encoded[idx[-1]]["input_ids"]))
+            start = end
+        return out
+
+    def normalize(self, raw: np.ndarray) -> np.ndarray:
+        """z = (raw - mean) / std with the validation statistics in keel.json."""
+        return (raw - self.mean) / self.std
+
+    def warm_up(self) -> None:
+        """Score a real batch so the first request pays no start-up cost, and check the model's output."""
+        self.score(["Human: Hello, how are you?\n\nAssistant: I'm well, thanks for asking.", "warm-up"] * 4)
+
+    def describe(self) -> dict[str, Any]:
+        return {"id": self.name, "object": "model", "created": int(self.directory.stat().st_mtime),
+                "owned_by": "keel", "version": self.version, "backend": self.backend, "heads": self.heads,
+                "primary_head": self.primary_head, "base_model": self.manifest.get("base_model"),
+                "thresholds": self.thresholds}

@@ -1,0 +1,48 @@
+"""Service settings: every option is a `keel serve` flag and a KEEL_* environment variable."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from typing_extensions import Annotated
+
+
+def default_model_dir() -> Path:
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+    return cache / "keel" / "models" / "reward-default"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="KEEL_", extra="ignore")
+
+    model: Path | None = Field(None, description="reward-model directory (default: train/use the default model)")
+    host: str = Field("127.0.0.1", description="address to listen on")
+    port: int = Field(8000, description="port to listen on")
+    backend: Literal["onnx-int8", "onnx", "torch"] = Field(
+        "onnx-int8", description="scoring engine: int8 ONNX (fastest on CPU), fp32 ONNX, or torch (uses CUDA if present)")
+    threads: int | None = Field(None, description="inference threads (default: all CPU cores)")
+    max_batch_tokens: int = Field(16384, description="padded tokens per inference batch")
+    max_batch_size: int = Field(64, description="texts per inference batch")
+    max_wait_ms: float = Field(2.0, description="longest a text waits for others to join its batch")
+    max_queue_texts: int = Field(2048, description="texts waiting to be scored before new requests get 429")
+    request_timeout_s: float = Field(30.0, description="a request not answered by then gets 503")
+    max_items: int = Field(256, description="items (texts or conversations) per request")
+    max_chars: int = Field(32768, description="characters per text")
+    max_body_bytes: int = Field(2 * 1024 * 1024, description="request body size limit (413 above it)")
+    api_keys: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="comma-separated API keys; when set, every non-health endpoint needs "
+        "`Authorization: Bearer KEY`")
+    log_bodies: bool = Field(False, description="log request bodies (debugging only: they hold user text)")
+    drain_seconds: float = Field(0.0, description="after SIGTERM, report not-ready this long before closing")
+    log_level: str = Field("info", description="log level")
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def split_keys(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [key.strip() for key in value.split(",") if key.strip()]
+        return value

