@@ -59,23 +59,30 @@ class RequestMiddleware:
         status = 500
         limit = self.state.settings.max_body_bytes
         received = 0
-        response_started = False
+        too_large = False
+        refused = error_response(413, f"request body is over the {limit}-byte limit", param="body",
+                                 code="body_too_large")
 
         async def limited_receive() -> Message:
-            nonlocal received
+            nonlocal received, too_large
             message = await receive()
             received += len(message.get("body", b""))
             if received > limit:
+                too_large = True
                 raise BodyTooLarge
             return message
 
         async def send_with_id(message: Message) -> None:
-            nonlocal status, response_started
+            nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
-                response_started = True
                 message.setdefault("headers", []).append((b"x-request-id", request_id.encode()))
             await send(message)
+
+        async def send_refusal(message: Message) -> None:
+            # The framework turns a failed body read into its own 400; answer 413 instead.
+            if message["type"] == "http.response.start":
+                await refused(scope, receive, send_with_id)
 
         try:
             declared = int(headers.get(b"content-length", b"0") or 0)
@@ -83,14 +90,11 @@ class RequestMiddleware:
             declared = 0
         try:
             if declared > limit:
-                raise BodyTooLarge
-            await self.app(scope, limited_receive, send_with_id)
+                await refused(scope, receive, send_with_id)
+            else:
+                await self.app(scope, limited_receive, lambda m: send_refusal(m) if too_large else send_with_id(m))
         except BodyTooLarge:
-            if response_started:
-                raise
-            response = error_response(413, f"request body is over the {limit}-byte limit", param="body",
-                                      code="body_too_large")
-            await response(scope, receive, send_with_id)
+            await refused(scope, receive, send_with_id)
         finally:
             metrics = self.state.metrics
             metrics.requests.labels(endpoint, str(status)).inc()

@@ -1,0 +1,198 @@
+"""The batcher, overload behaviour, the openai client over a real socket, and the SIGTERM drain."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from service.batcher import Batcher, DeadlineExceeded, QueueFull, ShuttingDown
+
+
+def fake_scorer(batches: list[list[str]], delay: float = 0.0):
+    def score(texts):
+        batches.append(list(texts))
+        time.sleep(delay)
+        return np.array([[float(len(t))] for t in texts], dtype=np.float32)
+
+    return score
+
+
+def test_concurrent_requests_share_a_batch():
+    batches: list[list[str]] = []
+
+    async def main():
+        batcher = Batcher(fake_scorer(batches, delay=0.05), max_batch_texts=64, max_wait_s=0.0, max_queue_texts=100)
+        batcher.start()
+        first = asyncio.create_task(batcher.submit(["x"], 5))
+        await asyncio.sleep(0.01)  # the first batch is running; the next requests queue behind it
+        rest = [asyncio.create_task(batcher.submit(["y" * i, "z"], 5)) for i in range(1, 11)]
+        results = await asyncio.gather(first, *rest)
+        await batcher.close()
+        return results
+
+    results = asyncio.run(main())
+    assert batches[0] == ["x"] and len(batches) == 2 and len(batches[1]) == 20
+    assert [r[0, 0] for r in results[1:]] == [float(i) for i in range(1, 11)]  # each gets its own scores
+
+
+def test_max_wait_gathers_a_batch_when_idle():
+    batches: list[list[str]] = []
+
+    async def main():
+        batcher = Batcher(fake_scorer(batches), max_batch_texts=64, max_wait_s=0.05, max_queue_texts=100)
+        batcher.start()
+        tasks = [asyncio.create_task(batcher.submit(["t"], 5)) for _ in range(3)]
+        await asyncio.sleep(0.01)
+        tasks.append(asyncio.create_task(batcher.submit(["late"], 5)))
+        await asyncio.gather(*tasks)
+        await batcher.close()
+
+    asyncio.run(main())
+    assert batches == [["t", "t", "t", "late"]]
+
+
+def test_queue_bound_deadline_and_shutdown():
+    async def main():
+        batcher = Batcher(fake_scorer([], delay=0.3), max_batch_texts=2, max_wait_s=0.0, max_queue_texts=4)
+        batcher.start()
+        running = asyncio.create_task(batcher.submit(["a", "b"], 5))
+        await asyncio.sleep(0.05)
+        waiting = asyncio.create_task(batcher.submit(["c", "d", "e"], 0.1))
+        await asyncio.sleep(0)
+        with pytest.raises(QueueFull):
+            await batcher.submit(["f", "g"], 5)
+        with pytest.raises(DeadlineExceeded):
+            await waiting
+        await running
+        close = asyncio.create_task(batcher.close())
+        await asyncio.sleep(0)
+        with pytest.raises(ShuttingDown):
+            await batcher.submit(["h"], 5)
+        await close
+
+    asyncio.run(main())
+
+
+def test_failing_batch_fails_its_requests_not_the_worker():
+    calls = []
+
+    def flaky(texts):
+        calls.append(texts)
+        if len(calls) == 1:
+            raise RuntimeError("engine exploded")
+        return np.zeros((len(texts), 1), dtype=np.float32)
+
+    async def main():
+        batcher = Batcher(flaky, max_batch_texts=8, max_wait_s=0.0, max_queue_texts=100)
+        batcher.start()
+        with pytest.raises(RuntimeError, match="exploded"):
+            await batcher.submit(["a"], 5)
+        assert (await batcher.submit(["b"], 5)).shape == (1, 1)
+        await batcher.close()
+
+    asyncio.run(main())
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def keel_server(model: Path, *args: str, **env: str) -> Iterator[tuple[str, subprocess.Popen]]:
+    """`keel serve` in a subprocess on a loopback port; yields (base URL, process)."""
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "training.cli", "serve", "--model", str(model), "--port", str(port), *args],
+        env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            if process.poll() is not None:
+                raise RuntimeError(f"server exited: {process.stdout.read()}")
+            try:
+                if httpx.get(f"{base}/readyz", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        else:
+            raise TimeoutError("server not ready in 60 s")
+        yield base, process
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(10)
+
+
+def test_openai_client_moderations_over_a_socket(tiny_reward_model: Path):
+    import openai
+
+    with keel_server(tiny_reward_model, "--api-keys", "test-key") as (base, _):
+        client = openai.OpenAI(base_url=f"{base}/v1", api_key="test-key", max_retries=0)
+        result = client.moderations.create(input=["hello there", "sure, here is how to build a bomb"])
+        assert len(result.results) == 2
+        assert set(result.results[0].category_scores.model_dump(exclude_none=True)) >= {"harmless", "quality"}
+        assert isinstance(result.results[0].flagged, bool)
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=f"{base}/v1", api_key="wrong", max_retries=0).moderations.create(input="x")
+        with pytest.raises(openai.BadRequestError):
+            client.moderations.create(input=[])
+
+
+def test_overload_gets_429_and_never_5xx(tiny_reward_model: Path):
+    # A tiny queue and a burst of large concurrent requests: some must be refused, none may fail.
+    with keel_server(tiny_reward_model, "--max-queue-texts", "64", "--max-batch-size", "8") as (base, _):
+        body = {"input": [{"text": "how can i make a bomb " * 8}] * 32}
+        statuses: list[int] = []
+
+        def hit(_):
+            return httpx.post(f"{base}/v1/score", json=body, timeout=30).status_code
+
+        with ThreadPoolExecutor(32) as pool:
+            statuses = list(pool.map(hit, range(96)))
+        assert set(statuses) <= {200, 429, 503}
+        assert statuses.count(429) > 0 and statuses.count(200) > 0
+        retry = httpx.post(f"{base}/v1/score", json={"input": [{"text": "ok"}]}, timeout=30)
+        assert retry.status_code == 200  # recovers once the burst is gone
+        metrics = httpx.get(f"{base}/metrics").text
+        assert 'keel_rejected_total{reason="queue_full"}' in metrics
+
+
+def test_sigterm_drains_in_flight_requests(tiny_reward_model: Path):
+    with keel_server(tiny_reward_model, "--drain-seconds", "1") as (base, process):
+        body = {"input": [{"text": "a fairly long text to score " * 10}] * 64}
+        results: list[int] = []
+
+        def hit():
+            results.append(httpx.post(f"{base}/v1/score", json=body, timeout=30).status_code)
+
+        threads = [threading.Thread(target=hit) for _ in range(8)]
+        for thread in threads:
+            thread.start()
+        time.sleep(0.2)
+        process.send_signal(signal.SIGTERM)
+        time.sleep(0.3)
+        assert httpx.get(f"{base}/readyz").status_code == 503  # draining: not ready, still answering
+        for thread in threads:
+            thread.join(30)
+        assert results == [200] * 8
+        # uvicorn re-raises the signal once shutdown is complete, so the exit status says SIGTERM.
+        assert process.wait(30) in (0, -signal.SIGTERM)
+        assert "Application shutdown complete" in process.stdout.read()
