@@ -1,0 +1,157 @@
+"""Scoring throughput and latency: Keel's service vs the bare ONNX engine vs a per-request pipeline peer.
+
+    python bench/serve_bench.py --model DIR [--seconds 20] [--concurrency 32]
+
+Every contender runs in its own process (torch and ONNX Runtime thread pools interfere). The load
+generator is a separate process from each server, on loopback. Texts: HH validation/test conversations of
+up to 256 tokens. Prints JSON with medians of the repeated measurements and the ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench.loadgen import run_load  # noqa: E402
+
+
+def hh_texts(model: Path, count: int, max_tokens: int = 256) -> list[str]:
+    from training.data import DataSource, load_source
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    texts = []
+    for name in ("harmless-base", "helpful-base"):
+        for split in ("validation", "test"):
+            for pair in load_source(DataSource(str(ROOT / f"data/hh-rlhf/{name}/test.jsonl.gz"), split=split)):
+                texts += [pair.chosen_text, pair.rejected_text]
+    texts = [t for t in texts if len(tokenizer(t)["input_ids"]) <= max_tokens]
+    return texts[:count]
+
+
+def short_texts(model: Path, count: int) -> list[str]:
+    """Conversations of about 64 tokens."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    return [t for t in hh_texts(model, 4000) if 56 <= len(tokenizer(t)["input_ids"]) <= 72][:count]
+
+
+def engine_throughput(model: Path, texts: list[str], seconds: float, backend: str) -> dict:
+    """The bare engine: ONNX Runtime on the same file, tokenisation included, at several batch sizes."""
+    from transformers import AutoTokenizer
+
+    from training.onnx_export import onnx_session
+
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    tokenizer.truncation_side = "left"
+    session = onnx_session(model / ("model.int8.onnx" if backend == "onnx-int8" else "model.onnx"))
+    names = [i.name for i in session.get_inputs()]
+    results = {}
+    for batch_size in (1, 8, 16, 32, 64):
+        done, began, i = 0, time.perf_counter(), 0
+        while time.perf_counter() - began < seconds:
+            batch = [texts[(i + k) % len(texts)] for k in range(batch_size)]
+            i += batch_size
+            encoded = tokenizer(batch, padding=True, truncation=True, max_length=256, return_tensors="np")
+            session.run(["scores"], {n: encoded[n].astype("int64") for n in names})
+            done += batch_size
+        results[batch_size] = done / (time.perf_counter() - began)
+    best = max(results, key=results.get)
+    return {"texts_per_s_by_batch": {k: round(v, 1) for k, v in results.items()}, "best_batch": best,
+            "best_texts_per_s": round(results[best], 1)}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start(command: list[str], port: int, ready_path: str) -> subprocess.Popen:
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 180
+    while time.time() < deadline:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}{ready_path}", timeout=1).status_code in (200, 405):
+                return process
+        except httpx.HTTPError:
+            time.sleep(0.3)
+    process.kill()
+    raise TimeoutError(f"{command} did not start")
+
+
+def load(port: int, texts: list[str], concurrency: int, seconds: float) -> dict:
+    payloads = [{"input": [{"text": t}]} for t in texts]
+    asyncio.run(run_load(f"http://127.0.0.1:{port}/v1/score", payloads[:64], 4, 2.0))  # warm-up
+    return asyncio.run(run_load(f"http://127.0.0.1:{port}/v1/score", payloads, concurrency, seconds)).summary()
+
+
+def server_runs(command: list[str], port: int, ready: str, texts: list[str], short: list[str], args) -> dict:
+    process = start(command, port, ready)
+    try:
+        runs = [load(port, texts, args.concurrency, args.seconds) for _ in range(args.repeats)]
+        latency = [load(port, short, 1, args.seconds / 2) for _ in range(args.repeats)]
+    finally:
+        process.terminate()
+        process.wait(30)
+    return {"throughput_runs": runs, "texts_per_s": statistics.median(r["requests_per_s"] for r in runs),
+            "short_p50_ms_runs": [r["p50_ms"] for r in latency],
+            "short_p50_ms": statistics.median(r["p50_ms"] for r in latency)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", type=Path, required=True, help="Keel reward-model directory")
+    parser.add_argument("--seconds", type=float, default=15.0, help="seconds per measurement")
+    parser.add_argument("--repeats", type=int, default=3, help="measurements per contender (median reported)")
+    parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--backend", default="onnx-int8", choices=["onnx-int8", "onnx"])
+    parser.add_argument("--engine-only", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--skip-peer", action="store_true", help="skip the pipeline peer")
+    parser.add_argument("--out", type=Path, help="also write the JSON here")
+    args = parser.parse_args()
+    model = args.model.resolve()
+    texts = hh_texts(model, 2000)
+    if args.engine_only:  # child process: the bare engine alone
+        runs = [engine_throughput(model, texts, args.seconds / 5, args.backend) for _ in range(args.repeats)]
+        print(json.dumps({"runs": runs, "best_texts_per_s": statistics.median(r["best_texts_per_s"] for r in runs)}))
+        return
+    short = short_texts(model, 200)
+    report: dict = {"texts": len(texts), "mean_chars": round(statistics.fmean(map(len, texts))), "cpus": os.cpu_count(),
+                    "concurrency": args.concurrency, "backend": args.backend}
+    engine = subprocess.run([sys.executable, __file__, "--model", str(model), "--engine-only", "--seconds",
+                             str(args.seconds), "--repeats", str(args.repeats), "--backend", args.backend],
+                            capture_output=True, text=True, check=True)
+    report["engine"] = json.loads(engine.stdout.strip().splitlines()[-1])
+    port = free_port()
+    report["keel"] = server_runs([sys.executable, "-m", "training.cli", "serve", "--model", str(model), "--port",
+                                  str(port), "--backend", args.backend], port, "/readyz", texts, short, args)
+    if not args.skip_peer:
+        port = free_port()
+        report["peer_pipeline"] = server_runs([sys.executable, str(ROOT / "bench" / "peer_server.py"), str(model),
+                                               str(port)], port, "/v1/score", texts, short, args)
+        report["keel_vs_peer"] = round(report["keel"]["texts_per_s"] / report["peer_pipeline"]["texts_per_s"], 2)
+    report["keel_vs_engine"] = round(report["keel"]["texts_per_s"] / report["engine"]["best_texts_per_s"], 3)
+    text = json.dumps(report, indent=2)
+    print(text)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,43 @@
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.conftest import hh_pairs, write_jsonl
+from training.cli import main
+
+
+def run_keel(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "training.cli", *args], capture_output=True, text=True, timeout=300)
+
+
+def test_help_explains_every_option():
+    for command in (["train", "reward"], ["eval", "reward"], ["serve"]):
+        result = run_keel(*command, "--help")
+        assert result.returncode == 0
+        assert "--help" in result.stdout
+    serve_help = run_keel("serve", "--help").stdout
+    assert "KEEL_API_KEYS" in serve_help and "--max-body-bytes" in serve_help
+    assert "--set KEY=VALUE" in run_keel("train", "reward", "--help").stdout
+
+
+def test_eval_reward_prints_metrics_for_any_file(tiny_reward_model: Path, tmp_path: Path, capsys):
+    data = write_jsonl(tmp_path / "pairs.jsonl", hh_pairs(10))
+    assert main(["eval", "reward", "--model", str(tiny_reward_model), "--data", str(data), "--json",
+                 "--backend", "int8"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    metrics = report[str(data)]["harmless"]
+    assert metrics["pairs"] == 10 and {"accuracy", "shorter_wins_accuracy", "ece"} <= set(metrics)
+    assert main(["eval", "reward", "--model", str(tiny_reward_model), "--data", str(data)]) == 0
+    assert "accuracy=" in capsys.readouterr().out
+
+
+def test_bad_data_is_a_clear_error_not_a_traceback(tiny_reward_model: Path, tmp_path: Path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps(hh_pairs(1)[0]) + "\n[1, 2]\n")
+    assert main(["eval", "reward", "--model", str(tiny_reward_model), "--data", str(bad)]) == 2
+    assert "bad.jsonl:2: expected a JSON object" in capsys.readouterr().err
+    assert main(["eval", "reward", "--model", str(tmp_path), "--data", str(bad)]) == 2
+    assert "not a Keel model directory" in capsys.readouterr().err
+    assert main(["train", "reward", "--output", str(tmp_path / "m"), "--set", "training.epoch=1"]) == 2
+    assert "unknown keys ['epoch']" in capsys.readouterr().err
