@@ -47,6 +47,7 @@ class TrainingConfig:
     max_grad_norm: float = 1.0
     max_steps: int | None = None  # stop early after this many steps (None: run all epochs)
     freeze_embeddings: bool = True  # the word-embedding matrix is half of MiniLM; freezing it speeds steps
+    precision: str = "bf16"  # bf16 | fp16 | no: mixed-precision autocast (bf16 is ~1.5x faster on AVX512-BF16 CPUs)
     seed: int = 0
     log_every: int = 10
     eval_every: int = 100  # validation accuracy every N steps (0: only at the end)
@@ -80,6 +81,8 @@ class RewardConfig:
             self.primary_head = names[0]
         if self.primary_head not in names:
             raise ConfigError(f"primary_head {self.primary_head!r} is not one of the heads {names}")
+        if self.training.precision not in ("no", "bf16", "fp16"):
+            raise ConfigError(f"training.precision must be no, bf16 or fp16, not {self.training.precision!r}")
         if self.truncation_side not in ("left", "right"):
             raise ConfigError("truncation_side must be left or right")
 

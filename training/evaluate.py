@@ -16,6 +16,8 @@ Scorer = Callable[[Sequence[str]], np.ndarray]
 
 def encode(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], max_length: int) -> list[dict[str, list[int]]]:
     """Tokenise without padding; truncation follows the tokenizer's truncation_side."""
+    if not texts:
+        return []
     encoded = tokenizer(list(texts), truncation=True, max_length=max_length)
     return [{key: encoded[key][i] for key in encoded} for i in range(len(texts))]
 
@@ -43,6 +45,19 @@ def torch_scorer(
             out[idx] = model(**batch).float().cpu().numpy()
         model.train(was_training)
         return out
+
+    return score
+
+
+def cached(scorer: Scorer) -> Scorer:
+    """A scorer that remembers scored texts, so metrics that share texts score them once."""
+    memory: dict[str, np.ndarray] = {}
+
+    def score(texts: Sequence[str]) -> np.ndarray:
+        new = list(dict.fromkeys(t for t in texts if t not in memory))
+        if new:
+            memory.update(zip(new, scorer(new)))
+        return np.stack([memory[t] for t in texts]) if texts else scorer(texts)
 
     return score
 

@@ -36,6 +36,9 @@ def export(model: RewardModel, tokenizer: PreTrainedTokenizerBase, directory: Pa
     from onnxruntime.transformers.optimizer import optimize_model
 
     model = model.to("cpu").eval()
+    # ONNX Runtime's optimizer fuses the eager attention pattern into its Attention kernel, not the SDPA one.
+    attention = model.backbone.config._attn_implementation
+    model.backbone.set_attn_implementation("eager")
     names = onnx_input_names(tokenizer)
     sample = tokenizer(["a short example", "a second, somewhat longer example text"], padding=True, return_tensors="pt")
     raw_path = directory / "model.raw.onnx"
@@ -45,6 +48,7 @@ def export(model: RewardModel, tokenizer: PreTrainedTokenizerBase, directory: Pa
             model, tuple(sample[n] for n in names), str(raw_path), input_names=names, output_names=["scores"],
             dynamic_axes={**axes, "scores": {0: "batch"}}, opset_version=opset, dynamo=False,
         )
+    model.backbone.set_attn_implementation(attention)
     config = model.backbone.config
     model_type = "bert" if config.model_type in ("bert", "roberta", "distilbert", "xlm-roberta") else config.model_type
     optimized = optimize_model(str(raw_path), model_type=model_type, num_heads=config.num_attention_heads,
