@@ -122,6 +122,8 @@ def main() -> None:
     parser.add_argument("--backend", default="onnx-int8", choices=["onnx-int8", "onnx"])
     parser.add_argument("--engine-only", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--skip-peer", action="store_true", help="skip the pipeline peer")
+    parser.add_argument("--serve-args", default="", help="extra `keel serve` flags, e.g. '--max-batch-tokens 4096'")
+    parser.add_argument("--skip-engine", action="store_true", help="skip the bare engine")
     parser.add_argument("--out", type=Path, help="also write the JSON here")
     args = parser.parse_args()
     model = args.model.resolve()
@@ -133,19 +135,22 @@ def main() -> None:
     short = short_texts(model, 200)
     report: dict = {"texts": len(texts), "mean_chars": round(statistics.fmean(map(len, texts))), "cpus": os.cpu_count(),
                     "concurrency": args.concurrency, "backend": args.backend}
-    engine = subprocess.run([sys.executable, __file__, "--model", str(model), "--engine-only", "--seconds",
+    if not args.skip_engine:
+        engine = subprocess.run([sys.executable, __file__, "--model", str(model), "--engine-only", "--seconds",
                              str(args.seconds), "--repeats", str(args.repeats), "--backend", args.backend],
-                            capture_output=True, text=True, check=True)
-    report["engine"] = json.loads(engine.stdout.strip().splitlines()[-1])
+                                capture_output=True, text=True, check=True)
+        report["engine"] = json.loads(engine.stdout.strip().splitlines()[-1])
     port = free_port()
     report["keel"] = server_runs([sys.executable, "-m", "training.cli", "serve", "--model", str(model), "--port",
-                                  str(port), "--backend", args.backend], port, "/readyz", texts, short, args)
+                                  str(port), "--backend", args.backend, *args.serve_args.split()], port, "/readyz",
+                                 texts, short, args)
     if not args.skip_peer:
         port = free_port()
         report["peer_pipeline"] = server_runs([sys.executable, str(ROOT / "bench" / "peer_server.py"), str(model),
                                                str(port)], port, "/v1/score", texts, short, args)
         report["keel_vs_peer"] = round(report["keel"]["texts_per_s"] / report["peer_pipeline"]["texts_per_s"], 2)
-    report["keel_vs_engine"] = round(report["keel"]["texts_per_s"] / report["engine"]["best_texts_per_s"], 3)
+    if "engine" in report:
+        report["keel_vs_engine"] = round(report["keel"]["texts_per_s"] / report["engine"]["best_texts_per_s"], 3)
     text = json.dumps(report, indent=2)
     print(text)
     if args.out:

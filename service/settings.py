@@ -25,9 +25,11 @@ class Settings(BaseSettings):
     backend: Literal["onnx-int8", "onnx", "torch"] = Field(
         "onnx-int8", description="scoring engine: int8 ONNX (fastest on CPU), fp32 ONNX, or torch (uses CUDA if present)")
     threads: int | None = Field(None, description="inference threads (default: all CPU cores)")
-    max_batch_tokens: int = Field(16384, description="padded tokens per inference batch")
-    max_batch_size: int = Field(64, description="texts per inference batch")
-    max_wait_ms: float = Field(2.0, description="longest a text waits for others to join its batch")
+    # CPU defaults, measured with bench/serve_bench.py: on 2 cores int8 ONNX gains nothing from big batches
+    # (padding costs more than batching saves), so batches stay small and never wait. Raise both on a GPU.
+    max_batch_tokens: int = Field(512, description="padded tokens per inference batch")
+    max_batch_size: int = Field(4, description="texts per inference batch")
+    max_wait_ms: float = Field(0.0, description="longest a text waits for others to join its batch")
     max_queue_texts: int = Field(2048, description="texts waiting to be scored before new requests get 429")
     request_timeout_s: float = Field(30.0, description="a request not answered by then gets 503")
     max_items: int = Field(256, description="items (texts or conversations) per request")
