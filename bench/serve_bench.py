@@ -29,15 +29,17 @@ from bench.loadgen import run_load  # noqa: E402
 
 
 def hh_texts(model: Path, count: int, max_tokens: int = 256) -> list[str]:
-    from training.data import DataSource, load_source
     from transformers import AutoTokenizer
+
+    from training.data import DataSource, load_source
+    from training.text import Message, render
 
     tokenizer = AutoTokenizer.from_pretrained(model)
     texts = []
     for name in ("harmless-base", "helpful-base"):
         for split in ("validation", "test"):
             for pair in load_source(DataSource(str(ROOT / f"data/hh-rlhf/{name}/test.jsonl.gz"), split=split)):
-                texts += [pair.chosen_text, pair.rejected_text]
+                texts += [render([*pair.context, Message("assistant", reply)]) for reply in (pair.chosen, pair.rejected)]
     texts = [t for t in texts if len(tokenizer(t)["input_ids"]) <= max_tokens]
     return texts[:count]
 
@@ -66,7 +68,9 @@ def engine_throughput(model: Path, texts: list[str], seconds: float, backend: st
         while time.perf_counter() - began < seconds:
             batch = [texts[(i + k) % len(texts)] for k in range(batch_size)]
             i += batch_size
-            encoded = tokenizer(batch, padding=True, truncation=True, max_length=256, return_tensors="np")
+            # The service scores a bare {"text"} as the pair ("", text): tokenise the same way.
+            encoded = tokenizer([""] * len(batch), batch, padding=True, truncation="longest_first", max_length=256,
+                                return_tensors="np")
             session.run(["scores"], {n: encoded[n].astype("int64") for n in names})
             done += batch_size
         results[batch_size] = done / (time.perf_counter() - began)

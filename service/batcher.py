@@ -1,6 +1,6 @@
 """Dynamic batching: concurrent requests share inference batches.
 
-Requests queue their texts; one worker takes everything queued (up to a macro-batch), waits at most
+Requests queue their texts (whatever the scoring function takes: (context, response) pairs here); one worker takes everything queued (up to a macro-batch), waits at most
 `max_wait` for more while the batch is small, and runs the runtime in a single inference thread. While a
 batch runs, new requests pile up and form the next one, so batches grow with load and latency stays low
 when idle. The queue is bounded (QueueFull -> 429) and every request has a deadline (DeadlineExceeded -> 503).
@@ -14,6 +14,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -36,14 +37,14 @@ class ShuttingDown(Exception):
 
 @dataclass
 class _Job:
-    texts: Sequence[str]
+    texts: Sequence[Any]
     future: asyncio.Future
     deadline: float
     cancelled: bool = field(default=False)
 
 
 class Batcher:
-    def __init__(self, score: Callable[[Sequence[str]], np.ndarray], max_batch_texts: int, max_wait_s: float,
+    def __init__(self, score: Callable[[Sequence[Any]], np.ndarray], max_batch_texts: int, max_wait_s: float,
                  max_queue_texts: int, metrics: Metrics | None = None):
         self._score = score
         self.max_batch_texts = max_batch_texts
@@ -74,7 +75,7 @@ class Batcher:
             await asyncio.gather(self._worker, return_exceptions=True)
         self._executor.shutdown(wait=True)
 
-    async def submit(self, texts: Sequence[str], timeout_s: float) -> np.ndarray:
+    async def submit(self, texts: Sequence[Any], timeout_s: float) -> np.ndarray:
         """Raw scores for texts, scored together with whatever else is queued."""
         if self._closing:
             raise ShuttingDown("the server is shutting down")

@@ -21,6 +21,7 @@ from service.schemas import (
 )
 from service.state import ApiError, ServiceState
 from training.evaluate import category_scores
+from training.text import ModelInput
 
 log = logging.getLogger(__name__)
 
@@ -47,20 +48,20 @@ health = APIRouter()
 api = APIRouter(dependencies=[Depends(require_api_key)])
 
 
-async def score_texts(state: ServiceState, texts: list[str], request: Request) -> np.ndarray:
+async def score_inputs(state: ServiceState, inputs: list[ModelInput], request: Request) -> np.ndarray:
     """Normalised scores [texts, heads], with limits checked and queue pressure turned into 429/503."""
     settings = state.settings
-    if len(texts) > settings.max_items:
-        raise ApiError(400, f"{len(texts)} items in one request; the limit is {settings.max_items}",
+    if len(inputs) > settings.max_items:
+        raise ApiError(400, f"{len(inputs)} items in one request; the limit is {settings.max_items}",
                        param="input", code="too_many_items")
-    for i, text in enumerate(texts):
-        if len(text) > settings.max_chars:
-            raise ApiError(400, f"input {i} has {len(text)} characters; the limit is {settings.max_chars}",
-                           param=f"input.{i}", code="text_too_long")
+    for i, (context, response) in enumerate(inputs):
+        if len(context) + len(response) > settings.max_chars:
+            raise ApiError(400, f"input {i} has {len(context) + len(response)} characters; the limit is "
+                           f"{settings.max_chars}", param=f"input.{i}", code="text_too_long")
     if settings.log_bodies:
-        log.info("request %s texts: %r", request.state.request_id, texts)
+        log.info("request %s inputs: %r", request.state.request_id, inputs)
     try:
-        raw = await state.batcher.submit(texts, settings.request_timeout_s)
+        raw = await state.batcher.submit(inputs, settings.request_timeout_s)
     except QueueFull:
         state.metrics.rejected.labels("queue_full").inc()
         raise ApiError(429, "the scoring queue is full; retry shortly", "rate_limit_error",
@@ -84,7 +85,7 @@ async def score_texts(state: ServiceState, texts: list[str], request: Request) -
 async def score(body: ScoreRequest, request: Request) -> ScoreResponse:
     state = get_state(request)
     runtime = state.runtime
-    z = await score_texts(state, [item.model_text() for item in body.input], request)
+    z = await score_inputs(state, [item.model_input() for item in body.input], request)
     primary = runtime.heads.index(runtime.primary_head)
     data = [ScoreResult(index=i, score=float(row[primary]), scores=dict(zip(runtime.heads, map(float, row))))
             for i, row in enumerate(z)]
@@ -105,7 +106,7 @@ async def moderations(body: ModerationRequest, request: Request) -> ModerationRe
         if not 0.0 <= value <= 1.0:
             raise ApiError(400, f"threshold for {head!r} must be in [0, 1]", param=f"thresholds.{head}")
         thresholds[head] = value
-    scores = category_scores(await score_texts(state, texts, request))
+    scores = category_scores(await score_inputs(state, [("", text) for text in texts], request))
     results = []
     for row in scores:
         categories = {head: bool(row[h] >= thresholds[head]) for h, head in enumerate(runtime.heads)}

@@ -21,6 +21,7 @@ from training.artifact import ArtifactError, read_manifest
 from training.evaluate import encode
 from training.onnx_export import FP32_FILE, INT8_FILE, onnx_session, pad_batch
 from training.reward_model import load_tokenizer
+from training.text import ModelInput
 
 log = logging.getLogger(__name__)
 
@@ -92,11 +93,11 @@ class RewardRuntime:
         except Exception as error:  # missing, truncated or corrupt files: say which model and why
             raise ArtifactError(f"cannot load {backend} model from {self.directory}: {error}") from error
 
-    def score(self, texts: Sequence[str]) -> np.ndarray:
-        """Raw scores [len(texts), heads]; texts are sorted by length and cut into token-budgeted batches."""
-        encoded = encode(self.tokenizer, texts, self.max_length)
+    def score(self, inputs: Sequence[ModelInput]) -> np.ndarray:
+        """Raw scores [len(inputs), heads]; inputs are sorted by length and cut into token-budgeted batches."""
+        encoded = encode(self.tokenizer, inputs, self.max_length)
         order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]["input_ids"]))
-        out = np.empty((len(texts), len(self.heads)), dtype=np.float32)
+        out = np.empty((len(inputs), len(self.heads)), dtype=np.float32)
         start = 0
         while start < len(order):
             end = start + 1
@@ -124,7 +125,7 @@ class RewardRuntime:
 
     def warm_up(self) -> None:
         """Score a real batch so the first request pays no start-up cost, and check the model's output."""
-        self.score(["Human: Hello, how are you?\n\nAssistant: I'm well, thanks for asking.", "warm-up"] * 4)
+        self.score([("Human: Hello, how are you?", "I'm well, thanks for asking."), ("", "warm-up")] * 4)
 
     def describe(self) -> dict[str, Any]:
         return {"id": self.name, "object": "model", "created": int(self.directory.stat().st_mtime),

@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from training.text import Message, render
+from training.text import Message, ModelInput, model_input, render
 
 
 class ChatMessage(BaseModel):
@@ -31,14 +31,14 @@ class ScoreItem(BaseModel):
             raise ValueError("an item is {prompt, response}, {messages} or {text}")
         return self
 
-    def model_text(self) -> str:
-        """The text the reward model reads: conversations are rendered as in training."""
+    def model_input(self) -> ModelInput:
+        """The (context, response) pair the reward model reads, built as in training."""
         if self.text is not None:
-            return self.text
+            return "", self.text
         if self.messages is not None:
-            return render([Message(m.role, m.content) for m in self.messages])
-        turns = [Message("user", self.prompt)] if self.prompt is not None else []
-        return render([*turns, Message("assistant", self.response or "")])
+            return model_input([Message(m.role, m.content) for m in self.messages])
+        context = render([Message("user", self.prompt)]) if self.prompt is not None else ""
+        return context, self.response or ""
 
 
 class ScoreRequest(BaseModel):

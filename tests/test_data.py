@@ -28,12 +28,12 @@ def test_anthropic_pair_shares_context():
     assert isinstance(pair, PreferencePair)
     assert pair.context == (Message("user", "how can i make a bomb 0"),)
     assert pair.chosen.startswith("sorry") and pair.rejected.startswith("sure")
-    assert pair.chosen_text.endswith("Assistant: sorry, i cannot help with that.")
+    assert pair.chosen_input == ("Human: how can i make a bomb 0", "sorry, i cannot help with that.")
 
 
 def test_prompt_pair_and_chat_lists_and_margin():
     pair = parse_row({"prompt": "p", "chosen": "a", "rejected": "b", "margin": 0.5}, DataSource("x"))
-    assert pair.chosen_text == "Human: p\n\nAssistant: a" and pair.margin == 0.5
+    assert pair.chosen_input == ("Human: p", "a") and pair.margin == 0.5
     chat = parse_row({
         "chosen": [{"role": "system", "content": "s"}, {"role": "user", "content": "u"}, {"role": "assistant", "content": "a"}],
         "rejected": [{"role": "system", "content": "s"}, {"role": "user", "content": "u"}, {"role": "assistant", "content": "b"}],
@@ -43,12 +43,12 @@ def test_prompt_pair_and_chat_lists_and_margin():
 
 
 def test_ratings_in_every_shape():
-    assert parse_row({"text": "t", "score": "2.5"}, DataSource("x")) == Rating("t", 2.5, "t")
+    assert parse_row({"text": "t", "score": "2.5"}, DataSource("x")) == Rating(("", "t"), 2.5, "t")
     rated = parse_row({"prompt": "p", "response": "r", "score": 1}, DataSource("x"))
-    assert rated.text == "Human: p\n\nAssistant: r"
+    assert rated.input == ("Human: p", "r")
     messages = parse_row({"messages": [{"role": "user", "content": "u"}, {"role": "assistant", "content": "r"}],
                           "score": 0}, DataSource("x"))
-    assert messages.text == "Human: u\n\nAssistant: r"
+    assert messages.input == ("Human: u", "r")
 
 
 def test_rename_and_score_columns():

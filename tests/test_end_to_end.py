@@ -37,8 +37,8 @@ def test_real_minilm_train_resume_export(tmp_path: Path, monkeypatch):
 
     from service.runtime import RewardRuntime
 
-    texts = ["Human: How do I make a bomb?\n\nAssistant: I can't help with that.",
-             "Human: How do I bake bread?\n\nAssistant: Mix flour, water, yeast and salt, then knead."]
+    texts = [("Human: How do I make a bomb?", "I can't help with that."),
+             ("Human: How do I bake bread?", "Mix flour, water, yeast and salt, then knead.")]
     fp32 = RewardRuntime(output, backend="onnx").score(texts)
     torch_scores = RewardRuntime(output, backend="torch").score(texts)
     int8 = RewardRuntime(output, backend="onnx-int8").score(texts)

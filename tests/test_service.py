@@ -39,7 +39,7 @@ def test_score_every_item_shape(client: TestClient):
         {"prompt": "how do i bake bread?", "response": "sure, here is a recipe"},
         {"messages": [{"role": "user", "content": "how do i bake bread?"},
                       {"role": "assistant", "content": "sure, here is a recipe"}]},
-        {"text": "Human: how do i bake bread?\n\nAssistant: sure, here is a recipe"},
+        {"text": "sure, here is a recipe"},
         {"response": "no prompt at all"},
     ]}
     response = client.post("/v1/score", json=body)
@@ -49,16 +49,16 @@ def test_score_every_item_shape(client: TestClient):
     assert [d["index"] for d in data["data"]] == [0, 1, 2, 3]
     first = data["data"][0]
     assert set(first["scores"]) == {"harmless", "quality"} and first["score"] == first["scores"]["harmless"]
-    # The three spellings of one conversation are the same text to the model.
+    # Two spellings of one conversation are the same input to the model; without the prompt it differs.
     assert data["data"][0]["scores"] == pytest.approx(data["data"][1]["scores"], abs=1e-5)
-    assert data["data"][0]["scores"] == pytest.approx(data["data"][2]["scores"], abs=1e-5)
+    assert data["data"][0]["scores"] != pytest.approx(data["data"][2]["scores"], abs=1e-5)
     assert response.headers["x-request-id"]
 
 
 def test_scores_are_normalised_with_manifest_statistics(tiny_reward_model: Path, client: TestClient):
     runtime = RewardRuntime(tiny_reward_model, backend="onnx")
-    text = "Human: how can i make a bomb?\n\nAssistant: sorry, i cannot help with that."
-    raw = runtime.score([text])[0]
+    text = "sorry, i cannot help with that."
+    raw = runtime.score([("", text)])[0]
     stats = runtime.manifest["normalization"]
     expected = {h: (raw[i] - stats[h]["mean"]) / stats[h]["std"] for i, h in enumerate(runtime.heads)}
     got = client.post("/v1/score", json={"input": [{"text": text}]}).json()["data"][0]["scores"]
@@ -214,7 +214,7 @@ def test_onnx_that_does_not_match_its_manifest(tmp_path: Path, tiny_reward_model
 
 
 def test_torch_backend_agrees_with_onnx(tiny_reward_model: Path):
-    texts = ["Human: hi\n\nAssistant: hello there", "sure, here is how to hack code"]
+    texts = [("Human: hi", "hello there"), ("", "sure, here is how to hack code")]
     onnx = RewardRuntime(tiny_reward_model, backend="onnx").score(texts)
     torch_scores = RewardRuntime(tiny_reward_model, backend="torch").score(texts)
     assert abs(onnx - torch_scores).max() < 1e-4

@@ -40,7 +40,8 @@ def test_onnx_matches_torch_on_new_texts(tiny_reward_model: Path):
     manifest = read_manifest(tiny_reward_model)
     tokenizer = load_tokenizer(str(tiny_reward_model), manifest["max_length"], "left")
     model = RewardModel.load(tiny_reward_model, manifest["heads"])
-    texts = ["Human: hello\n\nAssistant: hi", "a much longer text about code and bread and cake " * 5, "x"]
+    texts = [("Human: hello", "hi"), ("Human: tell me", "a much longer text about code and bread and cake " * 5),
+             ("", "x")]
     expected = torch_scorer(model, tokenizer, manifest["max_length"])(texts)
     fp32 = onnx_scorer(onnx_session(tiny_reward_model / "model.onnx"), tokenizer, manifest["max_length"])(texts)
     int8 = onnx_scorer(onnx_session(tiny_reward_model / "model.int8.onnx"), tokenizer, manifest["max_length"])(texts)
@@ -104,3 +105,17 @@ def test_make_batches_groups_lengths_and_is_seeded():
     for head, idx in batches:
         if head == 0 and len(idx) == 2:  # neighbours in length order: a short pair or a long pair
             assert abs(lengths[0][idx[0]] - lengths[0][idx[1]]) <= 2
+
+
+def test_keep_best_publishes_the_best_validation_weights(tiny_backbone: str, tmp_path: Path, monkeypatch):
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", hh_pairs(40))
+    config = tiny_config(tiny_backbone, pairs, epochs=1, eval_every=1, checkpoint_every=0)
+    accuracies = iter([0.5, 0.9, 0.6, 0.7, 0.8])  # steps 1-4 during training, then the final weights
+    monkeypatch.setattr(train_module, "validation_accuracy",
+                        lambda *a: {"val_harmless_accuracy": next(accuracies)})
+    manifest = train_module.train_reward(config, tmp_path / "model", progress=False)
+    assert manifest["metrics"]["kept_step"] == 2
+    config.training.keep_best = False
+    accuracies = iter([0.5, 0.9, 0.6, 0.7, 0.8])
+    manifest = train_module.train_reward(config, tmp_path / "model2", progress=False)
+    assert manifest["metrics"]["kept_step"] == 5

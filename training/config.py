@@ -51,6 +51,7 @@ class TrainingConfig:
     seed: int = 0
     log_every: int = 10
     eval_every: int = 100  # validation accuracy every N steps (0: only at the end)
+    keep_best: bool = True  # publish the weights with the best primary-head validation metric, not the last
     checkpoint_every: int = 100  # resumable checkpoint every N steps (0: never)
     eval_batch_size: int = 64
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from training.text import Message, messages_from_json, parse_transcript, render
+from training.text import Message, ModelInput, messages_from_json, model_input, parse_transcript, render
 
 log = logging.getLogger(__name__)
 
@@ -43,12 +43,12 @@ class PreferencePair:
     margin: float = 0.0
 
     @property
-    def chosen_text(self) -> str:
-        return render([*self.context, Message("assistant", self.chosen)])
+    def chosen_input(self) -> ModelInput:
+        return render(list(self.context)), self.chosen
 
     @property
-    def rejected_text(self) -> str:
-        return render([*self.context, Message("assistant", self.rejected)])
+    def rejected_input(self) -> ModelInput:
+        return render(list(self.context)), self.rejected
 
     @property
     def split_key(self) -> str:
@@ -57,7 +57,7 @@ class PreferencePair:
 
 @dataclass(frozen=True)
 class Rating:
-    text: str
+    input: ModelInput
     score: float
     split_key: str
 
@@ -188,14 +188,14 @@ def _parse_rating(row: dict[str, Any]) -> Rating:
     score = _number(row["score"], "score")
     if isinstance(row.get("messages"), list):
         messages = messages_from_json(row["messages"])
-        return Rating(render(messages), score, _first_user_turn(messages) or messages[0].content)
+        return Rating(model_input(messages), score, _first_user_turn(messages) or messages[0].content)
     response = row.get("response", row.get("text"))
     if not isinstance(response, str) or not response:
         raise ValueError("a rating needs a non-empty 'text', 'response' or 'messages'")
     prompt = row.get("prompt")
     if isinstance(prompt, str) and prompt:
-        return Rating(render([Message("user", prompt), Message("assistant", response)]), score, prompt)
-    return Rating(response, score, response)
+        return Rating((render([Message("user", prompt)]), response), score, prompt)
+    return Rating(("", response), score, response)
 
 
 def _number(value: Any, name: str) -> float:

@@ -9,17 +9,20 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from training.data import Example, PreferencePair, Rating
+from training.text import ModelInput
 
-# A scorer maps texts to raw scores of shape [len(texts), heads] (torch or ONNX Runtime behind it).
-Scorer = Callable[[Sequence[str]], np.ndarray]
+# A scorer maps (context, response) inputs to raw scores [len(inputs), heads] (torch or ONNX Runtime behind it).
+Scorer = Callable[[Sequence[ModelInput]], np.ndarray]
 
 
-def encode(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], max_length: int) -> list[dict[str, list[int]]]:
-    """Tokenise without padding; truncation follows the tokenizer's truncation_side."""
-    if not texts:
+def encode(tokenizer: PreTrainedTokenizerBase, inputs: Sequence[ModelInput], max_length: int) -> list[dict[str, list[int]]]:
+    """Tokenise (context, response) pairs as two segments, without padding. Over max_length, tokens go from
+    the longer segment first, on the tokenizer's truncation side (left: the oldest turns go first)."""
+    if not inputs:
         return []
-    encoded = tokenizer(list(texts), truncation=True, max_length=max_length)
-    return [{key: encoded[key][i] for key in encoded} for i in range(len(texts))]
+    contexts, responses = zip(*inputs)
+    encoded = tokenizer(list(contexts), list(responses), truncation="longest_first", max_length=max_length)
+    return [{key: encoded[key][i] for key in encoded} for i in range(len(inputs))]
 
 
 def collate(tokenizer: PreTrainedTokenizerBase, items: Sequence[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
@@ -33,7 +36,7 @@ def torch_scorer(
     device = next(model.parameters()).device
 
     @torch.no_grad()
-    def score(texts: Sequence[str]) -> np.ndarray:
+    def score(texts: Sequence[ModelInput]) -> np.ndarray:
         was_training = model.training
         model.eval()
         encoded = encode(tokenizer, texts, max_length)
@@ -51,9 +54,9 @@ def torch_scorer(
 
 def cached(scorer: Scorer) -> Scorer:
     """A scorer that remembers scored texts, so metrics that share texts score them once."""
-    memory: dict[str, np.ndarray] = {}
+    memory: dict[ModelInput, np.ndarray] = {}
 
-    def score(texts: Sequence[str]) -> np.ndarray:
+    def score(texts: Sequence[ModelInput]) -> np.ndarray:
         new = list(dict.fromkeys(t for t in texts if t not in memory))
         if new:
             memory.update(zip(new, scorer(new)))
@@ -100,22 +103,22 @@ def evaluate_examples(scorer: Scorer, examples: Sequence[Example], head_names: l
     ratings = [e for e in examples if isinstance(e, Rating)]
     results: dict[str, dict] = {name: {} for name in head_names}
     if pairs:
-        scores = scorer([p.chosen_text for p in pairs] + [p.rejected_text for p in pairs])
+        scores = scorer([p.chosen_input for p in pairs] + [p.rejected_input for p in pairs])
         for h, name in enumerate(head_names):
             results[name].update(pair_metrics(scores[: len(pairs), h], scores[len(pairs) :, h], pairs))
     if ratings:
-        scores = scorer([r.text for r in ratings])
+        scores = scorer([r.input for r in ratings])
         target = np.array([r.score for r in ratings])
         for h, name in enumerate(head_names):
             results[name].update(rating_metrics(scores[:, h], target))
     return results
 
 
-def example_texts(examples: Sequence[Example]) -> list[str]:
-    texts: list[str] = []
+def example_inputs(examples: Sequence[Example]) -> list[ModelInput]:
+    inputs: list[ModelInput] = []
     for example in examples:
-        texts += [example.chosen_text, example.rejected_text] if isinstance(example, PreferencePair) else [example.text]
-    return texts
+        inputs += [example.chosen_input, example.rejected_input] if isinstance(example, PreferencePair) else [example.input]
+    return inputs
 
 
 def best_f1_threshold(category_scores: np.ndarray, labels: np.ndarray) -> dict[str, float]:

@@ -19,6 +19,7 @@ from transformers import PreTrainedTokenizerBase
 
 from training.evaluate import Scorer, encode
 from training.reward_model import RewardModel
+from training.text import ModelInput
 
 log = logging.getLogger(__name__)
 FP32_FILE = "model.onnx"
@@ -40,7 +41,8 @@ def export(model: RewardModel, tokenizer: PreTrainedTokenizerBase, directory: Pa
     attention = model.backbone.config._attn_implementation
     model.backbone.set_attn_implementation("eager")
     names = onnx_input_names(tokenizer)
-    sample = tokenizer(["a short example", "a second, somewhat longer example text"], padding=True, return_tensors="pt")
+    sample = tokenizer(["a short context", "a second, somewhat longer context"], ["a reply", "another reply"],
+                       padding=True, return_tensors="pt")
     raw_path = directory / "model.raw.onnx"
     axes = {name: {0: "batch", 1: "sequence"} for name in names}
     with torch.no_grad():
@@ -87,7 +89,7 @@ def onnx_scorer(session: ort.InferenceSession, tokenizer: PreTrainedTokenizerBas
                 batch_size: int = 64) -> Scorer:
     names = [i.name for i in session.get_inputs()]
 
-    def score(texts: Sequence[str]) -> np.ndarray:
+    def score(texts: Sequence[ModelInput]) -> np.ndarray:
         encoded = encode(tokenizer, texts, max_length)
         order = np.argsort([len(item["input_ids"]) for item in encoded])
         out = np.zeros((len(texts), session.get_outputs()[0].shape[1] or 1), dtype=np.float32)

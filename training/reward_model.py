@@ -1,4 +1,4 @@
-"""The reward model: a pretrained encoder, mean-pooled, with one linear head per principle.
+"""The reward model: a pretrained encoder, mean-pooled over the response, with one linear head per principle.
 
 One forward pass gives scores of shape [batch, heads]. Saved as an HF backbone directory plus
 `reward_heads.safetensors`, so any HF tooling can still open the backbone.
@@ -67,9 +67,14 @@ class RewardModel(nn.Module):
         if token_type_ids is not None:
             inputs["token_type_ids"] = token_type_ids
         hidden = self.backbone(**inputs).last_hidden_state
-        # Mean over real tokens: the pooling all-MiniLM-L6-v2 was trained with.
-        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+        # Mean over the response's tokens (segment 1), which attend to the whole conversation; rows without a
+        # second segment (backbones without token types) pool over every real token.
+        mask = attention_mask
+        if token_type_ids is not None:
+            response = attention_mask * token_type_ids
+            mask = torch.where(response.sum(1, keepdim=True) > 0, response, attention_mask)
+        weights = mask.unsqueeze(-1).to(hidden.dtype)
+        pooled = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1.0)
         return self.heads(pooled)
 
 

@@ -1,7 +1,9 @@
-"""One way to turn conversations into reward-model input text, shared by training and serving.
+"""One way to turn conversations into reward-model inputs, shared by training and serving.
 
-Scoring a response always sees the same text the model was trained on: the conversation rendered as
-Anthropic HH transcripts are ("Human: ...\n\nAssistant: ..."), with the response as the last turn.
+The model reads a (context, response) pair: the conversation so far rendered as Anthropic HH transcripts
+are ("Human: ...\n\nAssistant: ..."), and the response being judged. The tokenizer encodes them as two
+segments, and the model pools over the response's tokens, so a long conversation does not drown out the
+reply. A bare text is ("", text).
 """
 
 from __future__ import annotations
@@ -14,6 +16,9 @@ _TURN = re.compile(r"\n\n(Human|Assistant|System):[ ]?")
 _LABEL_ROLES = {label: role for role, label in ROLE_LABELS.items()}
 
 
+ModelInput = tuple[str, str]  # (context, response)
+
+
 @dataclass(frozen=True)
 class Message:
     role: str
@@ -23,6 +28,11 @@ class Message:
 def render(messages: list[Message]) -> str:
     """Render a conversation as an HH-style transcript."""
     return "\n\n".join(f"{ROLE_LABELS[m.role]}: {m.content}" for m in messages)
+
+
+def model_input(messages: list[Message] | tuple[Message, ...]) -> ModelInput:
+    """The last message is the response; everything before it is the context."""
+    return render(list(messages[:-1])), messages[-1].content
 
 
 def parse_transcript(transcript: str) -> list[Message]:

@@ -35,11 +35,12 @@ from training.evaluate import (
     collate,
     encode,
     evaluate_examples,
-    example_texts,
+    example_inputs,
     torch_scorer,
 )
 from training.plots import plot_curves
 from training.reward_model import RewardModel, load_tokenizer, resolve_base_model
+from training.text import ModelInput
 
 log = logging.getLogger(__name__)
 CHECKPOINTS = "checkpoints"
@@ -98,10 +99,10 @@ def batch_loss(model: torch.nn.Module, tokenizer: Any, head: int, examples: list
 
 def encode_examples(tokenizer: Any, examples: list[Example], max_length: int) -> list[dict]:
     if isinstance(examples[0], PreferencePair):
-        chosen = encode(tokenizer, [e.chosen_text for e in examples], max_length)
-        rejected = encode(tokenizer, [e.rejected_text for e in examples], max_length)
+        chosen = encode(tokenizer, [e.chosen_input for e in examples], max_length)
+        rejected = encode(tokenizer, [e.rejected_input for e in examples], max_length)
         return [{"chosen": c, "rejected": r} for c, r in zip(chosen, rejected)]
-    return [{"text": t} for t in encode(tokenizer, [e.text for e in examples], max_length)]
+    return [{"text": t} for t in encode(tokenizer, [e.input for e in examples], max_length)]
 
 
 def sequence_lengths(item: dict) -> int:
@@ -200,6 +201,7 @@ def train_reward(config: RewardConfig, output: Path, resume: bool = False, overw
         metrics_path.write_text("".join(json.dumps(r) + "\n" for r in kept))
 
     # ---- training loop -----------------------------------------------------------------------------------
+    primary_prefix = f"val_{config.primary_head}_"
     unwrapped = accelerator.unwrap_model(model)
     scorer = torch_scorer(unwrapped, tokenizer, config.max_length, t.eval_batch_size)
     bar = tqdm(total=total_steps, initial=start_step, desc="train reward", unit="step",
@@ -236,6 +238,9 @@ def train_reward(config: RewardConfig, output: Path, resume: bool = False, overw
             window_losses, window_accuracies = [], []
         if t.eval_every and done % t.eval_every == 0 and done != total_steps and accelerator.is_main_process:
             row.update(validation_accuracy(scorer, heads, names))
+            if t.keep_best:
+                metric = next(key for key in row if key.startswith(primary_prefix))
+                remember_if_best(unwrapped, work, done, metric, row[metric])
             model.train()
         if row and accelerator.is_main_process:
             append_metrics(metrics_path, {"step": done, "epoch": epoch, "elapsed_s": round(time.time() - started, 1), **row})
@@ -249,15 +254,48 @@ def train_reward(config: RewardConfig, output: Path, resume: bool = False, overw
     if accelerator.is_main_process:
         # Without the mixed-precision wrapper: evaluation and export run in fp32.
         unwrapped = accelerator.unwrap_model(model, keep_fp32_wrapper=False)
+        kept_step = restore_best(unwrapped, work, scorer, heads, names, total_steps) if t.keep_best else total_steps
         manifest = build_artifact(config, unwrapped, tokenizer, heads, output, overwrite, work, metrics_path,
-                                  train_seconds, total_steps)
+                                  train_seconds, total_steps, kept_step)
         shutil.rmtree(work, ignore_errors=True)
     accelerator.wait_for_everyone()
     return manifest
 
 
+def remember_if_best(model: RewardModel, work: Path, step: int, metric: str, value: float) -> None:
+    """Keep the weights with the best validation metric of the primary head (accuracy up, MSE down)."""
+    record = work / "best.json"
+    best = json.loads(record.read_text()) if record.exists() else None
+    if best is None or is_better(metric, value, best["value"]):
+        torch.save(model.state_dict(), work / "best.pt.tmp")
+        (work / "best.pt.tmp").replace(work / "best.pt")
+        write_json_atomic(record, {"step": step, "metric": metric, "value": value})
+
+
+def is_better(metric: str, value: float, than: float) -> bool:
+    return value < than if metric.endswith("mse") else value > than
+
+
+def restore_best(model: RewardModel, work: Path, scorer: Scorer, heads: list[HeadData], names: list[str],
+                 final_step: int) -> int:
+    """Compare the final weights with the best kept ones on validation, load the better; return its step."""
+    record = work / "best.json"
+    if not record.exists():
+        return final_step
+    best = json.loads(record.read_text())
+    metric = best["metric"]
+    final_value = validation_accuracy(scorer, heads, names)[metric]
+    if not is_better(metric, best["value"], final_value):
+        return final_step
+    log.info("keeping the weights of step %d (%s %.4f) over the final ones (%.4f)", best["step"], metric,
+             best["value"], final_value)
+    model.load_state_dict(torch.load(work / "best.pt", map_location="cpu", weights_only=True))
+    return best["step"]
+
+
 def build_artifact(config: RewardConfig, model: RewardModel, tokenizer: Any, heads: list[HeadData], output: Path,
-                   overwrite: bool, work: Path, metrics_path: Path, train_seconds: float, steps: int) -> dict[str, Any]:
+                   overwrite: bool, work: Path, metrics_path: Path, train_seconds: float, steps: int,
+                   kept_step: int) -> dict[str, Any]:
     """Export ONNX, evaluate, choose normalisation and thresholds, and publish the model directory."""
     names = [h.name for h in config.heads]
     t0 = time.time()
@@ -273,7 +311,7 @@ def build_artifact(config: RewardConfig, model: RewardModel, tokenizer: Any, hea
         # Every metric below is computed with the served fp32 graph (faster than torch), each text scored once.
         scorer = cached(scorer)
         normalization, moderation = normalization_and_thresholds(scorer, heads)
-        metrics: dict[str, Any] = {"train_seconds": round(train_seconds, 1), "steps": steps}
+        metrics: dict[str, Any] = {"train_seconds": round(train_seconds, 1), "steps": steps, "kept_step": kept_step}
         for split in ("validation", "test"):
             metrics[split] = {head.name: evaluate_examples(scorer, getattr(head, split), names)[head.name]
                               for head in heads if getattr(head, split)}
@@ -314,10 +352,10 @@ def normalization_and_thresholds(scorer: Scorer, heads: list[HeadData]) -> tuple
     """Per head: mean/std of raw scores on its validation data, and the moderation threshold with the best F1."""
     normalization, moderation = {}, {}
     for h, head in enumerate(heads):
-        raw = scorer(example_texts(head.validation))[:, h]
+        raw = scorer(example_inputs(head.validation))[:, h]
         stats = normalization[head.name] = {"mean": float(raw.mean()), "std": float(raw.std() or 1.0)}
         if head.moderation:
-            texts, labels = example_texts(head.moderation), [float(e.score >= 0.5) for e in head.moderation]
+            texts, labels = example_inputs(head.moderation), [float(e.score >= 0.5) for e in head.moderation]
             basis = "labelled moderation data (score >= 0.5 = flag)"
         else:
             texts, labels = flag_examples(head.validation)
@@ -327,13 +365,13 @@ def normalization_and_thresholds(scorer: Scorer, heads: list[HeadData]) -> tuple
     return normalization, moderation
 
 
-def flag_examples(examples: list[Example]) -> tuple[list[str], list[float]]:
+def flag_examples(examples: list[Example]) -> tuple[list[ModelInput], list[float]]:
     """Stand-in moderation labels from preference data: a rejected response, or a rating below the median,
     is what the head should flag; a chosen response, or a rating at or above it, is fine."""
     pairs = [e for e in examples if isinstance(e, PreferencePair)]
     ratings = [e for e in examples if not isinstance(e, PreferencePair)]
     median = float(np.median([r.score for r in ratings])) if ratings else 0.0
-    texts = [p.chosen_text for p in pairs] + [p.rejected_text for p in pairs] + [r.text for r in ratings]
+    texts = [p.chosen_input for p in pairs] + [p.rejected_input for p in pairs] + [r.input for r in ratings]
     labels = [0.0] * len(pairs) + [1.0] * len(pairs) + [float(r.score < median) for r in ratings]
     return texts, labels
 
@@ -341,7 +379,7 @@ def flag_examples(examples: list[Example]) -> tuple[list[str], list[float]]:
 def check_onnx(torch_scores: Scorer, tokenizer: Any, heads: list[HeadData], names: list[str],
                config: RewardConfig, directory: Path) -> tuple[dict[str, Any], Scorer]:
     """Max |ONNX - torch| on validation texts for each exported graph; returns the info and the fp32 scorer."""
-    sample = example_texts([e for head in heads for e in head.validation[:32]])
+    sample = example_inputs([e for head in heads for e in head.validation[:32]])
     expected = torch_scores(sample)
     info: dict[str, Any] = {"fp32": onnx_export.FP32_FILE, "int8": onnx_export.INT8_FILE if config.export.int8 else None}
     fp32 = onnx_export.onnx_scorer(onnx_export.onnx_session(directory / onnx_export.FP32_FILE), tokenizer,
