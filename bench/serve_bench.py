@@ -18,6 +18,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -98,17 +99,23 @@ def start(command: list[str], port: int, ready_path: str) -> subprocess.Popen:
     raise TimeoutError(f"{command} did not start")
 
 
-def load(port: int, texts: list[str], concurrency: int, seconds: float) -> dict:
-    payloads = [{"input": [{"text": t}]} for t in texts]
-    asyncio.run(run_load(f"http://127.0.0.1:{port}/v1/score", payloads[:64], 4, 2.0))  # warm-up
-    return asyncio.run(run_load(f"http://127.0.0.1:{port}/v1/score", payloads, concurrency, seconds)).summary()
+def score_payload(text: str) -> dict:
+    return {"input": [{"text": text}]}
 
 
-def server_runs(command: list[str], port: int, ready: str, texts: list[str], short: list[str], args) -> dict:
+def load(url: str, payload: Callable[[str], dict], texts: list[str], concurrency: int, seconds: float) -> dict:
+    payloads = [payload(t) for t in texts]
+    asyncio.run(run_load(url, payloads[:64], 4, 2.0))  # warm-up
+    return asyncio.run(run_load(url, payloads, concurrency, seconds)).summary()
+
+
+def server_runs(command: list[str], port: int, ready: str, texts: list[str], short: list[str], args,
+                path: str = "/v1/score", payload: Callable[[str], dict] = score_payload) -> dict:
     process = start(command, port, ready)
+    url = f"http://127.0.0.1:{port}{path}"
     try:
-        runs = [load(port, texts, args.concurrency, args.seconds) for _ in range(args.repeats)]
-        latency = [load(port, short, 1, args.seconds / 2) for _ in range(args.repeats)]
+        runs = [load(url, payload, texts, args.concurrency, args.seconds) for _ in range(args.repeats)]
+        latency = [load(url, payload, short, 1, args.seconds / 2) for _ in range(args.repeats)]
     finally:
         process.terminate()
         process.wait(30)
@@ -126,6 +133,8 @@ def main() -> None:
     parser.add_argument("--backend", default="onnx-int8", choices=["onnx-int8", "onnx"])
     parser.add_argument("--engine-only", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--skip-peer", action="store_true", help="skip the pipeline peer")
+    parser.add_argument("--infinity-bin", help="path to an `infinity_emb` executable (installed in its own venv: it "
+                        "pins older transformers and numpy) to serve the same backbone's embeddings as a peer")
     parser.add_argument("--serve-args", default="", help="extra `keel serve` flags, e.g. '--max-batch-tokens 4096'")
     parser.add_argument("--skip-engine", action="store_true", help="skip the bare engine")
     parser.add_argument("--out", type=Path, help="also write the JSON here")
@@ -153,6 +162,16 @@ def main() -> None:
         report["peer_pipeline"] = server_runs([sys.executable, str(ROOT / "bench" / "peer_server.py"), str(model),
                                                str(port)], port, "/v1/score", texts, short, args)
         report["keel_vs_peer"] = round(report["keel"]["texts_per_s"] / report["peer_pipeline"]["texts_per_s"], 2)
+    if args.infinity_bin:
+        from training.reward_model import resolve_base_model
+
+        backbone = resolve_base_model("default")
+        port = free_port()
+        report["infinity_emb"] = server_runs(
+            [args.infinity_bin, "v2", "--model-id", backbone, "--engine", "torch", "--device", "cpu", "--host",
+             "127.0.0.1", "--port", str(port)], port, "/health", texts, short, args, path="/embeddings",
+            payload=lambda text: {"model": backbone, "input": [text]})
+        report["keel_vs_infinity"] = round(report["keel"]["texts_per_s"] / report["infinity_emb"]["texts_per_s"], 2)
     if "engine" in report:
         report["keel_vs_engine"] = round(report["keel"]["texts_per_s"] / report["engine"]["best_texts_per_s"], 3)
     text = json.dumps(report, indent=2)

@@ -38,9 +38,9 @@ class HeadConfig:
 
 @dataclasses.dataclass
 class TrainingConfig:
-    epochs: int = 2
+    epochs: int = 1
     batch_size: int = 16  # pairs (or ratings) per optimiser step
-    learning_rate: float = 3e-5
+    learning_rate: float = 1e-4
     head_learning_rate: float = 1e-3  # the freshly initialised heads learn faster than the backbone
     weight_decay: float = 0.01
     warmup_ratio: float = 0.1
