@@ -129,12 +129,13 @@ def create_app(settings: Settings | None = None, runtime: RewardRuntime | None =
                 raise RuntimeError("no model directory: pass --model DIR or set KEEL_MODEL")
             state.runtime = await asyncio.to_thread(
                 RewardRuntime, settings.model, settings.backend, settings.threads,
-                BatchLimits(settings.max_batch_size, settings.max_batch_tokens), state.metrics)
+                BatchLimits(settings.max_batch_size, settings.max_batch_tokens), state.metrics,
+                settings.inference_workers())
         state.runtime.metrics = state.metrics
         await asyncio.to_thread(state.runtime.warm_up)
         state.batcher = Batcher(state.runtime.score, max_batch_texts=settings.max_batch_size * 4,
                                 max_wait_s=settings.max_wait_ms / 1000, max_queue_texts=settings.max_queue_texts,
-                                metrics=state.metrics)
+                                metrics=state.metrics, workers=state.runtime.workers)
         state.batcher.start()
         state.ready = True
         state.metrics.ready.set(1)

@@ -1,9 +1,9 @@
 """Dynamic batching: concurrent requests share inference batches.
 
-Requests queue their texts (whatever the scoring function takes: (context, response) pairs here); one worker takes everything queued (up to a macro-batch), waits at most
-`max_wait` for more while the batch is small, and runs the runtime in a single inference thread. While a
-batch runs, new requests pile up and form the next one, so batches grow with load and latency stays low
-when idle. The queue is bounded (QueueFull -> 429) and every request has a deadline (DeadlineExceeded -> 503).
+Requests queue their texts (whatever the scoring function takes: (context, response) pairs here). Each
+worker takes everything queued (up to a macro-batch), waits at most `max_wait` for more while the batch is
+small, and runs it in its own inference thread. While batches run, new requests pile up and form the next
+ones, so batches grow with load and latency stays low when idle. The queue is bounded (QueueFull -> 429) and every request has a deadline (DeadlineExceeded -> 503).
 """
 
 from __future__ import annotations
@@ -44,8 +44,8 @@ class _Job:
 
 
 class Batcher:
-    def __init__(self, score: Callable[[Sequence[Any]], np.ndarray], max_batch_texts: int, max_wait_s: float,
-                 max_queue_texts: int, metrics: Metrics | None = None):
+    def __init__(self, score: Callable[[Sequence[Any], int], np.ndarray], max_batch_texts: int, max_wait_s: float,
+                 max_queue_texts: int, metrics: Metrics | None = None, workers: int = 1):
         self._score = score
         self.max_batch_texts = max_batch_texts
         self.max_wait_s = max_wait_s
@@ -54,8 +54,9 @@ class Batcher:
         self._jobs: deque[_Job] = deque()
         self._queued_texts = 0
         self._arrived = asyncio.Event()
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="keel-inference")
-        self._worker: asyncio.Task | None = None
+        self._workers_count = workers
+        self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="keel-inference")
+        self._workers: list[asyncio.Task] = []
         self._closing = False
 
     @property
@@ -63,16 +64,17 @@ class Batcher:
         return self._queued_texts
 
     def start(self) -> None:
-        self._worker = asyncio.get_running_loop().create_task(self._run(), name="keel-batcher")
+        loop = asyncio.get_running_loop()
+        self._workers = [loop.create_task(self._run(i), name=f"keel-batcher-{i}") for i in range(self._workers_count)]
 
     async def close(self) -> None:
         """Refuse new work, finish what is queued, stop the worker."""
         self._closing = True
         while self._jobs:
             await asyncio.sleep(0.01)
-        if self._worker:
-            self._worker.cancel()
-            await asyncio.gather(self._worker, return_exceptions=True)
+        for worker in self._workers:
+            worker.cancel()
+        await asyncio.gather(*self._workers, return_exceptions=True)
         self._executor.shutdown(wait=True)
 
     async def submit(self, texts: Sequence[Any], timeout_s: float) -> np.ndarray:
@@ -97,7 +99,7 @@ class Batcher:
         if self.metrics:
             self.metrics.queue_depth.set(count)
 
-    async def _run(self) -> None:
+    async def _run(self, worker: int) -> None:
         loop = asyncio.get_running_loop()
         while True:
             if not self._jobs:
@@ -116,7 +118,7 @@ class Batcher:
                 continue
             texts = [text for job in jobs for text in job.texts]
             try:
-                raw = await loop.run_in_executor(self._executor, self._score, texts)
+                raw = await loop.run_in_executor(self._executor, self._score, texts, worker)
             except Exception as error:  # a failing batch fails its requests, never the worker
                 log.exception("inference failed for a batch of %d texts", len(texts))
                 for job in jobs:

@@ -65,7 +65,7 @@ class BatchLimits:
 
 class RewardRuntime:
     def __init__(self, directory: str | Path, backend: str = "onnx-int8", threads: int | None = None,
-                 limits: BatchLimits | None = None, metrics: Metrics | None = None):
+                 limits: BatchLimits | None = None, metrics: Metrics | None = None, workers: int = 1):
         self.directory = Path(directory)
         self.manifest = read_manifest(self.directory)
         self.heads: list[str] = self.manifest["heads"]
@@ -80,21 +80,28 @@ class RewardRuntime:
         self.mean = np.array([stats[h]["mean"] for h in self.heads], dtype=np.float32)
         self.std = np.array([stats[h]["std"] for h in self.heads], dtype=np.float32)
         self.thresholds = {h: self.manifest["moderation"][h]["threshold"] for h in self.heads}
-        threads = threads or os.cpu_count() or 1
+        threads = threads or max(1, (os.cpu_count() or 1) // workers)
         try:
             self.tokenizer = load_tokenizer(str(self.directory), self.max_length, self.manifest["truncation_side"])
-            if backend == "torch":
-                self.engine: OnnxEngine | TorchEngine = TorchEngine(self.directory, self.heads, threads, self.tokenizer)
-            else:
+            if backend == "torch":  # one model, however many workers: torch runs one batch at a time here
+                self.engines: list[OnnxEngine | TorchEngine] = [
+                    TorchEngine(self.directory, self.heads, threads, self.tokenizer)]
+            else:  # one session per worker, so workers run batches side by side
                 onnx_file = self.directory / (INT8_FILE if backend == "onnx-int8" else FP32_FILE)
-                self.engine = OnnxEngine(onnx_file, threads, self.tokenizer.pad_token_id)
+                self.engines = [OnnxEngine(onnx_file, threads, self.tokenizer.pad_token_id) for _ in range(workers)]
         except ArtifactError:
             raise
         except Exception as error:  # missing, truncated or corrupt files: say which model and why
             raise ArtifactError(f"cannot load {backend} model from {self.directory}: {error}") from error
 
-    def score(self, inputs: Sequence[ModelInput]) -> np.ndarray:
-        """Raw scores [len(inputs), heads]; inputs are sorted by length and cut into token-budgeted batches."""
+    @property
+    def workers(self) -> int:
+        return len(self.engines)
+
+    def score(self, inputs: Sequence[ModelInput], worker: int = 0) -> np.ndarray:
+        """Raw scores [len(inputs), heads]; inputs are sorted by length and cut into token-budgeted batches.
+        Each worker thread passes its own index, so it runs its own engine."""
+        engine = self.engines[worker]
         encoded = encode(self.tokenizer, inputs, self.max_length)
         order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]["input_ids"]))
         out = np.empty((len(inputs), len(self.heads)), dtype=np.float32)
@@ -107,7 +114,7 @@ class RewardRuntime:
                 end += 1
             idx = order[start:end]
             began = time.perf_counter()
-            scores = self.engine.run([encoded[i] for i in idx])
+            scores = engine.run([encoded[i] for i in idx])
             if scores.shape != (len(idx), len(self.heads)):
                 raise ArtifactError(f"model returned scores of shape {scores.shape}, expected "
                                     f"({len(idx)}, {len(self.heads)}): the ONNX file does not match keel.json")

@@ -24,7 +24,10 @@ class Settings(BaseSettings):
     port: int = Field(8000, description="port to listen on")
     backend: Literal["onnx-int8", "onnx", "torch"] = Field(
         "onnx-int8", description="scoring engine: int8 ONNX (fastest on CPU), fp32 ONNX, or torch (uses CUDA if present)")
-    threads: int | None = Field(None, description="inference threads (default: all CPU cores)")
+    workers: int | None = Field(
+        None, description="inference workers, each with its own ONNX Runtime session (default: one per CPU core for "
+        "ONNX, 1 for torch)")
+    threads: int | None = Field(None, description="threads per inference worker (default: CPU cores / workers)")
     # CPU defaults, measured with bench/serve_bench.py: on 2 cores int8 ONNX gains nothing from big batches
     # (padding costs more than batching saves), so batches stay small and never wait. Raise both on a GPU.
     max_batch_tokens: int = Field(512, description="padded tokens per inference batch")
@@ -48,3 +51,8 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             return [key.strip() for key in value.split(",") if key.strip()]
         return value
+
+    def inference_workers(self) -> int:
+        if self.workers:
+            return self.workers
+        return 1 if self.backend == "torch" else os.cpu_count() or 1

@@ -23,7 +23,7 @@ from service.batcher import Batcher, DeadlineExceeded, QueueFull, ShuttingDown
 
 
 def fake_scorer(batches: list[list[str]], delay: float = 0.0):
-    def score(texts):
+    def score(texts, worker=0):
         batches.append(list(texts))
         time.sleep(delay)
         return np.array([[float(len(t))] for t in texts], dtype=np.float32)
@@ -90,7 +90,7 @@ def test_queue_bound_deadline_and_shutdown():
 def test_failing_batch_fails_its_requests_not_the_worker():
     calls = []
 
-    def flaky(texts):
+    def flaky(texts, worker=0):
         calls.append(texts)
         if len(calls) == 1:
             raise RuntimeError("engine exploded")
@@ -196,3 +196,24 @@ def test_sigterm_drains_in_flight_requests(tiny_reward_model: Path):
         # uvicorn re-raises the signal once shutdown is complete, so the exit status says SIGTERM.
         assert process.wait(30) in (0, -signal.SIGTERM)
         assert "Application shutdown complete" in process.stdout.read()
+
+
+def test_workers_run_batches_side_by_side():
+    workers_seen: list[int] = []
+
+    def slow(texts, worker):
+        workers_seen.append(worker)
+        time.sleep(0.2)
+        return np.zeros((len(texts), 1), dtype=np.float32)
+
+    async def main():
+        batcher = Batcher(slow, max_batch_texts=1, max_wait_s=0.0, max_queue_texts=10, workers=2)
+        batcher.start()
+        began = time.perf_counter()
+        await asyncio.gather(batcher.submit(["a"], 5), batcher.submit(["b"], 5))
+        elapsed = time.perf_counter() - began
+        await batcher.close()
+        return elapsed
+
+    assert asyncio.run(main()) < 0.35  # two 0.2 s batches at once, not one after the other
+    assert sorted(workers_seen) == [0, 1]
