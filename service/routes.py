@@ -109,7 +109,8 @@ async def moderations(body: ModerationRequest, request: Request) -> ModerationRe
     scores = category_scores(await score_inputs(state, [("", text) for text in texts], request))
     results = []
     for row in scores:
-        categories = {head: bool(row[h] >= thresholds[head]) for h, head in enumerate(runtime.heads)}
+        categories = {head: thresholds[head] is not None and bool(row[h] >= thresholds[head])
+                      for h, head in enumerate(runtime.heads)}
         for head, flagged in categories.items():
             if flagged:
                 state.metrics.flagged.labels(head).inc()

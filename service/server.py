@@ -23,7 +23,7 @@ def ensure_default_model(directory: Path) -> Path:
     from training.config import DEFAULT_REWARD_CONFIG, RewardConfig, load_config
     from training.train_reward import train_reward
 
-    log.info("no model at %s: training the default reward model first (about 15 minutes on 2 CPU cores)", directory)
+    log.info("no model at %s: training the default reward model first (about 12 minutes on 2 CPU cores)", directory)
     work = directory.parent / f"{directory.name}.work"
     train_reward(load_config(RewardConfig, DEFAULT_REWARD_CONFIG), directory, resume=work.exists())
     return directory

@@ -68,7 +68,8 @@ def tiny_config(backbone: str, pairs: Path, ratings: Path | None = None, **train
 
     heads = [HeadConfig("harmless", [DataSource(str(pairs))], [DataSource(str(pairs), limit=12)])]
     if ratings is not None:
-        heads.append(HeadConfig("quality", [DataSource(str(ratings))], [DataSource(str(ratings), limit=8)]))
+        heads.append(HeadConfig("quality", [DataSource(str(ratings))], [DataSource(str(ratings), limit=8)],
+                                moderate=False))
     settings = {"epochs": 2, "batch_size": 8, "learning_rate": 1e-3, "eval_every": 3, "checkpoint_every": 2,
                 "log_every": 1, "seed": 0, **training}
     return RewardConfig(heads=heads, base_model=backbone, max_length=48, training=TrainingConfig(**settings),

@@ -78,6 +78,11 @@ def test_moderation_openai_shape_and_threshold_override(client: TestClient):
     assert all(r["flagged"] for r in flag_all["results"])
     none = client.post("/v1/moderations", json={"input": ["a"], "thresholds": {"harmless": 1.0, "quality": 1.0}})
     assert none.json()["results"][0]["flagged"] is False
+    # `quality` is not a moderation category: never flagged unless a request sets its threshold.
+    default = client.post("/v1/moderations", json={"input": ["a", "terrible bad"]}).json()
+    assert [r["categories"]["quality"] for r in default["results"]] == [False, False]
+    forced = client.post("/v1/moderations", json={"input": ["a"], "thresholds": {"quality": 0.0}}).json()
+    assert forced["results"][0]["categories"]["quality"] is True
 
 
 @pytest.mark.parametrize("path, body, status, param", [

@@ -21,6 +21,7 @@ def test_artifact_is_complete_and_self_describing(tiny_reward_model: Path):
     assert manifest["input_names"] == ["input_ids", "attention_mask", "token_type_ids"]
     assert set(manifest["normalization"]) == {"harmless", "quality"}
     assert 0.0 <= manifest["moderation"]["harmless"]["threshold"] <= 1.0
+    assert manifest["moderation"]["quality"]["threshold"] is None  # moderate: false
     assert all(len(entry["sha256"]) == 64 for entry in manifest["data"])
     assert manifest["metrics"]["validation"]["harmless"]["pairs"] == 12
     assert "pearson" in manifest["metrics"]["validation"]["quality"]

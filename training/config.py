@@ -32,6 +32,7 @@ class HeadConfig:
     # Labelled texts (score 1 = should be flagged) for choosing the moderation threshold on this head;
     # without them the threshold is chosen to separate rejected from chosen validation responses.
     moderation: list[DataSource] = dataclasses.field(default_factory=list)
+    moderate: bool = True  # a moderation category: flagged below its threshold (False: scored, never flagged)
     weight: float = 1.0  # loss weight of this head
     margin: float = 0.0  # Bradley-Terry margin added to every pair's own margin
 

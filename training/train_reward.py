@@ -310,7 +310,7 @@ def build_artifact(config: RewardConfig, model: RewardModel, tokenizer: Any, hea
             onnx_info, scorer = check_onnx(scorer, tokenizer, heads, names, config, staging)
         # Every metric below is computed with the served fp32 graph (faster than torch), each text scored once.
         scorer = cached(scorer)
-        normalization, moderation = normalization_and_thresholds(scorer, heads)
+        normalization, moderation = normalization_and_thresholds(scorer, heads, [h.moderate for h in config.heads])
         metrics: dict[str, Any] = {"train_seconds": round(train_seconds, 1), "steps": steps, "kept_step": kept_step}
         for split in ("validation", "test"):
             metrics[split] = {head.name: evaluate_examples(scorer, getattr(head, split), names)[head.name]
@@ -348,12 +348,16 @@ def build_artifact(config: RewardConfig, model: RewardModel, tokenizer: Any, hea
     return manifest
 
 
-def normalization_and_thresholds(scorer: Scorer, heads: list[HeadData]) -> tuple[dict, dict]:
-    """Per head: mean/std of raw scores on its validation data, and the moderation threshold with the best F1."""
+def normalization_and_thresholds(scorer: Scorer, heads: list[HeadData], moderated: list[bool]) -> tuple[dict, dict]:
+    """Per head: mean/std of raw scores on its validation data, and the moderation threshold with the best F1
+    (None for heads that are not moderation categories)."""
     normalization, moderation = {}, {}
     for h, head in enumerate(heads):
         raw = scorer(example_inputs(head.validation))[:, h]
         stats = normalization[head.name] = {"mean": float(raw.mean()), "std": float(raw.std() or 1.0)}
+        if not moderated[h]:
+            moderation[head.name] = {"threshold": None, "chosen_on": "not a moderation category (moderate: false)"}
+            continue
         if head.moderation:
             texts, labels = example_inputs(head.moderation), [float(e.score >= 0.5) for e in head.moderation]
             basis = "labelled moderation data (score >= 0.5 = flag)"
