@@ -24,7 +24,9 @@ def test_accelerate_launch_two_processes(tiny_backbone: str, tmp_path: Path):
     (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(config))
     accelerate = shutil.which("accelerate", path=os.path.dirname(sys.executable))
     result = subprocess.run(
-        [accelerate, "launch", "--cpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+        # `--cpu` would start a single process; the torchrun launcher (--multi_gpu) on a machine without CUDA
+        # starts two CPU processes that train together over gloo.
+        [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
          "--dynamo_backend", "no", "-m", "training.cli", "train", "reward", "--config", str(tmp_path / "tiny.yaml"),
          "--output", str(tmp_path / "model"), "--no-progress"],
         capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})

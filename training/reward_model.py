@@ -35,6 +35,8 @@ def resolve_base_model(name: str) -> str:
 class RewardModel(nn.Module):
     def __init__(self, backbone: nn.Module, head_names: list[str]):
         super().__init__()
+        if getattr(backbone, "pooler", None) is not None:
+            backbone.pooler = None  # unused by mean pooling; unused parameters also break DDP
         self.backbone = backbone
         self.head_names = list(head_names)
         self.heads = nn.Linear(backbone.config.hidden_size, len(head_names))
