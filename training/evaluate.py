@@ -30,26 +30,36 @@ def collate(tokenizer: PreTrainedTokenizerBase, items: Sequence[dict[str, list[i
     return dict(tokenizer.pad(list(items), return_tensors="pt"))
 
 
+def length_sorted_scorer(tokenizer: PreTrainedTokenizerBase, max_length: int, batch_size: int, heads: int,
+                         run: Callable[[list[dict[str, list[int]]]], np.ndarray]) -> Scorer:
+    """A scorer that tokenises, sorts by length (similar lengths pad less) and runs `run` on each batch."""
+
+    def score(texts: Sequence[ModelInput]) -> np.ndarray:
+        encoded = encode(tokenizer, texts, max_length)
+        order = np.argsort([len(item["input_ids"]) for item in encoded])
+        out = np.zeros((len(texts), heads), dtype=np.float32)
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            out[idx] = run([encoded[i] for i in idx])
+        return out
+
+    return score
+
+
 def torch_scorer(
     model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, max_length: int, batch_size: int = 64
 ) -> Scorer:
     device = next(model.parameters()).device
 
     @torch.no_grad()
-    def score(texts: Sequence[ModelInput]) -> np.ndarray:
+    def run(items: list[dict[str, list[int]]]) -> np.ndarray:
         was_training = model.training
         model.eval()
-        encoded = encode(tokenizer, texts, max_length)
-        order = np.argsort([len(item["input_ids"]) for item in encoded])  # similar lengths pad less
-        out = np.zeros((len(texts), len(model.head_names)), dtype=np.float32)
-        for start in range(0, len(order), batch_size):
-            idx = order[start : start + batch_size]
-            batch = {k: v.to(device) for k, v in collate(tokenizer, [encoded[i] for i in idx]).items()}
-            out[idx] = model(**batch).float().cpu().numpy()
+        scores = model(**{k: v.to(device) for k, v in collate(tokenizer, items).items()}).float().cpu().numpy()
         model.train(was_training)
-        return out
+        return scores
 
-    return score
+    return length_sorted_scorer(tokenizer, max_length, batch_size, len(model.head_names), run)
 
 
 def cached(scorer: Scorer) -> Scorer:

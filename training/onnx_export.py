@@ -17,9 +17,8 @@ import onnxruntime as ort
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from training.evaluate import Scorer, encode
+from training.evaluate import Scorer, length_sorted_scorer
 from training.reward_model import RewardModel
-from training.text import ModelInput
 
 log = logging.getLogger(__name__)
 FP32_FILE = "model.onnx"
@@ -88,15 +87,6 @@ def pad_batch(items: Sequence[dict[str, list[int]]], names: Sequence[str], pad_i
 def onnx_scorer(session: ort.InferenceSession, tokenizer: PreTrainedTokenizerBase, max_length: int,
                 batch_size: int = 64) -> Scorer:
     names = [i.name for i in session.get_inputs()]
-
-    def score(texts: Sequence[ModelInput]) -> np.ndarray:
-        encoded = encode(tokenizer, texts, max_length)
-        order = np.argsort([len(item["input_ids"]) for item in encoded])
-        out = np.zeros((len(texts), session.get_outputs()[0].shape[1] or 1), dtype=np.float32)
-        for start in range(0, len(order), batch_size):
-            idx = order[start : start + batch_size]
-            feeds = pad_batch([encoded[i] for i in idx], names, tokenizer.pad_token_id)
-            out[idx] = session.run(["scores"], feeds)[0]
-        return out
-
-    return score
+    heads = session.get_outputs()[0].shape[1] or 1
+    return length_sorted_scorer(tokenizer, max_length, batch_size, heads, lambda items: session.run(
+        ["scores"], pad_batch(items, names, tokenizer.pad_token_id))[0])
