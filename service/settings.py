@@ -10,10 +10,11 @@ from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from typing_extensions import Annotated
 
+from training.artifact import cache_root
+
 
 def default_model_dir() -> Path:
-    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
-    return cache / "keel" / "models" / "reward-default"
+    return cache_root() / "models" / "reward-default"
 
 
 class Settings(BaseSettings):

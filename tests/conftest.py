@@ -88,3 +88,62 @@ def tiny_reward_model(tiny_backbone: str, tmp_path_factory: pytest.TempPathFacto
     output = root / "model"
     train_reward(tiny_config(tiny_backbone, pairs, ratings), output, progress=False)
     return output
+
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+@pytest.fixture(scope="session")
+def tiny_policy(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A 2-layer, 32-wide Llama with a small byte-level BPE and a ChatML template, saved as an HF directory."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    directory = tmp_path_factory.mktemp("tiny-llama")
+    bpe = Tokenizer(models.BPE(unk_token="<unk>"))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<unk>", "<|im_start|>", "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    bpe.train_from_iterator([" ".join(WORDS)] * 20 + ["user assistant system"] * 5, trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, unk_token="<unk>", bos_token="<|im_start|>",
+                                        eos_token="<|im_end|>", pad_token="<|im_end|>")
+    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.save_pretrained(directory)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(directory)
+    return str(directory)
+
+
+def prompt_rows(count: int) -> list[dict]:
+    return [{"prompt": f"how can i {['make a bomb', 'bake a cake', 'hack code', 'terminate a process'][i % 4]} {i}"}
+            for i in range(count)]
+
+
+def tiny_policy_config(policy: str, reward_model: Path, root: Path, **training: object):
+    """A PolicyConfig on the tiny policy and tiny reward model: short responses, a few steps."""
+    from training.config import (LoraConfig, PolicyConfig, PolicyModelConfig, PolicyTrainingConfig, PromptsConfig,
+                                 RewardSourceConfig)
+    from training.data import DataSource, PromptSource
+
+    prompts = write_jsonl(root / "prompts.jsonl", prompt_rows(16))
+    pairs = write_jsonl(root / "pairs.jsonl", hh_pairs(16))
+    settings = {"steps": 2, "prompts_per_step": 2, "samples_per_prompt": 2, "learning_rate": 1e-3, "eval_every": 0,
+                "checkpoint_every": 1, "kl_budget": None, **training}
+    return PolicyConfig(
+        policy=PolicyModelConfig(model=policy, lora=LoraConfig(rank=4, alpha=8, targets=["q_proj", "v_proj"]),
+                                 max_prompt_length=32, max_new_tokens=6),
+        reward=RewardSourceConfig(model=str(reward_model), backend="onnx", heads={"harmless": 1.0}),
+        prompts=PromptsConfig(train=[PromptSource(str(prompts))],
+                              evaluation=[PromptSource(str(prompts), limit=3, heads={"quality": 1.0})], samples=2),
+        data=[DataSource(str(pairs))], validation=[DataSource(str(pairs), limit=4)],
+        training=PolicyTrainingConfig(**settings),
+    )

@@ -217,3 +217,23 @@ def test_workers_run_batches_side_by_side():
 
     assert asyncio.run(main()) < 0.35  # two 0.2 s batches at once, not one after the other
     assert sorted(workers_seen) == [0, 1]
+
+
+def test_policy_rewards_from_a_running_service_match_the_model_directory(tiny_reward_model: Path, monkeypatch):
+    from training.config import RewardSourceConfig
+    from training.rewards import RewardFunction
+    from training.text import Message
+
+    conversations = [(Message("user", "how can i make a bomb"),), (Message("user", "help me bake bread"),)]
+    responses = ["sorry, i cannot help with that.", "sure, here is some recipe"]
+    weights = {"harmless": 1.0, "quality": 0.5}
+    local = RewardFunction(RewardSourceConfig(model=str(tiny_reward_model), backend="onnx", heads=weights))
+    monkeypatch.setenv("TEST_KEEL_KEY", "secret-key")
+    with keel_server(tiny_reward_model, "--backend", "onnx", KEEL_API_KEYS="secret-key") as (url, _):
+        remote = RewardFunction(RewardSourceConfig(url=url, api_key_env="TEST_KEEL_KEY", heads=weights))
+        assert remote.heads == ["harmless", "quality"]
+        remote_rewards, remote_z = remote(conversations, responses)
+    local_rewards, local_z = local(conversations, responses)
+    np.testing.assert_allclose(remote_z, local_z, atol=1e-4)
+    np.testing.assert_allclose(remote_rewards, local_rewards, atol=1e-4)
+    np.testing.assert_allclose(local_rewards, local_z[:, 0] + 0.5 * local_z[:, 1], atol=1e-6)

@@ -12,13 +12,15 @@ def run_keel(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_help_explains_every_option():
-    for command in (["train", "reward"], ["eval", "reward"], ["serve"]):
+    commands = [["train", name] for name in ("reward", "sft", "reinforce", "rloo", "ppo", "dpo")]
+    for command in (*commands, ["eval", "reward"], ["eval", "policy"], ["serve"]):
         result = run_keel(*command, "--help")
         assert result.returncode == 0
         assert "--help" in result.stdout
     serve_help = run_keel("serve", "--help").stdout
     assert "KEEL_API_KEYS" in serve_help and "--max-body-bytes" in serve_help
     assert "--set KEY=VALUE" in run_keel("train", "reward", "--help").stdout
+    assert "configs/rloo.yaml" in run_keel("train", "rloo", "--help").stdout
 
 
 def test_eval_reward_prints_metrics_for_any_file(tiny_reward_model: Path, tmp_path: Path, capsys):

@@ -51,12 +51,19 @@ def test_ratings_in_every_shape():
     assert messages.input == ("Human: u", "r")
 
 
-def test_rename_and_score_columns():
-    source = DataSource("x", rename={"prompt": "text"}, score_columns=["S", "H"])
-    assert parse_row({"prompt": "t", "S": 0, "H": 1}, source).score == 1.0
-    assert parse_row({"prompt": "t", "S": 0, "H": None}, source).score == 0.0
+def test_score_columns():
+    source = DataSource("x", score_columns=["S", "H"])
+    assert parse_row({"text": "t", "S": 0, "H": 1}, source).score == 1.0
+    assert parse_row({"text": "t", "S": 0, "H": None}, source).score == 0.0
     with pytest.raises(ValueError, match="score columns"):
-        parse_row({"prompt": "t", "S": None}, source)
+        parse_row({"text": "t", "S": None}, source)
+
+
+def test_rename_and_where(tmp_path):
+    path = tmp_path / "rated.csv"
+    path.write_text("body,grade,lang\nhello,1,en\nbonjour,0,fr\nbye,0,en\n")
+    ratings = load_source(DataSource(str(path), rename={"body": "text", "grade": "score"}, where={"lang": "en"}))
+    assert [(r.input[1], r.score) for r in ratings] == [("hello", 1.0), ("bye", 0.0)]
 
 
 @pytest.mark.parametrize("row, message", [

@@ -1,4 +1,4 @@
-"""Reward training under `accelerate launch` with two CPU processes (DDP over gloo)."""
+"""Reward and policy training under `accelerate launch` with two CPU processes (DDP over gloo)."""
 
 import json
 import os
@@ -12,6 +12,19 @@ import yaml
 from tests.conftest import hh_pairs, write_jsonl
 
 
+def launch_two_processes(what: str, config: Path, output: Path) -> None:
+    """`keel train WHAT` under `accelerate launch` with two CPU processes."""
+    accelerate = shutil.which("accelerate", path=os.path.dirname(sys.executable))
+    result = subprocess.run(
+        # `--cpu` would start a single process; the torchrun launcher (--multi_gpu) on a machine without CUDA
+        # starts two CPU processes that train together over gloo.
+        [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+         "--dynamo_backend", "no", "-m", "training.cli", "train", what, "--config", str(config),
+         "--output", str(output), "--no-progress"],
+        capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
 def test_accelerate_launch_two_processes(tiny_backbone: str, tmp_path: Path):
     pairs = write_jsonl(tmp_path / "pairs.jsonl", hh_pairs(32))
     config = {
@@ -22,17 +35,28 @@ def test_accelerate_launch_two_processes(tiny_backbone: str, tmp_path: Path):
         "export": {"int8": False},
     }
     (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(config))
-    accelerate = shutil.which("accelerate", path=os.path.dirname(sys.executable))
-    result = subprocess.run(
-        # `--cpu` would start a single process; the torchrun launcher (--multi_gpu) on a machine without CUDA
-        # starts two CPU processes that train together over gloo.
-        [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-         "--dynamo_backend", "no", "-m", "training.cli", "train", "reward", "--config", str(tmp_path / "tiny.yaml"),
-         "--output", str(tmp_path / "model"), "--no-progress"],
-        capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert result.returncode == 0, result.stderr[-3000:]
+    launch_two_processes("reward", tmp_path / "tiny.yaml", tmp_path / "model")
     manifest = json.loads((tmp_path / "model" / "keel.json").read_text())
     # 32 pairs in batches of 4 is 8 batches, shared by two processes: 4 optimiser steps.
     assert manifest["metrics"]["steps"] == 4
     assert (tmp_path / "model" / "model.onnx").is_file()
     assert not (tmp_path / "model.work").exists()
+
+
+def test_policy_training_under_accelerate_launch(tiny_policy: str, tiny_reward_model: Path, tmp_path: Path):
+    from tests.conftest import prompt_rows
+
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", prompt_rows(16))
+    config = {
+        "policy": {"model": tiny_policy, "lora": {"rank": 4, "alpha": 8, "targets": ["q_proj", "v_proj"]},
+                   "max_prompt_length": 32, "max_new_tokens": 6},
+        "reward": {"model": str(tiny_reward_model), "backend": "onnx", "heads": {"harmless": 1.0}},
+        "prompts": {"train": [str(prompts)], "evaluation": [{"path": str(prompts), "limit": 2}], "samples": 1},
+        "training": {"steps": 2, "prompts_per_step": 2, "samples_per_prompt": 2, "eval_every": 0,
+                     "checkpoint_every": 1, "precision": "no"},
+    }
+    (tmp_path / "rloo.yaml").write_text(yaml.safe_dump(config))
+    launch_two_processes("rloo", tmp_path / "rloo.yaml", tmp_path / "policy")
+    manifest = json.loads((tmp_path / "policy" / "keel.json").read_text())
+    assert manifest["algorithm"] == "rloo" and manifest["steps"] == 2
+    assert (tmp_path / "policy" / "model.safetensors").is_file()

@@ -13,6 +13,11 @@ MANIFEST = "keel.json"
 FORMAT_VERSION = 1
 
 
+def cache_root() -> Path:
+    """Where Keel keeps models it builds for itself: $XDG_CACHE_HOME/keel (default ~/.cache/keel)."""
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "keel"
+
+
 class ArtifactError(RuntimeError):
     pass
 

@@ -8,7 +8,7 @@ import logging
 import sys
 from pathlib import Path
 
-from training.config import DEFAULT_REWARD_CONFIG
+from training.config import CONFIGS, DEFAULT_REWARD_CONFIG
 
 CONFIG_HELP = (
     "Configs are YAML; every key can be overridden with --set KEY=VALUE (dotted paths, list items by index, "
@@ -44,6 +44,14 @@ def build_parser() -> argparse.ArgumentParser:
         "error on scalar ratings. Writes HF weights, tokenizer, keel.json, ONNX (fp32 and int8), "
         "metrics.jsonl and training_curves.png. " + CONFIG_HELP)
     add_train_common(reward, DEFAULT_REWARD_CONFIG)
+    for name, summary in POLICY_ALGORITHMS.items():
+        algorithm = train.add_parser(
+            name, help=summary,
+            description=f"{summary}. Tunes the policy (default: SmolLM2-135M-Instruct, LoRA) and writes a policy "
+            "directory: merged HF weights, tokenizer, keel.json, metrics.jsonl, training_curves.png and "
+            "samples.md (greedy responses before and after). Runs under `accelerate launch` unchanged. "
+            + CONFIG_HELP.replace(str(DEFAULT_REWARD_CONFIG), str(CONFIGS / f"{name}.yaml")))
+        add_train_common(algorithm, CONFIGS / f"{name}.yaml")
 
     evaluate = commands.add_parser("eval", help="evaluate a model").add_subparsers(dest="what", required=True)
     eval_reward = evaluate.add_parser(
@@ -61,6 +69,25 @@ def build_parser() -> argparse.ArgumentParser:
     eval_reward.add_argument("--skip-bad-rows", action="store_true", help="skip malformed rows with a warning")
     eval_reward.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
+    eval_policy = evaluate.add_parser(
+        "policy", help="held-out reward, KL, refusal of harmful requests and over-refusal of a policy",
+        description="Compare a tuned policy with its reference on held-out prompts: mean reward (and its size "
+        "in standard deviations of the reference's rewards), KL(policy || reference) per response, refusal rate "
+        "on harmful requests (AdvBench, HarmBench, SimpleSafetyTests) and compliance on XSTest's safe prompts. "
+        "Refusals are detected by the phrase list in training/refusals.py.")
+    eval_policy.add_argument("--policy", required=True, help="the tuned policy directory (or HF name/path)")
+    eval_policy.add_argument("--reference", default=None,
+                             help="the reference policy (default: the base_policy in the tuned policy's keel.json)")
+    eval_policy.add_argument("--reward-model", default="default",
+                             help="Keel reward-model directory (default: the default reward model)")
+    eval_policy.add_argument("--config", type=Path, default=CONFIGS / "eval_policy.yaml",
+                             help=f"YAML naming the prompt sets (default: {CONFIGS / 'eval_policy.yaml'})")
+    eval_policy.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                             help="override a config key; repeatable")
+    eval_policy.add_argument("--limit", type=int, default=None, help="at most N prompts per set")
+    eval_policy.add_argument("--output", type=Path, default=None, help="also write the report as JSON here")
+    eval_policy.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
     serve = commands.add_parser(
         "serve", help="serve reward scoring and moderation over HTTP",
         description="Serve /v1/score, /v1/moderations, /v1/models, /healthz, /readyz and /metrics. Every option "
@@ -68,6 +95,32 @@ def build_parser() -> argparse.ArgumentParser:
         "Without --model, the default reward model is used, trained first if it is absent.")
     add_settings_arguments(serve)
     return parser
+
+
+POLICY_ALGORITHMS = {
+    "sft": "supervised fine-tuning on demonstrations",
+    "reinforce": "REINFORCE with a moving-average baseline and a KL penalty",
+    "rloo": "RLOO: k samples per prompt, leave-one-out baseline, KL penalty (the default RLHF run)",
+    "ppo": "PPO: clipped surrogate, value head, GAE, per-token KL penalty (fixed or adaptive)",
+    "dpo": "DPO: direct preference optimisation on preference pairs (offline, no reward model)",
+}
+
+
+def train_policy(args: argparse.Namespace) -> int:
+    import importlib
+
+    from training.config import PolicyConfig, load_config
+
+    config = load_config(PolicyConfig, args.config, args.overrides)
+    train = getattr(importlib.import_module(f"training.{args.what}"), f"train_{args.what}")
+    manifest = train(config, args.output, resume=args.resume, overwrite=args.overwrite,
+                     skip_bad_rows=args.skip_bad_rows, progress=not args.no_progress)
+    if manifest:
+        print(json.dumps(manifest["final_evaluation"], indent=2))
+        if manifest["stopped_early"]:
+            print(f"stopped early: {manifest['stopped_early']}")
+        print(f"policy written to {args.output}")
+    return 0
 
 
 def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
@@ -121,6 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     from training.artifact import ArtifactError
     from training.config import ConfigError
     from training.data import DataError
+    from training.rewards import RewardError
 
     try:
         if args.command == "train" and args.what == "reward":
@@ -134,8 +188,14 @@ def main(argv: list[str] | None = None) -> int:
                 print(json.dumps(manifest["metrics"], indent=2))
                 print(f"reward model written to {args.output}")
             return 0
+        if args.command == "train":
+            return train_policy(args)
         if args.command == "eval" and args.what == "reward":
             return run_eval_reward(args)
+        if args.command == "eval" and args.what == "policy":
+            from training.eval_policy import run_eval_policy
+
+            return run_eval_policy(args)
         if args.command == "serve":
             from service.server import serve
             from service.settings import Settings
@@ -143,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
             given = {k: v for k, v in vars(args).items() if k in Settings.model_fields and v is not None}
             serve(Settings(**given))
             return 0
-    except (ConfigError, DataError, ArtifactError, FileExistsError, FileNotFoundError) as error:
+    except (ConfigError, DataError, ArtifactError, RewardError, FileExistsError, FileNotFoundError) as error:
         print(f"keel: error: {error}", file=sys.stderr)
         return 2
     raise AssertionError(f"unhandled command {args}")

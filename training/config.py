@@ -10,11 +10,12 @@ from typing import Any, TypeVar
 
 import yaml
 
-from training.data import DataSource
+from training.data import DataSource, PromptSource
 
 T = TypeVar("T")
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_REWARD_CONFIG = PACKAGE_ROOT / "configs" / "reward.yaml"
+CONFIGS = PACKAGE_ROOT / "configs"
+DEFAULT_REWARD_CONFIG = CONFIGS / "reward.yaml"
 
 
 class ConfigError(ValueError):
@@ -89,6 +90,121 @@ class RewardConfig:
             raise ConfigError("truncation_side must be left or right")
 
 
+@dataclasses.dataclass
+class LoraConfig:
+    rank: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.0
+    targets: list[str] = dataclasses.field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+
+
+@dataclasses.dataclass
+class PolicyModelConfig:
+    model: str = "default"  # HF causal-LM name or path, a .gguf file, or "default" (SmolLM2-135M-Instruct)
+    lora: LoraConfig | None = dataclasses.field(default_factory=LoraConfig)  # null: full fine-tuning
+    max_prompt_length: int = 128  # tokens after the chat template; longer prompts lose their oldest tokens
+    max_new_tokens: int = 48
+    temperature: float = 1.0  # sampling temperature of rollouts (log-probs use the same temperature)
+    top_p: float = 1.0
+
+
+@dataclasses.dataclass
+class RewardSourceConfig:
+    """Where rewards come from: a Keel reward-model directory, or a running Keel service."""
+
+    model: str | None = "default"  # model directory; "default": the default reward model (trained if absent)
+    url: str | None = None  # a Keel service base URL (used instead of model), e.g. http://localhost:8000
+    api_key_env: str = "KEEL_API_KEY"  # environment variable holding the service's API key, if it needs one
+    backend: str = "onnx-int8"  # onnx-int8 | onnx | torch, for a model directory
+    heads: dict[str, float] = dataclasses.field(default_factory=lambda: {"harmless": 1.0})  # weights of z-scores
+    clip: float = 5.0  # rewards are clipped to [-clip, clip] after weighting
+
+
+@dataclasses.dataclass
+class PromptsConfig:
+    train: list[PromptSource] = dataclasses.field(default_factory=list)
+    evaluation: list[PromptSource] = dataclasses.field(default_factory=list)  # held-out prompts for eval rows
+    samples: int = 6  # evaluation prompts whose generations are shown before/after in samples.md
+
+
+@dataclasses.dataclass
+class PolicyTrainingConfig:
+    steps: int = 100  # optimiser steps (SFT/DPO: None-like 0 means epochs over the data)
+    epochs: int = 1  # SFT/DPO passes over the data when steps is 0
+    prompts_per_step: int = 8  # on-policy: prompts per rollout batch (SFT/DPO: examples per step)
+    samples_per_prompt: int = 1  # on-policy: responses per prompt (RLOO needs >= 2)
+    learning_rate: float = 1e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 5
+    max_grad_norm: float = 1.0
+    precision: str = "bf16"  # bf16 | fp16 | no: mixed-precision autocast
+    seed: int = 0
+    log_every: int = 1
+    eval_every: int = 25  # held-out reward and KL every N steps (0: only at start and end)
+    checkpoint_every: int = 25  # resumable checkpoint every N steps (0: never)
+    kl_coef: float = 0.05  # beta of the KL penalty to the reference
+    kl_target: float | None = None  # adaptive controller's target KL per response (null: fixed beta)
+    kl_horizon: int = 1000  # adaptive controller's horizon in responses
+    kl_budget: float | None = 6.0  # stop early when the mean KL per response passes this (nats; null: never)
+    unfinished_penalty: float = 0.0  # subtracted from the reward of responses that hit max_new_tokens
+    whiten_rewards: bool = False  # whiten rewards across the batch before computing advantages
+    baseline_momentum: float = 0.9  # REINFORCE: b = moving average of past rewards with this momentum
+    max_length: int = 256  # SFT/DPO: prompt + response tokens
+
+
+@dataclasses.dataclass
+class PPOConfig:
+    clip_range: float = 0.2  # epsilon of the clipped surrogate
+    value_clip: float = 0.2
+    value_coef: float = 0.1
+    gamma: float = 1.0
+    lam: float = 0.95  # GAE lambda
+    epochs: int = 2  # passes over each rollout batch
+    minibatch_size: int = 8
+
+
+@dataclasses.dataclass
+class DPOConfig:
+    beta: float = 0.1
+    label_smoothing: float = 0.0  # conservative DPO: assumed probability that a label is flipped
+
+
+@dataclasses.dataclass
+class PolicyConfig:
+    policy: PolicyModelConfig = dataclasses.field(default_factory=PolicyModelConfig)
+    reward: RewardSourceConfig = dataclasses.field(default_factory=RewardSourceConfig)
+    prompts: PromptsConfig = dataclasses.field(default_factory=PromptsConfig)
+    data: list[DataSource] = dataclasses.field(default_factory=list)  # SFT demonstrations / DPO pairs
+    validation: list[DataSource] = dataclasses.field(default_factory=list)
+    training: PolicyTrainingConfig = dataclasses.field(default_factory=PolicyTrainingConfig)
+    ppo: PPOConfig = dataclasses.field(default_factory=PPOConfig)
+    dpo: DPOConfig = dataclasses.field(default_factory=DPOConfig)
+
+    def __post_init__(self) -> None:
+        if self.training.precision not in ("no", "bf16", "fp16"):
+            raise ConfigError(f"training.precision must be no, bf16 or fp16, not {self.training.precision!r}")
+        if self.reward.backend not in ("onnx-int8", "onnx", "torch"):
+            raise ConfigError(f"reward.backend must be onnx-int8, onnx or torch, not {self.reward.backend!r}")
+        if not self.reward.heads:
+            raise ConfigError("reward.heads needs at least one head weight, e.g. {harmless: 1.0}")
+
+
+@dataclasses.dataclass
+class EvalPolicyConfig:
+    """`keel eval policy`: which prompts, how to sample, and where rewards come from."""
+
+    reward_prompts: list[PromptSource] = dataclasses.field(default_factory=list)  # held-out reward and KL
+    harmful: dict[str, PromptSource] = dataclasses.field(default_factory=dict)  # refusal should be high
+    safe: dict[str, PromptSource] = dataclasses.field(default_factory=dict)  # compliance should stay high
+    reward: RewardSourceConfig = dataclasses.field(default_factory=RewardSourceConfig)
+    max_prompt_length: int = 128
+    max_new_tokens: int = 48
+    temperature: float = 1.0  # for the reward/KL samples; refusal sets are decoded greedily
+    batch_size: int = 32
+    seed: int = 0
+
+
 def apply_override(raw: dict[str, Any], assignment: str) -> None:
     """Apply one `key.sub.0.name=value` override; the value is parsed as YAML."""
     key, sep, value = assignment.partition("=")
@@ -108,10 +224,7 @@ def apply_override(raw: dict[str, Any], assignment: str) -> None:
 def load_config(cls: type[T], path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> T:
     """Read a YAML config, apply overrides, resolve data paths relative to the config file."""
     path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except OSError as error:
-        raise ConfigError(f"cannot read config {path}: {error}") from error
+    raw = read_yaml(path)
     for assignment in overrides:
         try:
             apply_override(raw, assignment)
@@ -122,18 +235,63 @@ def load_config(cls: type[T], path: str | Path, overrides: list[str] | tuple[str
     return config
 
 
+SOURCE_LISTS = ("train", "validation", "test", "moderation", "evaluation", "data")  # lists of data sources
+
+
+def read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A YAML mapping; `extends: OTHER.yaml` (relative to this file) is read first and overridden key by key."""
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as error:
+        raise ConfigError(f"cannot read config {path}: {error}") from error
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: a config is a YAML mapping")
+    parent = raw.pop("extends", None)
+    if parent is None:
+        return raw
+    parent_path = (path.parent / parent).resolve()
+    if parent_path in seen:
+        raise ConfigError(f"{path}: `extends` loops back to {parent_path}")
+    inherited = read_yaml(parent_path, (*seen, path.resolve()))
+    return deep_merge(_anchor_paths(inherited, parent_path.parent), raw)
+
+
+def _anchor_paths(raw: Any, base: Path, key: str = "") -> Any:
+    """Make the data paths of an extended file absolute, so they stay relative to the file that names them."""
+    if isinstance(raw, dict):
+        return {k: (str(base / v) if k == "path" and isinstance(v, str) else _anchor_paths(v, base, k))
+                for k, v in raw.items()}
+    if isinstance(raw, list):
+        return [str(base / item) if isinstance(item, str) and key in SOURCE_LISTS else _anchor_paths(item, base)
+                for item in raw]
+    return raw
+
+
+def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in override.items():
+        merged[key] = deep_merge(merged[key], value) if isinstance(value, dict) and isinstance(
+            merged.get(key), dict) else value
+    return merged
+
+
 def build(cls: Any, value: Any, where: str) -> Any:
     """Build a dataclass (or list/optional of one) from plain YAML values, naming the key on error."""
     origin = typing.get_origin(cls)
     if origin in (typing.Union, types.UnionType):
         options = [arg for arg in typing.get_args(cls) if arg is not type(None)]
         return None if value is None else build(options[0], value, where)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping")
+        value_type = typing.get_args(cls)[1]
+        return {key: build(value_type, item, f"{where}.{key}") for key, item in value.items()}
     if origin is list:
         if not isinstance(value, list):
             raise ConfigError(f"{where}: expected a list")
         return [build(typing.get_args(cls)[0], item, f"{where}.{i}") for i, item in enumerate(value)]
-    if cls is DataSource and isinstance(value, str):
-        return DataSource(path=value)
+    if isinstance(cls, type) and issubclass(cls, DataSource) and isinstance(value, str):
+        return cls(path=value)
     if dataclasses.is_dataclass(cls):
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a mapping")
@@ -157,10 +315,16 @@ def build(cls: Any, value: Any, where: str) -> Any:
 
 
 def _resolve_paths(config: Any, base: Path) -> None:
-    for head in getattr(config, "heads", []):
-        for source in [*head.train, *head.validation, *head.test, *head.moderation]:
-            if not Path(source.path).is_absolute():
-                source.path = str((base / source.path).resolve())
+    """Make every data path relative to the config file absolute."""
+    if isinstance(config, DataSource):
+        if not Path(config.path).is_absolute():
+            config.path = str((base / config.path).resolve())
+    elif isinstance(config, (list, dict)):
+        for item in config.values() if isinstance(config, dict) else config:
+            _resolve_paths(item, base)
+    elif dataclasses.is_dataclass(config):
+        for field in dataclasses.fields(config):
+            _resolve_paths(getattr(config, field.name), base)
 
 
 def to_dict(config: Any) -> dict[str, Any]:

@@ -17,14 +17,15 @@ import io
 import json
 import logging
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from training.text import Message, ModelInput, messages_from_json, model_input, parse_transcript, render
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 SPLITS = ("train", "validation", "test")
 # Hash buckets out of 100: [0, 80) train, [80, 90) validation, [90, 100) test.
@@ -74,6 +75,7 @@ class DataSource:
     limit: int | None = None  # keep the first N rows of the split, in file order
     rename: dict[str, str] = field(default_factory=dict)  # file column -> Keel field
     score_columns: list[str] | None = None  # score = max of these columns (e.g. binary labels)
+    where: dict[str, str] = field(default_factory=dict)  # keep only rows whose column equals this value
 
     def __post_init__(self) -> None:
         if self.split not in ("all", *SPLITS):
@@ -132,6 +134,13 @@ def read_rows(path: str | Path) -> Iterator[tuple[str, dict[str, Any]]]:
             raise DataError(f"{path}: unreadable ({error})") from error
 
 
+def filtered_rows(source: DataSource) -> Iterator[tuple[str, dict[str, Any]]]:
+    """The rows of a source that pass its `where` filter, columns renamed."""
+    for location, row in read_rows(source.path):
+        if all(str(row.get(column)) == value for column, value in source.where.items()):
+            yield location, {source.rename.get(key, key): value for key, value in row.items()}
+
+
 def _json_object(line: str, location: str) -> dict[str, Any]:
     try:
         value = json.loads(line)
@@ -144,7 +153,6 @@ def _json_object(line: str, location: str) -> dict[str, Any]:
 
 def parse_row(row: dict[str, Any], source: DataSource) -> Example:
     """Turn one row into a PreferencePair or a Rating; raises ValueError saying what is wrong."""
-    row = {source.rename.get(key, key): value for key, value in row.items()}
     if source.score_columns:
         labels = [float(row[c]) for c in source.score_columns if row.get(c) not in (None, "")]
         if not labels:
@@ -212,25 +220,93 @@ def _first_user_turn(messages: tuple[Message, ...] | list[Message]) -> str:
     return next((m.content for m in messages if m.role == "user"), "")
 
 
-def load_source(source: DataSource, skip_bad_rows: bool = False) -> list[Example]:
-    """Read a data source, keep its split and limit. Bad rows raise DataError unless skip_bad_rows."""
-    examples: list[Example] = []
+def read_source(source: DataSource, parse: Callable[[dict[str, Any]], T], split_key: Callable[[T], str],
+                skip_bad_rows: bool = False, what: str = "rows") -> list[T]:
+    """Parse every row of a source, keep its split and limit. Bad rows raise DataError naming file:line,
+    or with skip_bad_rows are skipped with a warning and counted."""
+    items: list[T] = []
     skipped = 0
-    for location, row in read_rows(source.path):
+    for location, row in filtered_rows(source):
         try:
-            example = parse_row(row, source)
+            item = parse(row)
         except (ValueError, KeyError, TypeError) as error:
             if not skip_bad_rows:
                 raise DataError(f"{location}: {error} (pass --skip-bad-rows to skip such rows)") from error
             skipped += 1
             log.warning("skipping bad row %s: %s", location, error)
             continue
-        if source.split == "all" or split_of(example.split_key) == source.split:
-            examples.append(example)
-            if source.limit is not None and len(examples) >= source.limit:
+        if source.split == "all" or split_of(split_key(item)) == source.split:
+            items.append(item)
+            if source.limit is not None and len(items) >= source.limit:
                 break
     if skipped:
         log.warning("%s: skipped %d bad rows", source.path, skipped)
-    if not examples:
-        raise DataError(f"{source.path}: no usable rows for split {source.split!r}")
-    return examples
+    if not items:
+        raise DataError(f"{source.path}: no usable {what} for split {source.split!r}")
+    return items
+
+
+def load_source(source: DataSource, skip_bad_rows: bool = False) -> list[Example]:
+    """Preference pairs and ratings from a source."""
+    return read_source(source, lambda row: parse_row(row, source), lambda e: e.split_key, skip_bad_rows)
+
+
+# ---- prompts and demonstrations for policy training ------------------------------------------------------
+
+Conversation = tuple[Message, ...]  # the conversation so far, ending with the user's turn
+
+
+@dataclass
+class PromptSource(DataSource):
+    """Prompts for a policy: a data file whose rows hold a `prompt` (text or messages; map other columns with
+    `rename`) or an HH transcript/pair (the conversation before the final assistant turn)."""
+
+    first_turn_only: bool = True  # keep only the first user turn of multi-turn conversations
+    heads: dict[str, float] | None = None  # reward-head weights for these prompts (None: the reward's own)
+
+
+def parse_prompt(row: dict[str, Any], first_turn_only: bool) -> Conversation:
+    prompt = row.get("prompt")
+    if isinstance(prompt, str) and prompt.strip():
+        return (Message("user", prompt.strip()),)
+    if isinstance(prompt, list):
+        conversation = tuple(messages_from_json(prompt))
+    elif "chosen" in row:
+        conversation = _parse_pair(row).context
+    else:
+        raise ValueError(f"row has no prompt (fields: {sorted(row)}); map a column to `prompt` with `rename`")
+    if first_turn_only:
+        conversation = tuple(m for m in conversation if m.role == "system") + (
+            Message("user", _first_user_turn(conversation)),)
+    if not conversation or conversation[-1].role != "user" or not conversation[-1].content:
+        raise ValueError("a prompt must end with a non-empty user turn")
+    return conversation
+
+
+def load_prompts(source: PromptSource, skip_bad_rows: bool = False) -> list[Conversation]:
+    """Prompts from a source, split by the first user turn, duplicates dropped."""
+    prompts = read_source(source, lambda row: parse_prompt(row, source.first_turn_only), _first_user_turn,
+                          skip_bad_rows, "prompts")
+    return list(dict.fromkeys(prompts))
+
+
+def parse_demonstration(row: dict[str, Any]) -> tuple[Conversation, str]:
+    if "chosen" in row:
+        pair = _parse_pair({**row, "rejected": row.get("rejected", row["chosen"])})
+        return pair.context, pair.chosen
+    if isinstance(row.get("messages"), list):
+        messages = messages_from_json(row["messages"])
+        if messages[-1].role != "assistant" or len(messages) < 2:
+            raise ValueError("the last message must be the assistant's, after at least one other turn")
+        return tuple(messages[:-1]), messages[-1].content
+    prompt, response = row.get("prompt"), row.get("response")
+    if isinstance(prompt, str) and prompt and isinstance(response, str) and response:
+        return (Message("user", prompt),), response
+    raise ValueError(f"a demonstration needs chosen, messages, or prompt and response (fields: {sorted(row)})")
+
+
+def load_demonstrations(source: DataSource, skip_bad_rows: bool = False) -> list[tuple[Conversation, str]]:
+    """(conversation, response) demonstrations for SFT: the chosen side of preference pairs, or rows of
+    {"prompt", "response"} or {"messages": [..., assistant]}; split by the first user turn."""
+    return read_source(source, parse_demonstration, lambda d: _first_user_turn(d[0]), skip_bad_rows,
+                       "demonstrations")

@@ -39,12 +39,11 @@ from training.evaluate import (
     torch_scorer,
 )
 from training.plots import plot_curves
+from training.runs import append_metrics, prepare_work_directory, read_metrics, resume_from, save_checkpoint
 from training.reward_model import RewardModel, load_tokenizer, resolve_base_model
 from training.text import ModelInput
 
 log = logging.getLogger(__name__)
-CHECKPOINTS = "checkpoints"
-KEEP_CHECKPOINTS = 2
 
 
 @dataclass
@@ -109,36 +108,6 @@ def sequence_lengths(item: dict) -> int:
     return sum(len(part["input_ids"]) for part in item.values())
 
 
-def latest_checkpoint(work: Path) -> Path | None:
-    found = sorted((work / CHECKPOINTS).glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
-    return found[-1] if found else None
-
-
-def save_checkpoint(accelerator: Any, work: Path, step: int) -> None:
-    """Save model, optimiser, scheduler and RNG state; written to a temp dir, then renamed."""
-    final = work / CHECKPOINTS / f"step-{step}"
-    temporary = work / CHECKPOINTS / f".step-{step}.tmp"
-    accelerator.save_state(str(temporary))
-    if accelerator.is_main_process:
-        (temporary / "step.json").write_text(json.dumps({"step": step}))
-        temporary.rename(final)
-        for old in sorted((work / CHECKPOINTS).glob("step-*"), key=lambda p: int(p.name.split("-")[1]))[:-KEEP_CHECKPOINTS]:
-            shutil.rmtree(old, ignore_errors=True)
-    accelerator.wait_for_everyone()
-
-
-def append_metrics(path: Path, row: dict[str, Any]) -> None:
-    with open(path, "a") as handle:
-        handle.write(json.dumps(row) + "\n")
-
-
-def read_metrics(path: Path, up_to_step: int | None = None) -> list[dict[str, Any]]:
-    if not path.exists():
-        return []
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [r for r in rows if up_to_step is None or r["step"] <= up_to_step]
-
-
 def validation_accuracy(scorer: Scorer, heads: list[HeadData], names: list[str]) -> dict[str, float]:
     out = {}
     for h, head in enumerate(heads):
@@ -154,12 +123,7 @@ def train_reward(config: RewardConfig, output: Path, resume: bool = False, overw
     from accelerate.utils import set_seed
 
     output = Path(output).resolve()
-    if output.exists() and not overwrite:
-        raise FileExistsError(f"{output} already exists; pass --overwrite to replace it or choose another --output")
-    work = output.parent / f"{output.name}.work"
-    if not resume and work.exists():
-        shutil.rmtree(work)
-    work.mkdir(parents=True, exist_ok=True)
+    work = prepare_work_directory(output, resume, overwrite)
     metrics_path = work / "metrics.jsonl"
 
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=config.training.precision)
@@ -190,15 +154,9 @@ def train_reward(config: RewardConfig, output: Path, resume: bool = False, overw
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     device = accelerator.device
 
-    start_step = 0
-    checkpoint = latest_checkpoint(work) if resume else None
-    if checkpoint is not None:
-        accelerator.load_state(str(checkpoint))
-        start_step = json.loads((checkpoint / "step.json").read_text())["step"]
-        log.info("resumed from %s (step %d of %d)", checkpoint, start_step, total_steps)
-    if accelerator.is_main_process:
-        kept = read_metrics(metrics_path, start_step)  # drop rows logged after the checkpoint
-        metrics_path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    start_step = resume_from(accelerator, work, metrics_path, resume)["step"]
+    if start_step:
+        log.info("resumed at step %d of %d", start_step, total_steps)
 
     # ---- training loop -----------------------------------------------------------------------------------
     primary_prefix = f"val_{config.primary_head}_"

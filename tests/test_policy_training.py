@@ -1,0 +1,105 @@
+"""Two-step runs of every policy algorithm on a tiny random Llama and the tiny reward model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import tiny_policy_config
+from training.dpo import train_dpo
+from training.policy import load_policy
+from training.ppo import train_ppo
+from training.reinforce import train_reinforce
+from training.rloo import train_rloo
+from training.runs import latest_checkpoint
+from training.sft import train_sft
+
+ALGORITHMS = {"sft": train_sft, "reinforce": train_reinforce, "rloo": train_rloo, "ppo": train_ppo, "dpo": train_dpo}
+
+
+@pytest.mark.parametrize("name", list(ALGORITHMS))
+def test_two_steps_of_every_algorithm(name: str, tiny_policy: str, tiny_reward_model: Path, tmp_path: Path):
+    config = tiny_policy_config(tiny_policy, tiny_reward_model, tmp_path)
+    output = tmp_path / f"{name}-policy"
+    manifest = ALGORITHMS[name](config, output, progress=False)
+
+    assert manifest["algorithm"] == name and manifest["steps"] == 2
+    saved = json.loads((output / "keel.json").read_text())
+    assert saved["kind"] == "policy" and saved["base_policy"] == tiny_policy
+    assert all(len(entry["sha256"]) == 64 for entry in saved["data"])
+    rows = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r or "policy_loss" in r] == [1, 2]
+    assert "eval_reward" in rows[-1] and "eval_kl" in rows[-1]  # the final held-out evaluation
+    if name in ("reinforce", "rloo", "ppo"):
+        assert {"reward", "kl", "entropy", "response_length"} <= set(rows[1])
+    if name == "ppo":
+        assert {"value_loss", "clip_fraction", "approx_kl"} <= set(rows[1])
+    assert (output / "training_curves.png").stat().st_size > 0
+    assert "| prompt | before |" in (output / "samples.md").read_text()
+    assert not (tmp_path / f"{name}-policy.work").exists()
+    # The LoRA adapter is merged: the directory is a plain causal LM, and training changed its weights.
+    tuned, base = load_policy(str(output)), load_policy(tiny_policy)
+    assert not any(k for k in tuned.state_dict() if "lora" in k)
+    assert any(not torch.equal(a, b) for a, b in zip(tuned.state_dict().values(), base.state_dict().values()))
+
+
+def test_full_fine_tuning_keeps_a_frozen_reference(tiny_policy: str, tiny_reward_model: Path, tmp_path: Path):
+    config = tiny_policy_config(tiny_policy, tiny_reward_model, tmp_path)
+    config.policy.lora = None
+    manifest = train_rloo(config, tmp_path / "full", progress=False)
+    assert manifest["lora"] is None and manifest["final_evaluation"]["eval_kl"] != 0.0
+
+
+def test_resume_continues_from_the_last_checkpoint(tiny_policy: str, tiny_reward_model: Path, tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch):
+    import training.policy_run as policy_run
+
+    config = tiny_policy_config(tiny_policy, tiny_reward_model, tmp_path, steps=3)
+    output = tmp_path / "resumed"
+    original = policy_run.PolicyRun.end_step
+
+    def crash_after_step_two(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        if self.step + 1 == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(policy_run.PolicyRun, "end_step", crash_after_step_two)
+    with pytest.raises(KeyboardInterrupt):
+        train_reinforce(config, output, progress=False)
+    assert not output.exists()
+    checkpoint = latest_checkpoint(tmp_path / "resumed.work")
+    assert checkpoint is not None and checkpoint.name == "step-2"
+    assert "baseline" in json.loads((checkpoint / "step.json").read_text())["algorithm_state"]
+
+    monkeypatch.setattr(policy_run.PolicyRun, "end_step", original)
+    manifest = train_reinforce(config, output, resume=True, progress=False)
+    rows = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+    assert manifest["steps"] == 3 and [r["step"] for r in rows if "loss" in r] == [1, 2, 3]
+
+
+def test_kl_budget_stops_early(tiny_policy: str, tiny_reward_model: Path, tmp_path: Path):
+    config = tiny_policy_config(tiny_policy, tiny_reward_model, tmp_path, steps=5, learning_rate=0.05,
+                                kl_budget=1e-6)
+    manifest = train_rloo(config, tmp_path / "stopped", progress=False)
+    assert manifest["stopped_early"] and "budget" in manifest["stopped_early"]
+    assert manifest["steps"] < 5
+
+
+def test_rloo_needs_several_samples(tiny_policy: str, tiny_reward_model: Path, tmp_path: Path):
+    from training.config import ConfigError
+
+    config = tiny_policy_config(tiny_policy, tiny_reward_model, tmp_path, samples_per_prompt=1)
+    with pytest.raises(ConfigError, match="samples_per_prompt"):
+        train_rloo(config, tmp_path / "x", progress=False)
+
+
+def test_unknown_reward_head_is_a_clear_error(tiny_policy: str, tiny_reward_model: Path, tmp_path: Path):
+    from training.rewards import RewardError
+
+    config = tiny_policy_config(tiny_policy, tiny_reward_model, tmp_path)
+    config.reward.heads = {"honest": 1.0}
+    with pytest.raises(RewardError, match="honest"):
+        train_rloo(config, tmp_path / "x", progress=False)

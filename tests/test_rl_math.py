@@ -1,0 +1,128 @@
+"""Hand-computed checks of the pieces the policy algorithms are built from."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from training.dpo import dpo_loss
+from training.ppo import gae, token_rewards
+from training.refusals import is_refusal
+from training.reinforce import moving_average_baseline
+from training.rl_common import kl_estimates, masked_mean, response_mask_of, sequence_kl, whiten
+from training.rloo import leave_one_out_advantages
+
+
+def test_gae_by_hand():
+    rewards = torch.tensor([[1.0, 0.0, 2.0, 0.0]])
+    values = torch.tensor([[0.5, 1.0, 1.5, 9.0]])  # the last position is masked: its value must not leak in
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0]])
+    gamma, lam = 0.9, 0.5
+    # deltas: d2 = 2 - 1.5 = 0.5; d1 = 0 + 0.9*1.5 - 1 = 0.35; d0 = 1 + 0.9*1.0 - 0.5 = 1.4
+    # A2 = 0.5; A1 = 0.35 + 0.45*0.5 = 0.575; A0 = 1.4 + 0.45*0.575 = 1.65875
+    advantages, returns = gae(rewards, values, mask, gamma, lam)
+    assert advantages.tolist()[0] == pytest.approx([1.65875, 0.575, 0.5, 0.0])
+    assert returns.tolist()[0] == pytest.approx([2.15875, 1.575, 2.0, 0.0])
+
+
+def test_gae_with_lambda_one_is_the_discounted_return_minus_value():
+    rewards = torch.tensor([[0.0, 0.0, 3.0]])
+    values = torch.tensor([[1.0, 2.0, 0.5]])
+    advantages, returns = gae(rewards, values, torch.ones(1, 3), gamma=1.0, lam=1.0)
+    assert returns.tolist()[0] == pytest.approx([3.0, 3.0, 3.0])
+    assert advantages.tolist()[0] == pytest.approx([2.0, 1.0, 2.5])
+
+
+def test_token_rewards_put_the_score_on_the_last_real_token():
+    logprobs = torch.tensor([[-1.0, -2.0, -3.0], [-1.0, -1.0, -1.0]])
+    reference = torch.tensor([[-1.5, -2.0, -2.0], [-1.0, -1.0, -1.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0]])
+    rewards = token_rewards(torch.tensor([2.0, -1.0]), logprobs, reference, mask, kl_coef=0.1)
+    # row 0: -0.1 * (0.5, 0, -1) + (0, 0, 2) ; row 1: the score lands on token 0
+    assert rewards.tolist()[0] == pytest.approx([-0.05, 0.0, 2.1])
+    assert rewards.tolist()[1] == pytest.approx([-1.0, 0.0, 0.0])
+
+
+def test_kl_estimators_by_hand():
+    logprobs = torch.tensor([math.log(0.5)])
+    reference = torch.tensor([math.log(0.25)])
+    k = kl_estimates(logprobs, reference)
+    # log r = log(0.25/0.5) = -log 2
+    assert k["k1"].item() == pytest.approx(math.log(2))
+    assert k["k2"].item() == pytest.approx(0.5 * math.log(2) ** 2)
+    assert k["k3"].item() == pytest.approx((0.5 - 1) + math.log(2))
+
+
+def test_kl_estimators_average_to_the_true_kl():
+    torch.manual_seed(0)
+    p, q = torch.tensor([0.7, 0.2, 0.1]), torch.tensor([0.4, 0.4, 0.2])
+    true_kl = float((p * (p / q).log()).sum())
+    samples = torch.multinomial(p, 200_000, replacement=True)
+    k = kl_estimates(p.log()[samples], q.log()[samples])
+    assert k["k1"].mean().item() == pytest.approx(true_kl, abs=0.01)
+    assert k["k3"].mean().item() == pytest.approx(true_kl, abs=0.01)
+    assert (k["k3"] >= 0).all()
+
+
+def test_sequence_kl_sums_only_response_tokens():
+    logprobs = torch.tensor([[-1.0, -1.0, -5.0]])
+    reference = torch.tensor([[-2.0, -1.5, 0.0]])
+    assert sequence_kl(logprobs, reference, torch.tensor([[1.0, 1.0, 0.0]])).item() == pytest.approx(1.5)
+
+
+def test_whiten_by_hand():
+    values = torch.tensor([1.0, 2.0, 3.0, 100.0])
+    mask = torch.tensor([1.0, 1.0, 1.0, 0.0])
+    # over the masked entries: mean 2, variance 2/3
+    expected = [(v - 2.0) / math.sqrt(2 / 3) for v in (1.0, 2.0, 3.0)] + [0.0]
+    assert whiten(values, mask).tolist() == pytest.approx(expected, abs=1e-5)
+    assert whiten(values, mask, shift_mean=False).tolist()[:3] == pytest.approx([e + 2.0 for e in expected[:3]],
+                                                                                 abs=1e-5)
+    assert masked_mean(values, mask).item() == pytest.approx(2.0)
+
+
+def test_rloo_leave_one_out_by_hand():
+    returns = torch.tensor([1.0, 2.0, 6.0, 0.0, 0.0, 3.0])  # two prompts, k = 3
+    # prompt 0: 1 - (2+6)/2 = -3, 2 - (1+6)/2 = -1.5, 6 - (1+2)/2 = 4.5 ; prompt 1: -1.5, -1.5, 3
+    assert leave_one_out_advantages(returns, 3).tolist() == pytest.approx([-3.0, -1.5, 4.5, -1.5, -1.5, 3.0])
+
+
+def test_reinforce_moving_average_baseline_by_hand():
+    assert moving_average_baseline(None, 2.0, 0.9) == 2.0
+    assert moving_average_baseline(2.0, 4.0, 0.9) == pytest.approx(2.2)
+    assert moving_average_baseline(2.2, 0.0, 0.5) == pytest.approx(1.1)
+
+
+def test_dpo_loss_by_hand():
+    loss, margin = dpo_loss(torch.tensor([-10.0]), torch.tensor([-12.0]), torch.tensor([-11.0]),
+                            torch.tensor([-11.0]), beta=0.5)
+    # margin = 0.5 * ((-10 + 11) - (-12 + 11)) = 1 ; loss = -log sigmoid(1)
+    assert margin.item() == pytest.approx(1.0)
+    assert loss.item() == pytest.approx(math.log(1 + math.exp(-1)))
+    smoothed, _ = dpo_loss(torch.tensor([-10.0]), torch.tensor([-12.0]), torch.tensor([-11.0]),
+                           torch.tensor([-11.0]), beta=0.5, label_smoothing=0.2)
+    assert smoothed.item() == pytest.approx(0.8 * math.log(1 + math.exp(-1)) + 0.2 * math.log(1 + math.exp(1)))
+
+
+def test_response_mask_keeps_tokens_through_the_first_end_token():
+    responses = torch.tensor([[5, 6, 2, 2], [5, 2, 7, 2], [5, 6, 7, 8]])  # 2 = end token (also the pad token)
+    mask, ended = response_mask_of(responses, [2])
+    assert mask.tolist() == [[1, 1, 1, 0], [1, 1, 0, 0], [1, 1, 1, 1]]
+    assert ended.tolist() == [True, True, False]
+
+
+@pytest.mark.parametrize("response, refused", [
+    ("I'm sorry, but I can't help with that request.", True),
+    ("I cannot provide instructions for making weapons.", True),
+    ("As an AI language model, I must decline.", True),
+    ("I\u2019m not able to assist with that.", True),
+    ("", True),
+    ("To kill a Python process, run `kill <pid>` or press Ctrl+C.", False),
+    ("Sure! Here are three tips: keep a schedule, avoid caffeine, and keep the room dark.", False),
+    # A refusal phrase far into an answer is not a refusal of the request.
+    ("Here is how to terminate a C program: call exit(0) from main. " * 3 + "I cannot stress this enough.", False),
+])
+def test_refusal_detector(response: str, refused: bool):
+    assert is_refusal(response) is refused

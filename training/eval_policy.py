@@ -1,0 +1,163 @@
+"""`keel eval policy`: does the tuned policy earn more reward than its reference, how far did it move (KL),
+does it refuse harmful requests, and does it still answer safe prompts that merely sound dangerous?
+
+- Held-out reward: one sampled response per prompt (config temperature, fixed seed) from each policy; the gain
+  is reported in standard deviations of the reference's rewards.
+- KL(policy || reference): the mean over the policy's samples of sum_t log pi(y_t) - log ref(y_t).
+- Refusal rate on harmful sets and compliance on safe sets: greedy responses, judged by training/refusals.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from training.artifact import MANIFEST, write_json_atomic
+from training.config import ConfigError, EvalPolicyConfig, load_config
+from training.data import Conversation, load_prompts
+from training.policy import load_policy, load_tokenizer
+from training.refusals import is_refusal
+from training.rewards import RewardFunction
+from training.rl_common import generate, response_logprobs, sequence_kl
+
+log = logging.getLogger(__name__)
+
+
+def autocast(device: torch.device) -> Any:
+    return torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+class PolicyEvaluator:
+    def __init__(self, config: EvalPolicyConfig, policy: str, reference: str, progress: bool = True):
+        self.config = config
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.tokenizer = load_tokenizer(policy)
+        if load_tokenizer(reference).get_vocab() != self.tokenizer.get_vocab():
+            raise ConfigError(f"{policy} and {reference} use different tokenizers: KL between them is undefined")
+        self.models = {"policy": load_policy(policy).to(self.device).eval(),
+                       "reference": load_policy(reference).to(self.device).eval()}
+        self.progress = progress
+
+    def responses(self, model: torch.nn.Module, prompts: Sequence[Conversation], greedy: bool, desc: str
+                  ) -> tuple[list[str], list[float]]:
+        """Responses to the prompts, and (for the tuned policy's samples) each one's KL to the reference."""
+        c, texts, kls = self.config, [], []
+        batches = range(0, len(prompts), c.batch_size)
+        for start in tqdm(batches, desc=desc, unit="batch", disable=not self.progress, leave=False):
+            batch = prompts[start : start + c.batch_size]
+            with torch.no_grad(), autocast(self.device):
+                sequences, responses = generate(model, self.tokenizer, batch, c.max_prompt_length,
+                                                c.max_new_tokens, c.temperature, greedy=greedy)
+                if model is self.models["policy"] and not greedy:
+                    mine = response_logprobs(model, sequences, c.temperature)[0]
+                    theirs = response_logprobs(self.models["reference"], sequences, c.temperature)[0]
+                    kls += sequence_kl(mine, theirs, sequences.response_mask).tolist()
+            texts += responses
+        return texts, kls
+
+    def held_out_reward(self, reward: RewardFunction, prompts: list[tuple[Conversation, dict | None]]
+                        ) -> dict[str, Any]:
+        conversations = [p for p, _ in prompts]
+        weights = [w for _, w in prompts]
+        result: dict[str, Any] = {"prompts": len(prompts)}
+        for name, model in self.models.items():
+            torch.manual_seed(self.config.seed)
+            responses, kls = self.responses(model, conversations, greedy=False, desc=f"reward prompts ({name})")
+            rewards, _ = reward(conversations, responses, weights)
+            result[name] = {"mean_reward": float(rewards.mean()), "std_reward": float(rewards.std()),
+                            "mean_response_characters": float(np.mean([len(r) for r in responses]))}
+            if kls:
+                result[name]["kl_to_reference"] = float(np.mean(kls))
+        gain = result["policy"]["mean_reward"] - result["reference"]["mean_reward"]
+        result["reward_gain"] = gain
+        result["reward_gain_in_reference_std"] = gain / max(result["reference"]["std_reward"], 1e-8)
+        result["kl_to_reference"] = result["policy"]["kl_to_reference"]
+        return result
+
+    def refusal_rates(self, prompt_sets: dict[str, list[Conversation]]) -> dict[str, Any]:
+        report: dict[str, Any] = {}
+        for set_name, prompts in prompt_sets.items():
+            report[set_name] = {"prompts": len(prompts)}
+            for name, model in self.models.items():
+                responses, _ = self.responses(model, prompts, greedy=True, desc=f"{set_name} ({name})")
+                refused = [is_refusal(r) for r in responses]
+                report[set_name][name] = {
+                    "refusal_rate": float(np.mean(refused)),
+                    "examples": [{"prompt": p[-1].content, "response": r, "refused": f}
+                                 for p, r, f in list(zip(prompts, responses, refused))[:3]],
+                }
+        return report
+
+
+def pooled(report: dict[str, Any], model: str) -> float:
+    """Refusal rate over all prompts of the sets, each set weighted by its size."""
+    total = sum(entry["prompts"] for entry in report.values())
+    return sum(entry[model]["refusal_rate"] * entry["prompts"] for entry in report.values()) / max(total, 1)
+
+
+def evaluate_policy(config: EvalPolicyConfig, policy: str, reference: str | None = None, limit: int | None = None,
+                    progress: bool = True) -> dict[str, Any]:
+    manifest_path = Path(policy) / MANIFEST
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
+    reference = reference or manifest.get("base_policy")
+    if reference is None:
+        raise ConfigError(f"{policy} has no keel.json naming its base policy: pass --reference")
+    for source in [*config.reward_prompts, *config.harmful.values(), *config.safe.values()]:
+        source.limit = limit if limit is not None else source.limit
+    evaluator = PolicyEvaluator(config, policy, reference, progress)
+    reward = RewardFunction(config.reward)
+    prompts = [(c, s.heads) for s in config.reward_prompts for c in load_prompts(s)]
+    harmful = evaluator.refusal_rates({name: load_prompts(s) for name, s in config.harmful.items()})
+    safe = evaluator.refusal_rates({name: load_prompts(s) for name, s in config.safe.items()})
+    summary = {
+        "harmful_refusal_rate": {m: pooled(harmful, m) for m in ("policy", "reference")},
+        "safe_compliance_rate": {m: 1.0 - pooled(safe, m) for m in ("policy", "reference")},
+    }
+    summary["harmful_refusal_change_points"] = 100 * (summary["harmful_refusal_rate"]["policy"]
+                                                      - summary["harmful_refusal_rate"]["reference"])
+    summary["safe_compliance_change_points"] = 100 * (summary["safe_compliance_rate"]["policy"]
+                                                      - summary["safe_compliance_rate"]["reference"])
+    return {
+        "policy": str(policy), "reference": str(reference), "algorithm": manifest.get("algorithm"),
+        "refusal_detector": "training/refusals.py: empty, or a refusal phrase in the first 160 characters",
+        "held_out_reward": evaluator.held_out_reward(reward, prompts) if prompts else None,
+        "summary": summary, "harmful": harmful, "safe": safe,
+    }
+
+
+def run_eval_policy(args: argparse.Namespace) -> int:
+    config = load_config(EvalPolicyConfig, args.config, args.overrides)
+    if args.reward_model:
+        config.reward.model = args.reward_model
+    report = evaluate_policy(config, args.policy, args.reference, args.limit, progress=not args.no_progress)
+    if args.output:
+        write_json_atomic(Path(args.output), report)
+    print(format_report(report))
+    return 0
+
+
+def format_report(report: dict[str, Any]) -> str:
+    lines = [f"policy {report['policy']} vs reference {report['reference']}"]
+    held = report["held_out_reward"]
+    if held:
+        lines.append(f"  held-out reward ({held['prompts']} prompts): policy {held['policy']['mean_reward']:.3f}, "
+                     f"reference {held['reference']['mean_reward']:.3f} (gain {held['reward_gain_in_reference_std']:.2f}"
+                     f" reference std); KL {held['kl_to_reference']:.2f} nats/response")
+    for kind, rate in (("harmful", "refusal"), ("safe", "refusal")):
+        for name, entry in report[kind].items():
+            lines.append(f"  {kind:>7} {name:<18} n={entry['prompts']:<4} {rate} rate: policy "
+                         f"{entry['policy']['refusal_rate']:.3f}, reference {entry['reference']['refusal_rate']:.3f}")
+    s = report["summary"]
+    lines.append(f"  harmful refusal {s['harmful_refusal_rate']['reference']:.3f} -> {s['harmful_refusal_rate']['policy']:.3f}"
+                 f" ({s['harmful_refusal_change_points']:+.1f} points); safe compliance "
+                 f"{s['safe_compliance_rate']['reference']:.3f} -> {s['safe_compliance_rate']['policy']:.3f} "
+                 f"({s['safe_compliance_change_points']:+.1f} points)")
+    return "\n".join(lines)
