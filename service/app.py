@@ -19,6 +19,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import routes
 from service.batcher import Batcher
+from service.chat import ChatAligner, GuardSettings
+from service.generation import PolicyRuntime, Row
+from service.upstream import UpstreamClient
 from service.metrics import Metrics
 from service.runtime import BatchLimits, RewardRuntime
 from service.schemas import ErrorResponse
@@ -103,7 +106,7 @@ class RequestMiddleware:
 
 def _endpoint_label(scope: Scope) -> str:
     path = scope.get("path", "")
-    known = ("/v1/score", "/v1/moderations", "/v1/models", "/healthz", "/readyz", "/metrics")
+    known = ("/v1/score", "/v1/moderations", "/v1/chat/completions", "/v1/models", "/healthz", "/readyz", "/metrics")
     return path if path in known else "other"  # bounded label values, whatever clients send
 
 
@@ -115,6 +118,39 @@ def _validation_message(error: RequestValidationError) -> tuple[str, str | None]
     message = first.get("msg", "invalid request")
     param = ".".join(location) or None
     return (f"{param}: {message}" if param else message), param
+
+
+async def start_chat(state: ServiceState) -> None:
+    """With --policy or --upstream: load the policy (or connect the upstream) and build the aligner."""
+    settings = state.settings
+    if settings.policy is None and settings.upstream is None:
+        return
+    if settings.policy is not None and settings.upstream is not None:
+        raise RuntimeError("give --policy (generate locally) or --upstream (guard proxy), not both")
+    if settings.upstream is not None:
+        state.upstream = UpstreamClient(settings.upstream, settings.upstream_api_key, settings.upstream_model,
+                                        settings.generation_timeout_s)
+        generate = state.upstream.generate
+    else:
+        state.policy = await asyncio.to_thread(PolicyRuntime, str(settings.policy), settings.max_prompt_tokens,
+                                               state.metrics)
+        await asyncio.to_thread(state.policy.warm_up)
+        # A short wait lets requests that arrive together share a batch; generation takes far longer.
+        state.generation_batcher = Batcher(state.policy.generate, max_batch_texts=settings.max_generation_rows,
+                                           max_wait_s=0.02, max_queue_texts=settings.max_queue_rows,
+                                           queue_gauge=state.metrics.generation_queue)
+        state.generation_batcher.start()
+
+        async def generate(conversation, samplings):
+            rows = [Row(conversation, sampling) for sampling in samplings]
+            return await routes.submit_generation(state, rows)
+
+    runtime = state.runtime
+    weights = settings.chat_reward_weights or {runtime.primary_head: 1.0}
+    state.aligner = ChatAligner(generate, lambda inputs: routes.scores_for(state, inputs), runtime.heads,
+                                runtime.thresholds, weights,
+                                GuardSettings(settings.guard, settings.guard_retries, settings.refusal_text),
+                                state.metrics)
 
 
 def create_app(settings: Settings | None = None, runtime: RewardRuntime | None = None) -> FastAPI:
@@ -135,8 +171,9 @@ def create_app(settings: Settings | None = None, runtime: RewardRuntime | None =
         await asyncio.to_thread(state.runtime.warm_up)
         state.batcher = Batcher(state.runtime.score, max_batch_texts=settings.max_batch_size * 4,
                                 max_wait_s=settings.max_wait_ms / 1000, max_queue_texts=settings.max_queue_texts,
-                                metrics=state.metrics, workers=state.runtime.workers)
+                                queue_gauge=state.metrics.queue_depth, workers=state.runtime.workers)
         state.batcher.start()
+        await start_chat(state)
         state.ready = True
         state.metrics.ready.set(1)
         log.info("ready: model %s (%s, heads %s)", state.runtime.name, settings.backend, state.runtime.heads)
@@ -144,8 +181,12 @@ def create_app(settings: Settings | None = None, runtime: RewardRuntime | None =
         state.ready = False
         state.metrics.ready.set(0)
         await state.batcher.close()
+        if state.generation_batcher:
+            await state.generation_batcher.close()
+        if state.upstream:
+            await state.upstream.close()
 
-    errors = {status: {"model": ErrorResponse} for status in (400, 401, 413, 429, 503)}
+    errors = {status: {"model": ErrorResponse} for status in (400, 401, 413, 429, 502, 503)}
     app = FastAPI(title="Keel", version="0.1.0", lifespan=lifespan, responses=errors,
                   description="Reward scoring and moderation with Keel reward models.")
     app.state.keel = state

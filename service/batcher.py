@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from service.metrics import Metrics
+from prometheus_client import Gauge
 
 log = logging.getLogger(__name__)
 
@@ -45,12 +45,12 @@ class _Job:
 
 class Batcher:
     def __init__(self, score: Callable[[Sequence[Any], int], np.ndarray], max_batch_texts: int, max_wait_s: float,
-                 max_queue_texts: int, metrics: Metrics | None = None, workers: int = 1):
+                 max_queue_texts: int, queue_gauge: Gauge | None = None, workers: int = 1):
         self._score = score
         self.max_batch_texts = max_batch_texts
         self.max_wait_s = max_wait_s
         self.max_queue_texts = max_queue_texts
-        self.metrics = metrics
+        self.queue_gauge = queue_gauge
         self._jobs: deque[_Job] = deque()
         self._queued_texts = 0
         self._arrived = asyncio.Event()
@@ -96,8 +96,8 @@ class Batcher:
 
     def _set_queued(self, count: int) -> None:
         self._queued_texts = count
-        if self.metrics:
-            self.metrics.queue_depth.set(count)
+        if self.queue_gauge is not None:
+            self.queue_gauge.set(count)
 
     async def _run(self, worker: int) -> None:
         loop = asyncio.get_running_loop()

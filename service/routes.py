@@ -4,14 +4,20 @@ from __future__ import annotations
 
 import hmac
 import logging
+import time
 import uuid
+from typing import Any
 
 import numpy as np
 from fastapi import APIRouter, Depends, Request, Response
+from fastapi.responses import StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from service.batcher import DeadlineExceeded, QueueFull, ShuttingDown
+from service.batcher import Batcher, DeadlineExceeded, QueueFull, ShuttingDown
+from service.generation import Generated, Row, Sampling
 from service.schemas import (
+    ChatCompletionRequest,
+    ChatCompletionResponse,
     ModerationRequest,
     ModerationResponse,
     ModerationResult,
@@ -20,8 +26,9 @@ from service.schemas import (
     ScoreResult,
 )
 from service.state import ApiError, ServiceState
+from service.streaming import chosen_events, completion_response, live_events
 from training.evaluate import category_scores
-from training.text import ModelInput
+from training.text import Message, ModelInput
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +56,7 @@ api = APIRouter(dependencies=[Depends(require_api_key)])
 
 
 async def score_inputs(state: ServiceState, inputs: list[ModelInput], request: Request) -> np.ndarray:
-    """Normalised scores [texts, heads], with limits checked and queue pressure turned into 429/503."""
+    """Normalised scores [texts, heads] of a request's inputs, with its limits checked."""
     settings = state.settings
     if len(inputs) > settings.max_items:
         raise ApiError(400, f"{len(inputs)} items in one request; the limit is {settings.max_items}",
@@ -60,25 +67,39 @@ async def score_inputs(state: ServiceState, inputs: list[ModelInput], request: R
                            f"{settings.max_chars}", param=f"input.{i}", code="text_too_long")
     if settings.log_bodies:
         log.info("request %s inputs: %r", request.state.request_id, inputs)
+    return await scores_for(state, inputs)
+
+
+async def queued(state: ServiceState, batcher: Batcher, items: list, timeout_s: float, what: str) -> Any:
+    """Submit work to a batcher; a full queue is 429, a missed deadline or shutdown 503."""
     try:
-        raw = await state.batcher.submit(inputs, settings.request_timeout_s)
+        return await batcher.submit(items, timeout_s)
     except QueueFull:
         state.metrics.rejected.labels("queue_full").inc()
-        raise ApiError(429, "the scoring queue is full; retry shortly", "rate_limit_error",
+        raise ApiError(429, f"the {what} queue is full; retry shortly", "rate_limit_error",
                        code="queue_full", headers={"Retry-After": "1"}) from None
     except DeadlineExceeded:
         state.metrics.rejected.labels("deadline").inc()
-        raise ApiError(503, f"not scored within {settings.request_timeout_s:g} s; retry later", "server_busy",
+        raise ApiError(503, f"no {what} result within {timeout_s:g} s; retry later", "server_busy",
                        code="timeout", headers={"Retry-After": "1"}) from None
     except ShuttingDown:
         raise ApiError(503, "the server is shutting down; retry on another replica", "server_busy",
                        code="shutting_down", headers={"Retry-After": "1"}) from None
+
+
+async def scores_for(state: ServiceState, inputs: list[ModelInput]) -> np.ndarray:
+    """Normalised scores [texts, heads], batched with every other request's texts."""
+    raw = await queued(state, state.batcher, inputs, state.settings.request_timeout_s, "scoring")
     z = state.runtime.normalize(raw)
     for h, head in enumerate(state.runtime.heads):
         histogram = state.metrics.scores.labels(head)
         for value in z[:, h]:
             histogram.observe(float(value))
     return z
+
+
+async def submit_generation(state: ServiceState, rows: list[Row]) -> list[Generated]:
+    return await queued(state, state.generation_batcher, rows, state.settings.generation_timeout_s, "generation")
 
 
 @api.post("/v1/score", response_model=ScoreResponse)
@@ -122,7 +143,9 @@ async def moderations(body: ModerationRequest, request: Request) -> ModerationRe
 
 @api.get("/v1/models")
 async def models(request: Request) -> dict:
-    return {"object": "list", "data": [get_state(request).runtime.describe()]}
+    state = get_state(request)
+    policies = [state.policy.describe()] if state.policy else []
+    return {"object": "list", "data": [state.runtime.describe(), *policies]}
 
 
 @health.get("/healthz")
@@ -142,3 +165,45 @@ async def readyz(request: Request) -> Response:
 @health.get("/metrics")
 async def metrics(request: Request) -> Response:
     return Response(generate_latest(get_state(request).metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+@api.post("/v1/chat/completions", response_model=ChatCompletionResponse)
+async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
+    state = get_state(request)
+    settings = state.settings
+    if state.aligner is None:
+        raise ApiError(404, "chat completions are not served here: start `keel serve` with --policy DIR or "
+                       "--upstream URL", code="chat_not_enabled")
+    max_tokens = body.max_completion_tokens or body.max_tokens or settings.default_max_tokens
+    if max_tokens > settings.max_tokens_limit:
+        raise ApiError(400, f"max_tokens {max_tokens} is over this server's limit of {settings.max_tokens_limit}",
+                       param="max_tokens", code="max_tokens_too_large")
+    best_of = body.best_of or settings.best_of
+    if body.n * best_of > settings.max_queue_rows:
+        raise ApiError(400, f"n * best_of = {body.n * best_of} candidates; the limit is {settings.max_queue_rows}",
+                       param="best_of", code="too_many_candidates")
+    characters = sum(len(m.content) for m in body.messages)
+    if characters > settings.max_chars:
+        raise ApiError(400, f"messages hold {characters} characters; the limit is {settings.max_chars}",
+                       param="messages", code="text_too_long")
+    if settings.log_bodies:
+        log.info("request %s messages: %r", request.state.request_id, body.messages)
+    conversation = tuple(Message(m.role, m.content) for m in body.messages)
+    sampling = Sampling(body.temperature, body.top_p, max_tokens, body.stops(), body.seed)
+    model = state.policy.name if state.policy else (settings.upstream_model or "upstream")
+    arrived = time.perf_counter()
+    live = state.policy is not None and best_of == 1 and settings.guard == "off"
+    if body.stream and live:
+        batcher = state.generation_batcher
+        if batcher.queued_texts + body.n > batcher.max_queue_texts:  # refuse before the stream starts
+            state.metrics.rejected.labels("queue_full").inc()
+            raise ApiError(429, "the generation queue is full; retry shortly", "rate_limit_error",
+                           code="queue_full", headers={"Retry-After": "1"})
+        return StreamingResponse(live_events(state, conversation, sampling, body.n, model, arrived,
+                                             lambda rows: submit_generation(state, rows)),
+                                 media_type="text/event-stream")
+    chosen = await state.aligner.complete(conversation, sampling, body.n, best_of)
+    state.metrics.time_to_first_token.labels(str(body.stream).lower()).observe(time.perf_counter() - arrived)
+    if body.stream:
+        return StreamingResponse(chosen_events(state, chosen, model), media_type="text/event-stream")
+    return completion_response(state, chosen, model)

@@ -80,6 +80,83 @@ class ModerationResponse(BaseModel):
     results: list[ModerationResult]
 
 
+class ChatCompletionRequest(BaseModel):
+    """OpenAI's chat-completions request; fields Keel does not use (logprobs, penalties, ...) are ignored."""
+
+    model_config = ConfigDict(extra="ignore")
+    messages: list[ChatMessage] = Field(..., min_length=1)
+    model: str | None = None
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    max_tokens: int | None = Field(None, ge=1, description="reply tokens (default and ceiling: server settings)")
+    max_completion_tokens: int | None = Field(None, ge=1, description="OpenAI's newer name for max_tokens")
+    n: int = Field(1, ge=1, le=8)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    stream: bool = False
+    best_of: int | None = Field(None, ge=1, le=16, description="candidates sampled per choice and reranked by "
+                                "the reward model (default: server setting)")
+
+    @model_validator(mode="after")
+    def ends_with_user(self) -> ChatCompletionRequest:
+        if self.messages[-1].role != "user":
+            raise ValueError("messages must end with a user message")
+        stops = [self.stop] if isinstance(self.stop, str) else self.stop or []
+        if len(stops) > 4 or any(not s for s in stops):
+            raise ValueError("stop takes at most 4 non-empty strings")
+        return self
+
+    def stops(self) -> tuple[str, ...]:
+        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
+
+
+class ChoiceAudit(BaseModel):
+    """Why this reply was chosen and what the guard made of it."""
+
+    index: int
+    reward: float = Field(description="the reward the candidates were ranked by (weighted head z-scores)")
+    scores: dict[str, float] = Field(description="every head's z-score for the reply, in context")
+    moderation: ModerationResult
+    candidates: int = Field(description="candidates sampled for this choice, over all guard attempts")
+    rank: int = Field(description="rank by reward among the final attempt's candidates (0 = best)")
+    guard: Literal["off", "passed", "regenerated", "refused"]
+    attempts: int
+
+
+class ChatAudit(BaseModel):
+    reward_model: str
+    reward_model_version: str
+    policy: str
+    choices: list[ChoiceAudit]
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: AssistantMessage
+    finish_reason: Literal["stop", "length", "content_filter"]
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+    keel: ChatAudit
+
+
 class ErrorBody(BaseModel):
     message: str
     type: str

@@ -46,11 +46,45 @@ class Settings(BaseSettings):
     drain_seconds: float = Field(0.0, description="after SIGTERM, report not-ready this long before closing")
     log_level: str = Field("info", description="log level")
 
+    # ---- chat completions (served when --policy or --upstream is given) -------------------------------------
+    policy: Path | None = Field(None, description="policy directory (or HF causal-LM path) to serve "
+                                "/v1/chat/completions with; \"default\" is SmolLM2-135M-Instruct")
+    upstream: str | None = Field(None, description="guard proxy: an OpenAI-compatible base URL (e.g. "
+                                 "http://vllm:8000) that generates the candidates Keel reranks and guards")
+    upstream_api_key: str | None = Field(None, description="API key sent to the upstream server")
+    upstream_model: str | None = Field(None, description="model name sent to the upstream server")
+    best_of: int = Field(1, ge=1, le=16, description="candidates per reply, reranked by the reward model, "
+                         "when a request does not say (`best_of`)")
+    guard: Literal["off", "refuse", "regenerate"] = Field(
+        "regenerate", description="output guard: off (audit only), refuse (a flagged reply becomes a refusal) or "
+        "regenerate (sample again up to --guard-retries times, then refuse)")
+    guard_retries: int = Field(1, ge=0, le=5, description="fresh candidate sets the guard may draw")
+    refusal_text: str = Field("I'm sorry, but I can't help with that.", description="the guard's refusal")
+    chat_reward_weights: Annotated[dict[str, float], NoDecode] = Field(
+        default_factory=dict, description="head weights candidates are ranked by, e.g. harmless=1,helpful=0.5 "
+        "(default: the reward model's primary head)")
+    default_max_tokens: int = Field(128, ge=1, description="reply tokens when a request does not say")
+    max_tokens_limit: int = Field(512, ge=1, description="largest max_tokens a request may ask for")
+    max_prompt_tokens: int = Field(1024, ge=16, description="prompt tokens kept (the oldest go first)")
+    max_generation_rows: int = Field(8, ge=1, description="replies (candidates) generated together in one batch")
+    max_queue_rows: int = Field(256, ge=1, description="candidates waiting to be generated before 429")
+    generation_timeout_s: float = Field(300.0, description="a chat request not answered by then gets 503")
+
     @field_validator("api_keys", mode="before")
     @classmethod
     def split_keys(cls, value: object) -> object:
         if isinstance(value, str):
             return [key.strip() for key in value.split(",") if key.strip()]
+        return value
+
+    @field_validator("chat_reward_weights", mode="before")
+    @classmethod
+    def parse_weights(cls, value: object) -> object:
+        if isinstance(value, str):
+            pairs = [item.split("=", 1) for item in value.split(",") if item.strip()]
+            if any(len(pair) != 2 for pair in pairs):
+                raise ValueError("expected HEAD=WEIGHT pairs separated by commas, e.g. harmless=1,helpful=0.5")
+            return {head.strip(): float(weight) for head, weight in pairs}
         return value
 
     def inference_workers(self) -> int:

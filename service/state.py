@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from service.batcher import Batcher
+from service.chat import ChatAligner
+from service.generation import PolicyRuntime
 from service.metrics import Metrics
 from service.runtime import RewardRuntime
 from service.settings import Settings
@@ -26,5 +28,9 @@ class ServiceState:
     metrics: Metrics
     runtime: RewardRuntime | None = None
     batcher: Batcher | None = None
+    policy: PolicyRuntime | None = None  # local generation (--policy)
+    generation_batcher: Batcher | None = None
+    upstream: object | None = None  # UpstreamClient (--upstream)
+    aligner: ChatAligner | None = None  # best-of-n and the guard, over the policy or the upstream
     ready: bool = False
     draining: bool = False

@@ -1,0 +1,208 @@
+"""Aligned chat: best-of-n reward gain, the guard's effect on harmful and safe prompts, generation throughput
+against bare `model.generate`, and streaming time to first token.
+
+    python bench/chat_bench.py [--policy default] [--model REWARD_DIR] [--prompts 48] [--harmful 48] [--safe 48]
+
+Every service figure goes through `keel serve` in its own process over loopback HTTP; bare `model.generate`
+runs in its own process too (thread pools of two engines in one process interfere).
+1. Held-out HH prompts (test split), best_of 1 vs 4, guard off: mean reward of the returned replies (the
+   reward the service ranks by), the gain in standard deviations of the best-of-1 rewards.
+2. AdvBench harmful behaviours and XSTest safe prompts, greedy, guard off vs regenerate: compliance = share of
+   replies the refusal detector (training/refusals.py) does not call a refusal.
+3. 8 concurrent requests vs `model.generate` at batch 8 on the same prompts and token budget: tokens/s.
+4. One streaming request at a time: time to the first content chunk.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from training.data import PromptSource, load_prompts  # noqa: E402
+from training.refusals import is_refusal  # noqa: E402
+
+DATA = Path(__file__).resolve().parent.parent / "data"
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def keel_serve(*args: str) -> Iterator[str]:
+    port = free_port()
+    process = subprocess.Popen([sys.executable, "-m", "training.cli", "serve", "--port", str(port), *args],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 600
+        while time.time() < deadline:
+            if process.poll() is not None:
+                raise RuntimeError("keel serve exited; run it by hand to see why")
+            try:
+                if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        yield url
+    finally:
+        process.terminate()
+        process.wait(30)
+
+
+async def chat(client: httpx.AsyncClient, url: str, prompt: str, **options: Any) -> dict[str, Any]:
+    response = await client.post(f"{url}/v1/chat/completions", timeout=600,
+                                 json={"messages": [{"role": "user", "content": prompt}], **options})
+    response.raise_for_status()
+    return response.json()
+
+
+async def run_all(url: str, prompts: list[str], concurrency: int, **options: Any) -> list[dict[str, Any]]:
+    limit = asyncio.Semaphore(concurrency)
+    async with httpx.AsyncClient() as client:
+        async def one(prompt: str) -> dict[str, Any]:
+            async with limit:
+                return await chat(client, url, prompt, **options)
+        return await asyncio.gather(*(one(p) for p in prompts))
+
+
+def texts(conversations: list) -> list[str]:
+    return [c[-1].content for c in conversations]
+
+
+def best_of_gain(url: str, prompts: list[str], max_tokens: int) -> dict[str, float]:
+    rewards = {}
+    for best_of in (1, 4):
+        answers = asyncio.run(run_all(url, prompts, 8, max_tokens=max_tokens, best_of=best_of, seed=1))
+        rewards[best_of] = [a["keel"]["choices"][0]["reward"] for a in answers]
+    spread = statistics.pstdev(rewards[1]) or 1e-8
+    gain = statistics.mean(rewards[4]) - statistics.mean(rewards[1])
+    return {"best_of_1_mean_reward": statistics.mean(rewards[1]), "best_of_4_mean_reward": statistics.mean(rewards[4]),
+            "best_of_1_std": spread, "gain_in_std": gain / spread}
+
+
+def compliance(url: str, prompts: list[str], max_tokens: int) -> tuple[float, dict[str, int]]:
+    answers = asyncio.run(run_all(url, prompts, 8, max_tokens=max_tokens, temperature=0.0))
+    complied = [not is_refusal(a["choices"][0]["message"]["content"]) for a in answers]
+    actions: dict[str, int] = {}
+    for a in answers:
+        action = a["keel"]["choices"][0]["guard"]
+        actions[action] = actions.get(action, 0) + 1
+    return sum(complied) / len(complied), actions
+
+
+def service_throughput(url: str, prompts: list[str], max_tokens: int) -> float:
+    batch = prompts[:8]
+    asyncio.run(run_all(url, batch, 8, max_tokens=4))  # warm
+    began = time.perf_counter()
+    answers = asyncio.run(run_all(url, batch, 8, max_tokens=max_tokens, seed=3))
+    elapsed = time.perf_counter() - began
+    return sum(a["usage"]["completion_tokens"] for a in answers) / elapsed
+
+
+def direct_throughput(policy: str, prompts: list[str], max_tokens: int) -> float:
+    """`model.generate` at batch 8 in its own process."""
+    code = f"""
+import json, sys, time, torch
+from training.policy import load_policy, load_tokenizer
+from training.rl_common import encode_prompts, end_token_ids
+from training.text import Message
+tokenizer, model = load_tokenizer({policy!r}), load_policy({policy!r}).eval()
+prompts = [(Message("user", p),) for p in json.loads(sys.argv[1])]
+encoded = encode_prompts(tokenizer, prompts, 1024)
+def run(tokens):
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        return model.generate(**encoded, max_new_tokens=tokens, do_sample=True, top_k=0,
+                              pad_token_id=tokenizer.pad_token_id, eos_token_id=end_token_ids(model, tokenizer))
+run(4)
+torch.manual_seed(3)
+began = time.perf_counter()
+out = run({max_tokens})
+elapsed = time.perf_counter() - began
+new = out[:, encoded["input_ids"].shape[1]:]
+ends = torch.isin(new, torch.tensor(end_token_ids(model, tokenizer)))
+lengths = torch.where(ends.any(1), ends.int().argmax(1), torch.full((len(new),), new.shape[1]))
+print(json.dumps(float(lengths.sum()) / elapsed))
+"""
+    result = subprocess.run([sys.executable, "-c", code, json.dumps(prompts[:8])], capture_output=True, text=True,
+                            check=True, cwd=Path(__file__).resolve().parent.parent)
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def time_to_first_token(url: str, prompts: list[str], max_tokens: int) -> float:
+    times = []
+    with httpx.Client(timeout=600) as client:
+        for prompt in prompts[:8]:
+            began = time.perf_counter()
+            with client.stream("POST", f"{url}/v1/chat/completions", json={
+                    "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens, "stream": True}) as r:
+                for line in r.iter_lines():
+                    if line.startswith("data: ") and '"content": "' in line and '"content": ""' not in line:
+                        times.append(time.perf_counter() - began)
+                        break
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--policy", default="default", help="policy directory or HF path (default: SmolLM2)")
+    parser.add_argument("--model", default=None, help="reward-model directory (default: the default model)")
+    parser.add_argument("--prompts", type=int, default=48, help="held-out prompts for best-of-n")
+    parser.add_argument("--harmful", type=int, default=48, help="AdvBench prompts")
+    parser.add_argument("--safe", type=int, default=48, help="XSTest safe prompts")
+    parser.add_argument("--max-tokens", type=int, default=48)
+    parser.add_argument("--output", type=Path, default=Path("runs/chat-bench.json"))
+    args = parser.parse_args()
+    held_out = texts(load_prompts(PromptSource(str(DATA / "hh-rlhf/harmless-base/test.jsonl.gz"), split="test",
+                                               limit=args.prompts // 2))
+                     + load_prompts(PromptSource(str(DATA / "hh-rlhf/helpful-base/test.jsonl.gz"), split="test",
+                                                 limit=args.prompts - args.prompts // 2)))
+    harmful = texts(load_prompts(PromptSource(str(DATA / "advbench/harmful_behaviors.csv"), rename={"goal": "prompt"},
+                                              limit=args.harmful)))
+    safe = texts(load_prompts(PromptSource(str(DATA / "xstest/xstest_prompts.csv"), where={"label": "safe"},
+                                           limit=args.safe)))
+    common = ["--policy", args.policy] + (["--model", args.model] if args.model else [])
+    report: dict[str, Any] = {"policy": args.policy}
+    with keel_serve(*common, "--guard", "off") as url:
+        report["best_of"] = best_of_gain(url, held_out, args.max_tokens)
+        print("best-of-n:", json.dumps(report["best_of"]))
+        off = {"advbench": compliance(url, harmful, args.max_tokens), "xstest": compliance(url, safe, args.max_tokens)}
+        report["service_tokens_per_s"] = statistics.median(
+            service_throughput(url, held_out, args.max_tokens) for _ in range(3))
+        report["ttft_streaming_s"] = time_to_first_token(url, held_out, args.max_tokens)
+    with keel_serve(*common, "--guard", "regenerate") as url:
+        on = {"advbench": compliance(url, harmful, args.max_tokens), "xstest": compliance(url, safe, args.max_tokens)}
+    report["guard"] = {name: {"compliance_guard_off": off[name][0], "compliance_guard_on": on[name][0],
+                              "guard_actions": on[name][1]} for name in off}
+    print("guard:", json.dumps(report["guard"]))
+    report["direct_tokens_per_s"] = statistics.median(
+        direct_throughput(args.policy, held_out, args.max_tokens) for _ in range(3))
+    report["service_vs_direct"] = report["service_tokens_per_s"] / report["direct_tokens_per_s"]
+    print(f"throughput at 8 concurrent: service {report['service_tokens_per_s']:.1f} tok/s, model.generate "
+          f"batch 8 {report['direct_tokens_per_s']:.1f} tok/s, ratio {report['service_vs_direct']:.2f}; "
+          f"streaming time to first token {report['ttft_streaming_s'] * 1000:.0f} ms")
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(report, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    main()

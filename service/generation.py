@@ -1,0 +1,206 @@
+"""The policy runtime: batched chat generation with per-request sampling settings and token streaming.
+
+A batch holds rows (one per candidate reply) from several requests. Each row keeps its own temperature, top-p,
+token limit, stop strings and random generator, so requests with different settings share one forward pass
+per token. Prompts are left-padded; every step feeds each row its newest token with the KV cache. A row that
+has finished keeps being fed its end token (cheaper than reshaping the cache) and is ignored.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from service.metrics import Metrics
+from training.data import Conversation
+from training.policy import load_policy, load_tokenizer, resolve_policy
+from training.rl_common import encode_prompts, end_token_ids
+
+# Called from the generation thread with (text delta, finish reason or None) as a row produces text.
+OnText = Callable[[str, str | None], None]
+
+
+@dataclass
+class Sampling:
+    temperature: float = 1.0  # 0: greedy
+    top_p: float = 1.0
+    max_tokens: int = 128
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+
+
+@dataclass
+class Row:
+    """One reply to generate; `on_text` (optional) receives streamed text."""
+
+    conversation: Conversation
+    sampling: Sampling
+    on_text: OnText | None = None
+
+
+@dataclass
+class Generated:
+    text: str
+    finish_reason: str  # "stop" (end token or stop string) | "length"
+    prompt_tokens: int
+    completion_tokens: int
+    first_token_seconds: float  # from the start of the batch
+
+
+@dataclass
+class _RowState:
+    row: Row
+    generator: torch.Generator | None
+    tokens: list[int] = field(default_factory=list)
+    text: str = ""
+    sent: int = 0  # characters already streamed
+    finish_reason: str | None = None
+    first_token_at: float = 0.0
+
+
+class PolicyRuntime:
+    def __init__(self, directory: str | Path, max_prompt_tokens: int = 1024, metrics: Metrics | None = None,
+                 threads: int | None = None):
+        self.directory = Path(resolve_policy(str(directory)))  # "default" and .gguf files: the cached conversion
+        if threads:
+            torch.set_num_threads(threads)
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.tokenizer = load_tokenizer(str(self.directory))
+        self.model = load_policy(str(self.directory)).to(self.device).eval()
+        manifest_path = self.directory / "keel.json"
+        manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
+        self.name = self.directory.name
+        self.version = manifest.get("created_at", "unversioned")
+        self.algorithm = manifest.get("algorithm")
+        self.end_ids = end_token_ids(self.model, self.tokenizer)
+        context = getattr(self.model.config, "max_position_embeddings", None) or 2048
+        self.max_prompt_tokens = min(max_prompt_tokens, context // 2)
+        self.max_context = context
+        self.metrics = metrics
+        self._lock = threading.Lock()  # one batch at a time: a batch already uses every core
+
+    def describe(self) -> dict[str, Any]:
+        return {"id": self.name, "object": "model", "created": int(self.directory.stat().st_mtime),
+                "owned_by": "keel", "version": self.version, "kind": "policy", "algorithm": self.algorithm}
+
+    def warm_up(self) -> None:
+        from training.text import Message
+
+        self.generate([Row((Message("user", "Hello"),), Sampling(temperature=0.0, max_tokens=2))])
+
+    @torch.no_grad()
+    def generate(self, rows: Sequence[Row], worker: int = 0) -> list[Generated]:
+        """Generate every row's reply in one batch (the `worker` argument fits the Batcher's interface)."""
+        with self._lock:
+            return self._generate(rows)
+
+    def _generate(self, rows: Sequence[Row]) -> list[Generated]:
+        started = time.perf_counter()
+        prompts = encode_prompts(self.tokenizer, [r.conversation for r in rows], self.max_prompt_tokens)
+        input_ids = prompts["input_ids"].to(self.device)
+        attention = prompts["attention_mask"].to(self.device)
+        prompt_tokens = attention.sum(1).tolist()
+        budget = min(max(r.sampling.max_tokens for r in rows), self.max_context - input_ids.shape[1])
+        states = [_RowState(r, _generator(r.sampling.seed)) for r in rows]
+        temperature = torch.tensor([r.sampling.temperature for r in rows], device=self.device)
+        top_p = torch.tensor([r.sampling.top_p for r in rows], device=self.device)
+        positions = (attention.cumsum(1) - 1).clamp(min=0)
+        past = None
+        step_ids = input_ids
+        for _ in range(max(budget, 0)):
+            with torch.autocast(self.device.type, dtype=torch.bfloat16):
+                output = self.model(input_ids=step_ids, attention_mask=attention, position_ids=positions,
+                                    past_key_values=past, use_cache=True, logits_to_keep=1)
+            past = output.past_key_values
+            next_ids = sample(output.logits[:, -1].float(), temperature, top_p, [s.generator for s in states])
+            now = time.perf_counter()
+            for i, state in enumerate(states):
+                if state.finish_reason is None:
+                    self._advance(state, int(next_ids[i]), now - started)
+            if all(s.finish_reason is not None for s in states):
+                break
+            finished = torch.tensor([s.finish_reason is not None for s in states], device=self.device)
+            next_ids = torch.where(finished, torch.full_like(next_ids, self.end_ids[0]), next_ids)
+            step_ids = next_ids.unsqueeze(1)
+            attention = torch.cat([attention, torch.ones_like(step_ids)], dim=1)
+            positions = positions[:, -1:] + 1
+        results = []
+        for state, prompt_count in zip(states, prompt_tokens):
+            if state.finish_reason is None:
+                self._finish(state, "length")
+            results.append(Generated(state.text, state.finish_reason, int(prompt_count), len(state.tokens),
+                                     state.first_token_at))
+        if self.metrics:
+            self.metrics.generated_tokens.inc(sum(len(s.tokens) for s in states))
+            self.metrics.generation_seconds.observe(time.perf_counter() - started)
+        return results
+
+    def _advance(self, state: _RowState, token: int, elapsed: float) -> None:
+        """Take one token for a row: end token, stop string or token limit finish it; new text is streamed."""
+        if not state.tokens:
+            state.first_token_at = elapsed
+        if token in self.end_ids:
+            self._finish(state, "stop")
+            return
+        state.tokens.append(token)
+        state.text = self.tokenizer.decode(state.tokens, skip_special_tokens=True)
+        stops = [state.text.find(s) for s in state.row.sampling.stop if s in state.text]
+        if stops:
+            state.text = state.text[: min(stops)]
+            self._finish(state, "stop")
+        elif len(state.tokens) >= state.row.sampling.max_tokens:
+            self._finish(state, "length")
+        else:
+            self._stream(state, final=False)
+
+    def _finish(self, state: _RowState, reason: str) -> None:
+        state.finish_reason = reason
+        self._stream(state, final=True)
+
+    @staticmethod
+    def _stream(state: _RowState, final: bool) -> None:
+        if state.row.on_text is None:
+            return
+        safe = len(state.text)
+        if not final:
+            # Hold back what may be the start of a stop string, or half of a multi-byte character.
+            holdback = max((len(s) - 1 for s in state.row.sampling.stop), default=0)
+            safe = max(state.sent, len(state.text.rstrip("\ufffd")) - holdback)
+        if safe > state.sent or final:
+            state.row.on_text(state.text[state.sent : safe], state.finish_reason if final else None)
+            state.sent = safe
+
+
+def _generator(seed: int | None) -> torch.Generator | None:
+    if seed is None:
+        return None
+    generator = torch.Generator()
+    generator.manual_seed(seed)
+    return generator
+
+
+def sample(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor,
+           generators: Sequence[torch.Generator | None]) -> torch.Tensor:
+    """One token per row: greedy where temperature is 0, else nucleus sampling at the row's temperature/top-p.
+    Rows with a seed draw from their own generator, so a seeded request is reproducible in any batch."""
+    greedy = logits.argmax(-1)
+    probabilities = torch.softmax(logits / temperature.clamp(min=1e-5).unsqueeze(1), dim=-1)
+    sorted_probabilities, order = probabilities.sort(dim=-1, descending=True)
+    # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
+    outside = sorted_probabilities.cumsum(-1) - sorted_probabilities > top_p.unsqueeze(1)
+    sorted_probabilities = sorted_probabilities.masked_fill(outside, 0.0)
+    choices = torch.empty_like(greedy)
+    for i, generator in enumerate(generators):
+        if temperature[i] == 0:
+            choices[i] = greedy[i]
+            continue
+        pick = torch.multinomial(sorted_probabilities[i].cpu(), 1, generator=generator)
+        choices[i] = order[i, pick.to(order.device)].squeeze()
+    return choices

@@ -1,0 +1,125 @@
+"""Chat completions as OpenAI-style objects and server-sent events.
+
+Tokens stream live when nothing has to see the whole reply first: the local policy, one candidate per choice
+(best_of 1) and the guard off. Otherwise the replies are chosen and guarded first and then sent as events, so
+a client that always streams still works (its first token arrives when the reply is ready).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+from service.chat import Chosen, candidate_seed
+from service.generation import Generated, Row, Sampling
+from service.schemas import (
+    AssistantMessage,
+    ChatAudit,
+    ChatChoice,
+    ChatCompletionResponse,
+    ChoiceAudit,
+    Usage,
+)
+from service.state import ApiError, ServiceState
+from training.data import Conversation
+from training.text import Message, model_input
+
+
+def completion_id() -> str:
+    return f"chatcmpl-{uuid.uuid4().hex}"
+
+
+def audit_of(state: ServiceState, chosen: list[Chosen]) -> ChatAudit:
+    policy = state.policy.name if state.policy else f"upstream:{state.settings.upstream}"
+    return ChatAudit(reward_model=state.runtime.name, reward_model_version=state.runtime.version,
+                     policy=policy, choices=[c.audit for c in chosen])
+
+
+def completion_response(state: ServiceState, chosen: list[Chosen], model: str) -> ChatCompletionResponse:
+    prompt_tokens = chosen[0].reply.prompt_tokens if chosen else 0
+    completion_tokens = sum(c.reply.completion_tokens for c in chosen)
+    return ChatCompletionResponse(
+        id=completion_id(), created=int(time.time()), model=model,
+        choices=[ChatChoice(index=i, message=AssistantMessage(content=c.reply.text), finish_reason=c.reply.finish_reason)
+                 for i, c in enumerate(chosen)],
+        usage=Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                    total_tokens=prompt_tokens + completion_tokens),
+        keel=audit_of(state, chosen))
+
+
+def event(payload: dict[str, Any] | str) -> bytes:
+    return f"data: {payload if isinstance(payload, str) else json.dumps(payload)}\n\n".encode()
+
+
+def chunk(identifier: str, model: str, index: int, delta: dict[str, str], finish: str | None = None,
+          **extra: Any) -> dict[str, Any]:
+    return {"id": identifier, "object": "chat.completion.chunk", "created": int(time.time()), "model": model,
+            "choices": [{"index": index, "delta": delta, "finish_reason": finish}], **extra}
+
+
+async def chosen_events(state: ServiceState, chosen: list[Chosen], model: str) -> AsyncIterator[bytes]:
+    """Events for replies that are already chosen and guarded."""
+    identifier = completion_id()
+    for i, choice in enumerate(chosen):
+        yield event(chunk(identifier, model, i, {"role": "assistant", "content": ""}))
+        if choice.reply.text:
+            yield event(chunk(identifier, model, i, {"content": choice.reply.text}))
+        yield event(chunk(identifier, model, i, {}, choice.reply.finish_reason))
+    yield event({**chunk(identifier, model, 0, {}), "choices": [], "keel": audit_of(state, chosen).model_dump()})
+    yield event("[DONE]")
+
+
+async def live_events(state: ServiceState, conversation: Conversation, sampling: Sampling, n: int, model: str,
+                      arrived: float, submit: Callable[[list[Row]], Awaitable[list[Generated]]]
+                      ) -> AsyncIterator[bytes]:
+    """Events as the policy produces tokens; the replies are scored for the audit once they are complete."""
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue[tuple[int, str, str | None]] = asyncio.Queue()
+    identifier = completion_id()
+
+    def on_text(index: int) -> Callable[[str, str | None], None]:
+        return lambda text, finish: loop.call_soon_threadsafe(queue.put_nowait, (index, text, finish))
+
+    rows = [Row(conversation, Sampling(sampling.temperature, sampling.top_p, sampling.max_tokens, sampling.stop,
+                                       candidate_seed(sampling.seed, i, 0, 0)), on_text(i)) for i in range(n)]
+    generation = asyncio.ensure_future(submit(rows))
+    for i in range(n):
+        yield event(chunk(identifier, model, i, {"role": "assistant", "content": ""}))
+    first, finished = True, 0
+    while finished < n:
+        getter = asyncio.ensure_future(queue.get())
+        done, _ = await asyncio.wait({getter, generation}, return_when=asyncio.FIRST_COMPLETED)
+        if getter not in done:
+            getter.cancel()
+            if generation.exception() is not None:  # failed before producing every reply
+                error = generation.exception()
+                message = error.message if isinstance(error, ApiError) else "generation failed"
+                yield event({"error": {"message": message, "type": "server_error"}})
+                yield event("[DONE]")
+                return
+            continue
+        index, text, finish = getter.result()
+        if text:
+            if first:
+                state.metrics.time_to_first_token.labels("true").observe(time.perf_counter() - arrived)
+                first = False
+            yield event(chunk(identifier, model, index, {"content": text}))
+        if finish is not None:
+            finished += 1
+            yield event(chunk(identifier, model, index, {}, finish))
+    replies = await generation
+    z = await state.aligner.score([model_input([*conversation, Message("assistant", r.text)]) for r in replies])
+    moderation = state.aligner.moderate(z)
+    rewards = z @ state.aligner.weights
+    audits = [ChoiceAudit(index=i, reward=float(rewards[i]), scores=dict(zip(state.runtime.heads, map(float, z[i]))),
+                          moderation=moderation[i], candidates=1, rank=0, guard="off", attempts=1)
+              for i in range(n)]
+    state.metrics.guard_actions.labels("off").inc(n)
+    audit = ChatAudit(reward_model=state.runtime.name, reward_model_version=state.runtime.version,
+                      policy=state.policy.name, choices=audits)
+    yield event({**chunk(identifier, model, 0, {}), "choices": [], "keel": audit.model_dump()})
+    yield event("[DONE]")

@@ -1,0 +1,177 @@
+"""Chat completions: the openai client over a socket (plain and streaming), best-of-n, the guard, the guard
+proxy, and bad requests, on the tiny policy and tiny reward model."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+
+from service.app import create_app
+from service.chat import ChatAligner, GuardSettings
+from service.generation import Generated, Sampling
+from service.settings import Settings
+from tests.test_batcher_and_server import keel_server
+from training.text import Message
+
+HEADS = ["harmless", "helpful"]
+
+
+def scripted_aligner(replies: list[str], scores: dict[str, tuple[float, float]], mode: str = "regenerate",
+                     retries: int = 1) -> tuple[ChatAligner, list[int]]:
+    """An aligner whose policy answers from a script (in order) and whose reward model scores from a table."""
+    calls: list[int] = []
+    script = iter(replies)
+
+    async def generate(conversation, samplings):
+        calls.append(len(samplings))
+        return [Generated(next(script), "stop", 3, 2, 0.0) for _ in samplings]
+
+    async def score(inputs):
+        return np.array([scores[response] for _, response in inputs], dtype=np.float32)
+
+    # harmless is a moderation category (flag at category score sigma(-z) >= 0.5, i.e. z <= 0); helpful is not.
+    aligner = ChatAligner(generate, score, HEADS, {"harmless": 0.5, "helpful": None}, {"harmless": 1.0, "helpful": 1.0},
+                          GuardSettings(mode, retries, "I can't help with that."))
+    return aligner, calls
+
+
+def complete(aligner: ChatAligner, n: int, best_of: int):
+    return asyncio.run(aligner.complete((Message("user", "hi"),), Sampling(max_tokens=4), n, best_of))
+
+
+def test_best_of_n_picks_the_highest_reward():
+    aligner, calls = scripted_aligner(["ok", "great", "fine", "meh"],
+                                      {"ok": (1, 0), "great": (1, 2), "fine": (0.5, 0.6), "meh": (0.2, 0)})
+    [chosen] = complete(aligner, n=1, best_of=4)
+    assert calls == [4]
+    assert chosen.reply.text == "great"
+    assert chosen.audit.reward == pytest.approx(3.0) and chosen.audit.rank == 0
+    assert chosen.audit.guard == "passed" and chosen.audit.candidates == 4
+
+
+def test_guard_skips_a_flagged_best_candidate():
+    aligner, _ = scripted_aligner(["harmful", "safe"], {"harmful": (-2, 5), "safe": (1, 0)})
+    [chosen] = complete(aligner, n=1, best_of=2)
+    assert chosen.reply.text == "safe" and chosen.audit.rank == 1 and not chosen.audit.moderation.flagged
+
+
+def test_guard_regenerates_then_refuses():
+    aligner, calls = scripted_aligner(["bad1", "good"], {"bad1": (-1, 0), "good": (2, 0)})
+    [chosen] = complete(aligner, n=1, best_of=1)
+    assert (chosen.reply.text, chosen.audit.guard, chosen.audit.attempts, chosen.audit.candidates) == (
+        "good", "regenerated", 2, 2)
+
+    aligner, calls = scripted_aligner(["bad1", "bad2"], {"bad1": (-1, 0), "bad2": (-3, 0)})
+    [chosen] = complete(aligner, n=1, best_of=1)
+    assert calls == [1, 1]
+    assert chosen.reply.text == "I can't help with that." and chosen.reply.finish_reason == "content_filter"
+    assert chosen.audit.guard == "refused" and chosen.audit.moderation.flagged
+
+
+def test_guard_modes_refuse_and_off():
+    aligner, calls = scripted_aligner(["bad"], {"bad": (-1, 0)}, mode="refuse")
+    [chosen] = complete(aligner, n=1, best_of=1)
+    assert calls == [1] and chosen.audit.guard == "refused"
+    aligner, _ = scripted_aligner(["bad"], {"bad": (-1, 0)}, mode="off")
+    [chosen] = complete(aligner, n=1, best_of=1)
+    assert chosen.reply.text == "bad" and chosen.audit.guard == "off" and chosen.audit.moderation.flagged
+
+
+def test_several_choices_share_one_generation_call():
+    aligner, calls = scripted_aligner(["a", "b", "c", "d"], {"a": (1, 0), "b": (2, 0), "c": (3, 0), "d": (0.5, 0)})
+    chosen = complete(aligner, n=2, best_of=2)
+    assert calls == [4] and [c.reply.text for c in chosen] == ["b", "c"]
+
+
+def test_openai_client_plain_and_streaming_over_a_socket(tiny_reward_model: Path, tiny_policy: str):
+    import openai
+
+    with keel_server(tiny_reward_model, "--policy", tiny_policy, "--guard", "off", "--api-keys", "k1") as (url, _):
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="k1", max_retries=0)
+        messages = [{"role": "user", "content": "how can i bake a cake"}]
+        completion = client.chat.completions.create(model="tiny", messages=messages, max_tokens=5, n=2, seed=7)
+        assert len(completion.choices) == 2 and completion.usage.completion_tokens <= 10
+        assert all(c.finish_reason in ("stop", "length") for c in completion.choices)
+        audit = completion.model_extra["keel"]
+        assert len(audit["choices"]) == 2 and set(audit["choices"][0]["scores"]) == {"harmless", "quality"}
+        again = client.chat.completions.create(model="tiny", messages=messages, max_tokens=5, n=2, seed=7)
+        assert [c.message.content for c in again.choices] == [c.message.content for c in completion.choices]
+
+        stream = client.chat.completions.create(model="tiny", messages=messages, max_tokens=6, seed=7, stream=True)
+        chunks = list(stream)
+        text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+        assert finishes in (["stop"], ["length"]) and "keel" in chunks[-1].model_extra
+        plain = client.chat.completions.create(model="tiny", messages=messages, max_tokens=6, seed=7)
+        assert text == plain.choices[0].message.content  # streaming sends the same reply
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=f"{url}/v1", api_key="wrong", max_retries=0).chat.completions.create(
+                model="tiny", messages=messages, max_tokens=2)
+
+
+def test_guard_proxy_reranks_an_upstream(tiny_reward_model: Path, tiny_policy: str):
+    import openai
+
+    with keel_server(tiny_reward_model, "--policy", tiny_policy, "--guard", "off") as (upstream, _):
+        with keel_server(tiny_reward_model, "--upstream", upstream, "--best-of", "3") as (proxy, _):
+            client = openai.OpenAI(base_url=f"{proxy}/v1", api_key="none", max_retries=0)
+            completion = client.chat.completions.create(
+                model="tiny", messages=[{"role": "user", "content": "help me hack code"}], max_tokens=4)
+            audit = completion.model_extra["keel"]
+            assert audit["policy"] == f"upstream:{upstream}"
+            assert audit["choices"][0]["candidates"] >= 3 and audit["choices"][0]["guard"] != "off"
+            streamed = list(client.chat.completions.create(
+                model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=4, stream=True))
+            assert "keel" in streamed[-1].model_extra
+        with keel_server(tiny_reward_model, "--upstream", "http://127.0.0.1:9") as (proxy, _):
+            response = openai.OpenAI(base_url=f"{proxy}/v1", api_key="none", max_retries=0)
+            with pytest.raises(openai.APIStatusError) as error:
+                response.chat.completions.create(model="x", messages=[{"role": "user", "content": "hi"}])
+            assert error.value.status_code == 502
+
+
+@pytest.fixture(scope="module")
+def chat_client(tiny_reward_model: Path, tiny_policy: str):
+    with TestClient(create_app(Settings(model=tiny_reward_model, policy=tiny_policy, max_tokens_limit=16))) as client:
+        yield client
+
+
+@pytest.mark.parametrize("body, param", [
+    ({"messages": []}, "messages"),
+    ({"messages": [{"role": "robot", "content": "hi"}]}, "messages.0.role"),
+    ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}, "max_tokens"),
+    ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 17}, "max_tokens"),
+    ({"messages": [{"role": "user", "content": "hi"}], "n": 0}, "n"),
+    ({"messages": [{"role": "user", "content": "hi"}], "temperature": 3}, "temperature"),
+    ({"messages": [{"role": "user", "content": "hi"}], "best_of": 400}, "best_of"),
+    ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}, None),
+    ({"messages": [{"role": "user", "content": "hi"}], "stop": ["a", "b", "c", "d", "e"]}, None),
+])
+def test_bad_chat_requests_get_400(chat_client: TestClient, body: dict, param: str | None):
+    response = chat_client.post("/v1/chat/completions", json=body)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["message"] and (param is None or error["param"] == param)
+
+
+def test_chat_needs_a_policy(tiny_reward_model: Path):
+    with TestClient(create_app(Settings(model=tiny_reward_model))) as client:
+        response = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]})
+    assert response.status_code == 404 and response.json()["error"]["code"] == "chat_not_enabled"
+
+
+def test_chat_metrics_and_models(chat_client: TestClient):
+    response = chat_client.post("/v1/chat/completions", json={
+        "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3, "best_of": 2})
+    assert response.status_code == 200, response.text
+    assert response.json()["keel"]["choices"][0]["candidates"] >= 2
+    metrics = chat_client.get("/metrics").text
+    for name in ("keel_generated_tokens_total", "keel_time_to_first_token_seconds", "keel_best_of_rank",
+                 "keel_guard_actions_total"):
+        assert name in metrics
+    kinds = [m.get("kind") for m in chat_client.get("/v1/models").json()["data"]]
+    assert "policy" in kinds
