@@ -5,11 +5,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import signal
 import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -23,7 +27,7 @@ from service.chat import ChatAligner, GuardSettings
 from service.generation import PolicyRuntime, Row
 from service.upstream import UpstreamClient
 from service.metrics import Metrics
-from service.runtime import BatchLimits, RewardRuntime
+from service.models import load_runtime, model_directory, reload_model
 from service.schemas import ErrorResponse
 from service.settings import Settings
 from service.state import ApiError, ServiceState
@@ -106,7 +110,8 @@ class RequestMiddleware:
 
 def _endpoint_label(scope: Scope) -> str:
     path = scope.get("path", "")
-    known = ("/v1/score", "/v1/moderations", "/v1/chat/completions", "/v1/models", "/healthz", "/readyz", "/metrics")
+    known = ("/v1/score", "/v1/moderations", "/v1/chat/completions", "/v1/models", "/v1/admin/reload", "/healthz",
+             "/readyz", "/metrics")
     return path if path in known else "other"  # bounded label values, whatever clients send
 
 
@@ -118,6 +123,22 @@ def _validation_message(error: RequestValidationError) -> tuple[str, str | None]
     message = first.get("msg", "invalid request")
     param = ".".join(location) or None
     return (f"{param}: {message}" if param else message), param
+
+
+def reload_on_sighup(state: ServiceState) -> None:
+    """`kill -HUP` reloads the model store's current version (only where the loop owns signals: the main thread)."""
+    loop = asyncio.get_running_loop()
+
+    async def reload() -> None:
+        try:
+            await reload_model(state)
+        except ApiError:
+            pass  # logged by reload_model; the old model keeps serving
+
+    try:
+        loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(reload()))
+    except (NotImplementedError, RuntimeError, ValueError):
+        log.debug("SIGHUP reload unavailable here (not the main thread)")
 
 
 async def start_chat(state: ServiceState) -> None:
@@ -147,32 +168,32 @@ async def start_chat(state: ServiceState) -> None:
 
     runtime = state.runtime
     weights = settings.chat_reward_weights or {runtime.primary_head: 1.0}
-    state.aligner = ChatAligner(generate, lambda inputs: routes.scores_for(state, inputs), runtime.heads,
+    async def score(inputs: list) -> np.ndarray:
+        return (await routes.scores_for(state, inputs)).z
+
+    state.aligner = ChatAligner(generate, score, runtime.heads,
                                 runtime.thresholds, weights,
                                 GuardSettings(settings.guard, settings.guard_retries, settings.refusal_text),
                                 state.metrics)
 
 
-def create_app(settings: Settings | None = None, runtime: RewardRuntime | None = None) -> FastAPI:
-    """Build the app. The model is loaded (unless given) and warmed up during startup."""
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """Build the app. The model is loaded and warmed up during startup."""
     settings = settings or Settings()
-    state = ServiceState(settings=settings, metrics=Metrics(), runtime=runtime)
+    state = ServiceState(settings=settings, metrics=Metrics())
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        if state.runtime is None:
-            if settings.model is None:
-                raise RuntimeError("no model directory: pass --model DIR or set KEEL_MODEL")
-            state.runtime = await asyncio.to_thread(
-                RewardRuntime, settings.model, settings.backend, settings.threads,
-                BatchLimits(settings.max_batch_size, settings.max_batch_tokens), state.metrics,
-                settings.inference_workers())
-        state.runtime.metrics = state.metrics
-        await asyncio.to_thread(state.runtime.warm_up)
-        state.batcher = Batcher(state.runtime.score, max_batch_texts=settings.max_batch_size * 4,
-                                max_wait_s=settings.max_wait_ms / 1000, max_queue_texts=settings.max_queue_texts,
-                                queue_gauge=state.metrics.queue_depth, workers=state.runtime.workers)
+        if settings.model is None:
+            raise RuntimeError("no model directory: pass --model DIR or set KEEL_MODEL")
+        state.runtime = await asyncio.to_thread(load_runtime, state, model_directory(Path(settings.model)))
+        # Through state.runtime at call time, so a reload switches models between batches.
+        state.batcher = Batcher(lambda texts, worker: state.runtime.scored(texts, worker),
+                                max_batch_texts=settings.max_batch_size * 4, max_wait_s=settings.max_wait_ms / 1000,
+                                max_queue_texts=settings.max_queue_texts, queue_gauge=state.metrics.queue_depth,
+                                workers=state.runtime.workers)
         state.batcher.start()
+        reload_on_sighup(state)
         await start_chat(state)
         state.ready = True
         state.metrics.ready.set(1)

@@ -34,4 +34,5 @@ class Metrics:
         self.best_of_rank = Histogram("keel_best_of_rank", "rank of the chosen candidate by reward (0 = best)",
                                       buckets=(0, 1, 2, 3, 5, 8, 16), registry=r)
         self.guard_actions = Counter("keel_guard_actions_total", "output-guard decisions", ["action"], registry=r)
+        self.reloads = Counter("keel_model_reloads_total", "model reloads by outcome", ["outcome"], registry=r)
         self.ready = Gauge("keel_ready", "1 when the model has answered its warm-up batch", registry=r)

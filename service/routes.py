@@ -19,12 +19,15 @@ from service.schemas import (
     ChatCompletionRequest,
     ChatCompletionResponse,
     ModerationRequest,
+    ReloadRequest,
     ModerationResponse,
     ModerationResult,
     ScoreRequest,
     ScoreResponse,
     ScoreResult,
 )
+from service.models import describe_versions, reload_model
+from service.runtime import Scored
 from service.state import ApiError, ServiceState
 from service.streaming import chosen_events, completion_response, live_events
 from training.evaluate import category_scores
@@ -55,8 +58,8 @@ health = APIRouter()
 api = APIRouter(dependencies=[Depends(require_api_key)])
 
 
-async def score_inputs(state: ServiceState, inputs: list[ModelInput], request: Request) -> np.ndarray:
-    """Normalised scores [texts, heads] of a request's inputs, with its limits checked."""
+async def score_inputs(state: ServiceState, inputs: list[ModelInput], request: Request) -> Scored:
+    """Normalised scores of a request's inputs (and the model that gave them), with its limits checked."""
     settings = state.settings
     if len(inputs) > settings.max_items:
         raise ApiError(400, f"{len(inputs)} items in one request; the limit is {settings.max_items}",
@@ -87,15 +90,14 @@ async def queued(state: ServiceState, batcher: Batcher, items: list, timeout_s: 
                        code="shutting_down", headers={"Retry-After": "1"}) from None
 
 
-async def scores_for(state: ServiceState, inputs: list[ModelInput]) -> np.ndarray:
+async def scores_for(state: ServiceState, inputs: list[ModelInput]) -> Scored:
     """Normalised scores [texts, heads], batched with every other request's texts."""
-    raw = await queued(state, state.batcher, inputs, state.settings.request_timeout_s, "scoring")
-    z = state.runtime.normalize(raw)
-    for h, head in enumerate(state.runtime.heads):
+    scored = await queued(state, state.batcher, inputs, state.settings.request_timeout_s, "scoring")
+    for h, head in enumerate(scored.runtime.heads):
         histogram = state.metrics.scores.labels(head)
-        for value in z[:, h]:
+        for value in scored.z[:, h]:
             histogram.observe(float(value))
-    return z
+    return scored
 
 
 async def submit_generation(state: ServiceState, rows: list[Row]) -> list[Generated]:
@@ -105,8 +107,8 @@ async def submit_generation(state: ServiceState, rows: list[Row]) -> list[Genera
 @api.post("/v1/score", response_model=ScoreResponse)
 async def score(body: ScoreRequest, request: Request) -> ScoreResponse:
     state = get_state(request)
-    runtime = state.runtime
-    z = await score_inputs(state, [item.model_input() for item in body.input], request)
+    scored = await score_inputs(state, [item.model_input() for item in body.input], request)
+    runtime, z = scored.runtime, scored.z
     primary = runtime.heads.index(runtime.primary_head)
     data = [ScoreResult(index=i, score=float(row[primary]), scores=dict(zip(runtime.heads, map(float, row))))
             for i, row in enumerate(z)]
@@ -116,18 +118,18 @@ async def score(body: ScoreRequest, request: Request) -> ScoreResponse:
 @api.post("/v1/moderations", response_model=ModerationResponse)
 async def moderations(body: ModerationRequest, request: Request) -> ModerationResponse:
     state = get_state(request)
-    runtime = state.runtime
     texts = [body.input] if isinstance(body.input, str) else body.input
     if not texts:
         raise ApiError(400, "input must be a string or a non-empty list of strings", param="input", code="empty_input")
-    thresholds = dict(runtime.thresholds)
+    heads = state.runtime.heads  # a reload never changes the heads
     for head, value in (body.thresholds or {}).items():
-        if head not in thresholds:
-            raise ApiError(400, f"unknown category {head!r}; categories are {runtime.heads}", param="thresholds")
+        if head not in heads:
+            raise ApiError(400, f"unknown category {head!r}; categories are {heads}", param="thresholds")
         if not 0.0 <= value <= 1.0:
             raise ApiError(400, f"threshold for {head!r} must be in [0, 1]", param=f"thresholds.{head}")
-        thresholds[head] = value
-    scores = category_scores(await score_inputs(state, [("", text) for text in texts], request))
+    scored = await score_inputs(state, [("", text) for text in texts], request)
+    runtime, scores = scored.runtime, category_scores(scored.z)
+    thresholds = {**runtime.thresholds, **(body.thresholds or {})}
     results = []
     for row in scores:
         categories = {head: thresholds[head] is not None and bool(row[h] >= thresholds[head])
@@ -145,7 +147,15 @@ async def moderations(body: ModerationRequest, request: Request) -> ModerationRe
 async def models(request: Request) -> dict:
     state = get_state(request)
     policies = [state.policy.describe()] if state.policy else []
-    return {"object": "list", "data": [state.runtime.describe(), *policies]}
+    return {"object": "list", "data": [*describe_versions(state), *policies]}
+
+
+@api.post("/v1/admin/reload")
+async def reload(request: Request, body: ReloadRequest | None = None) -> dict:
+    """Switch to another model version (default: the store's CURRENT, else newest) without a restart."""
+    state = get_state(request)
+    runtime = await reload_model(state, body.version if body else None)
+    return {"object": "reload", "model": runtime.name, "model_version": runtime.version}
 
 
 @health.get("/healthz")

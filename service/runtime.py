@@ -63,6 +63,15 @@ class BatchLimits:
     max_batch_tokens: int = 16384
 
 
+@dataclass
+class Scored:
+    z: np.ndarray  # normalised scores [texts, heads]
+    runtime: RewardRuntime  # the model (version) that produced them
+
+    def __getitem__(self, index: slice) -> Scored:  # the batcher hands each request its slice
+        return Scored(self.z[index], self.runtime)
+
+
 class RewardRuntime:
     def __init__(self, directory: str | Path, backend: str = "onnx-int8", threads: int | None = None,
                  limits: BatchLimits | None = None, metrics: Metrics | None = None, workers: int = 1):
@@ -129,6 +138,11 @@ class RewardRuntime:
     def normalize(self, raw: np.ndarray) -> np.ndarray:
         """z = (raw - mean) / std with the validation statistics in keel.json."""
         return (raw - self.mean) / self.std
+
+    def scored(self, inputs: Sequence[ModelInput], worker: int = 0) -> Scored:
+        """Normalised scores, tagged with this runtime: a reload never mixes one model's scores with another's
+        name, version or thresholds."""
+        return Scored(self.normalize(self.score(inputs, worker)), self)
 
     def warm_up(self) -> None:
         """Score a real batch so the first request pays no start-up cost, and check the model's output."""

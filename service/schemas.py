@@ -157,6 +157,11 @@ class ChatCompletionResponse(BaseModel):
     keel: ChatAudit
 
 
+class ReloadRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    version: str | None = Field(None, description="a version (directory) in the model store; default: CURRENT")
+
+
 class ErrorBody(BaseModel):
     message: str
     type: str

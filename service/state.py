@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import asyncio
+from dataclasses import dataclass, field
 
 from service.batcher import Batcher
 from service.chat import ChatAligner
@@ -32,5 +33,6 @@ class ServiceState:
     generation_batcher: Batcher | None = None
     upstream: object | None = None  # UpstreamClient (--upstream)
     aligner: ChatAligner | None = None  # best-of-n and the guard, over the policy or the upstream
+    reload_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     ready: bool = False
     draining: bool = False
