@@ -31,38 +31,19 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.serve_bench import free_port, start  # noqa: E402
 from training.data import PromptSource, load_prompts  # noqa: E402
 from training.refusals import is_refusal  # noqa: E402
 
 DATA = Path(__file__).resolve().parent.parent / "data"
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextmanager
 def keel_serve(*args: str) -> Iterator[str]:
     port = free_port()
-    process = subprocess.Popen([sys.executable, "-m", "training.cli", "serve", "--port", str(port), *args],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
+    process = start([sys.executable, "-m", "training.cli", "serve", "--port", str(port), *args], port, "/readyz")
     try:
-        deadline = time.time() + 600
-        while time.time() < deadline:
-            if process.poll() is not None:
-                raise RuntimeError("keel serve exited; run it by hand to see why")
-            try:
-                if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        yield url
+        yield f"http://127.0.0.1:{port}"
     finally:
         process.terminate()
         process.wait(30)

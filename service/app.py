@@ -207,7 +207,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if state.upstream:
             await state.upstream.close()
 
-    errors = {status: {"model": ErrorResponse} for status in (400, 401, 413, 429, 502, 503)}
+    errors = {status: {"model": ErrorResponse} for status in (400, 401, 404, 409, 413, 429, 502, 503)}
     app = FastAPI(title="Keel", version="0.1.0", lifespan=lifespan, responses=errors,
                   description="Reward scoring and moderation with Keel reward models.")
     app.state.keel = state
@@ -226,7 +226,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
-        return error_response(error.status_code, str(error.detail), code=f"http_{error.status_code}")
+        return error_response(error.status_code, str(error.detail), code=f"http_{error.status_code}",
+                              headers=getattr(error, "headers", None))  # e.g. Allow on 405
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, error: Exception) -> JSONResponse:

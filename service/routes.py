@@ -122,11 +122,9 @@ async def moderations(body: ModerationRequest, request: Request) -> ModerationRe
     if not texts:
         raise ApiError(400, "input must be a string or a non-empty list of strings", param="input", code="empty_input")
     heads = state.runtime.heads  # a reload never changes the heads
-    for head, value in (body.thresholds or {}).items():
+    for head in body.thresholds or {}:
         if head not in heads:
             raise ApiError(400, f"unknown category {head!r}; categories are {heads}", param="thresholds")
-        if not 0.0 <= value <= 1.0:
-            raise ApiError(400, f"threshold for {head!r} must be in [0, 1]", param=f"thresholds.{head}")
     scored = await score_inputs(state, [("", text) for text in texts], request)
     runtime, scores = scored.runtime, category_scores(scored.z)
     thresholds = {**runtime.thresholds, **(body.thresholds or {})}
@@ -172,7 +170,9 @@ async def readyz(request: Request) -> Response:
     return Response(f'{{"status":"{reason}"}}', status_code=503, media_type="application/json")
 
 
-@health.get("/metrics")
+@health.get("/metrics", response_class=Response,
+            responses={200: {"content": {CONTENT_TYPE_LATEST.split(";")[0]: {"schema": {"type": "string"}}},
+                             "description": "Prometheus text format"}})
 async def metrics(request: Request) -> Response:
     return Response(generate_latest(get_state(request).metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
@@ -184,7 +184,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
     if state.aligner is None:
         raise ApiError(404, "chat completions are not served here: start `keel serve` with --policy DIR or "
                        "--upstream URL", code="chat_not_enabled")
-    max_tokens = body.max_completion_tokens or body.max_tokens or settings.default_max_tokens
+    max_tokens = (body.max_completion_tokens or body.max_tokens
+                  or min(settings.default_max_tokens, settings.max_tokens_limit))
     if max_tokens > settings.max_tokens_limit:
         raise ApiError(400, f"max_tokens {max_tokens} is over this server's limit of {settings.max_tokens_limit}",
                        param="max_tokens", code="max_tokens_too_large")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -63,7 +63,7 @@ class ScoreResponse(BaseModel):
 class ModerationRequest(BaseModel):
     input: str | list[str]
     model: str | None = None
-    thresholds: dict[str, float] | None = Field(
+    thresholds: dict[str, Annotated[float, Field(ge=0.0, le=1.0)]] | None = Field(
         None, description="per-category threshold overrides in [0, 1] (flag when category score >= threshold)")
 
 
@@ -81,9 +81,10 @@ class ModerationResponse(BaseModel):
 
 
 class ChatCompletionRequest(BaseModel):
-    """OpenAI's chat-completions request; fields Keel does not use (logprobs, penalties, ...) are ignored."""
+    """OpenAI's chat-completions request; fields Keel does not use (logprobs, penalties, ...) are ignored.
+    Strict types: `n: 1.0` or `stream: 0` are errors, not guesses."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
     messages: list[ChatMessage] = Field(..., min_length=1)
     model: str | None = None
     temperature: float = Field(1.0, ge=0.0, le=2.0)
