@@ -158,7 +158,8 @@ async def start_chat(state: ServiceState) -> None:
         await asyncio.to_thread(state.policy.warm_up)
         # A short wait lets requests that arrive together share a batch; generation takes far longer.
         state.generation_batcher = Batcher(state.policy.generate, max_batch_texts=settings.max_generation_rows,
-                                           max_wait_s=0.02, max_queue_texts=settings.max_queue_rows,
+                                           max_wait_s=settings.generation_wait_ms / 1000,
+                                           max_queue_texts=settings.max_queue_rows,
                                            queue_gauge=state.metrics.generation_queue)
         state.generation_batcher.start()
 

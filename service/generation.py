@@ -190,17 +190,26 @@ def sample(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor,
            generators: Sequence[torch.Generator | None]) -> torch.Tensor:
     """One token per row: greedy where temperature is 0, else nucleus sampling at the row's temperature/top-p.
     Rows with a seed draw from their own generator, so a seeded request is reproducible in any batch."""
-    greedy = logits.argmax(-1)
-    probabilities = torch.softmax(logits / temperature.clamp(min=1e-5).unsqueeze(1), dim=-1)
-    sorted_probabilities, order = probabilities.sort(dim=-1, descending=True)
-    # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
-    outside = sorted_probabilities.cumsum(-1) - sorted_probabilities > top_p.unsqueeze(1)
-    sorted_probabilities = sorted_probabilities.masked_fill(outside, 0.0)
-    choices = torch.empty_like(greedy)
-    for i, generator in enumerate(generators):
-        if temperature[i] == 0:
-            choices[i] = greedy[i]
-            continue
-        pick = torch.multinomial(sorted_probabilities[i].cpu(), 1, generator=generator)
-        choices[i] = order[i, pick.to(order.device)].squeeze()
+    choices = logits.argmax(-1)
+    sampled = (temperature > 0).nonzero().flatten().tolist()
+    if not sampled:
+        return choices
+    rows = torch.tensor(sampled, device=logits.device)
+    probabilities = torch.softmax(logits[rows] / temperature[rows].unsqueeze(1), dim=-1)
+    order = None
+    if bool((top_p[rows] < 1.0).any()):  # sorting the vocabulary is the costly part: only when needed
+        probabilities, order = probabilities.sort(dim=-1, descending=True)
+        # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
+        outside = probabilities.cumsum(-1) - probabilities > top_p[rows].unsqueeze(1)
+        probabilities = probabilities.masked_fill(outside, 0.0)
+    seeded = [k for k, row in enumerate(sampled) if generators[row] is not None]
+    picks = torch.empty(len(sampled), dtype=torch.long, device=logits.device)
+    unseeded = [k for k in range(len(sampled)) if generators[sampled[k]] is None]
+    if unseeded:  # one call for every row without its own generator
+        picks[unseeded] = torch.multinomial(probabilities[unseeded], 1).squeeze(1)
+    for k in seeded:
+        picks[k] = torch.multinomial(probabilities[k].cpu(), 1, generator=generators[sampled[k]]).item()
+    if order is not None:
+        picks = order.gather(1, picks.unsqueeze(1)).squeeze(1)
+    choices[rows] = picks
     return choices

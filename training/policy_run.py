@@ -97,7 +97,8 @@ class PolicyRun:
         if on_policy and not config.prompts.train:
             raise ConfigError("prompts.train is empty: give at least one prompt file")
         train_sources = config.prompts.train if on_policy else []
-        self.reward = RewardFunction(config.reward) if train_sources or config.prompts.evaluation else None
+        with self.accelerator.main_process_first():  # the default reward model is trained once, if absent
+            self.reward = RewardFunction(config.reward) if train_sources or config.prompts.evaluation else None
         self.train_prompts = self._load_prompts(train_sources, skip_bad_rows)
         self.eval_prompts = self._load_prompts(config.prompts.evaluation, skip_bad_rows)
 
