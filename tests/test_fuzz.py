@@ -16,7 +16,7 @@ from tests.test_batcher_and_server import keel_server
 
 
 @pytest.mark.parametrize("with_key", [True, False])
-def test_every_endpoint_survives_fuzzing(tiny_reward_model: Path, tiny_policy: str, with_key: bool):
+def test_every_endpoint_survives_fuzzing(tiny_reward_model: Path, tiny_policy: str, with_key: bool, tmp_path: Path):
     schemathesis = shutil.which("schemathesis", path=os.path.dirname(sys.executable))
     assert schemathesis, "install the dev extra: pip install -e '.[dev]'"
     with keel_server(tiny_reward_model, "--policy", tiny_policy, "--max-tokens-limit", "8",
@@ -28,5 +28,5 @@ def test_every_endpoint_survives_fuzzing(tiny_reward_model: Path, tiny_policy: s
             [schemathesis, "run", f"{url}/openapi.json", "--checks", "all", "--exclude-checks",
              "positive_data_acceptance", "--max-examples", "30",
              "--generation-deterministic", "--request-timeout", "120", "--no-color", *headers],
-            capture_output=True, text=True, timeout=900)
+            capture_output=True, text=True, timeout=900, cwd=tmp_path)  # its cache stays out of the repo
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]
