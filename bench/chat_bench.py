@@ -100,17 +100,17 @@ def service_throughput(url: str, prompts: list[str], max_tokens: int) -> float:
 
 
 def direct_throughput(policy: str, prompts: list[str], max_tokens: int) -> float:
-    """`model.generate` at batch 8 in its own process."""
+    """`model.generate` at batch 8 in its own process, with the weights in bf16 as the service keeps them."""
     code = f"""
 import json, sys, time, torch
 from training.policy import load_policy, load_tokenizer
 from training.rl_common import encode_prompts, end_token_ids
 from training.text import Message
-tokenizer, model = load_tokenizer({policy!r}), load_policy({policy!r}).eval()
+tokenizer, model = load_tokenizer({policy!r}), load_policy({policy!r}, dtype=torch.bfloat16).eval()
 prompts = [(Message("user", p),) for p in json.loads(sys.argv[1])]
 encoded = encode_prompts(tokenizer, prompts, 1024)
 def run(tokens):
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.no_grad():
         return model.generate(**encoded, max_new_tokens=tokens, do_sample=True, top_k=0,
                               pad_token_id=tokenizer.pad_token_id, eos_token_id=end_token_ids(model, tokenizer))
 run(4)

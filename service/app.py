@@ -154,7 +154,7 @@ async def start_chat(state: ServiceState) -> None:
         generate = state.upstream.generate
     else:
         state.policy = await asyncio.to_thread(PolicyRuntime, str(settings.policy), settings.max_prompt_tokens,
-                                               state.metrics)
+                                               state.metrics, None, settings.policy_dtype)
         await asyncio.to_thread(state.policy.warm_up)
         # A short wait lets requests that arrive together share a batch; generation takes far longer.
         state.generation_batcher = Batcher(state.policy.generate, max_batch_texts=settings.max_generation_rows,
