@@ -35,3 +35,21 @@ def test_bad_configs_say_what_is_wrong(override, message):
 def test_missing_config_file(tmp_path: Path):
     with pytest.raises(ConfigError, match="cannot read config"):
         load_config(RewardConfig, tmp_path / "nope.yaml")
+
+
+def test_extends_inherits_and_keeps_data_paths_relative_to_their_own_file(tmp_path):
+    from training.config import CONFIGS, ConfigError, PolicyConfig, load_config
+
+    child = tmp_path / "mine.yaml"
+    child.write_text(f"extends: {CONFIGS / 'rloo.yaml'}\ntraining:\n  steps: 3\n")
+    config = load_config(PolicyConfig, child, ["training.learning_rate=1e-5"])
+    assert config.training.steps == 3 and config.training.learning_rate == 1e-5
+    assert config.training.samples_per_prompt == 4  # from rloo.yaml
+    assert config.policy.lora.rank == 16  # from policy.yaml, two levels up
+    first = Path(config.prompts.train[0].path)
+    assert first.is_file() and first.parent.parent.name == "hh-rlhf"  # not resolved against tmp_path
+    assert config.prompts.train[0].heads == {"harmless": 1.0}
+    loop = tmp_path / "loop.yaml"
+    loop.write_text("extends: loop.yaml\n")
+    with pytest.raises(ConfigError, match="loops"):
+        load_config(PolicyConfig, loop)

@@ -10,11 +10,10 @@ from pathlib import Path
 
 from training.config import CONFIGS, DEFAULT_REWARD_CONFIG
 
-CONFIG_HELP = (
-    "Configs are YAML; every key can be overridden with --set KEY=VALUE (dotted paths, list items by index, "
-    "values parsed as YAML), e.g. --set training.epochs=1 --set heads.0.train.0.limit=200. "
-    f"The default config, {DEFAULT_REWARD_CONFIG}, documents every key."
-)
+def config_help(default: Path, example: str) -> str:
+    return ("Configs are YAML (`extends: OTHER.yaml` inherits one); every key can be overridden with --set "
+            f"KEY=VALUE (dotted paths, list items by index, values parsed as YAML), e.g. {example}. "
+            f"The default config, {default}, documents every key.")
 
 
 def add_train_common(parser: argparse.ArgumentParser, default_config: Path) -> None:
@@ -42,7 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
         "reward", help="train a reward model from preference pairs and ratings",
         description="Train a multi-head reward model: Bradley-Terry loss on preference pairs, mean-squared "
         "error on scalar ratings. Writes HF weights, tokenizer, keel.json, ONNX (fp32 and int8), "
-        "metrics.jsonl and training_curves.png. " + CONFIG_HELP)
+        "metrics.jsonl and training_curves.png. "
+        + config_help(DEFAULT_REWARD_CONFIG, "--set training.epochs=1 --set heads.0.train.0.limit=200"))
     add_train_common(reward, DEFAULT_REWARD_CONFIG)
     for name, summary in POLICY_ALGORITHMS.items():
         algorithm = train.add_parser(
@@ -50,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
             description=f"{summary}. Tunes the policy (default: SmolLM2-135M-Instruct, LoRA) and writes a policy "
             "directory: merged HF weights, tokenizer, keel.json, metrics.jsonl, training_curves.png and "
             "samples.md (greedy responses before and after). Runs under `accelerate launch` unchanged. "
-            + CONFIG_HELP.replace(str(DEFAULT_REWARD_CONFIG), str(CONFIGS / f"{name}.yaml")))
+            + config_help(CONFIGS / f"{name}.yaml", "--set training.steps=10 --set policy.lora=null"))
         add_train_common(algorithm, CONFIGS / f"{name}.yaml")
 
     evaluate = commands.add_parser("eval", help="evaluate a model").add_subparsers(dest="what", required=True)
