@@ -84,6 +84,10 @@ class RequestMiddleware:
             if message["type"] == "http.response.start":
                 status = message["status"]
                 message.setdefault("headers", []).append((b"x-request-id", request_id.encode()))
+                if self.state.draining:
+                    # Clients stop reusing this connection now, so none sends a request on a keep-alive
+                    # connection at the moment the server closes it.
+                    message["headers"].append((b"connection", b"close"))
             await send(message)
 
         async def send_refusal(message: Message) -> None:
