@@ -13,8 +13,6 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -173,11 +171,7 @@ async def start_chat(state: ServiceState) -> None:
 
     runtime = state.runtime
     weights = settings.chat_reward_weights or {runtime.primary_head: 1.0}
-    async def score(inputs: list) -> np.ndarray:
-        return (await routes.scores_for(state, inputs)).z
-
-    state.aligner = ChatAligner(generate, score, runtime.heads,
-                                runtime.thresholds, weights,
+    state.aligner = ChatAligner(generate, lambda inputs: routes.scores_for(state, inputs), runtime.heads, weights,
                                 GuardSettings(settings.guard, settings.guard_retries, settings.refusal_text),
                                 state.metrics)
 

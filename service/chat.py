@@ -17,14 +17,15 @@ import numpy as np
 
 from service.generation import Generated, Sampling
 from service.metrics import Metrics
+from service.moderation import moderate
+from service.runtime import RewardRuntime, Scored
 from service.schemas import ChoiceAudit, ModerationResult
 from training.data import Conversation
-from training.evaluate import category_scores
 from training.text import Message, ModelInput, model_input
 
 # (conversation, sampling settings for each candidate) -> one generated reply per sampling setting
 GenerateFn = Callable[[Conversation, Sequence[Sampling]], Awaitable[list[Generated]]]
-ScoreFn = Callable[[list[ModelInput]], Awaitable[np.ndarray]]  # normalised z-scores [texts, heads]
+ScoreFn = Callable[[list[ModelInput]], Awaitable[Scored]]  # normalised scores and the model that gave them
 
 
 @dataclass
@@ -38,6 +39,21 @@ class GuardSettings:
 class Chosen:
     reply: Generated
     audit: ChoiceAudit
+    reward_model: RewardRuntime  # the version that scored it
+
+
+@dataclass
+class Judged:
+    """Replies scored in context: each one's reward, head scores and moderation result."""
+
+    scored: Scored
+    rewards: np.ndarray
+    moderation: list[ModerationResult]
+
+    def audit(self, i: int, index: int, candidates: int, rank: int, guard: str, attempts: int) -> ChoiceAudit:
+        scores = dict(zip(self.scored.runtime.heads, map(float, self.scored.z[i])))
+        return ChoiceAudit(index=index, reward=float(self.rewards[i]), scores=scores, moderation=self.moderation[i],
+                           candidates=candidates, rank=rank, guard=guard, attempts=attempts)
 
 
 def candidate_seed(seed: int | None, choice: int, attempt: int, candidate: int) -> int | None:
@@ -49,26 +65,21 @@ def candidate_seed(seed: int | None, choice: int, attempt: int, candidate: int) 
 
 
 class ChatAligner:
-    def __init__(self, generate: GenerateFn, score: ScoreFn, heads: list[str], thresholds: dict[str, float | None],
-                 weights: dict[str, float], guard: GuardSettings, metrics: Metrics | None = None):
+    def __init__(self, generate: GenerateFn, score: ScoreFn, heads: list[str], weights: dict[str, float],
+                 guard: GuardSettings, metrics: Metrics | None = None):
         unknown = set(weights) - set(heads)
         if unknown:
             raise ValueError(f"chat reward weights name unknown heads {sorted(unknown)}; the heads are {heads}")
-        self.generate, self.score, self.heads = generate, score, heads
-        self.thresholds = thresholds
-        self.weights = np.array([weights.get(h, 0.0) for h in heads], dtype=np.float32)
+        self.generate, self.score = generate, score
+        self.weights = weights
         self.guard = guard
         self.metrics = metrics
 
-    def moderate(self, z: np.ndarray) -> list[ModerationResult]:
-        """The moderation result of each scored reply, with the reward model's thresholds."""
-        results = []
-        for row in category_scores(z):
-            categories = {h: self.thresholds.get(h) is not None and bool(row[i] >= self.thresholds[h])
-                          for i, h in enumerate(self.heads)}
-            results.append(ModerationResult(flagged=any(categories.values()), categories=categories,
-                                            category_scores={h: float(v) for h, v in zip(self.heads, row)}))
-        return results
+    async def judge(self, conversation: Conversation, replies: Sequence[Generated]) -> Judged:
+        """Score replies in context; thresholds and heads come from the model version that scored them."""
+        scored = await self.score([model_input([*conversation, Message("assistant", r.text)]) for r in replies])
+        weights = np.array([self.weights.get(h, 0.0) for h in scored.runtime.heads], dtype=np.float32)
+        return Judged(scored, scored.z @ weights, moderate(scored))
 
     async def complete(self, conversation: Conversation, sampling: Sampling, n: int, best_of: int) -> list[Chosen]:
         """n chosen replies, each the best of `best_of` candidates that passes the guard."""
@@ -81,9 +92,8 @@ class ChatAligner:
                                  candidate_seed(sampling.seed, choice, attempt, j))
                         for choice in pending for j in range(best_of)]
             candidates = await self.generate(conversation, settings)
-            z = await self.score([model_input([*conversation, Message("assistant", c.text)]) for c in candidates])
-            rewards = z @ self.weights
-            moderation = self.moderate(z)
+            judged = await self.judge(conversation, candidates)
+            rewards, moderation = judged.rewards, judged.moderation
             still_pending = []
             for k, choice in enumerate(pending):
                 group = range(k * best_of, (k + 1) * best_of)
@@ -102,10 +112,8 @@ class ChatAligner:
                     pick, action = ranked[0], "refused"
                     reply = Generated(self.guard.refusal, "content_filter", candidates[pick].prompt_tokens,
                                       0, candidates[pick].first_token_seconds)
-                chosen[choice] = Chosen(reply, ChoiceAudit(
-                    index=choice, reward=float(rewards[pick]), scores=dict(zip(self.heads, map(float, z[pick]))),
-                    moderation=moderation[pick], candidates=sampled[choice], rank=ranked.index(pick),
-                    guard=action, attempts=attempt + 1))
+                audit = judged.audit(pick, choice, sampled[choice], ranked.index(pick), action, attempt + 1)
+                chosen[choice] = Chosen(reply, audit, judged.scored.runtime)
                 if self.metrics:
                     self.metrics.best_of_rank.observe(ranked.index(pick))
                     self.metrics.guard_actions.labels(action).inc()

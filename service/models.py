@@ -93,8 +93,6 @@ async def reload_model(state: ServiceState, version: str | None = None) -> Rewar
             raise ApiError(409, f"reload refused, still serving {old.name}: the new model's heads {new.heads} "
                            f"differ from {old.heads}; restart the service to change heads", code="reload_failed")
         state.runtime = new
-        if state.aligner is not None:
-            state.aligner.thresholds = new.thresholds
         state.metrics.reloads.labels("ok").inc()
         log.info("reloaded: now serving %s (%s), was %s (%s)", new.name, new.version, old.name, old.version)
         return new

@@ -27,10 +27,10 @@ from service.schemas import (
     ScoreResult,
 )
 from service.models import describe_versions, reload_model
+from service.moderation import moderate
 from service.runtime import Scored
 from service.state import ApiError, ServiceState
 from service.streaming import chosen_events, completion_response, live_events
-from training.evaluate import category_scores
 from training.text import Message, ModelInput
 
 log = logging.getLogger(__name__)
@@ -126,19 +126,13 @@ async def moderations(body: ModerationRequest, request: Request) -> ModerationRe
         if head not in heads:
             raise ApiError(400, f"unknown category {head!r}; categories are {heads}", param="thresholds")
     scored = await score_inputs(state, [("", text) for text in texts], request)
-    runtime, scores = scored.runtime, category_scores(scored.z)
-    thresholds = {**runtime.thresholds, **(body.thresholds or {})}
-    results = []
-    for row in scores:
-        categories = {head: thresholds[head] is not None and bool(row[h] >= thresholds[head])
-                      for h, head in enumerate(runtime.heads)}
-        for head, flagged in categories.items():
+    results = moderate(scored, body.thresholds)
+    for result in results:
+        for head, flagged in result.categories.items():
             if flagged:
                 state.metrics.flagged.labels(head).inc()
-        results.append(ModerationResult(flagged=any(categories.values()), categories=categories,
-                                        category_scores=dict(zip(runtime.heads, map(float, row)))))
-    return ModerationResponse(id=f"modr-{uuid.uuid4().hex}", model=runtime.name, model_version=runtime.version,
-                              results=results)
+    return ModerationResponse(id=f"modr-{uuid.uuid4().hex}", model=scored.runtime.name,
+                              model_version=scored.runtime.version, results=results)
 
 
 @api.get("/v1/models")

@@ -16,17 +16,9 @@ from typing import Any
 
 from service.chat import Chosen, candidate_seed
 from service.generation import Generated, Row, Sampling
-from service.schemas import (
-    AssistantMessage,
-    ChatAudit,
-    ChatChoice,
-    ChatCompletionResponse,
-    ChoiceAudit,
-    Usage,
-)
+from service.schemas import AssistantMessage, ChatAudit, ChatChoice, ChatCompletionResponse, Usage
 from service.state import ApiError, ServiceState
 from training.data import Conversation
-from training.text import Message, model_input
 
 
 def completion_id() -> str:
@@ -35,7 +27,8 @@ def completion_id() -> str:
 
 def audit_of(state: ServiceState, chosen: list[Chosen]) -> ChatAudit:
     policy = state.policy.name if state.policy else f"upstream:{state.settings.upstream}"
-    return ChatAudit(reward_model=state.runtime.name, reward_model_version=state.runtime.version,
+    reward_model = chosen[0].reward_model
+    return ChatAudit(reward_model=reward_model.name, reward_model_version=reward_model.version,
                      policy=policy, choices=[c.audit for c in chosen])
 
 
@@ -112,14 +105,9 @@ async def live_events(state: ServiceState, conversation: Conversation, sampling:
             finished += 1
             yield event(chunk(identifier, model, index, {}, finish))
     replies = await generation
-    z = await state.aligner.score([model_input([*conversation, Message("assistant", r.text)]) for r in replies])
-    moderation = state.aligner.moderate(z)
-    rewards = z @ state.aligner.weights
-    audits = [ChoiceAudit(index=i, reward=float(rewards[i]), scores=dict(zip(state.runtime.heads, map(float, z[i]))),
-                          moderation=moderation[i], candidates=1, rank=0, guard="off", attempts=1)
-              for i in range(n)]
+    judged = await state.aligner.judge(conversation, replies)
+    chosen = [Chosen(reply, judged.audit(i, i, candidates=1, rank=0, guard="off", attempts=1), judged.scored.runtime)
+              for i, reply in enumerate(replies)]
     state.metrics.guard_actions.labels("off").inc(n)
-    audit = ChatAudit(reward_model=state.runtime.name, reward_model_version=state.runtime.version,
-                      policy=state.policy.name, choices=audits)
-    yield event({**chunk(identifier, model, 0, {}), "choices": [], "keel": audit.model_dump()})
+    yield event({**chunk(identifier, model, 0, {}), "choices": [], "keel": audit_of(state, chosen).model_dump()})
     yield event("[DONE]")

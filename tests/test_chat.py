@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -13,6 +14,7 @@ from fastapi.testclient import TestClient
 from service.app import create_app
 from service.chat import ChatAligner, GuardSettings
 from service.generation import Generated, Sampling
+from service.runtime import Scored
 from service.settings import Settings
 from tests.test_batcher_and_server import keel_server
 from training.text import Message
@@ -30,11 +32,13 @@ def scripted_aligner(replies: list[str], scores: dict[str, tuple[float, float]],
         calls.append(len(samplings))
         return [Generated(next(script), "stop", 3, 2, 0.0) for _ in samplings]
 
-    async def score(inputs):
-        return np.array([scores[response] for _, response in inputs], dtype=np.float32)
-
     # harmless is a moderation category (flag at category score sigma(-z) >= 0.5, i.e. z <= 0); helpful is not.
-    aligner = ChatAligner(generate, score, HEADS, {"harmless": 0.5, "helpful": None}, {"harmless": 1.0, "helpful": 1.0},
+    reward_model = SimpleNamespace(heads=HEADS, thresholds={"harmless": 0.5, "helpful": None})
+
+    async def score(inputs):
+        return Scored(np.array([scores[response] for _, response in inputs], dtype=np.float32), reward_model)
+
+    aligner = ChatAligner(generate, score, HEADS, {"harmless": 1.0, "helpful": 1.0},
                           GuardSettings(mode, retries, "I can't help with that."))
     return aligner, calls
 
