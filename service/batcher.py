@@ -77,12 +77,16 @@ class Batcher:
         await asyncio.gather(*self._workers, return_exceptions=True)
         self._executor.shutdown(wait=True)
 
-    async def submit(self, texts: Sequence[Any], timeout_s: float) -> np.ndarray:
-        """Raw scores for texts, scored together with whatever else is queued."""
+    def check_room(self, count: int) -> None:
+        """Raise what `submit` would for `count` more texts now (callers that must answer before submitting)."""
         if self._closing:
             raise ShuttingDown("the server is shutting down")
-        if self._queued_texts + len(texts) > self.max_queue_texts:
+        if self._queued_texts + count > self.max_queue_texts:
             raise QueueFull(f"{self._queued_texts} texts are already waiting")
+
+    async def submit(self, texts: Sequence[Any], timeout_s: float) -> np.ndarray:
+        """Raw scores for texts, scored together with whatever else is queued."""
+        self.check_room(len(texts))
         loop = asyncio.get_running_loop()
         job = _Job(texts, loop.create_future(), loop.time() + timeout_s)
         self._jobs.append(job)

@@ -6,6 +6,8 @@ import hmac
 import logging
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -73,10 +75,11 @@ async def score_inputs(state: ServiceState, inputs: list[ModelInput], request: R
     return await scores_for(state, inputs)
 
 
-async def queued(state: ServiceState, batcher: Batcher, items: list, timeout_s: float, what: str) -> Any:
-    """Submit work to a batcher; a full queue is 429, a missed deadline or shutdown 503."""
+@contextmanager
+def queue_errors(state: ServiceState, timeout_s: float, what: str) -> Iterator[None]:
+    """A full queue is 429; a missed deadline or a shutdown is 503."""
     try:
-        return await batcher.submit(items, timeout_s)
+        yield
     except QueueFull:
         state.metrics.rejected.labels("queue_full").inc()
         raise ApiError(429, f"the {what} queue is full; retry shortly", "rate_limit_error",
@@ -88,6 +91,11 @@ async def queued(state: ServiceState, batcher: Batcher, items: list, timeout_s: 
     except ShuttingDown:
         raise ApiError(503, "the server is shutting down; retry on another replica", "server_busy",
                        code="shutting_down", headers={"Retry-After": "1"}) from None
+
+
+async def queued(state: ServiceState, batcher: Batcher, items: list, timeout_s: float, what: str) -> Any:
+    with queue_errors(state, timeout_s, what):
+        return await batcher.submit(items, timeout_s)
 
 
 async def scores_for(state: ServiceState, inputs: list[ModelInput]) -> Scored:
@@ -199,11 +207,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
     arrived = time.perf_counter()
     live = state.policy is not None and best_of == 1 and settings.guard == "off"
     if body.stream and live:
-        batcher = state.generation_batcher
-        if batcher.queued_texts + body.n > batcher.max_queue_texts:  # refuse before the stream starts
-            state.metrics.rejected.labels("queue_full").inc()
-            raise ApiError(429, "the generation queue is full; retry shortly", "rate_limit_error",
-                           code="queue_full", headers={"Retry-After": "1"})
+        with queue_errors(state, settings.generation_timeout_s, "generation"):  # answer before the stream starts
+            state.generation_batcher.check_room(body.n)
         return StreamingResponse(live_events(state, conversation, sampling, body.n, model, arrived,
                                              lambda rows: submit_generation(state, rows)),
                                  media_type="text/event-stream")
