@@ -143,12 +143,14 @@ class PolicyRun:
         slices."""
         total = count * self.accelerator.num_processes
         first = step * total
+        orders: dict[int, list[int]] = {}  # one shuffle per pass the step touches (at most two)
         picked = []
         for position in range(first, first + total):
             epoch, index = divmod(position, len(items))
-            order = list(range(len(items)))
-            random.Random(self.config.training.seed * 100_003 + epoch).shuffle(order)
-            picked.append(items[order[index]])
+            if epoch not in orders:
+                orders[epoch] = list(range(len(items)))
+                random.Random(self.config.training.seed * 100_003 + epoch).shuffle(orders[epoch])
+            picked.append(items[orders[epoch][index]])
         return picked[self.accelerator.process_index :: self.accelerator.num_processes]
 
     def is_eval_step(self) -> bool:

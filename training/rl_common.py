@@ -165,6 +165,8 @@ def kl_estimates(logprobs: torch.Tensor, reference_logprobs: torch.Tensor) -> di
     return {"k1": -log_ratio, "k2": 0.5 * log_ratio**2, "k3": torch.expm1(log_ratio) - log_ratio}
 
 
-def sequence_kl(logprobs: torch.Tensor, reference_logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """KL per response: the sum of the per-token k1 estimate over its tokens [B]."""
-    return ((logprobs - reference_logprobs) * mask).sum(dim=1)
+def sequence_kl(logprobs: torch.Tensor, reference_logprobs: torch.Tensor, mask: torch.Tensor,
+                estimator: str = "k1") -> torch.Tensor:
+    """KL per response: a per-token estimate (k1 by default: unbiased, and what the KL penalty uses) summed
+    over its tokens [B]."""
+    return (kl_estimates(logprobs, reference_logprobs)[estimator] * mask).sum(dim=1)
