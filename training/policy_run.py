@@ -19,6 +19,7 @@ import math
 import random
 import shutil
 import time
+from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -110,6 +111,10 @@ class PolicyRun:
         self.algorithm_state: dict[str, Any] = self.state.get("algorithm_state", {})  # e.g. REINFORCE's baseline
         self.stopped_early: str | None = None
         self.warnings: list[str] = []
+        # (reward, response length) of the latest logged steps, for the reward-hacking check
+        self.recent: deque[tuple[float, float]] = deque(
+            ((r["reward"], r["response_length"]) for r in read_metrics(self.metrics_path)
+             if "reward" in r and "response_length" in r), maxlen=HACKING_WINDOW)
         self.started = time.time()
         self.step = self.start_step
         self.samples_before = self._sample_table() if self.start_step == 0 else self.state.get("samples_before", [])
@@ -233,17 +238,16 @@ class PolicyRun:
         if not self.is_main:
             return
         append_metrics(self.metrics_path, {"step": step, "elapsed_s": round(time.time() - self.started, 1), **metrics})
-        self._check_reward_hacking()
+        if "reward" in metrics and "response_length" in metrics:
+            self.recent.append((metrics["reward"], metrics["response_length"]))
+            self._check_reward_hacking()
 
     def _check_reward_hacking(self) -> None:
         """Warn (once) when reward and response length rise or fall together over the recent steps: a reward
         model that pays for length, not quality, is being exploited."""
-        rows = [r for r in read_metrics(self.metrics_path) if "reward" in r and "response_length" in r]
-        if len(rows) < HACKING_WINDOW or any("reward hacking" in w for w in self.warnings):
+        if len(self.recent) < HACKING_WINDOW or any("reward hacking" in w for w in self.warnings):
             return
-        recent = rows[-HACKING_WINDOW:]
-        reward = np.array([r["reward"] for r in recent])
-        length = np.array([r["response_length"] for r in recent])
+        reward, length = (np.array(column) for column in zip(*self.recent))
         if reward.std() == 0 or length.std() == 0:
             return
         correlation = float(np.corrcoef(reward, length)[0, 1])
