@@ -46,9 +46,9 @@ class PolicyEvaluator:
                        "reference": load_policy(reference).to(self.device).eval()}
         self.progress = progress
 
-    def responses(self, model: torch.nn.Module, prompts: Sequence[Conversation], greedy: bool, desc: str
-                  ) -> tuple[list[str], list[float]]:
-        """Responses to the prompts, and (for the tuned policy's samples) each one's KL to the reference."""
+    def responses(self, model: torch.nn.Module, prompts: Sequence[Conversation], greedy: bool, desc: str,
+                  with_kl: bool = False) -> tuple[list[str], list[float]]:
+        """Responses to the prompts, and (with_kl) each one's KL to the reference."""
         c, texts, kls = self.config, [], []
         batches = range(0, len(prompts), c.batch_size)
         for start in tqdm(batches, desc=desc, unit="batch", disable=not self.progress, leave=False):
@@ -56,7 +56,7 @@ class PolicyEvaluator:
             with torch.no_grad(), autocast(self.device):
                 sequences, responses = generate(model, self.tokenizer, batch, c.max_prompt_length,
                                                 c.max_new_tokens, c.temperature, greedy=greedy)
-                if model is self.models["policy"] and not greedy:
+                if with_kl:
                     mine = response_logprobs(model, sequences, c.temperature)[0]
                     theirs = response_logprobs(self.models["reference"], sequences, c.temperature)[0]
                     kls += sequence_kl(mine, theirs, sequences.response_mask).tolist()
@@ -70,7 +70,8 @@ class PolicyEvaluator:
         result: dict[str, Any] = {"prompts": len(prompts)}
         for name, model in self.models.items():
             torch.manual_seed(self.config.seed)
-            responses, kls = self.responses(model, conversations, greedy=False, desc=f"reward prompts ({name})")
+            responses, kls = self.responses(model, conversations, greedy=False, desc=f"reward prompts ({name})",
+                                            with_kl=name == "policy")
             rewards, _ = reward(conversations, responses, weights)
             result[name] = {"mean_reward": float(rewards.mean()), "std_reward": float(rewards.std()),
                             "mean_response_characters": float(np.mean([len(r) for r in responses]))}
