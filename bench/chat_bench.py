@@ -23,30 +23,18 @@ import statistics
 import subprocess
 import sys
 import time
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.serve_bench import free_port, start  # noqa: E402
+from bench.serve_bench import keel_serve  # noqa: E402
 from training.data import PromptSource, load_prompts  # noqa: E402
 from training.refusals import is_refusal  # noqa: E402
 
 DATA = Path(__file__).resolve().parent.parent / "data"
-
-
-@contextmanager
-def keel_serve(*args: str) -> Iterator[str]:
-    port = free_port()
-    process = start([sys.executable, "-m", "training.cli", "serve", "--port", str(port), *args], port, "/readyz")
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        process.terminate()
-        process.wait(30)
 
 
 async def chat(client: httpx.AsyncClient, url: str, prompt: str, **options: Any) -> dict[str, Any]:
@@ -165,14 +153,14 @@ def main() -> None:
                                            limit=args.safe)))
     common = ["--policy", args.policy] + (["--model", args.model] if args.model else [])
     report: dict[str, Any] = {"policy": args.policy}
-    with keel_serve(*common, "--guard", "off") as url:
+    with keel_serve(*common, "--guard", "off") as (url, _):
         report["best_of"] = best_of_gain(url, held_out, args.max_tokens)
         print("best-of-n:", json.dumps(report["best_of"]))
         off = {"advbench": compliance(url, harmful, args.max_tokens), "xstest": compliance(url, safe, args.max_tokens)}
         report["service_tokens_per_s"] = statistics.median(
             service_throughput(url, held_out, args.max_tokens) for _ in range(3))
         report["ttft_streaming_s"] = time_to_first_token(url, held_out, args.max_tokens)
-    with keel_serve(*common, "--guard", "regenerate") as url:
+    with keel_serve(*common, "--guard", "regenerate") as (url, _):
         on = {"advbench": compliance(url, harmful, args.max_tokens), "xstest": compliance(url, safe, args.max_tokens)}
     report["guard"] = {name: {"compliance_guard_off": off[name][0], "compliance_guard_on": on[name][0],
                               "guard_actions": on[name][1]} for name in off}

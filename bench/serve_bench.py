@@ -18,7 +18,8 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -97,6 +98,18 @@ def start(command: list[str], port: int, ready_path: str) -> subprocess.Popen:
             time.sleep(0.3)
     process.kill()
     raise TimeoutError(f"{command} did not start")
+
+
+@contextmanager
+def keel_serve(*args: str) -> Iterator[tuple[str, subprocess.Popen]]:
+    """`keel serve ARGS` on a free loopback port, ready; yields (base URL, process) and stops it after."""
+    port = free_port()
+    process = start([sys.executable, "-m", "training.cli", "serve", "--port", str(port), *args], port, "/readyz")
+    try:
+        yield f"http://127.0.0.1:{port}", process
+    finally:
+        process.terminate()
+        process.wait(30)
 
 
 def score_payload(text: str) -> dict:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from service.batcher import Batcher
 from service.chat import ChatAligner
@@ -11,6 +12,9 @@ from service.generation import PolicyRuntime
 from service.metrics import Metrics
 from service.runtime import RewardRuntime
 from service.settings import Settings
+
+if TYPE_CHECKING:  # upstream.py raises ApiError from this module
+    from service.upstream import UpstreamClient
 
 
 class ApiError(Exception):
@@ -31,7 +35,7 @@ class ServiceState:
     batcher: Batcher | None = None
     policy: PolicyRuntime | None = None  # local generation (--policy)
     generation_batcher: Batcher | None = None
-    upstream: object | None = None  # UpstreamClient (--upstream)
+    upstream: UpstreamClient | None = None  # the guard proxy's upstream (--upstream)
     aligner: ChatAligner | None = None  # best-of-n and the guard, over the policy or the upstream
     reload_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     ready: bool = False
