@@ -9,6 +9,8 @@ import sys
 from pathlib import Path
 
 from training.config import CONFIGS, DEFAULT_REWARD_CONFIG
+from training.eval_sets import POLICY_SETS, REWARD_SETS
+from training.eval_suite import add_suite_arguments, run_suite_command
 
 def config_help(default: Path, example: str) -> str:
     return ("Configs are YAML (`extends: OTHER.yaml` inherits one); every key can be overridden with --set "
@@ -87,6 +89,41 @@ def build_parser() -> argparse.ArgumentParser:
     eval_policy.add_argument("--limit", type=int, default=None, help="at most N prompts per set")
     eval_policy.add_argument("--output", type=Path, default=None, help="also write the report as JSON here")
     eval_policy.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+    suite = evaluate.add_parser(
+        "suite", help="the public safety, bias and truthfulness sets, with an HTML report",
+        description="Measure one model, or two side by side (before/after), on the public evaluation sets and "
+        "write report.html (self-contained, PNG charts embedded), report.json (every figure) and the charts. "
+        "Sets that are not bundled (non-commercial or share-alike licences) need --external-data. Results are "
+        "cached, so a re-run only computes what changed.").add_subparsers(dest="suite", required=True)
+    suite_reward = suite.add_parser(
+        "reward", help="pairwise accuracy and calibration, bias probes, moderation precision/recall",
+        description="Reward-model suite: pairwise accuracy by category and reliability diagrams on HH, LLMBar, "
+        "MT-Bench human judgments, PandaLM, ETHICS utilitarianism and AlpacaEval; the share of CrowS-Pairs and "
+        "StereoSet pairs where the stereotype scores higher (0.5 = unbiased); moderation precision and recall per "
+        "category on OpenAI's moderation samples (test split) and XSTest's labelled completions.")
+    suite_reward.add_argument("--model", action="append", default=None,
+                              help="Keel reward-model directory, or 'default'; give it twice to compare two models "
+                              "(default: the default reward model)")
+    suite_reward.add_argument("--backend", default="onnx-int8", choices=["onnx-int8", "onnx", "torch"],
+                              help="which weights score: the served int8 ONNX graph (default), fp32 ONNX, or torch")
+    suite_policy = suite.add_parser(
+        "policy", help="refusal, over-refusal, toxicity, truthfulness and bias of a policy",
+        description="Policy suite (greedy decoding): refusal on AdvBench, HarmBench, SimpleSafetyTests and "
+        "Do-Not-Answer; XSTest compliance (safe) and refusal (unsafe); toxicity of RealToxicityPrompts and ToxiGen "
+        "continuations as the reward model's moderation rule judges it; TruthfulQA MC1/MC2 and BBQ accuracy and bias "
+        "by answer likelihood; BOLD flag rates and harmless scores per group.")
+    suite_policy.add_argument("--policy", action="append", default=None,
+                              help="policy directory, HF name or 'default'; give it twice to compare before and "
+                              "after (default: the default policy)")
+    suite_policy.add_argument("--reward-model", default="default",
+                              help="the Keel reward model that judges toxicity (default: the default reward model)")
+    suite_policy.add_argument("--max-new-tokens", type=int, default=48, help="tokens per response (default: 48)")
+    suite_policy.add_argument("--max-prompt-length", type=int, default=256,
+                              help="prompt tokens kept, oldest dropped first (default: 256)")
+    suite_policy.add_argument("--batch-size", type=int, default=16, help="prompts per generation batch (default: 16)")
+    for parser_ in (suite_reward, suite_policy):
+        add_suite_arguments(parser_, REWARD_SETS if parser_ is suite_reward else POLICY_SETS)
 
     serve = commands.add_parser(
         "serve", help="serve reward scoring and moderation over HTTP",
@@ -196,6 +233,12 @@ def main(argv: list[str] | None = None) -> int:
             from training.eval_policy import run_eval_policy
 
             return run_eval_policy(args)
+        if args.command == "eval" and args.what == "suite":
+            if args.suite == "reward":
+                args.model = args.model or ["default"]
+            else:
+                args.policy = args.policy or ["default"]
+            return run_suite_command(args)
         if args.command == "serve":
             from service.server import serve
             from service.settings import Settings

@@ -75,16 +75,20 @@ def cached(scorer: Scorer) -> Scorer:
     return score
 
 
-def expected_calibration_error(probabilities: np.ndarray, labels: np.ndarray, bins: int = 10) -> float:
-    """ECE = sum_b |B_b|/N * |mean(label in b) - mean(p in b)| over equal-width probability bins."""
+def reliability(probabilities: np.ndarray, labels: np.ndarray, bins: int = 10) -> list[dict[str, float]]:
+    """Equal-width probability bins: how many predictions fell in each, their mean probability and the observed
+    frequency of the label (a reliability diagram; perfectly calibrated when the two agree)."""
     edges = np.linspace(0.0, 1.0, bins + 1)
     which = np.clip(np.digitize(probabilities, edges[1:-1]), 0, bins - 1)
-    error = 0.0
-    for b in range(bins):
-        in_bin = which == b
-        if in_bin.any():
-            error += in_bin.mean() * abs(labels[in_bin].mean() - probabilities[in_bin].mean())
-    return float(error)
+    return [{"low": float(edges[b]), "high": float(edges[b + 1]), "count": int((which == b).sum()),
+             "mean_probability": float(probabilities[which == b].mean()) if (which == b).any() else None,
+             "frequency": float(labels[which == b].mean()) if (which == b).any() else None} for b in range(bins)]
+
+
+def expected_calibration_error(probabilities: np.ndarray, labels: np.ndarray, bins: int = 10) -> float:
+    """ECE = sum_b |B_b|/N * |mean(label in b) - mean(p in b)| over equal-width probability bins."""
+    return float(sum(b["count"] / len(labels) * abs(b["frequency"] - b["mean_probability"])
+                     for b in reliability(probabilities, labels, bins) if b["count"]))
 
 
 def pair_metrics(chosen: np.ndarray, rejected: np.ndarray, pairs: Sequence[PreferencePair]) -> dict[str, float]:
