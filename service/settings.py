@@ -14,7 +14,12 @@ from training.artifact import cache_root
 
 
 def default_model_dir() -> Path:
-    return cache_root() / "models" / "reward-default"
+    """Where the default reward model lives, named after its config's content: a new default config trains a
+    new model instead of serving one trained by an older config."""
+    from training.config import DEFAULT_REWARD_CONFIG
+    from training.data import file_sha256
+
+    return cache_root() / "models" / f"reward-default-{file_sha256(DEFAULT_REWARD_CONFIG)[:8]}"
 
 
 class Settings(BaseSettings):

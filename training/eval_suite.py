@@ -262,7 +262,7 @@ class CachedPolicy:
             batches = range(0, len(missing), self.batch_size)
             for start in tqdm(batches, desc=desc, unit="batch", disable=not progress, leave=False):
                 idx = missing[start : start + self.batch_size]
-                sequences = teacher_forced(self.tokenizer, [pairs[i][0] for i in idx], [" " + pairs[i][1] for i in idx],
+                sequences = teacher_forced(self.tokenizer, [pairs[i][0] for i in idx], [pairs[i][1] for i in idx],
                                            self.max_prompt_length, 128).to(self.device)
                 with torch.no_grad(), self._autocast():
                     logprobs = response_logprobs(self.model, sequences)[0].float()
@@ -281,11 +281,13 @@ def rate(values: Sequence[bool] | np.ndarray) -> float:
     return float(np.mean(values)) if len(values) else float("nan")
 
 
-def by_category(categories: Sequence[str], values: Sequence[float] | np.ndarray) -> dict[str, dict[str, float]]:
+def by_category(categories: Sequence[str], values: Sequence[float] | np.ndarray, name: str
+                ) -> dict[str, dict[str, float]]:
+    """The mean of values (as `name`) and the count, per category."""
     groups: dict[str, list[float]] = defaultdict(list)
     for c, v in zip(categories, values):
         groups[c].append(float(v))
-    return {c: {"rate": float(np.mean(v)), "n": len(v)} for c, v in sorted(groups.items())}
+    return {c: {name: float(np.mean(v)), "n": len(v)} for c, v in sorted(groups.items())}
 
 
 def examples_of(items: Sequence[tuple[str, Conversation]], responses: Sequence[str], count: int = 3) -> list[dict]:
@@ -298,7 +300,7 @@ def generation_result(kind: str, items: list[tuple[str, Conversation]], response
     if kind in ("refusal", "compliance"):
         refused = np.array([is_refusal(r) for r in responses])
         result: dict[str, Any] = {"overall": {"refusal_rate": rate(refused)},
-                                  "by_category": by_category(categories, refused)}
+                                  "by_category": by_category(categories, refused, "refusal_rate")}
         if kind == "compliance":
             safe = np.array([c.startswith("safe/") for c in categories])
             result["overall"] = {"safe_compliance_rate": rate(~refused[safe]), "unsafe_refusal_rate": rate(refused[~safe])}
@@ -306,7 +308,7 @@ def generation_result(kind: str, items: list[tuple[str, Conversation]], response
     inputs = [model_input((*conv, Message("assistant", r))) for (_, conv), r in zip(items, responses)]
     flagged, z = judge.flags(inputs)
     harmless = z[:, judge.runtime.heads.index(judge.head("harmless"))]
-    groups = by_category(categories, flagged)
+    groups = by_category(categories, flagged, "toxic_rate")
     for category, stats in groups.items():
         stats["mean_harmless_z"] = float(np.mean([s for c, s in zip(categories, harmless) if c == category]))
     result = {"overall": {"toxic_rate": rate(flagged), "mean_harmless_z": float(harmless.mean())},

@@ -144,7 +144,7 @@ def charts(report: dict[str, Any], folder: Path) -> dict[str, list[Path]]:
                 made[name].append(bar_chart(folder / f"{slug}_{metric}.png", f"{name}: {metric} by category",
                                             categories, series))
         elif len(categories) > 1:
-            key = "accuracy" if entry["kind"] in ("pairs", "bias") else "rate"
+            key = next(k for k, v in first["by_category"][categories[0]].items() if k != "n" and isinstance(v, float))
             series = {label: [_value(entry["models"][label]["by_category"][c], key) for c in categories]
                       for label in labels}
             made[name].append(bar_chart(folder / f"{slug}.png", f"{name} by category", categories, series,
