@@ -222,3 +222,13 @@ def test_report_renders_in_headless_chromium(tmp_path: Path):
     # The embedded charts were decoded and painted: many pixels in the first model's bar colour.
     bar = np.array([int(COLORS[0][i : i + 2], 16) / 255 for i in (1, 3, 5)])
     assert (np.abs(pixels - bar).max(axis=2) < 0.02).sum() > 2000
+
+
+def test_bad_arguments_are_clear_errors(tmp_path: Path, capsys):
+    assert main(["eval", "suite", "reward", "--sets", "hh-harmless,nope", "--output", str(tmp_path)]) == 2
+    assert "unknown sets ['nope']" in capsys.readouterr().err
+    assert main(["eval", "suite", "policy", "--policy", str(tmp_path / "missing"), "--output", str(tmp_path),
+                 "--sets", "advbench", "--no-progress"]) == 2
+    assert "cannot load the policy" in capsys.readouterr().err
+    assert main(["eval", "suite", "reward", "--limit", "0", "--output", str(tmp_path)]) == 2
+    assert "--limit must be at least 1" in capsys.readouterr().err

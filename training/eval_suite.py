@@ -363,8 +363,8 @@ def bbq_scores(items: Sequence[MultipleChoice], predicted: np.ndarray) -> dict[s
 def run_policy_suite(policies: Sequence[str], reward_model: str, sets: Sequence[EvalSet], data: Path,
                      external: Path | None, limit: int | None, cache: EvalCache, max_prompt_length: int,
                      max_new_tokens: int, batch_size: int, progress: bool = True) -> dict[str, Any]:
-    judge = CachedRewardModel(reward_model, "onnx-int8", cache)
     loaded = [CachedPolicy(p, cache, max_prompt_length, max_new_tokens, batch_size) for p in policies]
+    judge = CachedRewardModel(reward_model, "onnx-int8", cache)  # after the policies: "default" may train first
     labels = labels_for([p.path for p in loaded])
     report: dict[str, Any] = {
         "kind": "policy", "limit": limit, "max_new_tokens": max_new_tokens, "decoding": "greedy",

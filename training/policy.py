@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from training.artifact import cache_root, publish, staging_directory
+from training.artifact import ArtifactError, cache_root, publish, staging_directory
 
 log = logging.getLogger(__name__)
 
@@ -66,8 +66,19 @@ def resolve_policy(name: str) -> str:
     return str(converted)
 
 
+@contextlib.contextmanager
+def explained_load_errors(name: str) -> Iterator[None]:
+    """transformers says a missing model is 'not a valid model identifier': say what Keel accepts instead."""
+    try:
+        yield
+    except OSError as error:
+        raise ArtifactError(f"cannot load the policy {name!r}: give a model directory, a .gguf file, 'default', "
+                            f"or a Hugging Face model name reachable from here ({error})") from error
+
+
 def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
-    tokenizer = AutoTokenizer.from_pretrained(resolve_policy(name))
+    with explained_load_errors(name):
+        tokenizer = AutoTokenizer.from_pretrained(resolve_policy(name))
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     # Prompts are left-padded so every response starts at the same column during batched generation.
@@ -76,7 +87,8 @@ def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
 
 
 def load_policy(name: str, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
-    model = AutoModelForCausalLM.from_pretrained(resolve_policy(name), dtype=dtype)
+    with explained_load_errors(name):
+        model = AutoModelForCausalLM.from_pretrained(resolve_policy(name), dtype=dtype)
     model.generation_config.pad_token_id = model.generation_config.pad_token_id or model.config.eos_token_id
     return model
 
