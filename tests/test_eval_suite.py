@@ -232,3 +232,19 @@ def test_bad_arguments_are_clear_errors(tmp_path: Path, capsys):
     assert "cannot load the policy" in capsys.readouterr().err
     assert main(["eval", "suite", "reward", "--limit", "0", "--output", str(tmp_path)]) == 2
     assert "--limit must be at least 1" in capsys.readouterr().err
+
+
+def test_pandalm_majority_vote_and_non_text_answers(tmp_path: Path):
+    folder = tmp_path / "pandalm-human-testset"
+    folder.mkdir()
+    rows = [{"motivation_app": "Math", "instruction": "Is 2 even?", "input": "", "response1": True,
+             "response2": "No.", "annotator1": 1, "annotator2": 1, "annotator3": 2},
+            {"motivation_app": "Math", "instruction": "Tie", "input": "x", "response1": "a", "response2": "b",
+             "annotator1": 0, "annotator2": 0, "annotator3": 1},
+            {"motivation_app": "Chat", "instruction": "Hi", "input": "there", "response1": "a", "response2": "b",
+             "annotator1": 1, "annotator2": 2, "annotator3": 2}]
+    with gzip.open(folder / "testset-v1.json.gz", "wt") as handle:
+        json.dump(rows, handle)
+    items = SETS["pandalm"].load(tmp_path)
+    assert [(c, p.chosen, p.rejected) for c, p in items] == [("Math", "True", "No."), ("Chat", "b", "a")]
+    assert items[1][1].context[0].content == "Hi\n\nthere"

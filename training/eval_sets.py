@@ -94,6 +94,11 @@ def _rows(path: Path) -> Iterator[dict[str, Any]]:
     return (row for _, row in read_rows(path))
 
 
+def _text(value: Any) -> str:
+    """A response as text: a few PandaLM answers are stored as JSON booleans or numbers (e.g. true for "True")."""
+    return value if isinstance(value, str) else str(value)
+
+
 def _user(text: str) -> Conversation:
     return (Message("user", text.strip()),)
 
@@ -139,7 +144,8 @@ def _output_pairs(category: str, path: Path) -> list[tuple[str, PreferencePair]]
     """LLMBar-style rows {input, output_1, output_2, label: 1 | 2}."""
     items = []
     for row in _rows(path):
-        better, worse = (row["output_1"], row["output_2"]) if int(row["label"]) == 1 else (row["output_2"], row["output_1"])
+        first, second = _text(row["output_1"]), _text(row["output_2"])
+        better, worse = (first, second) if int(row["label"]) == 1 else (second, first)
         items.append((category, PreferencePair(_user(row["input"]), better, worse)))
     return items
 
@@ -152,7 +158,8 @@ def pandalm_pairs(root: Path) -> list[tuple[str, PreferencePair]]:
         winner = max(set(votes), key=votes.count)
         if winner == 0 or votes.count(winner) < 2:
             continue
-        better, worse = (row["response1"], row["response2"]) if winner == 1 else (row["response2"], row["response1"])
+        first, second = _text(row["response1"]), _text(row["response2"])
+        better, worse = (first, second) if winner == 1 else (second, first)
         items.append((row["motivation_app"], PreferencePair(_instruction(row["instruction"], row["input"]), better, worse)))
     return items
 
@@ -178,8 +185,8 @@ def alpacaeval_pairs(root: Path) -> list[tuple[str, PreferencePair]]:
             preference = str(row.get("preference"))
             if preference not in ("1.0", "2.0", "1", "2") or row.get("dataset") == "helpful_base":
                 continue
-            first = preference.startswith("1")
-            better, worse = (row["output_1"], row["output_2"]) if first else (row["output_2"], row["output_1"])
+            first, second = _text(row["output_1"]), _text(row["output_2"])
+            better, worse = (first, second) if preference.startswith("1") else (second, first)
             items.append((path.parent.name, PreferencePair(_user(row["instruction"]), better, worse)))
     return items
 

@@ -55,25 +55,34 @@ class EvalCache:
     def key(*parts: Any) -> str:
         return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
-    def through(self, keys: list[str], compute: Callable[[list[int]], list[Any]]) -> list[Any]:
-        """Values for keys; compute(indices of the missing ones) fills the gaps, which are then stored."""
+    def through(self, keys: list[str], compute: Callable[[list[int]], list[Any]], chunk: int = 1024,
+                desc: str = "", progress: bool = False) -> list[Any]:
+        """Values for keys; compute(indices of the missing ones) fills the gaps chunk by chunk, each chunk stored
+        as soon as it is done (an interrupted run keeps what it computed)."""
         found: dict[str, Any] = {}
         if self.db is not None and keys:
             for start in range(0, len(keys), 500):  # sqlite's bound-parameter limit
-                chunk = keys[start : start + 500]
-                marks = ",".join("?" * len(chunk))
+                part = keys[start : start + 500]
+                marks = ",".join("?" * len(part))
                 found.update((k, json.loads(v)) for k, v in
-                             self.db.execute(f"SELECT key, value FROM cache WHERE key IN ({marks})", chunk))
-        missing = [i for i, k in enumerate(keys) if k not in found]
+                             self.db.execute(f"SELECT key, value FROM cache WHERE key IN ({marks})", part))
+        first_missing: dict[str, int] = {}  # a key asked for twice is computed once
+        for i, k in enumerate(keys):
+            if k not in found:
+                first_missing.setdefault(k, i)
+        missing = list(first_missing.values())
         self.hits += len(keys) - len(missing)
         self.misses += len(missing)
-        if missing:
-            values = compute(missing)
-            found.update((keys[i], v) for i, v in zip(missing, values))
-            if self.db is not None:
-                self.db.executemany("INSERT OR REPLACE INTO cache VALUES (?, ?)",
-                                    [(keys[i], json.dumps(v)) for i, v in zip(missing, values)])
-                self.db.commit()
+        with tqdm(total=len(missing), desc=desc, unit="item", disable=not progress or not missing, leave=False) as bar:
+            for start in range(0, len(missing), chunk):
+                part = missing[start : start + chunk]
+                computed = [(keys[i], v) for i, v in zip(part, compute(part))]
+                found.update(computed)
+                if self.db is not None:
+                    self.db.executemany("INSERT OR REPLACE INTO cache VALUES (?, ?)",
+                                        [(k, json.dumps(v)) for k, v in computed])
+                    self.db.commit()
+                bar.update(len(part))
         return [found[k] for k in keys]
 
 
@@ -97,7 +106,7 @@ def labels_for(names: Sequence[str]) -> list[str]:
 class CachedRewardModel:
     """A RewardRuntime whose raw scores go through the cache."""
 
-    def __init__(self, name: str, backend: str, cache: EvalCache):
+    def __init__(self, name: str, backend: str, cache: EvalCache, progress: bool = False):
         from service.runtime import BatchLimits, RewardRuntime
         from training.rewards import reward_model_directory
 
@@ -105,12 +114,13 @@ class CachedRewardModel:
         self.runtime = RewardRuntime(directory, backend=backend, limits=BatchLimits(64, 8192))
         files = {"onnx-int8": "model.int8.onnx", "onnx": "model.onnx", "torch": "*.safetensors"}[backend]
         self.fingerprint = fingerprint(directory, ["keel.json", files])
-        self.cache = cache
+        self.cache, self.progress = cache, progress
         self.path = str(directory)
 
     def raw(self, inputs: Sequence[ModelInput]) -> np.ndarray:
         keys = [EvalCache.key("reward", self.fingerprint, list(i)) for i in inputs]
-        values = self.cache.through(keys, lambda missing: self.runtime.score([inputs[i] for i in missing]).tolist())
+        values = self.cache.through(keys, lambda missing: self.runtime.score([inputs[i] for i in missing]).tolist(),
+                                    desc="scoring", progress=self.progress)
         return np.array(values, dtype=np.float32).reshape(len(inputs), len(self.runtime.heads))
 
     def head(self, preferred: str | None) -> str:
@@ -175,7 +185,7 @@ def labelled_set_result(model: CachedRewardModel, items: list[tuple[dict[str, bo
 
 def run_reward_suite(models: Sequence[str], sets: Sequence[EvalSet], data: Path, external: Path | None,
                      limit: int | None, backend: str, cache: EvalCache, progress: bool = True) -> dict[str, Any]:
-    loaded = [CachedRewardModel(m, backend, cache) for m in models]
+    loaded = [CachedRewardModel(m, backend, cache, progress) for m in models]
     labels = labels_for([m.path for m in loaded])
     report: dict[str, Any] = {"kind": "reward", "limit": limit, "backend": backend,
                               "models": [{"label": label, "path": m.path, "fingerprint": m.fingerprint,
@@ -236,8 +246,7 @@ class CachedPolicy:
             # Similar prompt lengths in a batch waste less padding.
             order = sorted(missing, key=lambda i: len(conversations[i][-1].content))
             texts: dict[int, str] = {}
-            batches = range(0, len(order), self.batch_size)
-            for start in tqdm(batches, desc=desc, unit="batch", disable=not progress, leave=False):
+            for start in range(0, len(order), self.batch_size):
                 idx = order[start : start + self.batch_size]
                 with self._autocast():
                     _, replies = generate(self.model, self.tokenizer, [conversations[i] for i in idx],
@@ -247,7 +256,7 @@ class CachedPolicy:
 
         keys = [EvalCache.key("greedy", self.fingerprint, self.max_prompt_length, self.max_new_tokens,
                               [[m.role, m.content] for m in c]) for c in conversations]
-        return self.cache.through(keys, compute)
+        return self.cache.through(keys, compute, chunk=4 * self.batch_size, desc=desc, progress=progress)
 
     def option_logprobs(self, pairs: Sequence[tuple[Conversation, str]], desc: str, progress: bool
                         ) -> list[tuple[float, int]]:
@@ -258,23 +267,17 @@ class CachedPolicy:
         from training.rl_common import response_logprobs, teacher_forced
 
         def compute(missing: list[int]) -> list[tuple[float, int]]:
-            out = []
-            batches = range(0, len(missing), self.batch_size)
-            for start in tqdm(batches, desc=desc, unit="batch", disable=not progress, leave=False):
-                idx = missing[start : start + self.batch_size]
-                sequences = teacher_forced(self.tokenizer, [pairs[i][0] for i in idx], [pairs[i][1] for i in idx],
-                                           self.max_prompt_length, 128).to(self.device)
-                with torch.no_grad(), self._autocast():
-                    logprobs = response_logprobs(self.model, sequences)[0].float()
-                mask = sequences.response_mask.clone()
-                last = mask.sum(dim=1).long() - 1  # the end token
-                mask[torch.arange(len(idx)), last] = 0.0
-                out += [(float(s), int(n)) for s, n in zip((logprobs * mask).sum(1).tolist(), mask.sum(1).tolist())]
-            return out
+            sequences = teacher_forced(self.tokenizer, [pairs[i][0] for i in missing], [pairs[i][1] for i in missing],
+                                       self.max_prompt_length, 128).to(self.device)
+            with torch.no_grad(), self._autocast():
+                logprobs = response_logprobs(self.model, sequences)[0].float()
+            mask = sequences.response_mask.clone()
+            mask[torch.arange(len(missing)), mask.sum(dim=1).long() - 1] = 0.0  # the end token
+            return [(float(s), int(n)) for s, n in zip((logprobs * mask).sum(1).tolist(), mask.sum(1).tolist())]
 
         keys = [EvalCache.key("option", self.fingerprint, self.max_prompt_length, [[m.role, m.content] for m in c], o)
                 for c, o in pairs]
-        return [tuple(v) for v in self.cache.through(keys, compute)]
+        return [tuple(v) for v in self.cache.through(keys, compute, chunk=self.batch_size, desc=desc, progress=progress)]
 
 
 def rate(values: Sequence[bool] | np.ndarray) -> float:
@@ -364,7 +367,7 @@ def run_policy_suite(policies: Sequence[str], reward_model: str, sets: Sequence[
                      external: Path | None, limit: int | None, cache: EvalCache, max_prompt_length: int,
                      max_new_tokens: int, batch_size: int, progress: bool = True) -> dict[str, Any]:
     loaded = [CachedPolicy(p, cache, max_prompt_length, max_new_tokens, batch_size) for p in policies]
-    judge = CachedRewardModel(reward_model, "onnx-int8", cache)  # after the policies: "default" may train first
+    judge = CachedRewardModel(reward_model, "onnx-int8", cache, progress)  # after the policies: "default" may train first
     labels = labels_for([p.path for p in loaded])
     report: dict[str, Any] = {
         "kind": "policy", "limit": limit, "max_new_tokens": max_new_tokens, "decoding": "greedy",

@@ -27,6 +27,7 @@ KIND_TITLES = {
 }
 COLORS = ["#4C72B0", "#DD8452"]
 MIN_BIN = 5  # reliability bins with fewer pairs are too noisy to draw
+MAX_CHARTED = 25  # categories per chart
 
 
 def _pyplot() -> Any:
@@ -111,6 +112,15 @@ def _value(result: dict[str, Any] | None, key: str) -> float | None:
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
+def largest(by_category: dict[str, dict[str, Any]]) -> list[str]:
+    """The categories to chart: all of them, or the MAX_CHARTED with the most items (the tables list every one)."""
+    if len(by_category) <= MAX_CHARTED:
+        return list(by_category)
+    size = {c: next((v[k] for k in ("n", "pairs", "examples") if k in v), 0) for c, v in by_category.items()}
+    kept = set(sorted(by_category, key=lambda c: -size[c])[:MAX_CHARTED])
+    return [c for c in by_category if c in kept]
+
+
 def charts(report: dict[str, Any], folder: Path) -> dict[str, list[Path]]:
     """Every chart of the report, by section (set name or '_overview')."""
     labels = [m["label"] for m in report["models"]]
@@ -128,7 +138,9 @@ def charts(report: dict[str, Any], folder: Path) -> dict[str, list[Path]]:
     for name, entry in active.items():
         made[name] = []
         first = entry["models"][labels[0]]
-        categories = list(first.get("by_category", {}))
+        categories = largest(first.get("by_category", {}))
+        of_all = "" if len(categories) == len(first.get("by_category", {})) else \
+            f" (the {len(categories)} largest of {len(first['by_category'])})"
         slug = name.replace("/", "_")
         if entry["kind"] == "labelled":
             series = {f"{label} {what}": [_value(entry["models"][label]["by_category"][c], what) for c in categories]
@@ -141,13 +153,13 @@ def charts(report: dict[str, Any], folder: Path) -> dict[str, list[Path]]:
             made[name].append(bar_chart(folder / f"{slug}.png", f"{name}: overall", metrics, series))
             for metric in metrics if len(categories) > 1 else []:
                 series = {label: [_value(entry["models"][label]["by_category"][c], metric) for c in categories] for label in labels}
-                made[name].append(bar_chart(folder / f"{slug}_{metric}.png", f"{name}: {metric} by category",
+                made[name].append(bar_chart(folder / f"{slug}_{metric}.png", f"{name}: {metric} by category{of_all}",
                                             categories, series))
         elif len(categories) > 1:
             key = next(k for k, v in first["by_category"][categories[0]].items() if k != "n" and isinstance(v, float))
             series = {label: [_value(entry["models"][label]["by_category"][c], key) for c in categories]
                       for label in labels}
-            made[name].append(bar_chart(folder / f"{slug}.png", f"{name} by category", categories, series,
+            made[name].append(bar_chart(folder / f"{slug}.png", f"{name} by category{of_all}", categories, series,
                                         0.5 if entry["kind"] in ("pairs", "bias") else None, key))
     return made
 
