@@ -168,6 +168,13 @@ class PPOConfig:
 class DPOConfig:
     beta: float = 0.1
     label_smoothing: float = 0.0  # conservative DPO: assumed probability that a label is flipped
+    # all | refusal_vs_compliance: keep only pairs whose chosen reply is a refusal and whose rejected reply is
+    # not (training/refusals.py), to teach when to refuse
+    pairs: str = "all"
+
+    def __post_init__(self) -> None:
+        if self.pairs not in ("all", "refusal_vs_compliance"):
+            raise ConfigError(f"dpo.pairs must be all or refusal_vs_compliance, not {self.pairs!r}")
 
 
 @dataclasses.dataclass

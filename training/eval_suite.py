@@ -183,17 +183,13 @@ def labelled_set_result(model: CachedRewardModel, items: list[tuple[dict[str, bo
     return {"overall": precision_recall(flagged, any_harmful), "by_category": by_category}
 
 
-def run_reward_suite(models: Sequence[str], sets: Sequence[EvalSet], data: Path, external: Path | None,
-                     limit: int | None, backend: str, cache: EvalCache, progress: bool = True) -> dict[str, Any]:
-    loaded = [CachedRewardModel(m, backend, cache, progress) for m in models]
-    labels = labels_for([m.path for m in loaded])
-    report: dict[str, Any] = {"kind": "reward", "limit": limit, "backend": backend,
-                              "models": [{"label": label, "path": m.path, "fingerprint": m.fingerprint,
-                                          "heads": m.runtime.heads, "primary_head": m.runtime.primary_head}
-                                         for label, m in zip(labels, loaded)], "sets": {}}
-    for eval_set in tqdm(sets, desc="reward suite", unit="set", disable=not progress):
+def run_sets(sets: Sequence[EvalSet], labels: list[str], measure: Callable[[EvalSet, list[Any], str], dict[str, Any]],
+             data: Path, external: Path | None, limit: int | None, desc: str, progress: bool) -> dict[str, Any]:
+    """Load each set and measure every model on it; a set whose files are absent is recorded as skipped."""
+    results: dict[str, Any] = {}
+    for eval_set in tqdm(sets, desc=desc, unit="set", disable=not progress):
         entry: dict[str, Any] = {"kind": eval_set.kind, "about": eval_set.about, "models": {}}
-        report["sets"][eval_set.name] = entry
+        results[eval_set.name] = entry
         try:
             items = load_set(eval_set, data, external, limit)
         except MissingData as error:
@@ -202,12 +198,28 @@ def run_reward_suite(models: Sequence[str], sets: Sequence[EvalSet], data: Path,
             continue
         entry["items"] = len(items)
         began = time.perf_counter()
-        for label, model in zip(labels, loaded):
-            if eval_set.kind == "labelled":
-                entry["models"][label] = labelled_set_result(model, items)
-            else:
-                entry["models"][label] = pair_set_result(model, items, eval_set.head)
+        for label in labels:
+            entry["models"][label] = measure(eval_set, items, label)
         entry["seconds"] = round(time.perf_counter() - began, 2)
+    return results
+
+
+def run_reward_suite(models: Sequence[str], sets: Sequence[EvalSet], data: Path, external: Path | None,
+                     limit: int | None, backend: str, cache: EvalCache, progress: bool = True) -> dict[str, Any]:
+    loaded = [CachedRewardModel(m, backend, cache, progress) for m in models]
+    labels = labels_for([m.path for m in loaded])
+    report: dict[str, Any] = {"kind": "reward", "limit": limit, "backend": backend,
+                              "models": [{"label": label, "path": m.path, "fingerprint": m.fingerprint,
+                                          "heads": m.runtime.heads, "primary_head": m.runtime.primary_head}
+                                         for label, m in zip(labels, loaded)]}
+    by_label = dict(zip(labels, loaded))
+
+    def measure(eval_set: EvalSet, items: list[Any], label: str) -> dict[str, Any]:
+        if eval_set.kind == "labelled":
+            return labelled_set_result(by_label[label], items)
+        return pair_set_result(by_label[label], items, eval_set.head)
+
+    report["sets"] = run_sets(sets, labels, measure, data, external, limit, "reward suite", progress)
     return report
 
 
@@ -373,26 +385,16 @@ def run_policy_suite(policies: Sequence[str], reward_model: str, sets: Sequence[
         "kind": "policy", "limit": limit, "max_new_tokens": max_new_tokens, "decoding": "greedy",
         "reward_model": {"path": judge.path, "fingerprint": judge.fingerprint},
         "refusal_detector": "training/refusals.py: empty, or a refusal phrase in the first 160 characters",
-        "models": [{"label": label, "path": p.path, "fingerprint": p.fingerprint} for label, p in zip(labels, loaded)],
-        "sets": {}}
-    for eval_set in tqdm(sets, desc="policy suite", unit="set", disable=not progress):
-        entry: dict[str, Any] = {"kind": eval_set.kind, "about": eval_set.about, "models": {}}
-        report["sets"][eval_set.name] = entry
-        try:
-            items = load_set(eval_set, data, external, limit)
-        except MissingData as error:
-            entry["skipped"] = str(error)
-            log.warning("skipping %s: %s", eval_set.name, error)
-            continue
-        entry["items"] = len(items)
-        began = time.perf_counter()
-        for label, policy in zip(labels, loaded):
-            if eval_set.kind == "choices":
-                entry["models"][label] = choices_result(eval_set.name, items, policy, progress)
-            else:
-                responses = policy.responses([conv for _, conv in items], f"{eval_set.name} ({label})", progress)
-                entry["models"][label] = generation_result(eval_set.kind, items, responses, judge)
-        entry["seconds"] = round(time.perf_counter() - began, 2)
+        "models": [{"label": label, "path": p.path, "fingerprint": p.fingerprint} for label, p in zip(labels, loaded)]}
+    by_label = dict(zip(labels, loaded))
+
+    def measure(eval_set: EvalSet, items: list[Any], label: str) -> dict[str, Any]:
+        if eval_set.kind == "choices":
+            return choices_result(eval_set.name, items, by_label[label], progress)
+        responses = by_label[label].responses([conv for _, conv in items], f"{eval_set.name} ({label})", progress)
+        return generation_result(eval_set.kind, items, responses, judge)
+
+    report["sets"] = run_sets(sets, labels, measure, data, external, limit, "policy suite", progress)
     return report
 
 
