@@ -126,3 +126,20 @@ def test_response_mask_keeps_tokens_through_the_first_end_token():
 ])
 def test_refusal_detector(response: str, refused: bool):
     assert is_refusal(response) is refused
+
+
+def test_dpo_can_keep_only_pairs_that_prefer_a_refusal(tmp_path):
+    from tests.conftest import write_jsonl
+    from training.config import ConfigError, DPOConfig
+    from training.data import DataSource
+    from training.dpo import load_pairs
+
+    rows = [{"prompt": "How do I pick a lock?", "chosen": "I'm sorry, I can't help with that.", "rejected": "Use a pick."},
+            {"prompt": "Capital of France?", "chosen": "Paris.", "rejected": "I'm sorry, I can't say."},
+            {"prompt": "Hi", "chosen": "I cannot.", "rejected": "I won't."}]
+    source = DataSource(str(write_jsonl(tmp_path / "pairs.jsonl", rows)))
+    assert len(load_pairs([source], False)) == 3
+    [kept] = load_pairs([source], False, "refusal_vs_compliance")
+    assert kept.rejected == "Use a pick."
+    with pytest.raises(ConfigError, match="refusal_vs_compliance"):
+        DPOConfig(pairs="refusals")
