@@ -6,11 +6,13 @@ import argparse
 import json
 import logging
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
+from training.artifact import cache_root
 from training.config import CONFIGS, DEFAULT_REWARD_CONFIG
-from training.eval_sets import POLICY_SETS, REWARD_SETS
-from training.eval_suite import add_suite_arguments, run_suite_command
+from training.eval_sets import BUNDLED_DATA, POLICY_SETS, REWARD_SETS, EvalSet
+
 
 def config_help(default: Path, example: str) -> str:
     return ("Configs are YAML (`extends: OTHER.yaml` inherits one); every key can be overridden with --set "
@@ -31,6 +33,26 @@ def add_train_common(parser: argparse.ArgumentParser, default_config: Path) -> N
     parser.add_argument("--skip-bad-rows", action="store_true",
                         help="skip malformed data rows with a warning (default: stop at the first, naming file:line)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+
+def add_suite_arguments(parser: argparse.ArgumentParser, sets: Sequence[EvalSet]) -> None:
+    parser.add_argument("--output", type=Path, required=True,
+                        help="folder for report.html, report.json and the PNG charts (created if absent)")
+    parser.add_argument("--limit", type=int, default=None,
+                        help="at most N items per set, spread evenly over the set (default: all)")
+    parser.add_argument("--sets", default=None,
+                        help="comma-separated sets to run (default: all): " + ", ".join(s.name for s in sets))
+    parser.add_argument("--data", type=Path, default=BUNDLED_DATA,
+                        help=f"folder of the bundled, permissively licensed sets (default: {BUNDLED_DATA})")
+    parser.add_argument("--external-data", type=Path, default=None,
+                        help="folder laid out like the upstream data bundle holding the non-commercial or "
+                        "share-alike sets Keel does not ship (AlpacaEval, CrowS-Pairs, StereoSet, Do-Not-Answer, "
+                        "BOLD); without it those sets are skipped and the report says so")
+    parser.add_argument("--cache", type=Path, default=cache_root() / "eval-cache.sqlite",
+                        help="sqlite cache of scores, generations and likelihoods, keyed by model fingerprints "
+                        f"(default: {cache_root() / 'eval-cache.sqlite'})")
+    parser.add_argument("--no-cache", action="store_true", help="compute everything afresh and store nothing")
+    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -179,7 +201,7 @@ def run_eval_reward(args: argparse.Namespace) -> int:
     from training.artifact import read_manifest
     from training.data import DataSource, load_source
     from training.evaluate import evaluate_examples, torch_scorer
-    from training.onnx_export import INT8_FILE, FP32_FILE, onnx_scorer, onnx_session
+    from training.onnx_export import FP32_FILE, INT8_FILE, onnx_scorer, onnx_session
     from training.reward_model import RewardModel, load_tokenizer
 
     manifest = read_manifest(args.model)
@@ -238,6 +260,8 @@ def main(argv: list[str] | None = None) -> int:
                 args.model = args.model or ["default"]
             else:
                 args.policy = args.policy or ["default"]
+            from training.eval_suite import run_suite_command
+
             return run_suite_command(args)
         if args.command == "serve":
             from service.server import serve

@@ -23,7 +23,15 @@ from pathlib import Path
 from typing import Any
 
 from training.config import PACKAGE_ROOT
-from training.data import Conversation, DataSource, PreferencePair, load_source, read_rows, split_of
+from training.data import (
+    Conversation,
+    DataSource,
+    PreferencePair,
+    filtered_rows,
+    load_source,
+    read_rows,
+    split_of,
+)
 from training.text import Message, ModelInput, render
 
 BUNDLED_DATA = PACKAGE_ROOT / "data"
@@ -251,8 +259,11 @@ def xstest_completions(root: Path) -> list[tuple[dict[str, bool | None], ModelIn
 def csv_prompts(relative: str, column: str, category: str | None = None,
                 where: dict[str, str] | None = None) -> Callable[[Path], list[tuple[str, Conversation]]]:
     def load(root: Path) -> list[tuple[str, Conversation]]:
-        return [(row[category] if category else "all", _user(row[column])) for row in _rows(root / relative)
-                if all(row.get(k) == v for k, v in (where or {}).items())]
+        path = root / relative
+        if not path.is_file():
+            raise MissingData(f"{path}: missing")
+        return [(row[category] if category else "all", _user(row[column]))
+                for _, row in filtered_rows(DataSource(str(path), where=where or {}))]
 
     return load
 

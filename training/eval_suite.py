@@ -22,7 +22,6 @@ import json
 import logging
 import sqlite3
 import time
-from collections import defaultdict
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -30,10 +29,17 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from training.artifact import cache_root, read_manifest
 from training.data import Conversation, PreferencePair, file_sha256
-from training.eval_sets import BUNDLED_DATA, POLICY_SETS, REWARD_SETS, EvalSet, MissingData, MultipleChoice, load_set
+from training.eval_sets import (
+    POLICY_SETS,
+    REWARD_SETS,
+    EvalSet,
+    MissingData,
+    MultipleChoice,
+    load_set,
+)
 from training.evaluate import pair_metrics, reliability
+from training.onnx_export import FP32_FILE, INT8_FILE
 from training.refusals import is_refusal
 from training.text import Message, ModelInput, model_input
 
@@ -112,7 +118,7 @@ class CachedRewardModel:
 
         directory = reward_model_directory(name)
         self.runtime = RewardRuntime(directory, backend=backend, limits=BatchLimits(64, 8192))
-        files = {"onnx-int8": "model.int8.onnx", "onnx": "model.onnx", "torch": "*.safetensors"}[backend]
+        files = {"onnx-int8": INT8_FILE, "onnx": FP32_FILE, "torch": "*.safetensors"}[backend]
         self.fingerprint = fingerprint(directory, ["keel.json", files])
         self.cache, self.progress = cache, progress
         self.path = str(directory)
@@ -296,15 +302,6 @@ def rate(values: Sequence[bool] | np.ndarray) -> float:
     return float(np.mean(values)) if len(values) else float("nan")
 
 
-def by_category(categories: Sequence[str], values: Sequence[float] | np.ndarray, name: str
-                ) -> dict[str, dict[str, float]]:
-    """The mean of values (as `name`) and the count, per category."""
-    groups: dict[str, list[float]] = defaultdict(list)
-    for c, v in zip(categories, values):
-        groups[c].append(float(v))
-    return {c: {name: float(np.mean(v)), "n": len(v)} for c, v in sorted(groups.items())}
-
-
 def examples_of(items: Sequence[tuple[str, Conversation]], responses: Sequence[str], count: int = 3) -> list[dict]:
     return [{"category": c, "prompt": conv[-1].content, "response": r} for (c, conv), r in zip(items[:count], responses)]
 
@@ -315,7 +312,8 @@ def generation_result(kind: str, items: list[tuple[str, Conversation]], response
     if kind in ("refusal", "compliance"):
         refused = np.array([is_refusal(r) for r in responses])
         result: dict[str, Any] = {"overall": {"refusal_rate": rate(refused)},
-                                  "by_category": by_category(categories, refused, "refusal_rate")}
+                                  "by_category": grouped(categories, {"refused": refused},
+                                                         lambda refused: {"refusal_rate": rate(refused), "n": len(refused)})}
         if kind == "compliance":
             safe = np.array([c.startswith("safe/") for c in categories])
             result["overall"] = {"safe_compliance_rate": rate(~refused[safe]), "unsafe_refusal_rate": rate(refused[~safe])}
@@ -323,9 +321,8 @@ def generation_result(kind: str, items: list[tuple[str, Conversation]], response
     inputs = [model_input((*conv, Message("assistant", r))) for (_, conv), r in zip(items, responses)]
     flagged, z = judge.flags(inputs)
     harmless = z[:, judge.runtime.heads.index(judge.head("harmless"))]
-    groups = by_category(categories, flagged, "toxic_rate")
-    for category, stats in groups.items():
-        stats["mean_harmless_z"] = float(np.mean([s for c, s in zip(categories, harmless) if c == category]))
+    groups = grouped(categories, {"flagged": flagged, "harmless": harmless}, lambda flagged, harmless: {
+        "toxic_rate": rate(flagged), "n": len(flagged), "mean_harmless_z": float(harmless.mean())})
     result = {"overall": {"toxic_rate": rate(flagged), "mean_harmless_z": float(harmless.mean())},
               "by_category": groups, "examples": examples_of(items, responses)}
     if kind == "bold":  # a fair policy's continuations score alike whatever group the prompt is about
@@ -347,17 +344,15 @@ def choices_result(name: str, items: list[MultipleChoice], policy: CachedPolicy,
         for item, s in zip(items, per_item):
             p = np.exp(s[:, 0] - s[:, 0].max())
             mc2.append(p[: item.meta["incorrect_from"]].sum() / p.sum())
-        categories = np.array([i.category for i in items])
         mc2 = np.array(mc2)
         return {"overall": {"mc1": rate(mc1), "mc2": float(mc2.mean())},
-                "by_category": {c: {"n": int((categories == c).sum()), "mc1": rate(mc1[categories == c]),
-                                    "mc2": float(mc2[categories == c].mean())} for c in sorted(set(categories.tolist()))}}
+                "by_category": grouped([i.category for i in items], {"mc1": mc1, "mc2": mc2}, lambda mc1, mc2: {
+                    "n": len(mc1), "mc1": rate(mc1), "mc2": float(mc2.mean())})}
     # BBQ: the answer with the highest mean per-token log-prob (answers differ in length: "Can't be determined").
     predicted = np.array([int(np.argmax(s[:, 0] / np.maximum(s[:, 1], 1))) for s in per_item])
     return {"overall": bbq_scores(items, predicted),
-            "by_category": {c: bbq_scores([i for i in items if i.category == c],
-                                          predicted[[i.category == c for i in items]])
-                            for c in sorted({i.category for i in items})}}
+            "by_category": grouped([i.category for i in items], {"index": np.arange(len(items))},
+                                   lambda index: bbq_scores([items[i] for i in index], predicted[index]))}
 
 
 def bbq_scores(items: Sequence[MultipleChoice], predicted: np.ndarray) -> dict[str, Any]:
@@ -399,26 +394,6 @@ def run_policy_suite(policies: Sequence[str], reward_model: str, sets: Sequence[
 
 
 # ---- command line ---------------------------------------------------------------------------------------
-
-def add_suite_arguments(parser: argparse.ArgumentParser, sets: Sequence[EvalSet]) -> None:
-    parser.add_argument("--output", type=Path, required=True,
-                        help="folder for report.html, report.json and the PNG charts (created if absent)")
-    parser.add_argument("--limit", type=int, default=None,
-                        help="at most N items per set, spread evenly over the set (default: all)")
-    parser.add_argument("--sets", default=None,
-                        help="comma-separated sets to run (default: all): " + ", ".join(s.name for s in sets))
-    parser.add_argument("--data", type=Path, default=BUNDLED_DATA,
-                        help=f"folder of the bundled, permissively licensed sets (default: {BUNDLED_DATA})")
-    parser.add_argument("--external-data", type=Path, default=None,
-                        help="folder laid out like the upstream data bundle holding the non-commercial or "
-                        "share-alike sets Keel does not ship (AlpacaEval, CrowS-Pairs, StereoSet, Do-Not-Answer, "
-                        "BOLD); without it those sets are skipped and the report says so")
-    parser.add_argument("--cache", type=Path, default=cache_root() / "eval-cache.sqlite",
-                        help="sqlite cache of scores, generations and likelihoods, keyed by model fingerprints "
-                        f"(default: {cache_root() / 'eval-cache.sqlite'})")
-    parser.add_argument("--no-cache", action="store_true", help="compute everything afresh and store nothing")
-    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
-
 
 def selected_sets(names: str | None, sets: Sequence[EvalSet]) -> list[EvalSet]:
     from training.config import ConfigError
