@@ -22,7 +22,9 @@ def launch_two_processes(what: str, config: Path, output: Path) -> None:
          "--dynamo_backend", "no", "-m", "training.cli", "train", what, "--config", str(config),
          "--output", str(output), "--no-progress"],
         capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert result.returncode == 0, result.stderr[-3000:]
+    # The launcher's summary fills the end of stderr; the failing rank's own error lines come first.
+    errors = [line for line in result.stderr.splitlines() if "Error" in line or "error:" in line]
+    assert result.returncode == 0, "\n".join(errors[:20]) + "\n...\n" + result.stderr[-2000:]
 
 
 def test_accelerate_launch_two_processes(tiny_backbone: str, tmp_path: Path):
