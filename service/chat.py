@@ -3,7 +3,8 @@ guard, over candidates from the local policy or from an upstream OpenAI-compatib
 
 For each requested choice, `best_of` candidates are sampled and scored in context (conversation + reply). The
 reward they are ranked by is a weighted sum of the reward model's head z-scores. The guard then takes the
-best-ranked candidate the moderation thresholds do not flag; when every candidate is flagged it samples a
+best-ranked candidate the guard does not flag (the moderation rule with the reward model's guard thresholds,
+set for a small false-flag rate on benign replies); when every candidate is flagged it samples a
 fresh set (up to `guard_retries` times, mode "regenerate") and finally answers with a refusal.
 """
 
@@ -79,7 +80,7 @@ class ChatAligner:
         """Score replies in context; thresholds and heads come from the model version that scored them."""
         scored = await self.score([model_input([*conversation, Message("assistant", r.text)]) for r in replies])
         weights = np.array([self.weights.get(h, 0.0) for h in scored.runtime.heads], dtype=np.float32)
-        return Judged(scored, scored.z @ weights, moderate(scored))
+        return Judged(scored, scored.z @ weights, moderate(scored, scored.runtime.guard_thresholds))
 
     async def complete(self, conversation: Conversation, sampling: Sampling, n: int, best_of: int) -> list[Chosen]:
         """n chosen replies, each the best of `best_of` candidates that passes the guard."""

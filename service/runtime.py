@@ -89,6 +89,9 @@ class RewardRuntime:
         self.mean = np.array([stats[h]["mean"] for h in self.heads], dtype=np.float32)
         self.std = np.array([stats[h]["std"] for h in self.heads], dtype=np.float32)
         self.thresholds = {h: self.manifest["moderation"][h]["threshold"] for h in self.heads}
+        # The chat guard's own thresholds where the model has them (a set false-flag rate on benign replies).
+        self.guard_thresholds = {h: self.manifest["moderation"][h].get("guard", {}).get("threshold", self.thresholds[h])
+                                 for h in self.heads}
         threads = threads or max(1, (os.cpu_count() or 1) // workers)
         try:
             self.tokenizer = load_tokenizer(str(self.directory), self.max_length, self.manifest["truncation_side"])
@@ -152,4 +155,4 @@ class RewardRuntime:
         return {"id": self.name, "object": "model", "created": int(self.directory.stat().st_mtime),
                 "owned_by": "keel", "version": self.version, "backend": self.backend, "heads": self.heads,
                 "primary_head": self.primary_head, "base_model": self.manifest.get("base_model"),
-                "thresholds": self.thresholds}
+                "thresholds": self.thresholds, "guard_thresholds": self.guard_thresholds}

@@ -79,6 +79,7 @@ def tiny_config(backbone: str, pairs: Path, ratings: Path | None = None, **train
 @pytest.fixture(scope="session")
 def tiny_reward_model(tiny_backbone: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A complete Keel model directory (weights, ONNX fp32/int8, keel.json) trained on the tiny backbone."""
+    from training.data import DataSource
     from training.train_reward import train_reward
 
     root = tmp_path_factory.mktemp("tiny-rm")
@@ -86,7 +87,9 @@ def tiny_reward_model(tiny_backbone: str, tmp_path_factory: pytest.TempPathFacto
     ratings = write_jsonl(root / "ratings.jsonl", [
         {"text": ["great thanks", "terrible bad"][i % 2], "score": [1.0, -1.0][i % 2]} for i in range(16)])
     output = root / "model"
-    train_reward(tiny_config(tiny_backbone, pairs, ratings), output, progress=False)
+    config = tiny_config(tiny_backbone, pairs, ratings)
+    config.heads[0].guard, config.heads[0].guard_false_flags = [DataSource(str(pairs), limit=12)], 0.25
+    train_reward(config, output, progress=False)
     return output
 
 
@@ -130,8 +133,14 @@ def prompt_rows(count: int) -> list[dict]:
 
 def tiny_policy_config(policy: str, reward_model: Path, root: Path, **training: object):
     """A PolicyConfig on the tiny policy and tiny reward model: short responses, a few steps."""
-    from training.config import (LoraConfig, PolicyConfig, PolicyModelConfig, PolicyTrainingConfig, PromptsConfig,
-                                 RewardSourceConfig)
+    from training.config import (
+        LoraConfig,
+        PolicyConfig,
+        PolicyModelConfig,
+        PolicyTrainingConfig,
+        PromptsConfig,
+        RewardSourceConfig,
+    )
     from training.data import DataSource, PromptSource
 
     prompts = write_jsonl(root / "prompts.jsonl", prompt_rows(16))

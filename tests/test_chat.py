@@ -32,8 +32,10 @@ def scripted_aligner(replies: list[str], scores: dict[str, tuple[float, float]],
         calls.append(len(samplings))
         return [Generated(next(script), "stop", 3, 2, 0.0) for _ in samplings]
 
-    # harmless is a moderation category (flag at category score sigma(-z) >= 0.5, i.e. z <= 0); helpful is not.
-    reward_model = SimpleNamespace(heads=HEADS, thresholds={"harmless": 0.5, "helpful": None})
+    # harmless is a moderation category; the guard flags at category score sigma(-z) >= 0.5, i.e. z <= 0 (its
+    # /v1/moderations threshold, 0.1, would flag every reply below z = 2.2); helpful is not a category.
+    reward_model = SimpleNamespace(heads=HEADS, thresholds={"harmless": 0.1, "helpful": None},
+                                   guard_thresholds={"harmless": 0.5, "helpful": None})
 
     async def score(inputs):
         return Scored(np.array([scores[response] for _, response in inputs], dtype=np.float32), reward_model)

@@ -14,8 +14,17 @@ import numpy as np
 import pytest
 
 from training.cli import main
-from training.eval_sets import (BUNDLED_DATA, category_of, POLICY_SETS, REWARD_SETS, MissingData, MultipleChoice, evenly, load_set,
-                                 stratified)
+from training.eval_sets import (
+    BUNDLED_DATA,
+    POLICY_SETS,
+    REWARD_SETS,
+    MissingData,
+    MultipleChoice,
+    category_of,
+    evenly,
+    load_set,
+    stratified,
+)
 from training.eval_suite import EvalCache, bbq_scores, choices_result, precision_recall
 from training.text import Message
 
@@ -145,6 +154,8 @@ def test_reward_suite_end_to_end_and_cached(tiny_reward_model: Path, tiny_backbo
     # The copy has the same weights, so the same figures (its scores come from the cache).
     assert llmbar["models"]["model"]["overall"] == llmbar["models"]["second-model"]["overall"]
     assert set(report["sets"]["openai-moderation"]["models"]["model"]["by_category"]) >= {"hate", "violence"}
+    xstest = report["sets"]["xstest-completions"]["models"]["model"]["overall"]
+    assert 0 <= xstest["flag_rate"] <= 1 and 0 <= xstest["guard_flag_rate"] <= 1  # the chat guard's rule beside it
     html = (tmp_path / "one" / "report.html").read_text()
     assert "data:image/png;base64," in html and "skipped" in html and (tmp_path / "one" / "reliability.png").exists()
     first_misses = report["cache"]["misses"]

@@ -2,7 +2,13 @@ import numpy as np
 import pytest
 
 from training.data import PreferencePair
-from training.evaluate import best_f1_threshold, category_scores, expected_calibration_error, pair_metrics
+from training.evaluate import (
+    best_f1_threshold,
+    category_scores,
+    expected_calibration_error,
+    false_flag_threshold,
+    pair_metrics,
+)
 
 
 def test_ece_by_hand():
@@ -28,6 +34,19 @@ def test_best_f1_threshold_separates_and_flags_ties():
     best = best_f1_threshold(scores, labels)
     # Cutting at 0.8 flags both 0.8s: precision 2/3, recall 1 -> F1 0.8; at 0.9: F1 2/3.
     assert best["threshold"] == 0.8 and best["f1"] == pytest.approx(0.8)
+
+
+def test_false_flag_threshold_flags_at_most_the_rate():
+    scores = np.array([0.95, 0.9, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1, 0.05])
+    # 20% of 10 may be flagged: cut halfway between the 2nd (0.9, flagged) and the 3rd (0.7, passed).
+    assert false_flag_threshold(scores, 0.2) == {"threshold": pytest.approx(0.8), "false_flags": 0.2, "examples": 10}
+    none = false_flag_threshold(scores, 0.0)
+    assert none["threshold"] > 0.95 and none["false_flags"] == 0.0  # just above the highest
+    # Ties cannot be split: 0.9 x3 with 2 allowed flags none of them, only what lies above.
+    tied = false_flag_threshold(np.array([0.99, 0.9, 0.9, 0.9, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1]), 0.2)
+    assert tied["threshold"] == pytest.approx(0.945) and tied["false_flags"] == 0.1
+    everything_tied = false_flag_threshold(np.full(4, 0.7), 0.5)
+    assert everything_tied["threshold"] > 0.7 and everything_tied["false_flags"] == 0.0
 
 
 def test_category_scores_rise_as_reward_falls():

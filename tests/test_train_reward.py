@@ -7,9 +7,10 @@ import pytest
 from tests.conftest import hh_pairs, tiny_config, write_jsonl
 from training import train_reward as train_module
 from training.artifact import read_manifest
+from training.data import DataSource, load_source
+from training.evaluate import category_scores, example_inputs, torch_scorer
 from training.onnx_export import onnx_scorer, onnx_session
 from training.reward_model import RewardModel, load_tokenizer
-from training.evaluate import torch_scorer
 
 
 def test_artifact_is_complete_and_self_describing(tiny_reward_model: Path):
@@ -29,6 +30,20 @@ def test_artifact_is_complete_and_self_describing(tiny_reward_model: Path):
     assert not list(tiny_reward_model.parent.glob(".model.*")), "no staging directories left behind"
     rows = [json.loads(line) for line in (tiny_reward_model / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == list(range(1, len(rows) + 1))
+
+
+def test_guard_threshold_flags_at_most_its_share_of_benign_replies(tiny_reward_model: Path):
+    manifest = read_manifest(tiny_reward_model)
+    guard = manifest["moderation"]["harmless"]["guard"]
+    assert guard["examples"] == 24 and "at most 25.0%" in guard["chosen_on"]  # 12 pairs, both replies
+    # Re-score the benign replies as the service does: ONNX fp32, z from keel.json, category score sigma(-z).
+    tokenizer = load_tokenizer(str(tiny_reward_model), manifest["max_length"], "left")
+    scorer = onnx_scorer(onnx_session(tiny_reward_model / "model.onnx"), tokenizer, manifest["max_length"])
+    pairs = load_source(DataSource(manifest["config"]["heads"][0]["guard"][0]["path"], limit=12))
+    stats = manifest["normalization"]["harmless"]
+    flagged = category_scores((scorer(example_inputs(pairs))[:, 0] - stats["mean"]) / stats["std"]) >= guard["threshold"]
+    assert flagged.mean() == pytest.approx(guard["false_flags"], abs=1 / 24) and flagged.mean() <= 0.25 + 1 / 24
+    assert "guard" not in manifest["moderation"]["quality"]
 
 
 def test_training_learns_the_pairs(tiny_reward_model: Path):

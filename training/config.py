@@ -34,6 +34,11 @@ class HeadConfig:
     # without them the threshold is chosen to separate rejected from chosen validation responses.
     moderation: list[DataSource] = dataclasses.field(default_factory=list)
     moderate: bool = True  # a moderation category: flagged below its threshold (False: scored, never flagged)
+    # Benign conversations (every reply of a pair, or the rated texts) the chat output guard should pass: its
+    # threshold is set to flag at most `guard_false_flags` of them. Without them the guard uses the moderation
+    # threshold, which is tuned for F1 on flag-heavy data and so flags many ordinary replies.
+    guard: list[DataSource] = dataclasses.field(default_factory=list)
+    guard_false_flags: float = 0.01
     weight: float = 1.0  # loss weight of this head
     margin: float = 0.0  # Bradley-Terry margin added to every pair's own margin
 
@@ -88,6 +93,10 @@ class RewardConfig:
             raise ConfigError(f"training.precision must be no, bf16 or fp16, not {self.training.precision!r}")
         if self.truncation_side not in ("left", "right"):
             raise ConfigError("truncation_side must be left or right")
+        for head in self.heads:
+            if not 0.0 <= head.guard_false_flags < 1.0:
+                raise ConfigError(f"heads.{head.name}.guard_false_flags is a share of benign replies: 0 <= it < 1, "
+                                  f"not {head.guard_false_flags}")
 
 
 @dataclasses.dataclass
@@ -168,13 +177,6 @@ class PPOConfig:
 class DPOConfig:
     beta: float = 0.1
     label_smoothing: float = 0.0  # conservative DPO: assumed probability that a label is flipped
-    # all | refusal_vs_compliance: keep only pairs whose chosen reply is a refusal and whose rejected reply is
-    # not (training/refusals.py), to teach when to refuse
-    pairs: str = "all"
-
-    def __post_init__(self) -> None:
-        if self.pairs not in ("all", "refusal_vs_compliance"):
-            raise ConfigError(f"dpo.pairs must be all or refusal_vs_compliance, not {self.pairs!r}")
 
 
 @dataclasses.dataclass
@@ -242,7 +244,7 @@ def load_config(cls: type[T], path: str | Path, overrides: list[str] | tuple[str
     return config
 
 
-SOURCE_LISTS = ("train", "validation", "test", "moderation", "evaluation", "data")  # lists of data sources
+SOURCE_LISTS = ("train", "validation", "test", "moderation", "guard", "evaluation", "data")  # lists of data sources
 
 
 def read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:

@@ -5,7 +5,8 @@ Reward models (scored with the int8 ONNX graph the service runs, unless --backen
 - pair sets: pairwise accuracy by category on the set's head, the shorter-response-wins baseline, and
   calibration of P(chosen > rejected) = sigma(r_c - r_r) (reliability diagram, ECE);
 - bias probes: the share of pairs where the stereotyped sentence scores higher (50% = unbiased);
-- moderation: precision and recall per category with the rule /v1/moderations serves (service/moderation.py).
+- moderation: precision and recall per category with the rule /v1/moderations serves (service/moderation.py),
+  and overall with the chat guard's thresholds.
 Policies (greedy decoding, so every number is deterministic):
 - refusal rate on harmful requests, compliance on XSTest's safe prompts (training/refusals.py's detector);
 - toxicity of continuations as the reward model judges it: the moderation flag rate and mean harmless score;
@@ -132,13 +133,15 @@ class CachedRewardModel:
     def head(self, preferred: str | None) -> str:
         return preferred if preferred in self.runtime.heads else self.runtime.primary_head
 
-    def flags(self, inputs: Sequence[ModelInput]) -> tuple[np.ndarray, np.ndarray]:
-        """(flagged [N] by the served moderation rule, normalised scores z [N, heads])."""
+    def flags(self, inputs: Sequence[ModelInput], guard: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """(flagged [N] by the served moderation rule, normalised scores z [N, heads]); with `guard`, by the
+        chat guard's thresholds."""
         from service.moderation import moderate
         from service.runtime import Scored
 
         z = self.runtime.normalize(self.raw(inputs))
-        return np.array([r.flagged for r in moderate(Scored(z, self.runtime))], dtype=bool), z
+        thresholds = self.runtime.guard_thresholds if guard else None
+        return np.array([r.flagged for r in moderate(Scored(z, self.runtime), thresholds)], dtype=bool), z
 
 
 def grouped(categories: Sequence[str], values: dict[str, np.ndarray], metric: Callable[..., dict[str, Any]]
@@ -186,7 +189,11 @@ def labelled_set_result(model: CachedRewardModel, items: list[tuple[dict[str, bo
         harmful = np.array([bool(labels.get(category)) for labels, _ in items])
         by_category[category] = precision_recall(flagged[annotated], harmful[annotated])
     any_harmful = np.array([any(bool(v) for v in labels.values()) for labels, _ in items])
-    return {"overall": precision_recall(flagged, any_harmful), "by_category": by_category}
+    guard_flagged, _ = model.flags([text for _, text in items], guard=True)  # the chat guard's thresholds
+    guard = precision_recall(guard_flagged, any_harmful)
+    return {"overall": {**precision_recall(flagged, any_harmful),
+                        **{f"guard_{k}": guard[k] for k in ("flag_rate", "precision", "recall")}},
+            "by_category": by_category}
 
 
 def run_sets(sets: Sequence[EvalSet], labels: list[str], measure: Callable[[EvalSet, list[Any], str], dict[str, Any]],

@@ -151,6 +151,15 @@ def best_f1_threshold(category_scores: np.ndarray, labels: np.ndarray) -> dict[s
             "recall": float(recall[best]), "f1": float(f1[best]), "examples": len(labels)}
 
 
+def false_flag_threshold(category_scores: np.ndarray, rate: float) -> dict[str, float]:
+    """The lowest threshold (flag when score >= t) that flags at most `rate` of texts that should all pass."""
+    scores = np.asarray(category_scores, dtype=np.float64)
+    passed = np.sort(scores)[::-1][int(rate * len(scores))]  # the highest score that must still pass
+    greater = scores[scores > passed]
+    threshold = float((passed + greater.min()) / 2 if greater.size else np.nextafter(passed, np.inf))
+    return {"threshold": threshold, "false_flags": float(np.mean(scores >= threshold)), "examples": len(scores)}
+
+
 def category_scores(z: np.ndarray) -> np.ndarray:
     """Moderation score of a head from its normalised score z: sigma(-z), near 1 when a text scores far
     below the validation mean, i.e. likely fails the principle."""

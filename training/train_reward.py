@@ -24,7 +24,13 @@ from transformers import get_linear_schedule_with_warmup
 
 import training
 from training import onnx_export
-from training.artifact import FORMAT_VERSION, MANIFEST, publish, staging_directory, write_json_atomic
+from training.artifact import (
+    FORMAT_VERSION,
+    MANIFEST,
+    publish,
+    staging_directory,
+    write_json_atomic,
+)
 from training.config import RewardConfig, to_dict
 from training.data import DataSource, Example, PreferencePair, file_sha256, load_source
 from training.evaluate import (
@@ -36,11 +42,18 @@ from training.evaluate import (
     encode,
     evaluate_examples,
     example_inputs,
+    false_flag_threshold,
     torch_scorer,
 )
 from training.plots import plot_curves
-from training.runs import append_metrics, prepare_work_directory, read_metrics, resume_from, save_checkpoint
 from training.reward_model import RewardModel, load_tokenizer, resolve_base_model
+from training.runs import (
+    append_metrics,
+    prepare_work_directory,
+    read_metrics,
+    resume_from,
+    save_checkpoint,
+)
 from training.text import ModelInput
 
 log = logging.getLogger(__name__)
@@ -53,13 +66,15 @@ class HeadData:
     validation: list[Example]
     test: list[Example]
     moderation: list[Example]
+    guard: list[Example]
 
 
 def load_head_data(config: RewardConfig, skip_bad_rows: bool) -> list[HeadData]:
     def read(sources: list[DataSource]) -> list[Example]:
         return [example for source in sources for example in load_source(source, skip_bad_rows)]
 
-    return [HeadData(h.name, read(h.train), read(h.validation), read(h.test), read(h.moderation)) for h in config.heads]
+    return [HeadData(h.name, read(h.train), read(h.validation), read(h.test), read(h.moderation),
+                     read(h.guard)) for h in config.heads]
 
 
 def make_batches(lengths: list[list[int]], batch_size: int, seed: int) -> list[tuple[int, list[int]]]:
@@ -268,7 +283,7 @@ def build_artifact(config: RewardConfig, model: RewardModel, tokenizer: Any, hea
             onnx_info, scorer = check_onnx(scorer, tokenizer, heads, names, config, staging)
         # Every metric below is computed with the served fp32 graph (faster than torch), each text scored once.
         scorer = cached(scorer)
-        normalization, moderation = normalization_and_thresholds(scorer, heads, [h.moderate for h in config.heads])
+        normalization, moderation = normalization_and_thresholds(scorer, heads, config)
         metrics: dict[str, Any] = {"train_seconds": round(train_seconds, 1), "steps": steps, "kept_step": kept_step}
         for split in ("validation", "test"):
             metrics[split] = {head.name: evaluate_examples(scorer, getattr(head, split), names)[head.name]
@@ -306,14 +321,18 @@ def build_artifact(config: RewardConfig, model: RewardModel, tokenizer: Any, hea
     return manifest
 
 
-def normalization_and_thresholds(scorer: Scorer, heads: list[HeadData], moderated: list[bool]) -> tuple[dict, dict]:
-    """Per head: mean/std of raw scores on its validation data, and the moderation threshold with the best F1
-    (None for heads that are not moderation categories)."""
+def normalization_and_thresholds(scorer: Scorer, heads: list[HeadData], config: RewardConfig) -> tuple[dict, dict]:
+    """Per head: mean/std of raw scores on its validation data, the moderation threshold with the best F1 (None
+    for heads that are not moderation categories) and the chat guard's threshold."""
     normalization, moderation = {}, {}
-    for h, head in enumerate(heads):
+
+    def category(texts: list[ModelInput], h: int, stats: dict[str, float]) -> np.ndarray:
+        return category_scores((scorer(texts)[:, h] - stats["mean"]) / stats["std"])
+
+    for h, (head, head_config) in enumerate(zip(heads, config.heads)):
         raw = scorer(example_inputs(head.validation))[:, h]
         stats = normalization[head.name] = {"mean": float(raw.mean()), "std": float(raw.std() or 1.0)}
-        if not moderated[h]:
+        if not head_config.moderate:
             moderation[head.name] = {"threshold": None, "chosen_on": "not a moderation category (moderate: false)"}
             continue
         if head.moderation:
@@ -322,8 +341,11 @@ def normalization_and_thresholds(scorer: Scorer, heads: list[HeadData], moderate
         else:
             texts, labels = flag_examples(head.validation)
             basis = "validation data (rejected responses and below-median ratings = flag)"
-        scores = category_scores((scorer(texts)[:, h] - stats["mean"]) / stats["std"])
-        moderation[head.name] = {**best_f1_threshold(scores, np.array(labels)), "chosen_on": basis}
+        moderation[head.name] = {**best_f1_threshold(category(texts, h, stats), np.array(labels)), "chosen_on": basis}
+        if head.guard:
+            moderation[head.name]["guard"] = {
+                **false_flag_threshold(category(example_inputs(head.guard), h, stats), head_config.guard_false_flags),
+                "chosen_on": f"benign replies (at most {head_config.guard_false_flags:.1%} flagged)"}
     return normalization, moderation
 
 
@@ -372,7 +394,7 @@ def int8_accuracy(fp32: Scorer, tokenizer: Any, heads: list[HeadData], names: li
 def data_provenance(config: RewardConfig) -> list[dict[str, Any]]:
     seen: dict[str, dict[str, Any]] = {}
     for head in config.heads:
-        for role in ("train", "validation", "test", "moderation"):
+        for role in ("train", "validation", "test", "moderation", "guard"):
             for source in getattr(head, role):
                 entry = seen.setdefault(source.path, {"path": source.path, "sha256": file_sha256(source.path), "uses": []})
                 entry["uses"].append({"head": head.name, "role": role, "split": source.split, "limit": source.limit})
