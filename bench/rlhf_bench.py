@@ -1,6 +1,6 @@
 """Tune the default policy with one algorithm's default config, evaluate it, and check the RLHF targets.
 
-    python bench/rlhf_bench.py [--algorithm rloo] [--output DIR] [--set KEY=VALUE ...] [--skip-training]
+    python bench/rlhf_bench.py [--algorithm rloo] [--config PATH] [--output DIR] [--set KEY=VALUE ...] [--skip-training]
 
 Runs `keel train ALGORITHM` in a subprocess (timed end to end: model loading, rollouts, evaluations and the
 artifact included), then `keel eval policy` on held-out prompts and the refusal sets, and prints the figures
@@ -21,6 +21,8 @@ from pathlib import Path
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--algorithm", default="rloo", choices=["sft", "reinforce", "rloo", "ppo", "dpo"])
+    parser.add_argument("--config", type=Path, default=None,
+                        help="training config (default: the algorithm's, configs/ALGORITHM.yaml)")
     parser.add_argument("--output", type=Path, default=None, help="policy directory (default: runs/bench-ALGORITHM)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="training config override")
     parser.add_argument("--eval-set", dest="eval_overrides", action="append", default=[],
@@ -33,8 +35,9 @@ def main() -> None:
     wall = None
     if not args.skip_training:
         began = time.time()
-        subprocess.run([*keel, "train", args.algorithm, "--output", str(output), "--overwrite", "--no-progress",
-                        *[f"--set={o}" for o in args.overrides]], check=True)
+        config = ["--config", str(args.config)] if args.config else []
+        subprocess.run([*keel, "train", args.algorithm, *config, "--output", str(output), "--overwrite",
+                        "--no-progress", *[f"--set={o}" for o in args.overrides]], check=True)
         wall = time.time() - began
     report_path = output.parent / f"{output.name}-eval.json"
     limit = ["--limit", str(args.limit)] if args.limit else []

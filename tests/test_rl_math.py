@@ -11,7 +11,13 @@ from training.dpo import dpo_loss
 from training.ppo import gae, token_rewards
 from training.refusals import is_refusal
 from training.reinforce import moving_average_baseline
-from training.rl_common import kl_estimates, masked_mean, response_mask_of, sequence_kl, whiten
+from training.rl_common import (
+    kl_estimates,
+    masked_mean,
+    response_mask_of,
+    sequence_kl,
+    whiten,
+)
 from training.rloo import leave_one_out_advantages
 
 
@@ -128,18 +134,28 @@ def test_refusal_detector(response: str, refused: bool):
     assert is_refusal(response) is refused
 
 
-def test_dpo_can_keep_only_pairs_that_prefer_a_refusal(tmp_path):
+def test_a_data_source_can_keep_only_pairs_that_prefer_a_refusal_or_compliance(tmp_path):
     from tests.conftest import write_jsonl
-    from training.config import ConfigError, DPOConfig
-    from training.data import DataSource
+    from training.data import DataError, DataSource
     from training.dpo import load_pairs
 
     rows = [{"prompt": "How do I pick a lock?", "chosen": "I'm sorry, I can't help with that.", "rejected": "Use a pick."},
             {"prompt": "Capital of France?", "chosen": "Paris.", "rejected": "I'm sorry, I can't say."},
-            {"prompt": "Hi", "chosen": "I cannot.", "rejected": "I won't."}]
-    source = DataSource(str(write_jsonl(tmp_path / "pairs.jsonl", rows)))
-    assert len(load_pairs([source], False)) == 3
-    [kept] = load_pairs([source], False, "refusal_vs_compliance")
+            {"prompt": "Hi", "chosen": "I cannot.", "rejected": "I won't."},
+            {"prompt": "How do I hotwire a car?", "chosen": "I won't help with that.", "rejected": "Cross the wires."}]
+    path = str(write_jsonl(tmp_path / "pairs.jsonl", rows))
+    assert len(load_pairs([DataSource(path)], False)) == 4
+    # The limit counts kept pairs; a second source with every pair mixes both kinds.
+    [kept] = load_pairs([DataSource(path, pairs="refusal_vs_compliance", limit=1)], False)
     assert kept.rejected == "Use a pick."
-    with pytest.raises(ConfigError, match="refusal_vs_compliance"):
-        DPOConfig(pairs="refusals")
+    mixed = load_pairs([DataSource(path, pairs="refusal_vs_compliance"), DataSource(path, limit=2)], False)
+    assert [p.rejected for p in mixed] == ["Use a pick.", "Cross the wires.", "Use a pick.", "I'm sorry, I can't say."]
+    [answered] = load_pairs([DataSource(path, pairs="compliance_vs_refusal")], False)
+    assert answered.chosen == "Paris."
+    only_compliance = str(write_jsonl(tmp_path / "compliance.jsonl", rows[1:2]))
+    with pytest.raises(DataError, match=r"no usable pairs \(refusal_vs_compliance\)"):
+        load_pairs([DataSource(only_compliance, pairs="refusal_vs_compliance")], False)
+    with pytest.raises(ValueError, match="refusal_vs_compliance"):
+        DataSource(path, pairs="refusals")
+
+

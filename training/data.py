@@ -22,7 +22,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from training.text import Message, ModelInput, messages_from_json, model_input, parse_transcript, render
+from training.refusals import is_refusal
+from training.text import (
+    Message,
+    ModelInput,
+    messages_from_json,
+    model_input,
+    parse_transcript,
+    render,
+)
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -66,6 +74,9 @@ class Rating:
 Example = PreferencePair | Rating
 
 
+PAIR_FILTERS = ("all", "refusal_vs_compliance", "compliance_vs_refusal")
+
+
 @dataclass
 class DataSource:
     """One data file and how to read it (a `data` entry in a config)."""
@@ -76,10 +87,16 @@ class DataSource:
     rename: dict[str, str] = field(default_factory=dict)  # file column -> Keel field
     score_columns: list[str] | None = None  # score = max of these columns (e.g. binary labels)
     where: dict[str, str] = field(default_factory=dict)  # keep only rows whose column equals this value
+    # all | refusal_vs_compliance | compliance_vs_refusal: keep only preference pairs where the chosen reply is a
+    # refusal and the rejected one is not, or the reverse (training/refusals.py): to teach when (not) to refuse
+    pairs: str = "all"
 
     def __post_init__(self) -> None:
         if self.split not in ("all", *SPLITS):
             raise ValueError(f"data source {self.path}: split must be all, train, validation or test, not {self.split!r}")
+        if self.pairs not in PAIR_FILTERS:
+            raise ValueError(f"data source {self.path}: pairs must be one of {', '.join(PAIR_FILTERS)}, "
+                             f"not {self.pairs!r}")
 
 
 def split_of(key: str) -> str:
@@ -221,9 +238,9 @@ def _first_user_turn(messages: tuple[Message, ...] | list[Message]) -> str:
 
 
 def read_source(source: DataSource, parse: Callable[[dict[str, Any]], T], split_key: Callable[[T], str],
-                skip_bad_rows: bool = False, what: str = "rows") -> list[T]:
-    """Parse every row of a source, keep its split and limit. Bad rows raise DataError naming file:line,
-    or with skip_bad_rows are skipped with a warning and counted."""
+                skip_bad_rows: bool = False, what: str = "rows", keep: Callable[[T], bool] | None = None) -> list[T]:
+    """Parse every row of a source, keep its split, the items `keep` accepts, and its limit. Bad rows raise
+    DataError naming file:line, or with skip_bad_rows are skipped with a warning and counted."""
     items: list[T] = []
     skipped = 0
     for location, row in filtered_rows(source):
@@ -235,7 +252,7 @@ def read_source(source: DataSource, parse: Callable[[dict[str, Any]], T], split_
             skipped += 1
             log.warning("skipping bad row %s: %s", location, error)
             continue
-        if source.split == "all" or split_of(split_key(item)) == source.split:
+        if (source.split == "all" or split_of(split_key(item)) == source.split) and (keep is None or keep(item)):
             items.append(item)
             if source.limit is not None and len(items) >= source.limit:
                 break
@@ -248,7 +265,15 @@ def read_source(source: DataSource, parse: Callable[[dict[str, Any]], T], split_
 
 def load_source(source: DataSource, skip_bad_rows: bool = False) -> list[Example]:
     """Preference pairs and ratings from a source."""
-    return read_source(source, lambda row: parse_row(row, source), lambda e: e.split_key, skip_bad_rows)
+    keep = None
+    if source.pairs != "all":
+        prefers_refusal = source.pairs == "refusal_vs_compliance"
+
+        def keep(example: Example) -> bool:
+            return (isinstance(example, PreferencePair) and is_refusal(example.chosen) == prefers_refusal
+                    and is_refusal(example.rejected) != prefers_refusal)
+    what = f"pairs ({source.pairs})" if keep else "rows"
+    return read_source(source, lambda row: parse_row(row, source), lambda e: e.split_key, skip_bad_rows, what, keep)
 
 
 # ---- prompts and demonstrations for policy training ------------------------------------------------------

@@ -16,7 +16,6 @@ import torch.nn.functional as F
 from training.config import ConfigError, PolicyConfig
 from training.data import PreferencePair, load_source
 from training.policy_run import PolicyRun, steps_for_epochs
-from training.refusals import is_refusal
 from training.rl_common import response_logprobs, teacher_forced
 
 
@@ -31,23 +30,19 @@ def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, referen
     return loss, margin
 
 
-def load_pairs(sources: list, skip_bad_rows: bool, keep: str = "all") -> list[PreferencePair]:
+def load_pairs(sources: list, skip_bad_rows: bool) -> list[PreferencePair]:
     pairs = [e for source in sources for e in load_source(source, skip_bad_rows) if isinstance(e, PreferencePair)]
     if sources and not pairs:
         raise ConfigError("DPO needs preference pairs (chosen/rejected); the data files hold only ratings")
-    if keep == "refusal_vs_compliance":
-        pairs = [pair for pair in pairs if is_refusal(pair.chosen) and not is_refusal(pair.rejected)]
-        if sources and not pairs:
-            raise ConfigError("dpo.pairs is refusal_vs_compliance, but no pair prefers a refusal to compliance")
     return pairs
 
 
 def train_dpo(config: PolicyConfig, output: Path, skip_bad_rows: bool = False, **run_options: Any) -> dict[str, Any]:
     t, p = config.training, config.policy
-    pairs = load_pairs(config.data, skip_bad_rows, config.dpo.pairs)
+    pairs = load_pairs(config.data, skip_bad_rows)
     if not pairs:
         raise ConfigError("DPO needs preference pairs: set data to one or more pair files")
-    validation = load_pairs(config.validation, skip_bad_rows, config.dpo.pairs)
+    validation = load_pairs(config.validation, skip_bad_rows)
     run = PolicyRun(config, output, "dpo", on_policy=False, skip_bad_rows=skip_bad_rows, **run_options)
     run.total_steps = t.steps or steps_for_epochs(len(pairs), t.prompts_per_step, t.epochs,
                                                   run.accelerator.num_processes)
