@@ -7,7 +7,7 @@ from training.config import DEFAULT_REWARD_CONFIG, ConfigError, RewardConfig, lo
 
 def test_default_config_loads_with_resolved_paths():
     config = load_config(RewardConfig, DEFAULT_REWARD_CONFIG)
-    assert [h.name for h in config.heads] == ["harmless", "helpful"]
+    assert [h.name for h in config.heads] == ["harmless", "helpful", "benign_request"]
     assert config.primary_head == "harmless"
     assert all(Path(s.path).is_file() for h in config.heads for s in h.train + h.validation + h.test + h.moderation)
 

@@ -59,6 +59,18 @@ def test_score_columns():
         parse_row({"text": "t", "S": None}, source)
 
 
+def test_as_rating_labels_every_row_with_its_first_exchange():
+    source = DataSource("x", as_rating=0)
+    multi_turn = {"chosen": "\n\nHuman: how do i pick a lock\n\nAssistant: why?\n\nHuman: my door\n\nAssistant: call a smith",
+                  "rejected": "\n\nHuman: how do i pick a lock\n\nAssistant: why?\n\nHuman: my door\n\nAssistant: use a pin"}
+    rated = parse_row(multi_turn, source)
+    assert rated == Rating(("Human: how do i pick a lock", "why?"), 0.0, "how do i pick a lock")
+    assert parse_row({"prompt": "p", "chosen": "a", "rejected": "b"}, source).input == ("Human: p", "a")
+    assert parse_row({"text": "t", "score": 5}, DataSource("x", as_rating=1)).score == 1.0  # the file's label wins
+    with pytest.raises(ValueError, match="cannot also filter"):
+        DataSource("x", as_rating=1, pairs="refusal_vs_compliance")
+
+
 def test_rename_and_where(tmp_path):
     path = tmp_path / "rated.csv"
     path.write_text("body,grade,lang\nhello,1,en\nbonjour,0,fr\nbye,0,en\n")

@@ -52,3 +52,12 @@ def test_false_flag_threshold_flags_at_most_the_rate():
 def test_category_scores_rise_as_reward_falls():
     scores = category_scores(np.array([-2.0, 0.0, 2.0]))
     assert scores[1] == pytest.approx(0.5) and scores[0] > 0.5 > scores[2]
+
+
+def test_rating_heads_flag_below_mean_ratings_even_with_binary_labels():
+    from training.data import Rating
+    from training.train_reward import flag_examples
+
+    ratings = [Rating(("", f"t{i}"), score, f"t{i}") for i, score in enumerate([0, 0, 0, 1, 1])]
+    _, labels = flag_examples(ratings)
+    assert labels == [1.0, 1.0, 1.0, 0.0, 0.0]  # the median (0) would have flagged none of them

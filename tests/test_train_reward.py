@@ -3,6 +3,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from tests.conftest import hh_pairs, tiny_config, write_jsonl
 from training import train_reward as train_module
@@ -44,6 +45,28 @@ def test_guard_threshold_flags_at_most_its_share_of_benign_replies(tiny_reward_m
     flagged = category_scores((scorer(example_inputs(pairs))[:, 0] - stats["mean"]) / stats["std"]) >= guard["threshold"]
     assert flagged.mean() == pytest.approx(guard["false_flags"], abs=1 / 24) and flagged.mean() <= 0.25 + 1 / 24
     assert "guard" not in manifest["moderation"]["quality"]
+
+
+def test_a_detached_head_is_a_probe_that_leaves_the_backbone_alone(tiny_backbone: str, tmp_path: Path):
+    from safetensors.torch import load_file
+
+    from training.config import HeadConfig
+
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", hh_pairs(24))
+    manifests = {}
+    for sign in (1.0, -1.0):  # the probe's ratings, then the same ratings reversed
+        ratings = write_jsonl(tmp_path / f"ratings{sign}.jsonl", [
+            {"text": ["great thanks", "terrible bad " * 8][i % 2], "score": sign * [1.0, -1.0][i % 2]} for i in range(24)])
+        config = tiny_config(tiny_backbone, pairs, epochs=1, checkpoint_every=0, eval_every=0)
+        config.heads.append(HeadConfig("quality", [DataSource(str(ratings))], [DataSource(str(ratings), limit=8)],
+                                       moderate=False, detach=True))
+        manifests[sign] = train_module.train_reward(config, tmp_path / f"model{sign}", progress=False)
+        # The probe learned its ratings from the trained backbone's features.
+        assert manifests[sign]["metrics"]["validation"]["quality"]["pearson"] > 0.9
+    # Opposite probe data, the same backbone bit for bit: the probe's data never reached it.
+    first, second = (load_file(tmp_path / f"model{sign}" / "model.safetensors") for sign in (1.0, -1.0))
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    assert manifests[1.0]["metrics"]["validation"]["harmless"] == manifests[-1.0]["metrics"]["validation"]["harmless"]
 
 
 def test_training_learns_the_pairs(tiny_reward_model: Path):

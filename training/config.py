@@ -40,6 +40,10 @@ class HeadConfig:
     guard: list[DataSource] = dataclasses.field(default_factory=list)
     guard_false_flags: float = 0.01
     weight: float = 1.0  # loss weight of this head
+    # Fit this head after training as a linear probe on the trained backbone's features, so its data never
+    # changes the backbone: a judgement added at no cost to the other heads' accuracy (a task unlike theirs
+    # sharing the backbone can lower it)
+    detach: bool = False
     margin: float = 0.0  # Bradley-Terry margin added to every pair's own margin
 
 
@@ -93,6 +97,9 @@ class RewardConfig:
             raise ConfigError(f"training.precision must be no, bf16 or fp16, not {self.training.precision!r}")
         if self.truncation_side not in ("left", "right"):
             raise ConfigError("truncation_side must be left or right")
+        if all(head.detach for head in self.heads):
+            raise ConfigError("every head has detach: true, so nothing would train the backbone; set detach: false "
+                              "on at least one")
         for head in self.heads:
             if not 0.0 <= head.guard_false_flags < 1.0:
                 raise ConfigError(f"heads.{head.name}.guard_false_flags is a share of benign replies: 0 <= it < 1, "

@@ -90,10 +90,16 @@ class DataSource:
     # all | refusal_vs_compliance | compliance_vs_refusal: keep only preference pairs where the chosen reply is a
     # refusal and the rejected one is not, or the reverse (training/refusals.py): to teach when (not) to refuse
     pairs: str = "all"
+    # Read every row as one rating with this score (for a pair: the first exchange of its chosen conversation,
+    # the first user turn and the reply to it): labels a whole file, e.g. red-team openings 0, ordinary ones 1.
+    as_rating: float | None = None
 
     def __post_init__(self) -> None:
         if self.split not in ("all", *SPLITS):
             raise ValueError(f"data source {self.path}: split must be all, train, validation or test, not {self.split!r}")
+        if self.as_rating is not None and self.pairs != "all":
+            raise ValueError(f"data source {self.path}: as_rating turns pairs into ratings, so it cannot also filter "
+                             f"pairs ({self.pairs})")
         if self.pairs not in PAIR_FILTERS:
             raise ValueError(f"data source {self.path}: pairs must be one of {', '.join(PAIR_FILTERS)}, "
                              f"not {self.pairs!r}")
@@ -175,6 +181,8 @@ def parse_row(row: dict[str, Any], source: DataSource) -> Example:
         if not labels:
             raise ValueError(f"none of the score columns {source.score_columns} has a value")
         row["score"] = max(labels)
+    if source.as_rating is not None:
+        return _labelled_rating(row, source.as_rating)
     if "chosen" in row and "rejected" in row:
         return _parse_pair(row)
     if "score" in row:
@@ -182,6 +190,18 @@ def parse_row(row: dict[str, Any], source: DataSource) -> Example:
     raise ValueError(
         f"row has neither chosen/rejected nor score (fields: {sorted(row)}); map columns with the source's `rename`"
     )
+
+
+def _labelled_rating(row: dict[str, Any], score: float) -> Rating:
+    if not ("chosen" in row and "rejected" in row):
+        return _parse_rating({**row, "score": score})
+    pair = _parse_pair(row)
+    turns = [*pair.context, Message("assistant", pair.chosen)]
+    first_user = next((i for i, m in enumerate(turns) if m.role == "user"), None)
+    reply = next((m for m in turns[(first_user or 0) + 1:] if m.role == "assistant"), None)
+    if first_user is None or reply is None:
+        raise ValueError("the chosen conversation has no user turn answered by the assistant")
+    return Rating((render([turns[first_user]]), reply.content), score, pair.split_key)
 
 
 def _parse_pair(row: dict[str, Any]) -> PreferencePair:

@@ -65,6 +65,12 @@ class RewardModel(nn.Module):
     def forward(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor | None = None
     ) -> torch.Tensor:
+        return self.heads(self.pool(input_ids, attention_mask, token_type_ids))
+
+    def pool(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The features every head reads: the mean hidden state of the response's tokens."""
         inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
         if token_type_ids is not None:
             inputs["token_type_ids"] = token_type_ids
@@ -76,8 +82,7 @@ class RewardModel(nn.Module):
             response = attention_mask * token_type_ids
             mask = torch.where(response.sum(1, keepdim=True) > 0, response, attention_mask)
         weights = mask.unsqueeze(-1).to(hidden.dtype)
-        pooled = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1.0)
-        return self.heads(pooled)
+        return (hidden * weights).sum(1) / weights.sum(1).clamp(min=1.0)
 
 
 def load_tokenizer(path: str, max_length: int, truncation_side: str) -> PreTrainedTokenizerBase:

@@ -43,6 +43,7 @@ from training.evaluate import (
     evaluate_examples,
     example_inputs,
     false_flag_threshold,
+    length_sorted_scorer,
     torch_scorer,
 )
 from training.plots import plot_curves
@@ -99,16 +100,59 @@ def batch_loss(model: torch.nn.Module, tokenizer: Any, head: int, examples: list
         n = len(examples)
         batch = collate(tokenizer, [e["chosen"] for e in encoded] + [e["rejected"] for e in encoded])
         scores = model(**{k: v.to(device) for k, v in batch.items()})[:, head]
-        margins = torch.tensor([e.margin + margin for e in examples], device=device)
         diff = scores[:n] - scores[n:]
-        # Bradley-Terry: L = -log sigma(r_chosen - r_rejected - margin)
-        loss = -F.logsigmoid(diff - margins).mean()
-        return loss, float((diff > 0).float().mean())
+        return pair_loss(diff, examples, margin), float((diff > 0).float().mean())
     batch = collate(tokenizer, [e["text"] for e in encoded])
     scores = model(**{k: v.to(device) for k, v in batch.items()})[:, head]
-    target = torch.tensor([e.score for e in examples], device=device, dtype=scores.dtype)
+    return rating_loss(scores, examples), None
+
+
+def pair_loss(diff: torch.Tensor, pairs: list[PreferencePair], margin: float) -> torch.Tensor:
+    """diff = r_chosen - r_rejected for each pair."""
+    margins = torch.tensor([p.margin + margin for p in pairs], device=diff.device, dtype=diff.dtype)
+    # Bradley-Terry: L = -log sigma(r_chosen - r_rejected - margin)
+    return -F.logsigmoid(diff - margins).mean()
+
+
+def rating_loss(scores: torch.Tensor, ratings: list[Example]) -> torch.Tensor:
+    target = torch.tensor([r.score for r in ratings], device=scores.device, dtype=scores.dtype)
     # Regression on human ratings: L = (r(x) - y)^2
-    return F.mse_loss(scores, target), None
+    return F.mse_loss(scores, target)
+
+
+def fit_detached_heads(model: RewardModel, tokenizer: Any, heads: list[HeadData], config: RewardConfig) -> None:
+    """Fit each `detach` head as a linear probe on the trained backbone's features of its training data, with
+    its training loss (full batch, L-BFGS) and a small L2 penalty; the backbone is left as it is."""
+    device = next(model.parameters()).device
+
+    @torch.no_grad()
+    def run(items: list[dict[str, list[int]]]) -> np.ndarray:
+        model.eval()
+        return model.pool(**{k: v.to(device) for k, v in collate(tokenizer, items).items()}).float().cpu().numpy()
+
+    features_of = length_sorted_scorer(tokenizer, config.max_length, config.training.eval_batch_size,
+                                       model.heads.in_features, run)
+    for h, (head, head_config) in enumerate(zip(heads, config.heads)):
+        if not head_config.detach:
+            continue
+        features = torch.from_numpy(features_of(example_inputs(head.train)))  # pairs: chosen, rejected, ...
+        weight = model.heads.weight[h].detach().float().cpu().clone().requires_grad_()
+        bias = model.heads.bias[h].detach().float().cpu().clone().requires_grad_()
+        optimizer = torch.optim.LBFGS([weight, bias], max_iter=500, line_search_fn="strong_wolfe")
+
+        def closure() -> torch.Tensor:
+            optimizer.zero_grad()
+            scores = features @ weight + bias
+            loss = (pair_loss(scores[0::2] - scores[1::2], head.train, head_config.margin)
+                    if isinstance(head.train[0], PreferencePair) else rating_loss(scores, head.train))
+            loss = loss + 1e-4 * weight.square().sum()
+            loss.backward()
+            return loss
+
+        optimizer.step(closure)
+        with torch.no_grad():
+            model.heads.weight[h] = weight.to(device)
+            model.heads.bias[h] = bias.to(device)
 
 
 def encode_examples(tokenizer: Any, examples: list[Example], max_length: int) -> list[dict]:
@@ -149,9 +193,11 @@ def train_reward(config: RewardConfig, output: Path, resume: bool = False, overw
     # ---- data -------------------------------------------------------------------------------------------
     heads = load_head_data(config, skip_bad_rows)
     tokenizer = load_tokenizer(config.base_model, config.max_length, config.truncation_side)
-    encoded = [encode_examples(tokenizer, head.train, config.max_length) for head in heads]
+    trained = [not h.detach for h in config.heads]  # detached heads are fitted after training
+    encoded = [encode_examples(tokenizer, head.train, config.max_length) if train else []
+               for head, train in zip(heads, trained)]
     lengths = [[sequence_lengths(item) for item in head_items] for head_items in encoded]
-    batches_per_epoch = sum(math.ceil(len(head.train) / t.batch_size) for head in heads) // accelerator.num_processes
+    batches_per_epoch = sum(math.ceil(len(items) / t.batch_size) for items in encoded) // accelerator.num_processes
     total_steps = t.epochs * batches_per_epoch
     if t.max_steps is not None:
         total_steps = min(total_steps, t.max_steps)
@@ -228,6 +274,7 @@ def train_reward(config: RewardConfig, output: Path, resume: bool = False, overw
         # Without the mixed-precision wrapper: evaluation and export run in fp32.
         unwrapped = accelerator.unwrap_model(model, keep_fp32_wrapper=False)
         kept_step = restore_best(unwrapped, work, scorer, heads, names, total_steps) if t.keep_best else total_steps
+        fit_detached_heads(unwrapped, tokenizer, heads, config)
         manifest = build_artifact(config, unwrapped, tokenizer, heads, output, overwrite, work, metrics_path,
                                   train_seconds, total_steps, kept_step)
         shutil.rmtree(work, ignore_errors=True)
@@ -340,7 +387,7 @@ def normalization_and_thresholds(scorer: Scorer, heads: list[HeadData], config: 
             basis = "labelled moderation data (score >= 0.5 = flag)"
         else:
             texts, labels = flag_examples(head.validation)
-            basis = "validation data (rejected responses and below-median ratings = flag)"
+            basis = "validation data (rejected responses and below-mean ratings = flag)"
         moderation[head.name] = {**best_f1_threshold(category(texts, h, stats), np.array(labels)), "chosen_on": basis}
         if head.guard:
             moderation[head.name]["guard"] = {
@@ -350,13 +397,14 @@ def normalization_and_thresholds(scorer: Scorer, heads: list[HeadData], config: 
 
 
 def flag_examples(examples: list[Example]) -> tuple[list[ModelInput], list[float]]:
-    """Stand-in moderation labels from preference data: a rejected response, or a rating below the median,
-    is what the head should flag; a chosen response, or a rating at or above it, is fine."""
+    """Stand-in moderation labels from preference data: a rejected response, or a rating below the mean rating,
+    is what the head should flag; a chosen response, or a rating at or above it, is fine. (The mean, not the
+    median: with 0/1 labels the median is one of the labels and would leave one class unflagged or all flagged.)"""
     pairs = [e for e in examples if isinstance(e, PreferencePair)]
     ratings = [e for e in examples if not isinstance(e, PreferencePair)]
-    median = float(np.median([r.score for r in ratings])) if ratings else 0.0
+    mean = float(np.mean([r.score for r in ratings])) if ratings else 0.0
     texts = [p.chosen_input for p in pairs] + [p.rejected_input for p in pairs] + [r.input for r in ratings]
-    labels = [0.0] * len(pairs) + [1.0] * len(pairs) + [float(r.score < median) for r in ratings]
+    labels = [0.0] * len(pairs) + [1.0] * len(pairs) + [float(r.score < mean) for r in ratings]
     return texts, labels
 
 
