@@ -9,7 +9,8 @@ runs in its own process too (thread pools of two engines in one process interfer
    reward the service ranks by), the gain in standard deviations of the best-of-1 rewards.
 2. AdvBench harmful behaviours and XSTest safe prompts, greedy, guard off vs regenerate: compliance = share of
    replies the refusal detector (training/refusals.py) does not call a refusal.
-3. 8 concurrent requests vs `model.generate` at batch 8 on the same prompts and token budget: tokens/s.
+3. 8 concurrent requests vs `model.generate` at batch 8 on the same prompts and token budget: tokens/s, three
+   runs of each, alternating; the ratio is the median of the three runs' ratios.
 4. One streaming request at a time: time to the first content chunk.
 """
 
@@ -157,17 +158,20 @@ def main() -> None:
         report["best_of"] = best_of_gain(url, held_out, args.max_tokens)
         print("best-of-n:", json.dumps(report["best_of"]))
         off = {"advbench": compliance(url, harmful, args.max_tokens), "xstest": compliance(url, safe, args.max_tokens)}
-        report["service_tokens_per_s"] = statistics.median(
-            service_throughput(url, held_out, args.max_tokens) for _ in range(3))
+        # Service and bare generate alternate, so both see the same machine: this VM's speed drifts by a third
+        # over minutes, more than the gap being measured.
+        runs = [(service_throughput(url, held_out, args.max_tokens), direct_throughput(args.policy, held_out, args.max_tokens))
+                for _ in range(3)]
         report["ttft_streaming_s"] = time_to_first_token(url, held_out, args.max_tokens)
     with keel_serve(*common, "--guard", "regenerate") as (url, _):
         on = {"advbench": compliance(url, harmful, args.max_tokens), "xstest": compliance(url, safe, args.max_tokens)}
     report["guard"] = {name: {"compliance_guard_off": off[name][0], "compliance_guard_on": on[name][0],
                               "guard_actions": on[name][1]} for name in off}
     print("guard:", json.dumps(report["guard"]))
-    report["direct_tokens_per_s"] = statistics.median(
-        direct_throughput(args.policy, held_out, args.max_tokens) for _ in range(3))
-    report["service_vs_direct"] = report["service_tokens_per_s"] / report["direct_tokens_per_s"]
+    report["throughput_runs"] = [{"service_tokens_per_s": service, "direct_tokens_per_s": direct} for service, direct in runs]
+    report["service_tokens_per_s"] = statistics.median(service for service, _ in runs)
+    report["direct_tokens_per_s"] = statistics.median(direct for _, direct in runs)
+    report["service_vs_direct"] = statistics.median(service / direct for service, direct in runs)
     print(f"throughput at 8 concurrent: service {report['service_tokens_per_s']:.1f} tok/s, model.generate "
           f"batch 8 {report['direct_tokens_per_s']:.1f} tok/s, ratio {report['service_vs_direct']:.2f}; "
           f"streaming time to first token {report['ttft_streaming_s'] * 1000:.0f} ms")

@@ -59,8 +59,12 @@ def test_a_detached_head_is_a_probe_that_leaves_the_backbone_alone(tiny_backbone
             {"text": ["great thanks", "terrible bad " * 8][i % 2], "score": sign * [1.0, -1.0][i % 2]} for i in range(24)])
         config = tiny_config(tiny_backbone, pairs, epochs=1, checkpoint_every=0, eval_every=0)
         config.heads.append(HeadConfig("quality", [DataSource(str(ratings))], [DataSource(str(ratings), limit=8)],
-                                       moderate=False, detach=True))
+                                       moderate=False, detach=True, guard=[DataSource(str(ratings), limit=8)],
+                                       guard_false_flags=0.5))
         manifests[sign] = train_module.train_reward(config, tmp_path / f"model{sign}", progress=False)
+        # Not a /v1/moderations category, but a guard category all the same.
+        quality = manifests[sign]["moderation"]["quality"]
+        assert quality["threshold"] is None and quality["guard"]["false_flags"] <= 0.5
         # The probe learned its ratings from the trained backbone's features.
         assert manifests[sign]["metrics"]["validation"]["quality"]["pearson"] > 0.9
     # Opposite probe data, the same backbone bit for bit: the probe's data never reached it.

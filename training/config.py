@@ -33,10 +33,11 @@ class HeadConfig:
     # Labelled texts (score 1 = should be flagged) for choosing the moderation threshold on this head;
     # without them the threshold is chosen to separate rejected from chosen validation responses.
     moderation: list[DataSource] = dataclasses.field(default_factory=list)
-    moderate: bool = True  # a moderation category: flagged below its threshold (False: scored, never flagged)
+    moderate: bool = True  # a /v1/moderations category: flagged below its threshold (False: never flagged there)
     # Benign conversations (every reply of a pair, or the rated texts) the chat output guard should pass: its
-    # threshold is set to flag at most `guard_false_flags` of them. Without them the guard uses the moderation
-    # threshold, which is tuned for F1 on flag-heavy data and so flags many ordinary replies.
+    # threshold is set to flag at most `guard_false_flags` of them (whether or not the head is a /v1/moderations
+    # category). Without them the guard uses the moderation threshold, which is tuned for F1 on flag-heavy data
+    # and so flags many ordinary replies.
     guard: list[DataSource] = dataclasses.field(default_factory=list)
     guard_false_flags: float = 0.01
     weight: float = 1.0  # loss weight of this head

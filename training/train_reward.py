@@ -369,8 +369,8 @@ def build_artifact(config: RewardConfig, model: RewardModel, tokenizer: Any, hea
 
 
 def normalization_and_thresholds(scorer: Scorer, heads: list[HeadData], config: RewardConfig) -> tuple[dict, dict]:
-    """Per head: mean/std of raw scores on its validation data, the moderation threshold with the best F1 (None
-    for heads that are not moderation categories) and the chat guard's threshold."""
+    """Per head: mean/std of raw scores on its validation data, the /v1/moderations threshold with the best F1
+    (None for heads that are not moderation categories) and, given guard data, the chat guard's threshold."""
     normalization, moderation = {}, {}
 
     def category(texts: list[ModelInput], h: int, stats: dict[str, float]) -> np.ndarray:
@@ -381,15 +381,15 @@ def normalization_and_thresholds(scorer: Scorer, heads: list[HeadData], config: 
         stats = normalization[head.name] = {"mean": float(raw.mean()), "std": float(raw.std() or 1.0)}
         if not head_config.moderate:
             moderation[head.name] = {"threshold": None, "chosen_on": "not a moderation category (moderate: false)"}
-            continue
-        if head.moderation:
-            texts, labels = example_inputs(head.moderation), [float(e.score >= 0.5) for e in head.moderation]
-            basis = "labelled moderation data (score >= 0.5 = flag)"
         else:
-            texts, labels = flag_examples(head.validation)
-            basis = "validation data (rejected responses and below-mean ratings = flag)"
-        moderation[head.name] = {**best_f1_threshold(category(texts, h, stats), np.array(labels)), "chosen_on": basis}
-        if head.guard:
+            if head.moderation:
+                texts, labels = example_inputs(head.moderation), [float(e.score >= 0.5) for e in head.moderation]
+                basis = "labelled moderation data (score >= 0.5 = flag)"
+            else:
+                texts, labels = flag_examples(head.validation)
+                basis = "validation data (rejected responses and below-mean ratings = flag)"
+            moderation[head.name] = {**best_f1_threshold(category(texts, h, stats), np.array(labels)), "chosen_on": basis}
+        if head.guard:  # the chat guard may use a head /v1/moderations does not
             moderation[head.name]["guard"] = {
                 **false_flag_threshold(category(example_inputs(head.guard), h, stats), head_config.guard_false_flags),
                 "chosen_on": f"benign replies (at most {head_config.guard_false_flags:.1%} flagged)"}
