@@ -17,7 +17,9 @@ def test_real_minilm_train_resume_export(tmp_path: Path, monkeypatch):
     config = load_config(RewardConfig, DEFAULT_REWARD_CONFIG, [
         "heads.0.train.0.limit=32", "heads.0.validation.0.limit=16", "heads.0.test.0.limit=16",
         "heads.0.moderation.0.limit=40", "heads.1.train.0.limit=16", "heads.1.validation.0.limit=8",
-        "heads.1.test.0.limit=8", "training.epochs=1", "training.batch_size=8", "training.checkpoint_every=2",
+        "heads.1.test.0.limit=8", "heads.0.guard.0.limit=16", "heads.2.train.0.limit=16", "heads.2.train.1.limit=16",
+        "heads.2.validation.0.limit=8", "heads.2.validation.1.limit=8", "heads.2.test.0.limit=8",
+        "heads.2.test.1.limit=8", "heads.2.guard.0.limit=8", "training.epochs=1", "training.batch_size=8", "training.checkpoint_every=2",
         "training.eval_every=0", "max_length=128",
     ])
     output = tmp_path / "rm"
@@ -29,11 +31,14 @@ def test_real_minilm_train_resume_export(tmp_path: Path, monkeypatch):
 
     manifest = train_module.train_reward(config, output, resume=True, progress=False)
     assert manifest == read_manifest(output)
-    assert manifest["heads"] == ["harmless", "helpful"] and manifest["metrics"]["steps"] == 6
+    assert manifest["heads"] == ["harmless", "helpful", "benign_request"] and manifest["metrics"]["steps"] == 6
     assert manifest["input_names"] == ["input_ids", "attention_mask", "token_type_ids"]
     assert manifest["onnx"]["fp32_max_abs_diff_vs_torch"] < 1e-3
     assert set(manifest["onnx"]["accuracy"]) == {"harmless", "helpful"}
     assert manifest["moderation"]["harmless"]["chosen_on"].startswith("labelled moderation data")
+    # benign_request: a guard category only, fitted as a probe (no training steps of its own: still 6 steps)
+    assert manifest["moderation"]["benign_request"]["threshold"] is None
+    assert 0 < manifest["moderation"]["benign_request"]["guard"]["threshold"] < 1
 
     from service.runtime import RewardRuntime
 

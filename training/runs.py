@@ -35,7 +35,12 @@ def save_checkpoint(accelerator: Any, work: Path, step: int, extra: dict[str, An
     """Save model, optimiser, scheduler and RNG state (plus `extra`, JSON); a temp dir, then a rename."""
     final = work / CHECKPOINTS / f"step-{step}"
     temporary = work / CHECKPOINTS / f".step-{step}.tmp"
+    if accelerator.is_main_process:
+        shutil.rmtree(temporary, ignore_errors=True)  # left by a crash in the middle of a save
+        temporary.mkdir(parents=True)
+    accelerator.wait_for_everyone()  # every rank writes its own RNG state into the folder
     accelerator.save_state(str(temporary))
+    accelerator.wait_for_everyone()  # and has written it before the folder is renamed
     if accelerator.is_main_process:
         (temporary / "step.json").write_text(json.dumps({"step": step, **(extra or {})}))
         temporary.rename(final)
