@@ -10,7 +10,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-import numpy as np
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -23,7 +22,6 @@ from service.schemas import (
     ModerationRequest,
     ReloadRequest,
     ModerationResponse,
-    ModerationResult,
     ScoreRequest,
     ScoreResponse,
     ScoreResult,

@@ -26,6 +26,8 @@ def test_overrides_are_parsed_as_yaml():
     ("primary_head=kind", "not one of the heads"),
     ("noequals", "KEY=VALUE"),
     ("heads.0.train.0.split=dev", "split must be"),
+    ("primary_head=benign_request", "has detach: true"),
+    ("heads.0.guard_false_flags=1.5", "guard_false_flags is a share"),
 ])
 def test_bad_configs_say_what_is_wrong(override, message):
     with pytest.raises((ConfigError, ValueError), match=message):

@@ -98,9 +98,9 @@ class RewardConfig:
             raise ConfigError(f"training.precision must be no, bf16 or fp16, not {self.training.precision!r}")
         if self.truncation_side not in ("left", "right"):
             raise ConfigError("truncation_side must be left or right")
-        if all(head.detach for head in self.heads):
-            raise ConfigError("every head has detach: true, so nothing would train the backbone; set detach: false "
-                              "on at least one")
+        if next(head for head in self.heads if head.name == self.primary_head).detach:
+            raise ConfigError(f"primary_head {self.primary_head!r} has detach: true, but its validation accuracy "
+                              "during training picks the weights to keep; make a trained head primary")
         for head in self.heads:
             if not 0.0 <= head.guard_false_flags < 1.0:
                 raise ConfigError(f"heads.{head.name}.guard_false_flags is a share of benign replies: 0 <= it < 1, "

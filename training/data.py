@@ -23,14 +23,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from training.refusals import is_refusal
-from training.text import (
-    Message,
-    ModelInput,
-    messages_from_json,
-    model_input,
-    parse_transcript,
-    render,
-)
+from training.text import Message, ModelInput, messages_from_json, model_input, parse_transcript, render
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

@@ -133,15 +133,18 @@ class CachedRewardModel:
     def head(self, preferred: str | None) -> str:
         return preferred if preferred in self.runtime.heads else self.runtime.primary_head
 
-    def flags(self, inputs: Sequence[ModelInput], guard: bool = False) -> tuple[np.ndarray, np.ndarray]:
-        """(flagged [N] by the served moderation rule, normalised scores z [N, heads]); with `guard`, by the
-        chat guard's thresholds."""
+    def flags(self, inputs: Sequence[ModelInput]) -> tuple[np.ndarray, np.ndarray]:
+        """(flagged [N] by the served moderation rule, normalised scores z [N, heads])."""
+        z = self.runtime.normalize(self.raw(inputs))
+        return self.flagged(z), z
+
+    def flagged(self, z: np.ndarray, guard: bool = False) -> np.ndarray:
+        """Which normalised scores the served moderation rule flags; with `guard`, at the chat guard's thresholds."""
         from service.moderation import moderate
         from service.runtime import Scored
 
-        z = self.runtime.normalize(self.raw(inputs))
         thresholds = self.runtime.guard_thresholds if guard else None
-        return np.array([r.flagged for r in moderate(Scored(z, self.runtime), thresholds)], dtype=bool), z
+        return np.array([r.flagged for r in moderate(Scored(z, self.runtime), thresholds)], dtype=bool)
 
 
 def grouped(categories: Sequence[str], values: dict[str, np.ndarray], metric: Callable[..., dict[str, Any]]
@@ -182,15 +185,14 @@ def precision_recall(flagged: np.ndarray, harmful: np.ndarray) -> dict[str, Any]
 
 def labelled_set_result(model: CachedRewardModel, items: list[tuple[dict[str, bool | None], ModelInput]]
                         ) -> dict[str, Any]:
-    flagged, _ = model.flags([text for _, text in items])
+    flagged, z = model.flags([text for _, text in items])
     by_category: dict[str, dict[str, Any]] = {}
     for category in sorted({c for labels, _ in items for c in labels}):
         annotated = np.array([labels.get(category) is not None for labels, _ in items])
         harmful = np.array([bool(labels.get(category)) for labels, _ in items])
         by_category[category] = precision_recall(flagged[annotated], harmful[annotated])
     any_harmful = np.array([any(bool(v) for v in labels.values()) for labels, _ in items])
-    guard_flagged, _ = model.flags([text for _, text in items], guard=True)  # the chat guard's thresholds
-    guard = precision_recall(guard_flagged, any_harmful)
+    guard = precision_recall(model.flagged(z, guard=True), any_harmful)  # the chat guard's thresholds
     return {"overall": {**precision_recall(flagged, any_harmful),
                         **{f"guard_{k}": guard[k] for k in ("flag_rate", "precision", "recall")}},
             "by_category": by_category}

@@ -47,19 +47,23 @@ def length_sorted_scorer(tokenizer: PreTrainedTokenizerBase, max_length: int, ba
 
 
 def torch_scorer(
-    model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, max_length: int, batch_size: int = 64
+    model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, max_length: int, batch_size: int = 64,
+    features: bool = False,
 ) -> Scorer:
+    """Scores [texts, heads] of a RewardModel; with `features`, the pooled features its heads read."""
     device = next(model.parameters()).device
+    forward = model.pool if features else model
 
     @torch.no_grad()
     def run(items: list[dict[str, list[int]]]) -> np.ndarray:
         was_training = model.training
         model.eval()
-        scores = model(**{k: v.to(device) for k, v in collate(tokenizer, items).items()}).float().cpu().numpy()
+        scores = forward(**{k: v.to(device) for k, v in collate(tokenizer, items).items()}).float().cpu().numpy()
         model.train(was_training)
         return scores
 
-    return length_sorted_scorer(tokenizer, max_length, batch_size, len(model.head_names), run)
+    width = model.heads.in_features if features else len(model.head_names)
+    return length_sorted_scorer(tokenizer, max_length, batch_size, width, run)
 
 
 def cached(scorer: Scorer) -> Scorer:

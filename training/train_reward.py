@@ -24,13 +24,7 @@ from transformers import get_linear_schedule_with_warmup
 
 import training
 from training import onnx_export
-from training.artifact import (
-    FORMAT_VERSION,
-    MANIFEST,
-    publish,
-    staging_directory,
-    write_json_atomic,
-)
+from training.artifact import FORMAT_VERSION, MANIFEST, publish, staging_directory, write_json_atomic
 from training.config import RewardConfig, to_dict
 from training.data import DataSource, Example, PreferencePair, file_sha256, load_source
 from training.evaluate import (
@@ -43,18 +37,11 @@ from training.evaluate import (
     evaluate_examples,
     example_inputs,
     false_flag_threshold,
-    length_sorted_scorer,
     torch_scorer,
 )
 from training.plots import plot_curves
 from training.reward_model import RewardModel, load_tokenizer, resolve_base_model
-from training.runs import (
-    append_metrics,
-    prepare_work_directory,
-    read_metrics,
-    resume_from,
-    save_checkpoint,
-)
+from training.runs import append_metrics, prepare_work_directory, read_metrics, resume_from, save_checkpoint
 from training.text import ModelInput
 
 log = logging.getLogger(__name__)
@@ -121,38 +108,38 @@ def rating_loss(scores: torch.Tensor, ratings: list[Example]) -> torch.Tensor:
 
 
 def fit_detached_heads(model: RewardModel, tokenizer: Any, heads: list[HeadData], config: RewardConfig) -> None:
-    """Fit each `detach` head as a linear probe on the trained backbone's features of its training data, with
-    its training loss (full batch, L-BFGS) and a small L2 penalty; the backbone is left as it is."""
-    device = next(model.parameters()).device
-
-    @torch.no_grad()
-    def run(items: list[dict[str, list[int]]]) -> np.ndarray:
-        model.eval()
-        return model.pool(**{k: v.to(device) for k, v in collate(tokenizer, items).items()}).float().cpu().numpy()
-
-    features_of = length_sorted_scorer(tokenizer, config.max_length, config.training.eval_batch_size,
-                                       model.heads.in_features, run)
+    """Fit each `detach` head as a linear probe on the trained backbone's features of its training data; the
+    backbone is left as it is."""
+    features_of = torch_scorer(model, tokenizer, config.max_length, config.training.eval_batch_size, features=True)
     for h, (head, head_config) in enumerate(zip(heads, config.heads)):
-        if not head_config.detach:
-            continue
-        features = torch.from_numpy(features_of(example_inputs(head.train)))  # pairs: chosen, rejected, ...
-        weight = model.heads.weight[h].detach().float().cpu().clone().requires_grad_()
-        bias = model.heads.bias[h].detach().float().cpu().clone().requires_grad_()
-        optimizer = torch.optim.LBFGS([weight, bias], max_iter=500, line_search_fn="strong_wolfe")
+        if head_config.detach:
+            features = torch.from_numpy(features_of(example_inputs(head.train)))  # pairs: chosen, rejected, ...
+            weight, bias = fit_linear_probe(features, head.train, head_config.margin, model.heads.weight[h],
+                                            model.heads.bias[h])
+            with torch.no_grad():
+                model.heads.weight[h].copy_(weight)  # copy_ moves it to the model's device
+                model.heads.bias[h].copy_(bias)
 
-        def closure() -> torch.Tensor:
-            optimizer.zero_grad()
-            scores = features @ weight + bias
-            loss = (pair_loss(scores[0::2] - scores[1::2], head.train, head_config.margin)
-                    if isinstance(head.train[0], PreferencePair) else rating_loss(scores, head.train))
-            loss = loss + 1e-4 * weight.square().sum()
-            loss.backward()
-            return loss
 
-        optimizer.step(closure)
-        with torch.no_grad():
-            model.heads.weight[h] = weight.to(device)
-            model.heads.bias[h] = bias.to(device)
+def fit_linear_probe(features: torch.Tensor, examples: list[Example], margin: float, weight: torch.Tensor,
+                     bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weight, bias) minimising the head's training loss on fixed features plus a small L2 penalty, full batch
+    with L-BFGS, from the given starting point."""
+    weight = weight.detach().float().cpu().clone().requires_grad_()
+    bias = bias.detach().float().cpu().clone().requires_grad_()
+    optimizer = torch.optim.LBFGS([weight, bias], max_iter=500, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        scores = features @ weight + bias
+        loss = (pair_loss(scores[0::2] - scores[1::2], examples, margin)
+                if isinstance(examples[0], PreferencePair) else rating_loss(scores, examples))
+        loss = loss + 1e-4 * weight.square().sum()
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    return weight.detach(), bias.detach()
 
 
 def encode_examples(tokenizer: Any, examples: list[Example], max_length: int) -> list[dict]:
@@ -169,8 +156,8 @@ def sequence_lengths(item: dict) -> int:
 
 def validation_accuracy(scorer: Scorer, heads: list[HeadData], names: list[str]) -> dict[str, float]:
     out = {}
-    for h, head in enumerate(heads):
-        metrics = evaluate_examples(scorer, head.validation, names)[names[h]]
+    for head in heads:
+        metrics = evaluate_examples(scorer, head.validation, names)[head.name]
         out[f"val_{head.name}_" + ("accuracy" if "accuracy" in metrics else "mse")] = metrics.get(
             "accuracy", metrics.get("mse"))
     return out
@@ -193,9 +180,11 @@ def train_reward(config: RewardConfig, output: Path, resume: bool = False, overw
     # ---- data -------------------------------------------------------------------------------------------
     heads = load_head_data(config, skip_bad_rows)
     tokenizer = load_tokenizer(config.base_model, config.max_length, config.truncation_side)
-    trained = [not h.detach for h in config.heads]  # detached heads are fitted after training
-    encoded = [encode_examples(tokenizer, head.train, config.max_length) if train else []
-               for head, train in zip(heads, trained)]
+    # Detached heads are fitted after training: no batches, no validation while training.
+    detached = {head.name for head in config.heads if head.detach}
+    trained = [head for head in heads if head.name not in detached]
+    encoded = [[] if head.name in detached else encode_examples(tokenizer, head.train, config.max_length)
+               for head in heads]
     lengths = [[sequence_lengths(item) for item in head_items] for head_items in encoded]
     batches_per_epoch = sum(math.ceil(len(items) / t.batch_size) for items in encoded) // accelerator.num_processes
     total_steps = t.epochs * batches_per_epoch
@@ -256,7 +245,7 @@ def train_reward(config: RewardConfig, output: Path, resume: bool = False, overw
                 row["train_accuracy"] = float(np.mean(window_accuracies))
             window_losses, window_accuracies = [], []
         if t.eval_every and done % t.eval_every == 0 and done != total_steps and accelerator.is_main_process:
-            row.update(validation_accuracy(scorer, heads, names))
+            row.update(validation_accuracy(scorer, trained, names))
             if t.keep_best:
                 metric = next(key for key in row if key.startswith(primary_prefix))
                 remember_if_best(unwrapped, work, done, metric, row[metric])
@@ -273,7 +262,7 @@ def train_reward(config: RewardConfig, output: Path, resume: bool = False, overw
     if accelerator.is_main_process:
         # Without the mixed-precision wrapper: evaluation and export run in fp32.
         unwrapped = accelerator.unwrap_model(model, keep_fp32_wrapper=False)
-        kept_step = restore_best(unwrapped, work, scorer, heads, names, total_steps) if t.keep_best else total_steps
+        kept_step = restore_best(unwrapped, work, scorer, trained, names, total_steps) if t.keep_best else total_steps
         fit_detached_heads(unwrapped, tokenizer, heads, config)
         manifest = build_artifact(config, unwrapped, tokenizer, heads, output, overwrite, work, metrics_path,
                                   train_seconds, total_steps, kept_step)
@@ -388,7 +377,8 @@ def normalization_and_thresholds(scorer: Scorer, heads: list[HeadData], config: 
             else:
                 texts, labels = flag_examples(head.validation)
                 basis = "validation data (rejected responses and below-mean ratings = flag)"
-            moderation[head.name] = {**best_f1_threshold(category(texts, h, stats), np.array(labels)), "chosen_on": basis}
+            moderation[head.name] = {**best_f1_threshold(category(texts, h, stats), np.array(labels)),
+                                     "chosen_on": basis}
         if head.guard:  # the chat guard may use a head /v1/moderations does not
             moderation[head.name]["guard"] = {
                 **false_flag_threshold(category(example_inputs(head.guard), h, stats), head_config.guard_false_flags),
