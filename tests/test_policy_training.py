@@ -104,3 +104,13 @@ def test_unknown_reward_head_is_a_clear_error(tiny_policy: str, tiny_reward_mode
     config.reward.heads = {"honest": 1.0}
     with pytest.raises(RewardError, match="honest"):
         train_rloo(config, tmp_path / "x", progress=False)
+
+
+def test_kl_budget_stops_an_off_policy_run_at_its_held_out_evaluation(tiny_policy: str, tiny_reward_model: Path,
+                                                                      tmp_path: Path):
+    # DPO samples nothing while training, so its held-out KL (every eval_every steps) is what the budget watches.
+    config = tiny_policy_config(tiny_policy, tiny_reward_model, tmp_path, steps=5, learning_rate=2.0,
+                                eval_every=2, kl_budget=1e-6)
+    manifest = train_dpo(config, tmp_path / "stopped", progress=False)
+    assert manifest["stopped_early"] and "held-out KL" in manifest["stopped_early"]
+    assert manifest["steps"] in (2, 4)  # an evaluation step, before the last

@@ -222,6 +222,11 @@ class PolicyRun:
         metrics["lr"] = self.scheduler.get_last_lr()[0]
         if self.is_eval_step() and self.eval_prompts:
             metrics.update(self.evaluate())
+            # Off-policy runs (SFT, DPO) sample nothing while training: their held-out KL is the one they have.
+            held_out_kl = self._from_main_process(metrics.get("eval_kl", 0.0))
+            if kl is None and t.kl_budget is not None and held_out_kl > t.kl_budget:
+                self.stopped_early = f"held-out KL {held_out_kl:.2f} passed the budget {t.kl_budget} at step {done}"
+                log.warning("stopping early: %s", self.stopped_early)
         self._log_row(done, metrics)
         self.bar.set_postfix({k: f"{v:.3g}" for k, v in metrics.items() if k in ("reward", "kl", "loss")})
         if t.checkpoint_every and done % t.checkpoint_every == 0 and done != self.total_steps:
@@ -233,6 +238,14 @@ class PolicyRun:
             return float(value)
         tensor = torch.tensor([float(value)], device=self.device)
         return float(self.accelerator.reduce(tensor, reduction="mean").item())
+
+    def _from_main_process(self, value: float) -> float:
+        """The main process's value on every process (held-out evaluation runs on the main process only)."""
+        if self.accelerator.num_processes == 1:
+            return float(value)
+        from accelerate.utils import broadcast
+
+        return float(broadcast(torch.tensor([float(value)], device=self.device), from_process=0).item())
 
     def _log_row(self, step: int, metrics: dict[str, float]) -> None:
         if not self.is_main:
