@@ -55,3 +55,18 @@ def test_extends_inherits_and_keeps_data_paths_relative_to_their_own_file(tmp_pa
     loop.write_text("extends: loop.yaml\n")
     with pytest.raises(ConfigError, match="loops"):
         load_config(PolicyConfig, loop)
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in Path(__file__).parent.parent.joinpath("configs").glob("*.yaml")))
+def test_every_shipped_config_loads_and_its_data_exists(name: str):
+    from training.config import CONFIGS, EvalPolicyConfig, PolicyConfig
+
+    kind = {"reward.yaml": RewardConfig, "eval_policy.yaml": EvalPolicyConfig}.get(name, PolicyConfig)
+    config = load_config(kind, CONFIGS / name)
+    if kind is RewardConfig:
+        sources = [s for h in config.heads for s in h.train + h.validation + h.test + h.moderation + h.guard]
+    elif kind is EvalPolicyConfig:
+        sources = [*config.reward_prompts, *config.harmful.values(), *config.safe.values()]
+    else:
+        sources = [*config.data, *config.validation, *config.prompts.train, *config.prompts.evaluation]
+    assert sources and all(Path(s.path).is_file() for s in sources)
