@@ -10,10 +10,13 @@ import torch
 from training.dpo import dpo_loss
 from training.ppo import gae, token_rewards
 from training.refusals import is_refusal
+from training.policy_run import HACKING_WINDOW, reward_hacking_warnings
 from training.reinforce import moving_average_baseline
 from training.rl_common import (
+    Sequences,
     kl_estimates,
     masked_mean,
+    repeated_ngram_fraction,
     response_mask_of,
     sequence_kl,
     whiten,
@@ -159,3 +162,34 @@ def test_a_data_source_can_keep_only_pairs_that_prefer_a_refusal_or_compliance(t
         DataSource(path, pairs="refusals")
 
 
+
+
+def test_repeated_ngram_fraction_by_hand():
+    # Two prompt columns, then responses: a loop of "7 8" (6 tokens, then padding), four distinct tokens, and
+    # a response of two tokens (no 3-gram at all).
+    responses = torch.tensor([[7, 8, 7, 8, 7, 8, 0, 0], [1, 2, 3, 4, 0, 0, 0, 0], [5, 6, 0, 0, 0, 0, 0, 0]])
+    mask = torch.tensor([[1.0] * 6 + [0.0] * 2, [1.0] * 4 + [0.0] * 4, [1.0] * 2 + [0.0] * 6])
+    input_ids = torch.cat([torch.full((3, 2), 9), responses], dim=1)
+    sequences = Sequences(input_ids, torch.ones_like(input_ids), mask, torch.ones(3, dtype=torch.bool))
+    # Loop: 3-grams 787 878 787 878 -> 2 distinct of 4 -> half repeat; the padding's zeros are not counted.
+    assert repeated_ngram_fraction(sequences).tolist() == pytest.approx([0.5, 0.0, 0.0])
+
+
+def hacking_rows(reward: list[float], length: list[float], repetition: list[float]) -> list[dict[str, float]]:
+    return [{"reward": r, "response_length": n, "repetition": p} for r, n, p in zip(reward, length, repetition)]
+
+
+def test_reward_hacking_warnings_name_length_and_repetition():
+    rising = [i / HACKING_WINDOW for i in range(HACKING_WINDOW)]
+    steady = [0.1 + 0.01 * (i % 2) for i in range(HACKING_WINDOW)]
+    assert reward_hacking_warnings(hacking_rows(rising, [30.0] * HACKING_WINDOW, steady)) == {}
+    # Length doubles as the reward rises: the length warning alone.
+    found = reward_hacking_warnings(hacking_rows(rising, [20.0 + 2 * i for i in range(HACKING_WINDOW)], steady))
+    assert list(found) == ["response_length"] and "length-controlled" in found["response_length"]
+    # Repeated 3-grams climb from 5% to 60% of each reply as the reward rises: the repetition warning alone.
+    looping = [0.05 + 0.6 * x for x in rising]
+    found = reward_hacking_warnings(hacking_rows(rising, [30.0] * HACKING_WINDOW, looping))
+    assert list(found) == ["repetition"] and "repeated 3-grams" in found["repetition"]
+    # Fewer logged steps than the window: no judgement yet; falling repetition is no warning.
+    assert reward_hacking_warnings(hacking_rows(rising[:5], [30.0] * 5, looping[:5])) == {}
+    assert reward_hacking_warnings(hacking_rows(rising, [30.0] * HACKING_WINDOW, looping[::-1])) == {}

@@ -36,12 +36,13 @@ from training.data import Conversation, PromptSource, file_sha256, load_prompts
 from training.plots import plot_curves
 from training.policy import add_lora, load_policy, load_tokenizer, reference_mode, resolve_policy
 from training.rewards import RewardFunction
-from training.rl_common import Sequences, generate, response_logprobs, sequence_kl, whiten
+from training.rl_common import Sequences, generate, repeated_ngram_fraction, response_logprobs, sequence_kl, whiten
 from training.runs import append_metrics, prepare_work_directory, read_metrics, resume_from, save_checkpoint
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-HACKING_WINDOW = 20  # logged steps over which reward and response length are compared
+HACKING_WINDOW = 20  # logged steps over which reward is compared with response length and repetition
+HACKING_SIGNALS = ("reward", "response_length", "repetition")  # what each step logs for that check
 WeightedPrompt = tuple[Conversation, dict[str, float] | None]  # a prompt and its reward-head weights, if its own
 
 
@@ -111,10 +112,11 @@ class PolicyRun:
         self.algorithm_state: dict[str, Any] = self.state.get("algorithm_state", {})  # e.g. REINFORCE's baseline
         self.stopped_early: str | None = None
         self.warnings: list[str] = []
-        # (reward, response length) of the latest logged steps, for the reward-hacking check
-        self.recent: deque[tuple[float, float]] = deque(
-            ((r["reward"], r["response_length"]) for r in read_metrics(self.metrics_path)
-             if "reward" in r and "response_length" in r), maxlen=HACKING_WINDOW)
+        self.hacking_signals_warned: set[str] = set()
+        # reward, response length and repetition of the latest logged steps, for the reward-hacking check
+        self.recent: deque[dict[str, float]] = deque(
+            ({k: r[k] for k in HACKING_SIGNALS} for r in read_metrics(self.metrics_path)
+             if all(k in r for k in HACKING_SIGNALS)), maxlen=HACKING_WINDOW)
         self.started = time.time()
         self.step = self.start_step
         self.samples_before = self._sample_table() if self.start_step == 0 else self.state.get("samples_before", [])
@@ -251,26 +253,13 @@ class PolicyRun:
         if not self.is_main:
             return
         append_metrics(self.metrics_path, {"step": step, "elapsed_s": round(time.time() - self.started, 1), **metrics})
-        if "reward" in metrics and "response_length" in metrics:
-            self.recent.append((metrics["reward"], metrics["response_length"]))
-            self._check_reward_hacking()
-
-    def _check_reward_hacking(self) -> None:
-        """Warn (once) when reward and response length rise or fall together over the recent steps: a reward
-        model that pays for length, not quality, is being exploited."""
-        if len(self.recent) < HACKING_WINDOW or any("reward hacking" in w for w in self.warnings):
-            return
-        reward, length = (np.array(column) for column in zip(*self.recent))
-        if reward.std() == 0 or length.std() == 0:
-            return
-        correlation = float(np.corrcoef(reward, length)[0, 1])
-        change = abs(length[-5:].mean() / max(length[:5].mean(), 1e-6) - 1.0)
-        if abs(correlation) > 0.8 and change > 0.25:
-            message = (f"possible reward hacking: over the last {HACKING_WINDOW} steps reward and response length "
-                       f"moved together (correlation {correlation:.2f}, length changed {change:.0%}); "
-                       "read samples.md and consider a length-controlled reward or a larger kl_coef")
-            log.warning(message)
-            self.warnings.append(message)
+        if all(k in metrics for k in HACKING_SIGNALS):
+            self.recent.append({k: metrics[k] for k in HACKING_SIGNALS})
+            for signal, message in reward_hacking_warnings(list(self.recent)).items():
+                if signal not in self.hacking_signals_warned:  # each kind once per run
+                    self.hacking_signals_warned.add(signal)
+                    log.warning(message)
+                    self.warnings.append(message)
 
     # ---- evaluation --------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -363,11 +352,40 @@ def rollout_metrics(rollout: Rollout, heads: Sequence[str], entropy: torch.Tenso
     """What every on-policy step logs about its samples."""
     mask = rollout.sequences.response_mask
     metrics = {"reward": float(rollout.rewards.mean()), "response_length": float(mask.sum(1).mean()),
-               "ended_fraction": float(rollout.sequences.ended.float().mean())}
+               "ended_fraction": float(rollout.sequences.ended.float().mean()),
+               "repetition": float(repeated_ngram_fraction(rollout.sequences).mean())}
     metrics.update({f"z_{head}": float(rollout.head_scores[:, i].mean()) for i, head in enumerate(heads)})
     if entropy is not None:
         metrics["entropy"] = float((entropy * mask).sum() / mask.sum())
     return metrics
+
+
+def reward_hacking_warnings(recent: Sequence[dict[str, float]]) -> dict[str, str]:
+    """Signs, over the last HACKING_WINDOW logged steps, that the policy is exploiting the reward model rather
+    than improving: reward moving together with response length (a reward that pays for length), or reward
+    rising with repeated n-grams (a reward that pays for a phrase, however often it is said)."""
+    if len(recent) < HACKING_WINDOW:
+        return {}
+    reward, length, repetition = (np.array([row[k] for row in recent[-HACKING_WINDOW:]]) for k in HACKING_SIGNALS)
+
+    def correlation(signal: np.ndarray) -> float:
+        return 0.0 if reward.std() == 0 or signal.std() == 0 else float(np.corrcoef(reward, signal)[0, 1])
+
+    found: dict[str, str] = {}
+    length_change = abs(length[-5:].mean() / max(length[:5].mean(), 1e-6) - 1.0)
+    if abs(correlation(length)) > 0.8 and length_change > 0.25:
+        found["response_length"] = (
+            f"possible reward hacking: over the last {HACKING_WINDOW} steps reward and response length moved "
+            f"together (correlation {correlation(length):.2f}, length changed {length_change:.0%}); read "
+            "samples.md and consider a length-controlled reward or a larger kl_coef")
+    repetition_rise = repetition[-5:].mean() - repetition[:5].mean()
+    if correlation(repetition) > 0.8 and repetition_rise > 0.2:
+        found["repetition"] = (
+            f"possible reward hacking: over the last {HACKING_WINDOW} steps reward rose with repetition "
+            f"(correlation {correlation(repetition):.2f}; repeated 3-grams {repetition[:5].mean():.0%} -> "
+            f"{repetition[-5:].mean():.0%} of each reply); read samples.md for looping replies and consider "
+            "a larger kl_coef or a reward model trained against such loops")
+    return found
 
 
 def samples_markdown(before: list[dict[str, Any]], after: list[dict[str, Any]]) -> str:

@@ -71,6 +71,18 @@ def response_mask_of(responses: torch.Tensor, end_ids: list[int]) -> tuple[torch
     return (positions <= first_end.unsqueeze(1)).float(), ended
 
 
+
+def repeated_ngram_fraction(sequences: Sequences, n: int = 3) -> torch.Tensor:
+    """[B] share of each response's token n-grams that already occurred earlier in the same response: near 0 for
+    ordinary text, near 1 for a loop such as "I'm sorry, I'm sorry, I'm sorry"."""
+    responses = sequences.input_ids[:, sequences.prompt_length :].tolist()
+    lengths = sequences.response_mask.sum(1).long().tolist()
+    fractions = []
+    for tokens, length in zip(responses, lengths):
+        ngrams = [tuple(tokens[i : i + n]) for i in range(length - n + 1)]
+        fractions.append(1.0 - len(set(ngrams)) / len(ngrams) if ngrams else 0.0)
+    return torch.tensor(fractions)
+
 @torch.no_grad()
 def generate(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, conversations: Sequence[Conversation],
              max_prompt_length: int, max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0,
