@@ -78,6 +78,8 @@ def main() -> None:
     for name, value, target, met in rows:
         shown = "n/a" if value is None else f"{value:.2f}"
         print(f"  {name:<42}{shown:>8}  target {target:<7} {'met' if met else 'MISSED'}")
+    low, high = held["reward_gain_in_reference_std_ci95"]
+    print(f"  held-out reward gain, 95% interval over its {held['prompts']} prompts: {low:.2f} to {high:.2f}")
     for kind in ("harmful", "safe"):
         for name, entry in report[kind].items():
             print(f"  {kind} {name}: refusal {entry['reference']['refusal_rate']:.3f} -> "

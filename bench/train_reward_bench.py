@@ -31,13 +31,14 @@ def main() -> None:
     report = {"wall_seconds": round(wall, 1), "train_seconds": metrics["train_seconds"], "steps": metrics["steps"],
               "accuracy": {}, "onnx": manifest["onnx"], "moderation": manifest["moderation"]}
     print(f"wall time {wall / 60:.1f} min (training {metrics['train_seconds'] / 60:.1f} min, {metrics['steps']} steps)")
-    print(f"{'split':<11}{'head':<10}{'pairs':>6}{'accuracy':>10}{'shorter':>9}{'ECE':>7}")
+    print(f"{'split':<11}{'head':<10}{'pairs':>6}{'accuracy':>10}{'95% interval':>15}{'shorter':>9}{'ECE':>7}")
     for split in ("validation", "test"):
         for head, m in metrics[split].items():
             if "accuracy" in m:
                 report["accuracy"][f"{split}/{head}"] = m["accuracy"]
-                print(f"{split:<11}{head:<10}{m['pairs']:>6}{m['accuracy']:>10.3f}{m['shorter_wins_accuracy']:>9.3f}"
-                      f"{m['ece']:>7.3f}")
+                low, high = m["accuracy_ci95"]
+                print(f"{split:<11}{head:<10}{m['pairs']:>6}{m['accuracy']:>10.3f}{f'{low:.3f}-{high:.3f}':>15}"
+                      f"{m['shorter_wins_accuracy']:>9.3f}{m['ece']:>7.3f}")
     for head, acc in manifest["onnx"].get("accuracy", {}).items():
         print(f"ONNX {acc['split']} {head}: fp32 {acc['fp32']:.3f}  int8 {acc['int8']:.3f}  "
               f"(int8 - fp32 = {100 * (acc['int8'] - acc['fp32']):+.1f} points)")

@@ -1,4 +1,5 @@
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -31,7 +32,7 @@ def test_eval_reward_prints_metrics_for_any_file(tiny_reward_model: Path, tmp_pa
     metrics = report[str(data)]["harmless"]
     assert metrics["pairs"] == 10 and {"accuracy", "shorter_wins_accuracy", "ece"} <= set(metrics)
     assert main(["eval", "reward", "--model", str(tiny_reward_model), "--data", str(data)]) == 0
-    assert "accuracy=" in capsys.readouterr().out
+    assert re.search(r"accuracy=[01]\.\d{4}  accuracy_ci95=\[[01]\.\d{4}, [01]\.\d{4}\]", capsys.readouterr().out)
 
 
 def test_bad_data_is_a_clear_error_not_a_traceback(tiny_reward_model: Path, tmp_path: Path, capsys):

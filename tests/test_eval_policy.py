@@ -5,10 +5,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
+import pytest
 import yaml
 
 from tests.conftest import prompt_rows, tiny_policy_config, write_jsonl
 from training.cli import main
+from training.eval_policy import paired_gain_interval
 from training.sft import train_sft
 
 
@@ -36,8 +39,20 @@ def test_eval_policy_reports_reward_kl_and_refusals(tiny_policy: str, tiny_rewar
     held = report["held_out_reward"]
     assert held["prompts"] == 6 and held["kl_to_reference"] > 0  # the tuned policy moved away from its reference
     assert set(held["reference"]) >= {"mean_reward", "std_reward"}
+    low, high = held["reward_gain_in_reference_std_ci95"]
+    assert low <= held["reward_gain_in_reference_std"] <= high
     assert report["harmful"]["tiny"]["prompts"] == 2 and report["safe"]["tiny_safe"]["prompts"] == 3
     rate = report["harmful"]["tiny"]["policy"]["refusal_rate"]
     assert 0.0 <= rate <= 1.0
     assert report["summary"]["safe_compliance_rate"]["policy"] == 1.0 - report["safe"]["tiny_safe"]["policy"]["refusal_rate"]
-    assert "harmful refusal" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "harmful refusal" in out and "95% interval" in out
+
+
+def test_paired_gain_interval_by_hand():
+    # Differences 1, 2, 3: mean 2, sample std 1, so 2 +- 1.96 / sqrt(3).
+    low, high = paired_gain_interval(np.array([1.0, 3.0, 5.0]), np.array([0.0, 1.0, 2.0]))
+    assert (low, high) == pytest.approx((2 - 1.96 / 3**0.5, 2 + 1.96 / 3**0.5))
+    # The same shift on every prompt is a certain gain, however spread the rewards themselves are.
+    assert paired_gain_interval(np.array([-4.0, 0.5, 9.0]), np.array([-5.0, -0.5, 8.0])) == pytest.approx([1.0, 1.0])
+    assert paired_gain_interval(np.array([1.0]), np.array([0.0])) == [float("-inf"), float("inf")]

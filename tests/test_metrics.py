@@ -8,6 +8,7 @@ from training.evaluate import (
     expected_calibration_error,
     false_flag_threshold,
     pair_metrics,
+    wilson_interval,
 )
 
 
@@ -26,6 +27,19 @@ def test_pair_metrics_accuracy_ties_and_shorter_baseline():
     assert metrics["accuracy"] == pytest.approx((1 + 0 + 0.5) / 3)
     assert metrics["shorter_wins_accuracy"] == pytest.approx((1 + 0 + 0.5) / 3)
     assert metrics["pairs"] == 3
+    low, high = metrics["accuracy_ci95"]
+    assert low < metrics["accuracy"] < high
+
+
+def test_wilson_interval_by_hand():
+    # 5 of 10: centre (0.5 + 1.96^2/20) / (1 + 1.96^2/10) = 0.5; half-width 1.96/1.38416 * sqrt(0.025 + 0.009604)
+    assert wilson_interval(0.5, 10) == pytest.approx([0.2366, 0.7634], abs=1e-4)
+    # 0 of 20: the interval still has width (a normal approximation would give [0, 0]).
+    assert wilson_interval(0.0, 20) == pytest.approx([0.0, 0.1611], abs=1e-4)
+    # The default model's harmless test split: 238 pairs at 0.626 cannot tell 0.60 from 0.66.
+    low, high = wilson_interval(0.626, 238)
+    assert low < 0.60 and high > 0.66
+    assert wilson_interval(0.7, 0) == [0.0, 1.0]
 
 
 def test_best_f1_threshold_separates_and_flags_ties():

@@ -68,18 +68,23 @@ class PolicyEvaluator:
         conversations = [p for p, _ in prompts]
         weights = [w for _, w in prompts]
         result: dict[str, Any] = {"prompts": len(prompts)}
+        rewards_of: dict[str, np.ndarray] = {}
         for name, model in self.models.items():
             torch.manual_seed(self.config.seed)
             responses, kls = self.responses(model, conversations, greedy=False, desc=f"reward prompts ({name})",
                                             with_kl=name == "policy")
             rewards, _ = reward(conversations, responses, weights)
+            rewards_of[name] = rewards
             result[name] = {"mean_reward": float(rewards.mean()), "std_reward": float(rewards.std()),
                             "mean_response_characters": float(np.mean([len(r) for r in responses]))}
             if kls:
                 result[name]["kl_to_reference"] = float(np.mean(kls))
         gain = result["policy"]["mean_reward"] - result["reference"]["mean_reward"]
         result["reward_gain"] = gain
-        result["reward_gain_in_reference_std"] = gain / max(result["reference"]["std_reward"], 1e-8)
+        unit = max(result["reference"]["std_reward"], 1e-8)
+        result["reward_gain_in_reference_std"] = gain / unit
+        result["reward_gain_in_reference_std_ci95"] = [
+            bound / unit for bound in paired_gain_interval(rewards_of["policy"], rewards_of["reference"])]
         result["kl_to_reference"] = result["policy"]["kl_to_reference"]
         return result
 
@@ -96,6 +101,16 @@ class PolicyEvaluator:
                                  for p, r, f in list(zip(prompts, responses, refused))[:3]],
                 }
         return report
+
+
+def paired_gain_interval(policy: np.ndarray, reference: np.ndarray, z: float = 1.96) -> list[float]:
+    """95% interval of the mean reward gain, from the per-prompt differences of the two policies' rewards on the
+    same prompts (normal approximation): mean(d) +- z * std(d) / sqrt(n)."""
+    differences = np.asarray(policy, dtype=np.float64) - np.asarray(reference, dtype=np.float64)
+    if len(differences) < 2:
+        return [float("-inf"), float("inf")]
+    half_width = z * differences.std(ddof=1) / np.sqrt(len(differences))
+    return [float(differences.mean() - half_width), float(differences.mean() + half_width)]
 
 
 def pooled(report: dict[str, Any], model: str) -> float:
@@ -149,9 +164,11 @@ def format_report(report: dict[str, Any]) -> str:
     lines = [f"policy {report['policy']} vs reference {report['reference']}"]
     held = report["held_out_reward"]
     if held:
+        low, high = held["reward_gain_in_reference_std_ci95"]
         lines.append(f"  held-out reward ({held['prompts']} prompts): policy {held['policy']['mean_reward']:.3f}, "
                      f"reference {held['reference']['mean_reward']:.3f} (gain {held['reward_gain_in_reference_std']:.2f}"
-                     f" reference std); KL {held['kl_to_reference']:.2f} nats/response")
+                     f" reference std, 95% interval {low:.2f} to {high:.2f}); KL {held['kl_to_reference']:.2f} "
+                     "nats/response")
     for kind, rate in (("harmful", "refusal"), ("safe", "refusal")):
         for name, entry in report[kind].items():
             lines.append(f"  {kind:>7} {name:<18} n={entry['prompts']:<4} {rate} rate: policy "

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -95,9 +97,21 @@ def expected_calibration_error(probabilities: np.ndarray, labels: np.ndarray, bi
                      for b in reliability(probabilities, labels, bins) if b["count"]))
 
 
-def pair_metrics(chosen: np.ndarray, rejected: np.ndarray, pairs: Sequence[PreferencePair]) -> dict[str, float]:
-    """Pairwise accuracy (ties count half), the shorter-response-wins baseline, and calibration of
-    P(chosen > rejected) = sigma(r_c - r_r), measured on both orderings of every pair so labels are balanced."""
+def wilson_interval(proportion: float, count: int, z: float = 1.96) -> list[float]:
+    """95% Wilson score interval of a proportion measured on `count` trials: how far an accuracy on a few hundred
+    pairs may sit from the model's accuracy on the whole distribution."""
+    if count == 0:
+        return [0.0, 1.0]
+    scale = 1.0 + z * z / count
+    centre = (proportion + z * z / (2 * count)) / scale
+    half_width = z / scale * math.sqrt(proportion * (1.0 - proportion) / count + z * z / (4 * count * count))
+    return [max(0.0, centre - half_width), min(1.0, centre + half_width)]
+
+
+def pair_metrics(chosen: np.ndarray, rejected: np.ndarray, pairs: Sequence[PreferencePair]) -> dict[str, Any]:
+    """Pairwise accuracy (ties count half) with its 95% interval, the shorter-response-wins baseline, and
+    calibration of P(chosen > rejected) = sigma(r_c - r_r), measured on both orderings of every pair so labels
+    are balanced."""
     diff = chosen - rejected
     accuracy = float(np.mean((diff > 0) + 0.5 * (diff == 0)))
     chosen_len = np.array([len(p.chosen) for p in pairs])
@@ -105,8 +119,8 @@ def pair_metrics(chosen: np.ndarray, rejected: np.ndarray, pairs: Sequence[Prefe
     shorter = float(np.mean((chosen_len < rejected_len) + 0.5 * (chosen_len == rejected_len)))
     p = 1.0 / (1.0 + np.exp(-diff))
     ece = expected_calibration_error(np.concatenate([p, 1 - p]), np.concatenate([np.ones_like(p), np.zeros_like(p)]))
-    return {"pairs": len(pairs), "accuracy": accuracy, "shorter_wins_accuracy": shorter, "ece": ece,
-            "mean_margin": float(diff.mean())}
+    return {"pairs": len(pairs), "accuracy": accuracy, "accuracy_ci95": wilson_interval(accuracy, len(pairs)),
+            "shorter_wins_accuracy": shorter, "ece": ece, "mean_margin": float(diff.mean())}
 
 
 def rating_metrics(predicted: np.ndarray, target: np.ndarray) -> dict[str, float]:
