@@ -32,9 +32,12 @@ def test_eval_policy_reports_reward_kl_and_refusals(tiny_policy: str, tiny_rewar
     }
     (tmp_path / "eval.yaml").write_text(yaml.safe_dump(config))
     report_path = tmp_path / "report.json"
-    assert main(["eval", "policy", "--policy", str(tuned), "--config", str(tmp_path / "eval.yaml"),
-                 "--reward-model", str(tiny_reward_model), "--output", str(report_path), "--no-progress"]) == 0
+    command = ["eval", "policy", "--policy", str(tuned), "--config", str(tmp_path / "eval.yaml"),
+               "--reward-model", str(tiny_reward_model), "--output", str(report_path), "--no-progress",
+               "--cache", str(tmp_path / "cache.sqlite")]
+    assert main(command) == 0
     report = json.loads(report_path.read_text())
+    assert report["cache"] == {"hits": 0, "misses": 10}  # 2 harmful + 3 safe prompts, greedy, for both models
     assert report["reference"] == tiny_policy and report["algorithm"] == "sft"
     held = report["held_out_reward"]
     assert held["prompts"] == 6 and held["kl_to_reference"] > 0  # the tuned policy moved away from its reference
@@ -47,6 +50,12 @@ def test_eval_policy_reports_reward_kl_and_refusals(tiny_policy: str, tiny_rewar
     assert report["summary"]["safe_compliance_rate"]["policy"] == 1.0 - report["safe"]["tiny_safe"]["policy"]["refusal_rate"]
     out = capsys.readouterr().out
     assert "harmful refusal" in out and "95% interval" in out
+
+    # Evaluated again: every greedy reply comes from the cache, and the figures are the same.
+    assert main(command) == 0
+    again = json.loads(report_path.read_text())
+    assert again["cache"] == {"hits": 10, "misses": 0}
+    assert again["harmful"] == report["harmful"] and again["held_out_reward"] == report["held_out_reward"]
 
 
 def test_paired_gain_interval_by_hand():

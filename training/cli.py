@@ -48,11 +48,15 @@ def add_suite_arguments(parser: argparse.ArgumentParser, sets: Sequence[EvalSet]
                         help="folder laid out like the upstream data bundle holding the non-commercial or "
                         "share-alike sets Keel does not ship (AlpacaEval, CrowS-Pairs, StereoSet, Do-Not-Answer, "
                         "BOLD); without it those sets are skipped and the report says so")
+    add_cache_arguments(parser)
+    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def add_cache_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cache", type=Path, default=cache_root() / "eval-cache.sqlite",
                         help="sqlite cache of scores, generations and likelihoods, keyed by model fingerprints "
                         f"(default: {cache_root() / 'eval-cache.sqlite'})")
     parser.add_argument("--no-cache", action="store_true", help="compute everything afresh and store nothing")
-    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -99,7 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Compare a tuned policy with its reference on held-out prompts: mean reward (and its size "
         "in standard deviations of the reference's rewards), KL(policy || reference) per response, refusal rate "
         "on harmful requests (AdvBench, HarmBench, SimpleSafetyTests) and compliance on XSTest's safe prompts. "
-        "Refusals are detected by the phrase list in training/refusals.py.")
+        "Refusals are detected by the phrase list in training/refusals.py. Greedy replies are cached with the "
+        "evaluation suite's, so the reference's are generated once, not at every evaluation.")
     eval_policy.add_argument("--policy", required=True, help="the tuned policy directory (or HF name/path)")
     eval_policy.add_argument("--reference", default=None,
                              help="the reference policy (default: the base_policy in the tuned policy's keel.json)")
@@ -112,6 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     eval_policy.add_argument("--limit", type=int, default=None, help="at most N prompts per set")
     eval_policy.add_argument("--output", type=Path, default=None, help="also write the report as JSON here")
     eval_policy.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    add_cache_arguments(eval_policy)
 
     suite = evaluate.add_parser(
         "suite", help="the public safety, bias and truthfulness sets, with an HTML report",

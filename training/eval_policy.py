@@ -4,7 +4,8 @@ does it refuse harmful requests, and does it still answer safe prompts that mere
 - Held-out reward: one sampled response per prompt (config temperature, fixed seed) from each policy; the gain
   is reported in standard deviations of the reference's rewards.
 - KL(policy || reference): the mean over the policy's samples of sum_t log pi(y_t) - log ref(y_t).
-- Refusal rate on harmful sets and compliance on safe sets: greedy responses, judged by training/refusals.py.
+- Refusal rate on harmful sets and compliance on safe sets: greedy responses, judged by training/refusals.py,
+  cached by model fingerprint in the evaluation suite's cache (the reference's are computed once).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from tqdm.auto import tqdm
 from training.artifact import MANIFEST, write_json_atomic
 from training.config import ConfigError, EvalPolicyConfig, load_config
 from training.data import Conversation, load_prompts
-from training.policy import load_policy, load_tokenizer
+from training.eval_suite import CachedPolicy, EvalCache
 from training.refusals import is_refusal
 from training.rewards import RewardFunction
 from training.rl_common import generate, response_logprobs, sequence_kl
@@ -36,26 +37,28 @@ def autocast(device: torch.device) -> Any:
 
 
 class PolicyEvaluator:
-    def __init__(self, config: EvalPolicyConfig, policy: str, reference: str, progress: bool = True):
+    def __init__(self, config: EvalPolicyConfig, policy: str, reference: str, cache: EvalCache,
+                 progress: bool = True):
         self.config = config
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.tokenizer = load_tokenizer(policy)
-        if load_tokenizer(reference).get_vocab() != self.tokenizer.get_vocab():
+        self.policies = {name: CachedPolicy(path, cache, config.max_prompt_length, config.max_new_tokens,
+                                            config.batch_size) for name, path in (("policy", policy), ("reference", reference))}
+        self.tokenizer = self.policies["policy"].tokenizer
+        if self.policies["reference"].tokenizer.get_vocab() != self.tokenizer.get_vocab():
             raise ConfigError(f"{policy} and {reference} use different tokenizers: KL between them is undefined")
-        self.models = {"policy": load_policy(policy).to(self.device).eval(),
-                       "reference": load_policy(reference).to(self.device).eval()}
+        self.models = {name: cached.model for name, cached in self.policies.items()}
+        self.device = self.policies["policy"].device
         self.progress = progress
 
-    def responses(self, model: torch.nn.Module, prompts: Sequence[Conversation], greedy: bool, desc: str,
-                  with_kl: bool = False) -> tuple[list[str], list[float]]:
-        """Responses to the prompts, and (with_kl) each one's KL to the reference."""
+    def sampled_responses(self, model: torch.nn.Module, prompts: Sequence[Conversation], desc: str,
+                          with_kl: bool = False) -> tuple[list[str], list[float]]:
+        """Sampled responses to the prompts, and (with_kl) each one's KL to the reference."""
         c, texts, kls = self.config, [], []
         batches = range(0, len(prompts), c.batch_size)
         for start in tqdm(batches, desc=desc, unit="batch", disable=not self.progress, leave=False):
             batch = prompts[start : start + c.batch_size]
             with torch.no_grad(), autocast(self.device):
                 sequences, responses = generate(model, self.tokenizer, batch, c.max_prompt_length,
-                                                c.max_new_tokens, c.temperature, greedy=greedy)
+                                                c.max_new_tokens, c.temperature)
                 if with_kl:
                     mine = response_logprobs(model, sequences, c.temperature)[0]
                     theirs = response_logprobs(self.models["reference"], sequences, c.temperature)[0]
@@ -71,8 +74,8 @@ class PolicyEvaluator:
         rewards_of: dict[str, np.ndarray] = {}
         for name, model in self.models.items():
             torch.manual_seed(self.config.seed)
-            responses, kls = self.responses(model, conversations, greedy=False, desc=f"reward prompts ({name})",
-                                            with_kl=name == "policy")
+            responses, kls = self.sampled_responses(model, conversations, desc=f"reward prompts ({name})",
+                                                    with_kl=name == "policy")
             rewards, _ = reward(conversations, responses, weights)
             rewards_of[name] = rewards
             result[name] = {"mean_reward": float(rewards.mean()), "std_reward": float(rewards.std()),
@@ -92,8 +95,8 @@ class PolicyEvaluator:
         report: dict[str, Any] = {}
         for set_name, prompts in prompt_sets.items():
             report[set_name] = {"prompts": len(prompts)}
-            for name, model in self.models.items():
-                responses, _ = self.responses(model, prompts, greedy=True, desc=f"{set_name} ({name})")
+            for name, policy in self.policies.items():
+                responses = policy.responses(prompts, f"{set_name} ({name})", self.progress)
                 refused = [is_refusal(r) for r in responses]
                 report[set_name][name] = {
                     "refusal_rate": float(np.mean(refused)),
@@ -120,7 +123,7 @@ def pooled(report: dict[str, Any], model: str) -> float:
 
 
 def evaluate_policy(config: EvalPolicyConfig, policy: str, reference: str | None = None, limit: int | None = None,
-                    progress: bool = True) -> dict[str, Any]:
+                    progress: bool = True, cache: EvalCache | None = None) -> dict[str, Any]:
     manifest_path = Path(policy) / MANIFEST
     manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
     reference = reference or manifest.get("base_policy")
@@ -128,7 +131,7 @@ def evaluate_policy(config: EvalPolicyConfig, policy: str, reference: str | None
         raise ConfigError(f"{policy} has no keel.json naming its base policy: pass --reference")
     for source in [*config.reward_prompts, *config.harmful.values(), *config.safe.values()]:
         source.limit = limit if limit is not None else source.limit
-    evaluator = PolicyEvaluator(config, policy, reference, progress)
+    evaluator = PolicyEvaluator(config, policy, reference, cache or EvalCache(None), progress)
     reward = RewardFunction(config.reward)
     prompts = [(c, s.heads) for s in config.reward_prompts for c in load_prompts(s)]
     harmful = evaluator.refusal_rates({name: load_prompts(s) for name, s in config.harmful.items()})
@@ -153,7 +156,10 @@ def run_eval_policy(args: argparse.Namespace) -> int:
     config = load_config(EvalPolicyConfig, args.config, args.overrides)
     if args.reward_model:
         config.reward.model = args.reward_model
-    report = evaluate_policy(config, args.policy, args.reference, args.limit, progress=not args.no_progress)
+    cache = EvalCache(None if args.no_cache else args.cache)
+    report = evaluate_policy(config, args.policy, args.reference, args.limit, progress=not args.no_progress,
+                             cache=cache)
+    report["cache"] = {"hits": cache.hits, "misses": cache.misses}
     if args.output:
         write_json_atomic(Path(args.output), report)
     print(format_report(report))
@@ -178,4 +184,7 @@ def format_report(report: dict[str, Any]) -> str:
                  f" ({s['harmful_refusal_change_points']:+.1f} points); safe compliance "
                  f"{s['safe_compliance_rate']['reference']:.3f} -> {s['safe_compliance_rate']['policy']:.3f} "
                  f"({s['safe_compliance_change_points']:+.1f} points)")
+    if "cache" in report:
+        lines.append(f"  greedy replies: {report['cache']['hits']} reused from the cache, {report['cache']['misses']} "
+                     "generated")
     return "\n".join(lines)
