@@ -9,8 +9,8 @@ import torch
 
 from training.dpo import dpo_loss
 from training.ppo import gae, token_rewards
-from training.refusals import is_refusal
 from training.policy_run import HACKING_WINDOW, reward_hacking_warnings
+from training.refusals import is_refusal
 from training.reinforce import moving_average_baseline
 from training.rl_common import (
     Sequences,
@@ -160,8 +160,6 @@ def test_a_data_source_can_keep_only_pairs_that_prefer_a_refusal_or_compliance(t
         load_pairs([DataSource(only_compliance, pairs="refusal_vs_compliance")], False)
     with pytest.raises(ValueError, match="refusal_vs_compliance"):
         DataSource(path, pairs="refusals")
-
-
 
 
 def test_repeated_ngram_fraction_by_hand():

@@ -25,6 +25,7 @@ from training.artifact import MANIFEST, write_json_atomic
 from training.config import ConfigError, EvalPolicyConfig, load_config
 from training.data import Conversation, load_prompts
 from training.eval_suite import CachedPolicy, EvalCache
+from training.evaluate import Z_95
 from training.refusals import is_refusal
 from training.rewards import RewardFunction
 from training.rl_common import generate, response_logprobs, sequence_kl
@@ -45,8 +46,6 @@ class PolicyEvaluator:
         self.tokenizer = self.policies["policy"].tokenizer
         if self.policies["reference"].tokenizer.get_vocab() != self.tokenizer.get_vocab():
             raise ConfigError(f"{policy} and {reference} use different tokenizers: KL between them is undefined")
-        self.models = {name: cached.model for name, cached in self.policies.items()}
-        self.device = self.policies["policy"].device
         self.progress = progress
 
     def sampled_responses(self, model: torch.nn.Module, prompts: Sequence[Conversation], desc: str,
@@ -56,12 +55,12 @@ class PolicyEvaluator:
         batches = range(0, len(prompts), c.batch_size)
         for start in tqdm(batches, desc=desc, unit="batch", disable=not self.progress, leave=False):
             batch = prompts[start : start + c.batch_size]
-            with torch.no_grad(), autocast(self.device):
+            with torch.no_grad(), autocast(self.policies["policy"].device):
                 sequences, responses = generate(model, self.tokenizer, batch, c.max_prompt_length,
                                                 c.max_new_tokens, c.temperature)
                 if with_kl:
                     mine = response_logprobs(model, sequences, c.temperature)[0]
-                    theirs = response_logprobs(self.models["reference"], sequences, c.temperature)[0]
+                    theirs = response_logprobs(self.policies["reference"].model, sequences, c.temperature)[0]
                     kls += sequence_kl(mine, theirs, sequences.response_mask).tolist()
             texts += responses
         return texts, kls
@@ -72,9 +71,9 @@ class PolicyEvaluator:
         weights = [w for _, w in prompts]
         result: dict[str, Any] = {"prompts": len(prompts)}
         rewards_of: dict[str, np.ndarray] = {}
-        for name, model in self.models.items():
+        for name, policy in self.policies.items():
             torch.manual_seed(self.config.seed)
-            responses, kls = self.sampled_responses(model, conversations, desc=f"reward prompts ({name})",
+            responses, kls = self.sampled_responses(policy.model, conversations, desc=f"reward prompts ({name})",
                                                     with_kl=name == "policy")
             rewards, _ = reward(conversations, responses, weights)
             rewards_of[name] = rewards
@@ -106,7 +105,7 @@ class PolicyEvaluator:
         return report
 
 
-def paired_gain_interval(policy: np.ndarray, reference: np.ndarray, z: float = 1.96) -> list[float]:
+def paired_gain_interval(policy: np.ndarray, reference: np.ndarray, z: float = Z_95) -> list[float]:
     """95% interval of the mean reward gain, from the per-prompt differences of the two policies' rewards on the
     same prompts (normal approximation): mean(d) +- z * std(d) / sqrt(n)."""
     differences = np.asarray(policy, dtype=np.float64) - np.asarray(reference, dtype=np.float64)

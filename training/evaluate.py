@@ -13,6 +13,8 @@ from transformers import PreTrainedTokenizerBase
 from training.data import Example, PreferencePair, Rating
 from training.text import ModelInput
 
+Z_95 = 1.96  # standard normal quantile of a two-sided 95% interval
+
 # A scorer maps (context, response) inputs to raw scores [len(inputs), heads] (torch or ONNX Runtime behind it).
 Scorer = Callable[[Sequence[ModelInput]], np.ndarray]
 
@@ -97,7 +99,7 @@ def expected_calibration_error(probabilities: np.ndarray, labels: np.ndarray, bi
                      for b in reliability(probabilities, labels, bins) if b["count"]))
 
 
-def wilson_interval(proportion: float, count: int, z: float = 1.96) -> list[float]:
+def wilson_interval(proportion: float, count: int, z: float = Z_95) -> list[float]:
     """95% Wilson score interval of a proportion measured on `count` trials: how far an accuracy on a few hundred
     pairs may sit from the model's accuracy on the whole distribution."""
     if count == 0:
