@@ -80,6 +80,9 @@ def main() -> None:
         print(f"  {name:<42}{shown:>8}  target {target:<7} {'met' if met else 'MISSED'}")
     low, high = held["reward_gain_in_reference_std_ci95"]
     print(f"  held-out reward gain, 95% interval over its {held['prompts']} prompts: {low:.2f} to {high:.2f}")
+    for label, entry in held["by_source"].items():
+        print(f"    {label}: {entry['reference']:.3f} -> {entry['policy']:.3f} "
+              f"(gain {entry['reward_gain_in_reference_std']:+.2f} std, n={entry['prompts']})")
     for kind in ("harmful", "safe"):
         for name, entry in report[kind].items():
             print(f"  {kind} {name}: refusal {entry['reference']['refusal_rate']:.3f} -> "

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from training.artifact import MANIFEST, write_json_atomic
 from training.config import ConfigError, EvalPolicyConfig, load_config
-from training.data import Conversation, load_prompts
+from training.data import Conversation, PromptSource, load_prompts
 from training.eval_suite import CachedPolicy, EvalCache
 from training.evaluate import Z_95
 from training.refusals import is_refusal
@@ -65,10 +65,14 @@ class PolicyEvaluator:
             texts += responses
         return texts, kls
 
-    def held_out_reward(self, reward: RewardFunction, prompts: list[tuple[Conversation, dict | None]]
+    def held_out_reward(self, reward: RewardFunction, prompts: list[tuple[Conversation, dict | None, str]]
                         ) -> dict[str, Any]:
-        conversations = [p for p, _ in prompts]
-        weights = [w for _, w in prompts]
+        """Mean reward of each policy's sampled replies, overall and per source (label, the third element): a
+        gain on one source can hide a loss on another, e.g. refusals that one head pays for and another does not.
+        Per-source gains are in the overall reference std, so weighted by their prompts they average to the gain."""
+        conversations = [p for p, _, _ in prompts]
+        weights = [w for _, w, _ in prompts]
+        sources = np.array([label for _, _, label in prompts])
         result: dict[str, Any] = {"prompts": len(prompts)}
         rewards_of: dict[str, np.ndarray] = {}
         for name, policy in self.policies.items():
@@ -88,6 +92,12 @@ class PolicyEvaluator:
         result["reward_gain_in_reference_std_ci95"] = [
             bound / unit for bound in paired_gain_interval(rewards_of["policy"], rewards_of["reference"])]
         result["kl_to_reference"] = result["policy"]["kl_to_reference"]
+        result["by_source"] = {
+            label: {"prompts": int(mask.sum()),
+                    **{name: float(rewards_of[name][mask].mean()) for name in self.policies},
+                    "reward_gain_in_reference_std": float((rewards_of["policy"][mask].mean()
+                                                           - rewards_of["reference"][mask].mean()) / unit)}
+            for label in dict.fromkeys(sources) for mask in [sources == label]}
         return result
 
     def refusal_rates(self, prompt_sets: dict[str, list[Conversation]]) -> dict[str, Any]:
@@ -115,6 +125,14 @@ def paired_gain_interval(policy: np.ndarray, reference: np.ndarray, z: float = Z
     return [float(differences.mean() - half_width), float(differences.mean() + half_width)]
 
 
+def source_label(source: PromptSource) -> str:
+    """`harmless-base/test.jsonl.gz[test] harmless` (folder and file, split, heads): how a report names a source."""
+    path = Path(source.path)
+    heads = "+".join(name if weight == 1 else f"{weight:g}*{name}" for name, weight in (source.heads or {}).items())
+    split = "" if source.split == "all" else f"[{source.split}]"
+    return f"{path.parent.name}/{path.name}{split} {heads or 'reward heads'}"
+
+
 def pooled(report: dict[str, Any], model: str) -> float:
     """Refusal rate over all prompts of the sets, each set weighted by its size."""
     total = sum(entry["prompts"] for entry in report.values())
@@ -132,7 +150,7 @@ def evaluate_policy(config: EvalPolicyConfig, policy: str, reference: str | None
         source.limit = limit if limit is not None else source.limit
     evaluator = PolicyEvaluator(config, policy, reference, cache or EvalCache(None), progress)
     reward = RewardFunction(config.reward)
-    prompts = [(c, s.heads) for s in config.reward_prompts for c in load_prompts(s)]
+    prompts = [(c, s.heads, source_label(s)) for s in config.reward_prompts for c in load_prompts(s)]
     harmful = evaluator.refusal_rates({name: load_prompts(s) for name, s in config.harmful.items()})
     safe = evaluator.refusal_rates({name: load_prompts(s) for name, s in config.safe.items()})
     summary = {
@@ -174,6 +192,9 @@ def format_report(report: dict[str, Any]) -> str:
                      f"reference {held['reference']['mean_reward']:.3f} (gain {held['reward_gain_in_reference_std']:.2f}"
                      f" reference std, 95% interval {low:.2f} to {high:.2f}); KL {held['kl_to_reference']:.2f} "
                      "nats/response")
+        for label, entry in held["by_source"].items():
+            lines.append(f"    {label} ({entry['prompts']} prompts): policy {entry['policy']:.3f}, reference "
+                         f"{entry['reference']:.3f} (gain {entry['reward_gain_in_reference_std']:+.2f} reference std)")
     for kind, rate in (("harmful", "refusal"), ("safe", "refusal")):
         for name, entry in report[kind].items():
             lines.append(f"  {kind:>7} {name:<18} n={entry['prompts']:<4} {rate} rate: policy "
