@@ -57,6 +57,28 @@ def test_extends_inherits_and_keeps_data_paths_relative_to_their_own_file(tmp_pa
         load_config(PolicyConfig, loop)
 
 
+def test_model_paths_that_exist_next_to_a_config_are_taken_from_it(tmp_path, monkeypatch):
+    from training.config import PolicyConfig
+
+    (tmp_path / "stage-one").mkdir()
+    (tmp_path / "rm").mkdir()
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "base.yaml").write_text("policy:\n  model: stage-one\nreward:\n  model: rm\n")
+    (tmp_path / "sub" / "child.yaml").write_text("extends: ../base.yaml\n")
+    monkeypatch.chdir(tmp_path / "sub")  # neither directory exists relative to the working directory
+    config = load_config(PolicyConfig, tmp_path / "sub" / "child.yaml")
+    assert config.policy.model == str(tmp_path / "stage-one")  # relative to base.yaml, the file that names it
+    assert config.reward.model == str(tmp_path / "rm")
+    # Hub names, "default" and paths that exist only from the working directory are kept as written.
+    (tmp_path / "sub" / "here").mkdir()
+    config = load_config(PolicyConfig, tmp_path / "base.yaml",
+                         ["policy.model=HuggingFaceTB/SmolLM2-135M-Instruct", "reward.model=default"])
+    assert (config.policy.model, config.reward.model) == ("HuggingFaceTB/SmolLM2-135M-Instruct", "default")
+    assert load_config(PolicyConfig, tmp_path / "base.yaml", ["policy.model=here"]).policy.model == "here"
+    base_model = load_config(RewardConfig, DEFAULT_REWARD_CONFIG, ["base_model=sub"]).base_model
+    assert base_model == "sub"  # configs/sub does not exist
+
+
 @pytest.mark.parametrize("name", sorted(p.name for p in Path(__file__).parent.parent.joinpath("configs").glob("*.yaml")))
 def test_every_shipped_config_loads_and_its_data_exists(name: str):
     from training.config import CONFIGS, EvalPolicyConfig, PolicyConfig

@@ -239,7 +239,7 @@ def apply_override(raw: dict[str, Any], assignment: str) -> None:
 
 
 def load_config(cls: type[T], path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> T:
-    """Read a YAML config, apply overrides, resolve data paths relative to the config file."""
+    """Read a YAML config, apply overrides, resolve data and model paths relative to the config file."""
     path = Path(path)
     raw = read_yaml(path)
     for assignment in overrides:
@@ -253,6 +253,15 @@ def load_config(cls: type[T], path: str | Path, overrides: list[str] | tuple[str
 
 
 SOURCE_LISTS = ("train", "validation", "test", "moderation", "guard", "evaluation", "data")  # lists of data sources
+MODEL_KEYS = ("model", "base_model")  # a model: "default", a hub name, or a path
+
+
+def config_relative_model(value: str, base: Path) -> str:
+    """A relative model path that exists next to the config file names that file; anything else (a hub name,
+    "default", a path from the working directory) is kept as written."""
+    if Path(value).is_absolute() or not (base / value).exists():
+        return value
+    return str((base / value).resolve())
 
 
 def read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
@@ -276,8 +285,9 @@ def read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
 def _anchor_paths(raw: Any, base: Path, key: str = "") -> Any:
     """Make the data paths of an extended file absolute, so they stay relative to the file that names them."""
     if isinstance(raw, dict):
-        return {k: (str(base / v) if k == "path" and isinstance(v, str) else _anchor_paths(v, base, k))
-                for k, v in raw.items()}
+        return {k: (str(base / v) if k == "path" and isinstance(v, str)
+                    else config_relative_model(v, base) if k in MODEL_KEYS and isinstance(v, str)
+                    else _anchor_paths(v, base, k)) for k, v in raw.items()}
     if isinstance(raw, list):
         return [str(base / item) if isinstance(item, str) and key in SOURCE_LISTS else _anchor_paths(item, base)
                 for item in raw]
@@ -332,7 +342,7 @@ def build(cls: Any, value: Any, where: str) -> Any:
 
 
 def _resolve_paths(config: Any, base: Path) -> None:
-    """Make every data path relative to the config file absolute."""
+    """Make every data path relative to the config file absolute, and model paths that exist there."""
     if isinstance(config, DataSource):
         if not Path(config.path).is_absolute():
             config.path = str((base / config.path).resolve())
@@ -341,7 +351,11 @@ def _resolve_paths(config: Any, base: Path) -> None:
             _resolve_paths(item, base)
     elif dataclasses.is_dataclass(config):
         for field in dataclasses.fields(config):
-            _resolve_paths(getattr(config, field.name), base)
+            value = getattr(config, field.name)
+            if field.name in MODEL_KEYS and isinstance(value, str):
+                setattr(config, field.name, config_relative_model(value, base))
+            else:
+                _resolve_paths(value, base)
 
 
 def to_dict(config: Any) -> dict[str, Any]:
