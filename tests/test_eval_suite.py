@@ -158,6 +158,8 @@ def test_reward_suite_end_to_end_and_cached(tiny_reward_model: Path, tiny_backbo
     assert 0 <= xstest["flag_rate"] <= 1 and 0 <= xstest["guard_flag_rate"] <= 1  # the chat guard's rule beside it
     html = (tmp_path / "one" / "report.html").read_text()
     assert "data:image/png;base64," in html and "skipped" in html and (tmp_path / "one" / "reliability.png").exists()
+    low, high = llmbar["models"]["model"]["overall"]["accuracy_ci95"]
+    assert f"<th>accuracy_ci95</th><td>{low:.3f}–{high:.3f}</td>" in html  # the interval beside the accuracy
     first_misses = report["cache"]["misses"]
     assert first_misses > 0
     assert main([*args, "--output", str(tmp_path / "two")]) == 0

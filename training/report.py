@@ -40,8 +40,10 @@ def _pyplot() -> Any:
 
 
 def bar_chart(path: Path, title: str, groups: list[str], series: dict[str, list[float | None]],
-              reference: float | None = None, ylabel: str = "") -> Path:
-    """Grouped bars: one group per label in `groups`, one bar per series (model); horizontal when many."""
+              reference: float | None = None, ylabel: str = "",
+              intervals: dict[str, list[tuple[float, float] | None]] | None = None) -> Path:
+    """Grouped bars: one group per label in `groups`, one bar per series (model); horizontal when many.
+    `intervals` (per series, per group) are drawn as error bars: how far apart two bars must be to differ."""
     plt = _pyplot()
     horizontal = len(groups) > 8
     size = (9, 0.32 * len(groups) * max(1, len(series)) + 1.5) if horizontal else (max(5.0, 1.1 * len(groups) + 2), 3.8)
@@ -50,10 +52,13 @@ def bar_chart(path: Path, title: str, groups: list[str], series: dict[str, list[
     for s, (name, values) in enumerate(series.items()):
         positions = [g + (s - (len(series) - 1) / 2) * width for g in range(len(groups))]
         heights = [v if v is not None and not math.isnan(v) else 0.0 for v in values]
+        bounds = (intervals or {}).get(name) or [None] * len(heights)
+        errors = [[h - b[0] if b else math.nan for h, b in zip(heights, bounds)],
+                  [b[1] - h if b else math.nan for h, b in zip(heights, bounds)]] if intervals else None
         if horizontal:
-            axis.barh(positions, heights, height=width, label=name, color=COLORS[s % 2])
+            axis.barh(positions, heights, height=width, label=name, color=COLORS[s % 2], xerr=errors, capsize=2)
         else:
-            axis.bar(positions, heights, width=width, label=name, color=COLORS[s % 2])
+            axis.bar(positions, heights, width=width, label=name, color=COLORS[s % 2], yerr=errors, capsize=2)
     known = [v for values in series.values() for v in values if v is not None and not math.isnan(v)]
     if known and min(known) >= 0 and max(known) <= 1:  # rates and accuracies: always the full 0-1 scale
         (axis.set_xlim if horizontal else axis.set_ylim)(0, 1.05)
@@ -112,6 +117,14 @@ def _value(result: dict[str, Any] | None, key: str) -> float | None:
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
+def _interval(value: Any) -> tuple[float, float] | None:
+    """A [low, high] pair of numbers (a figure's 95% interval, e.g. `accuracy_ci95`), else None."""
+    if isinstance(value, (list, tuple)) and len(value) == 2 and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+        return float(value[0]), float(value[1])
+    return None
+
+
 def largest(by_category: dict[str, dict[str, Any]]) -> list[str]:
     """The categories to chart: all of them, or the MAX_CHARTED with the most items (the tables list every one)."""
     if len(by_category) <= MAX_CHARTED:
@@ -130,9 +143,13 @@ def charts(report: dict[str, Any], folder: Path) -> dict[str, list[Path]]:
         names = [n for n, e in active.items() if e["kind"] == kind]
         if names:
             series = {label: [_value(active[n]["models"][label]["overall"], metric) for n in names] for label in labels}
+            intervals = {label: [_interval(active[n]["models"][label]["overall"].get(f"{metric}_ci95")) for n in names]
+                         for label in labels}
+            drawn = intervals if any(any(i) for i in intervals.values()) else None
+            title = KIND_TITLES[kind] + ("; whiskers: 95% intervals" if drawn else "")
             reference = 0.5 if kind in ("pairs", "bias") else None
-            made["_overview"].append(bar_chart(folder / f"overview_{kind}.png", KIND_TITLES[kind], names, series,
-                                               reference, metric))
+            made["_overview"].append(bar_chart(folder / f"overview_{kind}.png", title, names, series, reference,
+                                               metric, drawn))
     if report["kind"] == "reward" and (path := reliability_chart(folder / "reliability.png", report)):
         made["_overview"].append(path)
     for name, entry in active.items():
@@ -165,6 +182,8 @@ def charts(report: dict[str, Any], folder: Path) -> dict[str, list[Path]]:
 
 
 def _format(value: Any) -> str:
+    if interval := _interval(value):
+        return f"{interval[0]:.3f}–{interval[1]:.3f}"
     if isinstance(value, bool) or value is None:
         return "—" if value is None else str(value)
     if isinstance(value, float):
@@ -186,7 +205,7 @@ def _image(path: Path) -> str:
 
 def _metrics_table(entry: dict[str, Any], labels: list[str], part: str = "overall") -> str:
     keys = list(dict.fromkeys(k for label in labels for k, v in entry["models"][label][part].items()
-                              if not isinstance(v, (dict, list))))
+                              if not isinstance(v, (dict, list)) or _interval(v)))
     columns = labels + (["change"] if len(labels) == 2 else [])
 
     def cell(key: str, column: str) -> Any:
