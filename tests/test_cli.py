@@ -44,3 +44,16 @@ def test_bad_data_is_a_clear_error_not_a_traceback(tiny_reward_model: Path, tmp_
     assert "not a Keel model directory" in capsys.readouterr().err
     assert main(["train", "reward", "--output", str(tmp_path / "m"), "--set", "training.epoch=1"]) == 2
     assert "unknown keys ['epoch']" in capsys.readouterr().err
+
+
+def test_train_reward_from_the_command_line_keeps_library_info_lines_out(tiny_backbone: str, tmp_path: Path):
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", hh_pairs(16))
+    config = tmp_path / "rm.yaml"
+    config.write_text(f"base_model: {tiny_backbone}\nmax_length: 48\nheads:\n  - name: harmless\n"
+                      f"    train: [pairs.jsonl]\n    validation: [{{path: pairs.jsonl, limit: 8}}]\n"
+                      "training: {epochs: 1, batch_size: 8, eval_every: 0, checkpoint_every: 0}\n")
+    result = run_keel("train", "reward", "--config", str(config), "--output", str(tmp_path / "rm"), "--no-progress")
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "rm" / "model.int8.onnx").exists()
+    # ONNX Runtime's optimiser and quantiser log every fusion and skipped tensor at INFO: only with --verbose.
+    assert " INFO root:" not in result.stderr and " INFO fusion_base:" not in result.stderr, result.stderr[-2000:]

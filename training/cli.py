@@ -61,7 +61,8 @@ def add_cache_arguments(parser: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="keel", description="Keel: reward models, RLHF and reward scoring.")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="debug logging, and the INFO lines of the libraries Keel uses")
     commands = parser.add_subparsers(dest="command", required=True)
 
     train = commands.add_parser("train", help="train a model").add_subparsers(dest="what", required=True)
@@ -240,10 +241,17 @@ def format_metric(value: object) -> str:
     return str(value)
 
 
+KEEL_LOGGERS = ("training", "service", "keel")  # module loggers (training.*, service.*) and keel.service
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+    # Keel's own progress at INFO; other libraries' INFO lines (ONNX Runtime's quantiser logs every tensor it
+    # skips, accelerate every checkpoint file) only with --verbose.
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for name in KEEL_LOGGERS:
+        logging.getLogger(name).setLevel(logging.DEBUG if args.verbose else logging.INFO)
     from training.artifact import ArtifactError
     from training.config import ConfigError
     from training.data import DataError
