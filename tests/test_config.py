@@ -49,6 +49,7 @@ def test_extends_inherits_and_keeps_data_paths_relative_to_their_own_file(tmp_pa
     assert config.training.samples_per_prompt == 4  # from rloo.yaml
     assert config.policy.lora.rank == 16  # from policy.yaml, two levels up
     first = Path(config.prompts.train[0].path)
+    assert ".." not in first.parts  # normalised, so the same file is one path (and one manifest entry)
     assert first.is_file() and first.parent.parent.name == "hh-rlhf"  # not resolved against tmp_path
     assert config.prompts.train[0].heads == {"harmless": 1.0}
     loop = tmp_path / "loop.yaml"

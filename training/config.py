@@ -285,11 +285,12 @@ def read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
 def _anchor_paths(raw: Any, base: Path, key: str = "") -> Any:
     """Make the data paths of an extended file absolute, so they stay relative to the file that names them."""
     if isinstance(raw, dict):
-        return {k: (str(base / v) if k == "path" and isinstance(v, str)
+        return {k: (str((base / v).resolve()) if k == "path" and isinstance(v, str)
                     else config_relative_model(v, base) if k in MODEL_KEYS and isinstance(v, str)
                     else _anchor_paths(v, base, k)) for k, v in raw.items()}
     if isinstance(raw, list):
-        return [str(base / item) if isinstance(item, str) and key in SOURCE_LISTS else _anchor_paths(item, base)
+        return [str((base / item).resolve()) if isinstance(item, str) and key in SOURCE_LISTS
+                else _anchor_paths(item, base)
                 for item in raw]
     return raw
 
