@@ -23,16 +23,15 @@ import time
 from pathlib import Path
 
 from training.config import CONFIGS, PolicyConfig, load_config
+from training.rewards import reward_model_directory
 
 
 def train_default_reward_model_if_needed(config: Path, overrides: list[str]) -> None:
     """Train the default reward model now when the run uses it and it is absent (about 12 min on 2 cores), so
     the wall time measures the policy's training only."""
-    from service.server import ensure_default_model
-    from service.settings import default_model_dir
-
-    if load_config(PolicyConfig, config, overrides).reward.model == "default":
-        ensure_default_model(default_model_dir())
+    reward = load_config(PolicyConfig, config, overrides).reward
+    if reward.url is None and reward.model:
+        reward_model_directory(reward.model)
 
 
 def main() -> None:

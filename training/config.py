@@ -256,12 +256,16 @@ SOURCE_LISTS = ("train", "validation", "test", "moderation", "guard", "evaluatio
 MODEL_KEYS = ("model", "base_model")  # a model: "default", a hub name, or a path
 
 
+def _from_config_folder(path: str, base: Path) -> str:
+    return str((base / path).resolve())
+
+
 def config_relative_model(value: str, base: Path) -> str:
     """A relative model path that exists next to the config file names that file; anything else (a hub name,
     "default", a path from the working directory) is kept as written."""
     if Path(value).is_absolute() or not (base / value).exists():
         return value
-    return str((base / value).resolve())
+    return _from_config_folder(value, base)
 
 
 def read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
@@ -285,11 +289,11 @@ def read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
 def _anchor_paths(raw: Any, base: Path, key: str = "") -> Any:
     """Make the data paths of an extended file absolute, so they stay relative to the file that names them."""
     if isinstance(raw, dict):
-        return {k: (str((base / v).resolve()) if k == "path" and isinstance(v, str)
+        return {k: (_from_config_folder(v, base) if k == "path" and isinstance(v, str)
                     else config_relative_model(v, base) if k in MODEL_KEYS and isinstance(v, str)
                     else _anchor_paths(v, base, k)) for k, v in raw.items()}
     if isinstance(raw, list):
-        return [str((base / item).resolve()) if isinstance(item, str) and key in SOURCE_LISTS
+        return [_from_config_folder(item, base) if isinstance(item, str) and key in SOURCE_LISTS
                 else _anchor_paths(item, base)
                 for item in raw]
     return raw
@@ -346,7 +350,7 @@ def _resolve_paths(config: Any, base: Path) -> None:
     """Make every data path relative to the config file absolute, and model paths that exist there."""
     if isinstance(config, DataSource):
         if not Path(config.path).is_absolute():
-            config.path = str((base / config.path).resolve())
+            config.path = _from_config_folder(config.path, base)
     elif isinstance(config, (list, dict)):
         for item in config.values() if isinstance(config, dict) else config:
             _resolve_paths(item, base)

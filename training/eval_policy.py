@@ -92,12 +92,12 @@ class PolicyEvaluator:
         result["reward_gain_in_reference_std_ci95"] = [
             bound / unit for bound in paired_gain_interval(rewards_of["policy"], rewards_of["reference"])]
         result["kl_to_reference"] = result["policy"]["kl_to_reference"]
-        result["by_source"] = {
-            label: {"prompts": int(mask.sum()),
-                    **{name: float(rewards_of[name][mask].mean()) for name in self.policies},
-                    "reward_gain_in_reference_std": float((rewards_of["policy"][mask].mean()
-                                                           - rewards_of["reference"][mask].mean()) / unit)}
-            for label in dict.fromkeys(sources) for mask in [sources == label]}
+        result["by_source"] = {}
+        for label in dict.fromkeys(sources):
+            mask = sources == label
+            means = {name: float(rewards[mask].mean()) for name, rewards in rewards_of.items()}
+            result["by_source"][label] = {"prompts": int(mask.sum()), **means, "reward_gain_in_reference_std":
+                                          (means["policy"] - means["reference"]) / unit}
         return result
 
     def refusal_rates(self, prompt_sets: dict[str, list[Conversation]]) -> dict[str, Any]:

@@ -52,9 +52,11 @@ def bar_chart(path: Path, title: str, groups: list[str], series: dict[str, list[
     for s, (name, values) in enumerate(series.items()):
         positions = [g + (s - (len(series) - 1) / 2) * width for g in range(len(groups))]
         heights = [v if v is not None and not math.isnan(v) else 0.0 for v in values]
-        bounds = (intervals or {}).get(name) or [None] * len(heights)
-        errors = [[h - b[0] if b else math.nan for h, b in zip(heights, bounds)],
-                  [b[1] - h if b else math.nan for h, b in zip(heights, bounds)]] if intervals else None
+        errors = None
+        if intervals:  # asymmetric whiskers; NaN draws none where a bar has no interval
+            bounds = intervals.get(name) or [None] * len(heights)
+            errors = [[h - b[0] if b else math.nan for h, b in zip(heights, bounds)],
+                      [b[1] - h if b else math.nan for h, b in zip(heights, bounds)]]
         if horizontal:
             axis.barh(positions, heights, height=width, label=name, color=COLORS[s % 2], xerr=errors, capsize=2)
         else:
@@ -112,15 +114,18 @@ def reliability_chart(path: Path, report: dict[str, Any]) -> Path | None:
     return path
 
 
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def _value(result: dict[str, Any] | None, key: str) -> float | None:
     value = (result or {}).get(key)
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+    return float(value) if _is_number(value) else None
 
 
 def _interval(value: Any) -> tuple[float, float] | None:
     """A [low, high] pair of numbers (a figure's 95% interval, e.g. `accuracy_ci95`), else None."""
-    if isinstance(value, (list, tuple)) and len(value) == 2 and all(
-            isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+    if isinstance(value, (list, tuple)) and len(value) == 2 and all(_is_number(v) for v in value):
         return float(value[0]), float(value[1])
     return None
 
