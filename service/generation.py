@@ -20,6 +20,7 @@ import torch
 
 from service.metrics import Metrics
 from training.data import Conversation
+from training.hardware import fast_dtype, pick_device
 from training.policy import load_policy, load_tokenizer, resolve_policy
 from training.rl_common import encode_prompts, end_token_ids
 
@@ -67,15 +68,17 @@ class _RowState:
 
 class PolicyRuntime:
     def __init__(self, directory: str | Path, max_prompt_tokens: int = 1024, metrics: Metrics | None = None,
-                 threads: int | None = None, dtype: str = "bfloat16"):
+                 threads: int | None = None, dtype: str = "auto"):
         self.directory = Path(resolve_policy(str(directory)))  # "default" and .gguf files: the cached conversion
         if threads:
             torch.set_num_threads(threads)
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.device = pick_device()
         self.tokenizer = load_tokenizer(str(self.directory))
-        # Weights stored in bf16 once: autocast would recast every weight at every decoding step, which costs
-        # more than the matmuls themselves for one row at a time on a CPU (measured: 2x at batch 1).
-        self.model = load_policy(str(self.directory), dtype=getattr(torch, dtype)).to(self.device).eval()
+        # Weights stored in bf16 once where bf16 is fast: autocast would recast every weight at every decoding
+        # step, which costs more than the matmuls themselves for one row at a time on a CPU (measured: 2x at
+        # batch 1).
+        weights = fast_dtype(self.device) if dtype == "auto" else getattr(torch, dtype)
+        self.model = load_policy(str(self.directory), dtype=weights).to(self.device).eval()
         manifest_path = self.directory / "keel.json"
         manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
         self.name = self.directory.name

@@ -40,7 +40,8 @@ class TorchEngine:
     def __init__(self, directory: Path, heads: list[str], threads: int, tokenizer: Any):
         import torch
 
-        from training.reward_model import RewardModel, pick_device
+        from training.hardware import pick_device
+        from training.reward_model import RewardModel
 
         torch.set_num_threads(threads)
         self.device = pick_device()

@@ -26,6 +26,7 @@ from training.config import ConfigError, EvalPolicyConfig, load_config
 from training.data import Conversation, PromptSource, load_prompts
 from training.eval_suite import CachedPolicy, EvalCache
 from training.evaluate import Z_95
+from training.hardware import bf16_is_fast
 from training.refusals import is_refusal
 from training.rewards import RewardFunction
 from training.rl_common import generate, response_logprobs, sequence_kl
@@ -34,7 +35,7 @@ log = logging.getLogger(__name__)
 
 
 def autocast(device: torch.device) -> Any:
-    return torch.autocast(device.type, dtype=torch.bfloat16)
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16_is_fast(device))
 
 
 class PolicyEvaluator:

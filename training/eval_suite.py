@@ -244,12 +244,11 @@ class CachedPolicy:
     """A causal LM whose greedy responses and answer log-likelihoods go through the cache."""
 
     def __init__(self, name: str, cache: EvalCache, max_prompt_length: int, max_new_tokens: int, batch_size: int):
-        import torch
-
+        from training.hardware import pick_device
         from training.policy import load_policy, load_tokenizer, resolve_policy
 
         self.path = resolve_policy(name)
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.device = pick_device()
         self.tokenizer = load_tokenizer(self.path)
         self.model = load_policy(self.path).to(self.device).eval()
         directory = Path(self.path)

@@ -33,6 +33,7 @@ import training
 from training.artifact import FORMAT_VERSION, MANIFEST, publish, staging_directory, write_json_atomic
 from training.config import ConfigError, PolicyConfig, to_dict
 from training.data import Conversation, PromptSource, file_sha256, load_prompts
+from training.hardware import pick_device, resolve_precision
 from training.plots import plot_curves
 from training.policy import add_lora, load_policy, load_tokenizer, reference_mode, resolve_policy
 from training.rewards import RewardFunction
@@ -68,7 +69,8 @@ class PolicyRun:
         self.work = prepare_work_directory(self.output, resume, overwrite)
         self.metrics_path = self.work / "metrics.jsonl"
         t = config.training
-        self.accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=t.precision)
+        precision = resolve_precision(t.precision, pick_device())
+        self.accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=precision)
         set_seed(t.seed)
         self.device = self.accelerator.device
         self.is_main = self.accelerator.is_main_process
@@ -333,6 +335,7 @@ class PolicyRun:
                 "stopped_early": self.stopped_early,
                 "warnings": self.warnings,
                 "train_seconds": round(time.time() - self.started, 1),
+                "precision": self.accelerator.mixed_precision,
                 "final_evaluation": final,
                 "chat": {"max_prompt_length": self.config.policy.max_prompt_length,
                          "max_new_tokens": self.config.policy.max_new_tokens},

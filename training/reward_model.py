@@ -92,7 +92,3 @@ def load_tokenizer(path: str, max_length: int, truncation_side: str) -> PreTrain
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
-
-
-def pick_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -39,6 +39,7 @@ from training.evaluate import (
     false_flag_threshold,
     torch_scorer,
 )
+from training.hardware import pick_device, resolve_precision
 from training.plots import plot_curves
 from training.reward_model import RewardModel, load_tokenizer, resolve_base_model
 from training.runs import append_metrics, prepare_work_directory, read_metrics, resume_from, save_checkpoint
@@ -172,7 +173,8 @@ def train_reward(config: RewardConfig, output: Path, resume: bool = False, overw
     work = prepare_work_directory(output, resume, overwrite)
     metrics_path = work / "metrics.jsonl"
 
-    accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=config.training.precision)
+    precision = resolve_precision(config.training.precision, pick_device())
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=precision)
     set_seed(config.training.seed)
     t = config.training
     names = [h.name for h in config.heads]
@@ -265,7 +267,7 @@ def train_reward(config: RewardConfig, output: Path, resume: bool = False, overw
         kept_step = restore_best(unwrapped, work, scorer, trained, names, total_steps) if t.keep_best else total_steps
         fit_detached_heads(unwrapped, tokenizer, heads, config)
         manifest = build_artifact(config, unwrapped, tokenizer, heads, output, overwrite, work, metrics_path,
-                                  train_seconds, total_steps, kept_step)
+                                  train_seconds, total_steps, kept_step, precision)
         shutil.rmtree(work, ignore_errors=True)
     accelerator.wait_for_everyone()
     return manifest
@@ -304,7 +306,7 @@ def restore_best(model: RewardModel, work: Path, scorer: Scorer, heads: list[Hea
 
 def build_artifact(config: RewardConfig, model: RewardModel, tokenizer: Any, heads: list[HeadData], output: Path,
                    overwrite: bool, work: Path, metrics_path: Path, train_seconds: float, steps: int,
-                   kept_step: int) -> dict[str, Any]:
+                   kept_step: int, precision: str) -> dict[str, Any]:
     """Export ONNX, evaluate, choose normalisation and thresholds, and publish the model directory."""
     names = [h.name for h in config.heads]
     t0 = time.time()
@@ -320,7 +322,8 @@ def build_artifact(config: RewardConfig, model: RewardModel, tokenizer: Any, hea
         # Every metric below is computed with the served fp32 graph (faster than torch), each text scored once.
         scorer = cached(scorer)
         normalization, moderation = normalization_and_thresholds(scorer, heads, config)
-        metrics: dict[str, Any] = {"train_seconds": round(train_seconds, 1), "steps": steps, "kept_step": kept_step}
+        metrics: dict[str, Any] = {"train_seconds": round(train_seconds, 1), "steps": steps, "kept_step": kept_step,
+                                    "precision": precision}
         for split in ("validation", "test"):
             metrics[split] = {head.name: evaluate_examples(scorer, getattr(head, split), names)[head.name]
                               for head in heads if getattr(head, split)}
