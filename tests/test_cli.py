@@ -47,7 +47,7 @@ def test_bad_data_is_a_clear_error_not_a_traceback(tiny_reward_model: Path, tmp_
 
 
 def test_train_reward_from_the_command_line_keeps_library_info_lines_out(tiny_backbone: str, tmp_path: Path):
-    pairs = write_jsonl(tmp_path / "pairs.jsonl", hh_pairs(16))
+    write_jsonl(tmp_path / "pairs.jsonl", hh_pairs(16))
     config = tmp_path / "rm.yaml"
     config.write_text(f"base_model: {tiny_backbone}\nmax_length: 48\nheads:\n  - name: harmless\n"
                       f"    train: [pairs.jsonl]\n    validation: [{{path: pairs.jsonl, limit: 8}}]\n"
