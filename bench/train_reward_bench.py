@@ -15,6 +15,8 @@ import sys
 import time
 from pathlib import Path
 
+from training.hardware import describe, pick_device
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -28,9 +30,12 @@ def main() -> None:
     wall = time.time() - began
     manifest = json.loads((args.output / "keel.json").read_text())
     metrics = manifest["metrics"]
+    hardware = describe(pick_device())
     report = {"wall_seconds": round(wall, 1), "train_seconds": metrics["train_seconds"], "steps": metrics["steps"],
-              "accuracy": {}, "onnx": manifest["onnx"], "moderation": manifest["moderation"]}
-    print(f"wall time {wall / 60:.1f} min (training {metrics['train_seconds'] / 60:.1f} min, {metrics['steps']} steps)")
+              "precision": metrics["precision"], "hardware": hardware, "accuracy": {}, "onnx": manifest["onnx"],
+              "moderation": manifest["moderation"]}
+    print(f"wall time {wall / 60:.1f} min (training {metrics['train_seconds'] / 60:.1f} min, {metrics['steps']} steps "
+          f"at {metrics['train_seconds'] / metrics['steps']:.1f} s, precision {metrics['precision']}, {hardware})")
     print(f"{'split':<11}{'head':<10}{'pairs':>6}{'accuracy':>10}{'95% interval':>15}{'shorter':>9}{'ECE':>7}")
     for split in ("validation", "test"):
         for head, m in metrics[split].items():
