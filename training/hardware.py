@@ -2,7 +2,7 @@
 
 bf16 halves memory traffic on GPUs and on CPUs whose oneDNN kernels run it natively (AVX-512, AMX, Arm BF16).
 Elsewhere oneDNN emulates it, and it is far slower than fp32: on a 2-core AVX2 CPU, measured, a MiniLM
-training step took 17x as long under bf16 autocast and SmolLM2 generation 2x as long with bf16 weights.
+training step took 14-16x as long under bf16 autocast and SmolLM2 generation 2x as long with bf16 weights.
 """
 
 from __future__ import annotations
