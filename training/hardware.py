@@ -8,8 +8,12 @@ training step took 14-16x as long under bf16 autocast and SmolLM2 generation 2x 
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +29,13 @@ def bf16_is_fast(device: torch.device) -> bool:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
         return torch.backends.cpu.get_cpu_capability() == "AVX512"
+
+
+def make_accelerator(precision: str) -> Accelerator:
+    """An Accelerator on the GPU when there is one, else the CPU, training in `precision` resolved for it."""
+    from accelerate import Accelerator
+
+    return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=resolve_precision(precision, pick_device()))
 
 
 def resolve_precision(setting: str, device: torch.device) -> str:

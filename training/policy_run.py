@@ -33,7 +33,7 @@ import training
 from training.artifact import FORMAT_VERSION, MANIFEST, publish, staging_directory, write_json_atomic
 from training.config import ConfigError, PolicyConfig, to_dict
 from training.data import Conversation, PromptSource, file_sha256, load_prompts
-from training.hardware import pick_device, resolve_precision
+from training.hardware import make_accelerator
 from training.plots import plot_curves
 from training.policy import add_lora, load_policy, load_tokenizer, reference_mode, resolve_policy
 from training.rewards import RewardFunction
@@ -61,7 +61,6 @@ class PolicyRun:
     def __init__(self, config: PolicyConfig, output: Path, algorithm: str, resume: bool = False,
                  overwrite: bool = False, progress: bool = True, skip_bad_rows: bool = False,
                  on_policy: bool = True, value_head: bool = False):
-        from accelerate import Accelerator
         from accelerate.utils import set_seed
 
         self.config, self.algorithm, self.progress = config, algorithm, progress
@@ -69,8 +68,7 @@ class PolicyRun:
         self.work = prepare_work_directory(self.output, resume, overwrite)
         self.metrics_path = self.work / "metrics.jsonl"
         t = config.training
-        precision = resolve_precision(t.precision, pick_device())
-        self.accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=precision)
+        self.accelerator = make_accelerator(t.precision)
         set_seed(t.seed)
         self.device = self.accelerator.device
         self.is_main = self.accelerator.is_main_process

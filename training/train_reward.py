@@ -39,7 +39,7 @@ from training.evaluate import (
     false_flag_threshold,
     torch_scorer,
 )
-from training.hardware import pick_device, resolve_precision
+from training.hardware import make_accelerator
 from training.plots import plot_curves
 from training.reward_model import RewardModel, load_tokenizer, resolve_base_model
 from training.runs import append_metrics, prepare_work_directory, read_metrics, resume_from, save_checkpoint
@@ -166,15 +166,13 @@ def validation_accuracy(scorer: Scorer, heads: list[HeadData], names: list[str])
 
 def train_reward(config: RewardConfig, output: Path, resume: bool = False, overwrite: bool = False,
                  skip_bad_rows: bool = False, progress: bool = True) -> dict[str, Any]:
-    from accelerate import Accelerator
     from accelerate.utils import set_seed
 
     output = Path(output).resolve()
     work = prepare_work_directory(output, resume, overwrite)
     metrics_path = work / "metrics.jsonl"
 
-    precision = resolve_precision(config.training.precision, pick_device())
-    accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=precision)
+    accelerator = make_accelerator(config.training.precision)
     set_seed(config.training.seed)
     t = config.training
     names = [h.name for h in config.heads]
@@ -267,7 +265,7 @@ def train_reward(config: RewardConfig, output: Path, resume: bool = False, overw
         kept_step = restore_best(unwrapped, work, scorer, trained, names, total_steps) if t.keep_best else total_steps
         fit_detached_heads(unwrapped, tokenizer, heads, config)
         manifest = build_artifact(config, unwrapped, tokenizer, heads, output, overwrite, work, metrics_path,
-                                  train_seconds, total_steps, kept_step, precision)
+                                  train_seconds, total_steps, kept_step, accelerator.mixed_precision)
         shutil.rmtree(work, ignore_errors=True)
     accelerator.wait_for_everyone()
     return manifest
