@@ -17,6 +17,7 @@ WORDS = (
 @pytest.fixture(scope="session")
 def tiny_backbone(tmp_path_factory: pytest.TempPathFactory) -> str:
     """A 2-layer, 32-wide BERT with a small WordPiece vocabulary, saved as an HF directory."""
+    import torch
     from transformers import BertConfig, BertModel, BertTokenizerFast
 
     directory = tmp_path_factory.mktemp("tiny-bert")
@@ -28,6 +29,8 @@ def tiny_backbone(tmp_path_factory: pytest.TempPathFactory) -> str:
     tokenizer.save_pretrained(directory)
     config = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                         intermediate_size=64, max_position_embeddings=128)
+    # Seeded: on some random inits int8 quantisation of so small a model moves scores by 0.5, on most by 0.02.
+    torch.manual_seed(0)
     BertModel(config).save_pretrained(directory)
     return str(directory)
 
@@ -61,6 +64,16 @@ def rating_file(tmp_path: Path) -> Path:
     return write_jsonl(tmp_path / "ratings.jsonl", rows)
 
 
+@pytest.fixture
+def other_precision():
+    """Lets a test train in another precision: accelerate keeps one precision per process (the tiny configs' fp32)."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
 def tiny_config(backbone: str, pairs: Path, ratings: Path | None = None, **training: object):
     """A RewardConfig on the tiny backbone: a `harmless` pairs head (and a `quality` ratings head)."""
     from training.config import ExportConfig, HeadConfig, RewardConfig, TrainingConfig
@@ -70,8 +83,9 @@ def tiny_config(backbone: str, pairs: Path, ratings: Path | None = None, **train
     if ratings is not None:
         heads.append(HeadConfig("quality", [DataSource(str(ratings))], [DataSource(str(ratings), limit=8)],
                                 moderate=False))
+    # fp32 everywhere (precision "auto" would pick bf16 on some CPUs): the same tiny models on every machine.
     settings = {"epochs": 2, "batch_size": 8, "learning_rate": 1e-3, "eval_every": 3, "checkpoint_every": 2,
-                "log_every": 1, "seed": 0, **training}
+                "log_every": 1, "seed": 0, "precision": "no", **training}
     return RewardConfig(heads=heads, base_model=backbone, max_length=48, training=TrainingConfig(**settings),
                         export=ExportConfig())
 
@@ -146,7 +160,7 @@ def tiny_policy_config(policy: str, reward_model: Path, root: Path, **training: 
     prompts = write_jsonl(root / "prompts.jsonl", prompt_rows(16))
     pairs = write_jsonl(root / "pairs.jsonl", hh_pairs(16))
     settings = {"steps": 2, "prompts_per_step": 2, "samples_per_prompt": 2, "learning_rate": 1e-3, "eval_every": 0,
-                "checkpoint_every": 1, "kl_budget": None, **training}
+                "checkpoint_every": 1, "kl_budget": None, "precision": "no", **training}
     return PolicyConfig(
         policy=PolicyModelConfig(model=policy, lora=LoraConfig(rank=4, alpha=8, targets=["q_proj", "v_proj"]),
                                  max_prompt_length=32, max_new_tokens=6),

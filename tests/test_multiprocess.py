@@ -33,7 +33,7 @@ def test_accelerate_launch_two_processes(tiny_backbone: str, tmp_path: Path):
         "base_model": tiny_backbone, "max_length": 48,
         "heads": [{"name": "harmless", "train": [str(pairs)], "validation": [{"path": str(pairs), "limit": 8}]}],
         "training": {"epochs": 1, "batch_size": 4, "learning_rate": 1e-3, "eval_every": 0, "checkpoint_every": 2,
-                     "log_every": 1},
+                     "log_every": 1, "precision": "no"},
         "export": {"int8": False},
     }
     (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(config))

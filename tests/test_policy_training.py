@@ -46,6 +46,18 @@ def test_two_steps_of_every_algorithm(name: str, tiny_policy: str, tiny_reward_m
     assert any(not torch.equal(a, b) for a, b in zip(tuned.state_dict().values(), base.state_dict().values()))
 
 
+@pytest.mark.parametrize("name", ["ppo", "dpo"])
+def test_bf16_autocast_runs_on_line_and_off_line(name: str, tiny_policy: str, tiny_reward_model: Path, tmp_path: Path,
+                                                 other_precision):
+    # The tiny configs train in fp32; "auto" picks bf16 where it is fast, so that path runs here on every CPU.
+    config = tiny_policy_config(tiny_policy, tiny_reward_model, tmp_path, precision="bf16")
+    manifest = ALGORITHMS[name](config, tmp_path / name, progress=False)
+    assert manifest["precision"] == "bf16"
+    rows = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+    losses = [r.get("loss", r.get("policy_loss")) for r in rows if "loss" in r or "policy_loss" in r]
+    assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
+
+
 def test_full_fine_tuning_keeps_a_frozen_reference(tiny_policy: str, tiny_reward_model: Path, tmp_path: Path):
     config = tiny_policy_config(tiny_policy, tiny_reward_model, tmp_path)
     config.policy.lora = None

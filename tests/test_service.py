@@ -54,14 +54,14 @@ def test_score_every_item_shape(client: TestClient):
     assert response.headers["x-request-id"]
 
 
-def test_scores_are_normalised_with_manifest_statistics(tiny_reward_model: Path, client: TestClient):
-    runtime = RewardRuntime(tiny_reward_model, backend="onnx")
+def test_scores_are_normalised_with_manifest_statistics(client: TestClient):
+    runtime = client.app.state.keel.runtime  # the served engine's raw scores: the check is exact on any CPU
     text = "sorry, i cannot help with that."
     raw = runtime.score([("", text)])[0]
     stats = runtime.manifest["normalization"]
     expected = {h: (raw[i] - stats[h]["mean"]) / stats[h]["std"] for i, h in enumerate(runtime.heads)}
     got = client.post("/v1/score", json={"input": [{"text": text}]}).json()["data"][0]["scores"]
-    assert got == pytest.approx(expected, abs=0.3)  # int8 engine against fp32
+    assert got == pytest.approx(expected, abs=1e-5)
 
 
 def test_moderation_openai_shape_and_threshold_override(client: TestClient):
