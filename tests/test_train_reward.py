@@ -162,3 +162,21 @@ def test_keep_best_publishes_the_best_validation_weights(tiny_backbone: str, tmp
     accuracies = iter([0.5, 0.9, 0.6, 0.7, 0.8])
     manifest = train_module.train_reward(config, tmp_path / "model2", progress=False)
     assert manifest["metrics"]["kept_step"] == 5
+
+
+def test_frozen_lower_layers_keep_their_weights(tiny_backbone: str, tmp_path: Path):
+    from safetensors.torch import load_file
+
+    from training.config import ConfigError, ExportConfig
+
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", hh_pairs(24))
+    config = tiny_config(tiny_backbone, pairs, epochs=1, checkpoint_every=0, eval_every=0, freeze_layers=1)
+    config.export = ExportConfig(onnx=False, int8=False)
+    train_module.train_reward(config, tmp_path / "model", progress=False)
+    base, trained = load_file(Path(tiny_backbone) / "model.safetensors"), load_file(tmp_path / "model" / "model.safetensors")
+    fixed = [k for k in trained if k.startswith(("embeddings.", "encoder.layer.0."))]
+    assert fixed and all(torch.equal(trained[k], base[k]) for k in fixed)
+    assert not torch.equal(trained["encoder.layer.1.output.dense.weight"], base["encoder.layer.1.output.dense.weight"])
+    config.training.freeze_layers = 2  # the tiny backbone has 2 layers: nothing would be left to train
+    with pytest.raises(ConfigError, match="has 2 layers; freeze fewer"):
+        train_module.train_reward(config, tmp_path / "model2", progress=False)

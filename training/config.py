@@ -59,6 +59,7 @@ class TrainingConfig:
     max_grad_norm: float = 1.0
     max_steps: int | None = None  # stop early after this many steps (None: run all epochs)
     freeze_embeddings: bool = True  # the word-embedding matrix is half of MiniLM; freezing it speeds steps
+    freeze_layers: int = 0  # also keep the embeddings and the lowest N transformer layers fixed: backward stops above them
     precision: str = "auto"  # auto | bf16 | fp16 | no: mixed-precision autocast (auto: bf16 where it is fast)
     seed: int = 0
     log_every: int = 10
@@ -95,6 +96,8 @@ class RewardConfig:
         if self.primary_head not in names:
             raise ConfigError(f"primary_head {self.primary_head!r} is not one of the heads {names}")
         check_precision(self.training.precision)
+        if self.training.freeze_layers < 0:
+            raise ConfigError(f"training.freeze_layers is a number of layers >= 0, not {self.training.freeze_layers}")
         if self.truncation_side not in ("left", "right"):
             raise ConfigError("truncation_side must be left or right")
         if next(head for head in self.heads if head.name == self.primary_head).detach:

@@ -41,7 +41,7 @@ from training.evaluate import (
 )
 from training.hardware import make_accelerator
 from training.plots import plot_curves
-from training.reward_model import RewardModel, load_tokenizer, resolve_base_model
+from training.reward_model import RewardModel, freeze_lower_layers, load_tokenizer, resolve_base_model
 from training.runs import append_metrics, prepare_work_directory, read_metrics, resume_from, save_checkpoint
 from training.text import ModelInput
 
@@ -195,6 +195,8 @@ def train_reward(config: RewardConfig, output: Path, resume: bool = False, overw
     model = RewardModel.from_base(config.base_model, names, config.attention_dropout)
     if t.freeze_embeddings:
         model.backbone.get_input_embeddings().requires_grad_(False)
+    if t.freeze_layers:
+        freeze_lower_layers(model.backbone, t.freeze_layers)
     backbone_params = [p for p in model.backbone.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(
         [{"params": backbone_params, "lr": t.learning_rate}, {"params": model.heads.parameters(), "lr": t.head_learning_rate}],
