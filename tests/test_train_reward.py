@@ -173,7 +173,8 @@ def test_frozen_lower_layers_keep_their_weights(tiny_backbone: str, tmp_path: Pa
     config = tiny_config(tiny_backbone, pairs, epochs=1, checkpoint_every=0, eval_every=0, freeze_layers=1)
     config.export = ExportConfig(onnx=False, int8=False)
     train_module.train_reward(config, tmp_path / "model", progress=False)
-    base, trained = load_file(Path(tiny_backbone) / "model.safetensors"), load_file(tmp_path / "model" / "model.safetensors")
+    base = load_file(Path(tiny_backbone) / "model.safetensors")
+    trained = load_file(tmp_path / "model" / "model.safetensors")
     fixed = [k for k in trained if k.startswith(("embeddings.", "encoder.layer.0."))]
     assert fixed and all(torch.equal(trained[k], base[k]) for k in fixed)
     assert not torch.equal(trained["encoder.layer.1.output.dense.weight"], base["encoder.layer.1.output.dense.weight"])

@@ -59,7 +59,7 @@ class TrainingConfig:
     max_grad_norm: float = 1.0
     max_steps: int | None = None  # stop early after this many steps (None: run all epochs)
     freeze_embeddings: bool = True  # the word-embedding matrix is half of MiniLM; freezing it speeds steps
-    freeze_layers: int = 0  # also keep the embeddings and the lowest N transformer layers fixed: backward stops above them
+    freeze_layers: int = 0  # also fix the embeddings and the lowest N transformer layers: backward stops above them
     precision: str = "auto"  # auto | bf16 | fp16 | no: mixed-precision autocast (auto: bf16 where it is fast)
     seed: int = 0
     log_every: int = 10

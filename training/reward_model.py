@@ -92,9 +92,10 @@ def freeze_lower_layers(backbone: nn.Module, count: int) -> None:
     gradient, so backward stops there: with 2 of MiniLM's 6 layers fixed a step is a quarter faster."""
     layers = next((m for m in backbone.modules()
                    if isinstance(m, nn.ModuleList) and len(m) == backbone.config.num_hidden_layers), None)
-    if layers is None or count >= len(layers):
-        found = "no layer list" if layers is None else f"{len(layers)} layers"
-        raise ConfigError(f"training.freeze_layers={count}: the backbone has {found}; freeze fewer layers")
+    if layers is None:
+        raise ConfigError("training.freeze_layers: this backbone has no list of its transformer layers; set it to 0")
+    if count >= len(layers):
+        raise ConfigError(f"training.freeze_layers={count}: the backbone has {len(layers)} layers; freeze fewer layers")
     first_trained = next(layers[count].parameters())
     for parameter in backbone.parameters():  # in definition order: embeddings, then layers, then the rest
         if parameter is first_trained:
