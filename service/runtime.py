@@ -19,21 +19,11 @@ import numpy as np
 from service.metrics import Metrics
 from training.artifact import ArtifactError, read_manifest
 from training.evaluate import encode
-from training.onnx_export import FP32_FILE, INT8_FILE, onnx_session, pad_batch
+from training.onnx_export import FP32_FILE, INT8_FILE, OnnxEngine
 from training.reward_model import load_tokenizer
 from training.text import ModelInput
 
 log = logging.getLogger(__name__)
-
-
-class OnnxEngine:
-    def __init__(self, path: Path, threads: int, pad_id: int):
-        self.session = onnx_session(path, threads)
-        self.input_names = [i.name for i in self.session.get_inputs()]
-        self.pad_id = pad_id
-
-    def run(self, items: Sequence[dict[str, list[int]]]) -> np.ndarray:
-        return self.session.run(["scores"], pad_batch(items, self.input_names, self.pad_id))[0]
 
 
 class TorchEngine:
@@ -101,7 +91,7 @@ class RewardRuntime:
                     TorchEngine(self.directory, self.heads, threads, self.tokenizer)]
             else:  # one session per worker, so workers run batches side by side
                 onnx_file = self.directory / (INT8_FILE if backend == "onnx-int8" else FP32_FILE)
-                self.engines = [OnnxEngine(onnx_file, threads, self.tokenizer.pad_token_id) for _ in range(workers)]
+                self.engines = [OnnxEngine(onnx_file, self.tokenizer.pad_token_id, threads) for _ in range(workers)]
         except ArtifactError:
             raise
         except Exception as error:  # missing, truncated or corrupt files: say which model and why

@@ -9,8 +9,8 @@ from tests.conftest import hh_pairs, tiny_config, write_jsonl
 from training import train_reward as train_module
 from training.artifact import read_manifest
 from training.data import DataSource, load_source
-from training.evaluate import category_scores, example_inputs, torch_scorer
-from training.onnx_export import onnx_scorer, onnx_session
+from training.evaluate import category_scores, encode, example_inputs, torch_scorer
+from training.onnx_export import OnnxEngine, onnx_scorer
 from training.reward_model import RewardModel, load_tokenizer
 
 
@@ -39,7 +39,7 @@ def test_guard_threshold_flags_at_most_its_share_of_benign_replies(tiny_reward_m
     assert guard["examples"] == 24 and "at most 25.0%" in guard["chosen_on"]  # 12 pairs, both replies
     # Re-score the benign replies as the service does: ONNX fp32, z from keel.json, category score sigma(-z).
     tokenizer = load_tokenizer(str(tiny_reward_model), manifest["max_length"], "left")
-    scorer = onnx_scorer(onnx_session(tiny_reward_model / "model.onnx"), tokenizer, manifest["max_length"])
+    scorer = onnx_scorer(tiny_reward_model / "model.onnx", tokenizer, manifest["max_length"])
     pairs = load_source(DataSource(manifest["config"]["heads"][0]["guard"][0]["path"], limit=12))
     stats = manifest["normalization"]["harmless"]
     flagged = category_scores((scorer(example_inputs(pairs))[:, 0] - stats["mean"]) / stats["std"]) >= guard["threshold"]
@@ -86,11 +86,24 @@ def test_onnx_matches_torch_on_new_texts(tiny_reward_model: Path):
     texts = [("Human: hello", "hi"), ("Human: tell me", "a much longer text about code and bread and cake " * 5),
              ("", "x")]
     expected = torch_scorer(model, tokenizer, manifest["max_length"])(texts)
-    fp32 = onnx_scorer(onnx_session(tiny_reward_model / "model.onnx"), tokenizer, manifest["max_length"])(texts)
-    int8 = onnx_scorer(onnx_session(tiny_reward_model / "model.int8.onnx"), tokenizer, manifest["max_length"])(texts)
+    fp32 = onnx_scorer(tiny_reward_model / "model.onnx", tokenizer, manifest["max_length"])(texts)
+    int8 = onnx_scorer(tiny_reward_model / "model.int8.onnx", tokenizer, manifest["max_length"])(texts)
     assert expected.shape == (3, 2)
     np.testing.assert_allclose(fp32, expected, atol=1e-4)
     assert np.abs(int8 - expected).max() < 0.25
+
+
+def test_int8_score_of_a_text_does_not_depend_on_its_batch(tiny_reward_model: Path):
+    manifest = read_manifest(tiny_reward_model)
+    tokenizer = load_tokenizer(str(tiny_reward_model), manifest["max_length"], "left")
+    texts = [("Human: hello", "hi"), ("Human: tell me", "a much longer text about code and bread and cake " * 5),
+             ("", "x"), ("Human: why?", "because " * 30)]
+    items = encode(tokenizer, texts, manifest["max_length"])
+    int8 = OnnxEngine(tiny_reward_model / "model.int8.onnx", tokenizer.pad_token_id)
+    assert int8.one_at_a_time and not OnnxEngine(tiny_reward_model / "model.onnx", tokenizer.pad_token_id).one_at_a_time
+    alone = np.concatenate([int8.run([item]) for item in items])
+    np.testing.assert_array_equal(int8.run(items), alone)
+    np.testing.assert_array_equal(int8.run(items[::-1]), alone[::-1])
 
 
 def test_crash_leaves_no_model_and_resume_continues(tiny_backbone: str, tmp_path: Path, monkeypatch):

@@ -209,7 +209,7 @@ def run_eval_reward(args: argparse.Namespace) -> int:
     from training.artifact import read_manifest
     from training.data import DataSource, load_source
     from training.evaluate import evaluate_examples, torch_scorer
-    from training.onnx_export import FP32_FILE, INT8_FILE, onnx_scorer, onnx_session
+    from training.onnx_export import FP32_FILE, INT8_FILE, onnx_scorer
     from training.reward_model import RewardModel, load_tokenizer
 
     manifest = read_manifest(args.model)
@@ -217,8 +217,8 @@ def run_eval_reward(args: argparse.Namespace) -> int:
     if args.backend == "torch":
         scorer = torch_scorer(RewardModel.load(args.model, manifest["heads"]), tokenizer, manifest["max_length"])
     else:
-        session = onnx_session(args.model / (FP32_FILE if args.backend == "onnx" else INT8_FILE))
-        scorer = onnx_scorer(session, tokenizer, manifest["max_length"])
+        onnx_file = args.model / (FP32_FILE if args.backend == "onnx" else INT8_FILE)
+        scorer = onnx_scorer(onnx_file, tokenizer, manifest["max_length"])
     report = {}
     for path in args.data:
         examples = load_source(DataSource(path, split=args.split, limit=args.limit), args.skip_bad_rows)

@@ -67,7 +67,17 @@ def onnx_session(path: str | Path, threads: int | None = None) -> ort.InferenceS
     options.intra_op_num_threads = threads or os.cpu_count() or 1
     options.inter_op_num_threads = 1
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # On x86 CPUs without VNNI, ONNX Runtime's int8 x int8 kernels can saturate 16-bit sums; this option makes
+    # them compute exactly there (no effect elsewhere). On the default model, 2 AVX2 cores: mean |int8 - fp32|
+    # 0.077 -> 0.066 (harmless) and 0.075 -> 0.054 (helpful) validation standard deviations, same speed.
+    options.add_session_config_entry("session.x64quantprecision", "1")
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def quantizes_activations(path: str | Path) -> bool:
+    """Whether the graph quantises activations at run time (dynamic int8), with one scale per batch tensor."""
+    graph = onnx.load(str(path), load_external_data=False).graph
+    return any(node.op_type == "DynamicQuantizeLinear" for node in graph.node)
 
 
 def pad_batch(items: Sequence[dict[str, list[int]]], names: Sequence[str], pad_id: int) -> dict[str, np.ndarray]:
@@ -84,9 +94,28 @@ def pad_batch(items: Sequence[dict[str, list[int]]], names: Sequence[str], pad_i
     return out
 
 
-def onnx_scorer(session: ort.InferenceSession, tokenizer: PreTrainedTokenizerBase, max_length: int,
-                batch_size: int = 64) -> Scorer:
-    names = [i.name for i in session.get_inputs()]
-    heads = session.get_outputs()[0].shape[1] or 1
-    return length_sorted_scorer(tokenizer, max_length, batch_size, heads, lambda items: session.run(
-        ["scores"], pad_batch(items, names, tokenizer.pad_token_id))[0])
+class OnnxEngine:
+    """An exported reward model in ONNX Runtime: raw scores [items, heads] of tokenised texts.
+
+    Dynamic int8 quantises each activation tensor with one scale for the whole batch, so in a batch a text's
+    score would depend on the other texts in it (default model: 0.05 standard deviations on average, 0.2 at
+    most, between batch sizes 1 and 64). Such graphs run one text at a time, so a text always gets one score;
+    on 2 CPU cores that is not slower (914 texts: 47.9 s one at a time, 51.7 s in length-sorted batches of 64).
+    """
+
+    def __init__(self, path: str | Path, pad_id: int, threads: int | None = None):
+        self.session = onnx_session(path, threads)
+        self.input_names = [i.name for i in self.session.get_inputs()]
+        self.heads: int = self.session.get_outputs()[0].shape[1] or 1
+        self.pad_id = pad_id
+        self.one_at_a_time = quantizes_activations(path)
+
+    def run(self, items: Sequence[dict[str, list[int]]]) -> np.ndarray:
+        batches = [[item] for item in items] if self.one_at_a_time else [items]
+        return np.concatenate([self.session.run(["scores"], pad_batch(batch, self.input_names, self.pad_id))[0]
+                               for batch in batches])
+
+
+def onnx_scorer(path: str | Path, tokenizer: PreTrainedTokenizerBase, max_length: int, batch_size: int = 64) -> Scorer:
+    engine = OnnxEngine(path, tokenizer.pad_token_id)
+    return length_sorted_scorer(tokenizer, max_length, batch_size, engine.heads, engine.run)

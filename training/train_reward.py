@@ -407,12 +407,10 @@ def check_onnx(torch_scores: Scorer, tokenizer: Any, heads: list[HeadData], name
     sample = example_inputs([e for head in heads for e in head.validation[:32]])
     expected = torch_scores(sample)
     info: dict[str, Any] = {"fp32": onnx_export.FP32_FILE, "int8": onnx_export.INT8_FILE if config.export.int8 else None}
-    fp32 = onnx_export.onnx_scorer(onnx_export.onnx_session(directory / onnx_export.FP32_FILE), tokenizer,
-                                   config.max_length)
+    fp32 = onnx_export.onnx_scorer(directory / onnx_export.FP32_FILE, tokenizer, config.max_length)
     info["fp32_max_abs_diff_vs_torch"] = float(np.abs(fp32(sample) - expected).max())
     if config.export.int8:
-        int8 = onnx_export.onnx_scorer(onnx_export.onnx_session(directory / onnx_export.INT8_FILE), tokenizer,
-                                       config.max_length)
+        int8 = onnx_export.onnx_scorer(directory / onnx_export.INT8_FILE, tokenizer, config.max_length)
         info["int8_max_abs_diff_vs_torch"] = float(np.abs(int8(sample) - expected).max())
     return info, fp32
 
@@ -420,8 +418,7 @@ def check_onnx(torch_scores: Scorer, tokenizer: Any, heads: list[HeadData], name
 def int8_accuracy(fp32: Scorer, tokenizer: Any, heads: list[HeadData], names: list[str], config: RewardConfig,
                   directory: Path) -> dict[str, Any]:
     """Pairwise accuracy of the int8 graph beside fp32, on each head's test pairs (validation if no test)."""
-    int8 = onnx_export.onnx_scorer(onnx_export.onnx_session(directory / onnx_export.INT8_FILE), tokenizer,
-                                   config.max_length)
+    int8 = onnx_export.onnx_scorer(directory / onnx_export.INT8_FILE, tokenizer, config.max_length)
     out = {}
     for head in heads:
         evaluated = head.test or head.validation
