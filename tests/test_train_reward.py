@@ -2,6 +2,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 import torch
 
@@ -10,7 +11,7 @@ from training import train_reward as train_module
 from training.artifact import read_manifest
 from training.data import DataSource, load_source
 from training.evaluate import category_scores, encode, example_inputs, torch_scorer
-from training.onnx_export import OnnxEngine, onnx_scorer
+from training.onnx_export import OnnxEngine, down_projections, onnx_scorer
 from training.reward_model import RewardModel, load_tokenizer
 
 
@@ -91,6 +92,14 @@ def test_onnx_matches_torch_on_new_texts(tiny_reward_model: Path):
     assert expected.shape == (3, 2)
     np.testing.assert_allclose(fp32, expected, atol=1e-4)
     assert np.abs(int8 - expected).max() < 0.25
+
+
+def test_int8_graph_keeps_the_feed_forward_down_projections_in_fp32(tiny_reward_model: Path):
+    int8 = onnx.load(str(tiny_reward_model / "model.int8.onnx"))
+    float_matmuls = [node.name for node in int8.graph.node if node.op_type == "MatMul"]
+    assert float_matmuls == down_projections(onnx.load(str(tiny_reward_model / "model.onnx")))
+    assert len(float_matmuls) == 2  # one per layer of the tiny backbone
+    assert any(node.op_type == "MatMulInteger" for node in int8.graph.node)
 
 
 def test_int8_score_of_a_text_does_not_depend_on_its_batch(tiny_reward_model: Path):

@@ -1,0 +1,125 @@
+"""Compare int8 recipes of a reward model with its fp32 graph, and measure what batching does to int8 scores.
+
+    python bench/int8_bench.py --model runs/bench-reward [--config configs/reward.yaml] [--split validation]
+
+Each recipe's int8 graph is made afresh from the model's model.onnx. Every head's preference pairs of the
+chosen split (the config's data) are scored one text at a time, as Keel runs int8, and compared with fp32:
+mean and 99th percentile of |int8 - fp32| in that head's standard deviations, pairs whose preferred reply
+flips, and the change in pairwise accuracy. Then, for the export's recipe: the same texts in length-sorted
+batches of 64 against one at a time (int8 quantises each activation tensor with one scale per batch), and the
+time of fp32 and int8 on 200 texts in the service's batches of 4 on one thread (median of 3).
+Choose recipes on validation; the test split is for reporting.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from training.config import RewardConfig, load_config
+from training.data import PreferencePair
+from training.evaluate import encode
+from training.onnx_export import FP32_FILE, OnnxEngine, down_projections, matmul_weight_shapes, quantize
+from training.reward_model import load_tokenizer
+from training.train_reward import load_head_data
+
+# Which nodes each recipe leaves in fp32, by the shape of their weights (names differ between architectures).
+RECIPES: dict[str, Callable[[onnx.ModelProto], list[str]]] = {
+    "all weights int8": lambda model: [],
+    "down-projections fp32 (export)": down_projections,
+    "attention QKV fp32": lambda model: [n.name for n in model.graph.node if n.op_type == "Attention"],
+    "attention output fp32": lambda model: [
+        name for name, shape in matmul_weight_shapes(model).items() if len(shape) == 2 and shape[0] == shape[1]],
+    "up-projections fp32": lambda model: [
+        name for name, shape in matmul_weight_shapes(model).items() if len(shape) == 2 and shape[0] < shape[1]],
+}
+Pairs = dict[str, tuple[np.ndarray, np.ndarray]]  # head -> (chosen scores, rejected scores)
+
+
+def score_pairs(engine: OnnxEngine, tokenizer, max_length: int, pairs: dict[int, tuple[str, list]]) -> Pairs:
+    """Scores of every head's chosen and rejected replies, in length-sorted batches of 64."""
+    out = {}
+    for column, (head, examples) in pairs.items():
+        items = encode(tokenizer, [e.chosen_input for e in examples] + [e.rejected_input for e in examples],
+                       max_length)
+        order = np.argsort([len(item["input_ids"]) for item in items])
+        scores = np.empty(len(items), dtype=np.float32)
+        for start in range(0, len(order), 64):
+            idx = order[start : start + 64]
+            scores[idx] = engine.run([items[i] for i in idx])[:, column]
+        out[head] = (scores[: len(examples)], scores[len(examples) :])
+    return out
+
+
+def compare(fp32: Pairs, int8: Pairs) -> dict[str, dict[str, float]]:
+    report = {}
+    for head, (chosen, rejected) in fp32.items():
+        chosen8, rejected8 = int8[head]
+        std = np.concatenate([chosen, rejected]).std()
+        diff = np.abs(np.concatenate([chosen8 - chosen, rejected8 - rejected])) / std
+        report[head] = {"mean_abs_diff_std": round(float(diff.mean()), 4),
+                        "p99_abs_diff_std": round(float(np.quantile(diff, 0.99)), 3),
+                        "flipped_pairs": int(((chosen > rejected) != (chosen8 > rejected8)).sum()),
+                        "accuracy_change_points": round(100 * float((chosen8 > rejected8).mean()
+                                                                   - (chosen > rejected).mean()), 1)}
+    return report
+
+
+def service_seconds(path: Path, items: list[dict], pad_id: int) -> float:
+    engine = OnnxEngine(path, pad_id, threads=1)
+    times = []
+    for _ in range(3):
+        began = time.perf_counter()
+        for start in range(0, len(items), 4):
+            engine.run(items[start : start + 4])
+        times.append(time.perf_counter() - began)
+    return round(float(np.median(times)), 2)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", type=Path, required=True, help="Keel reward-model directory with model.onnx")
+    parser.add_argument("--config", type=Path, default=Path("configs/reward.yaml"), help="config naming the data")
+    parser.add_argument("--split", choices=["validation", "test"], default="validation", help="pairs to compare on")
+    args = parser.parse_args()
+    manifest = json.loads((args.model / "keel.json").read_text())
+    tokenizer = load_tokenizer(str(args.model), manifest["max_length"], manifest["truncation_side"])
+    max_length, pad_id = manifest["max_length"], tokenizer.pad_token_id
+    config = load_config(RewardConfig, args.config)
+    pairs = {manifest["heads"].index(head.name): (head.name, examples) for head in load_head_data(config, False)
+             if (examples := [e for e in getattr(head, args.split) if isinstance(e, PreferencePair)])}
+    fp32_path = args.model / FP32_FILE
+    fp32 = score_pairs(OnnxEngine(fp32_path, pad_id), tokenizer, max_length, pairs)
+    fp32_model = onnx.load(str(fp32_path))
+    report: dict[str, dict] = {"recipes": {}}
+    with tempfile.TemporaryDirectory() as scratch:
+        for name, keep_fp32 in RECIPES.items():
+            path = Path(scratch) / f"{len(report['recipes'])}.onnx"
+            quantize(fp32_path, path, keep_fp32(fp32_model))
+            report["recipes"][name] = compare(fp32, score_pairs(OnnxEngine(path, pad_id), tokenizer, max_length, pairs))
+            print(f"{name:<32}" + "  ".join(f"{head}: {m}" for head, m in report["recipes"][name].items()), flush=True)
+        shipped = Path(scratch) / "1.onnx"  # the export's recipe, made second above
+        engine = OnnxEngine(shipped, pad_id)
+        alone = score_pairs(engine, tokenizer, max_length, pairs)
+        engine.one_at_a_time = False  # batched, as int8 ran before: each text's score depends on its batch
+        report["batched_vs_alone"] = compare(alone, score_pairs(engine, tokenizer, max_length, pairs))
+        print("int8 in batches of 64 vs one at a time: " + str(report["batched_vs_alone"]), flush=True)
+        texts = [e.chosen_input for e in next(iter(pairs.values()))[1]][:200]
+        items = sorted(encode(tokenizer, texts, max_length), key=lambda item: len(item["input_ids"]))
+        report["service_batches_seconds"] = {"fp32": service_seconds(fp32_path, items, pad_id),
+                                             "int8 (export)": service_seconds(shipped, items, pad_id),
+                                             "int8 (all weights)": service_seconds(Path(scratch) / "0.onnx", items,
+                                                                                   pad_id)}
+        print(f"{len(items)} texts in batches of 4, one thread, median of 3 (s): {report['service_batches_seconds']}")
+    (args.model.parent / f"{args.model.name}-int8-bench.json").write_text(json.dumps(report, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
