@@ -25,15 +25,16 @@ import onnx
 
 from training.config import RewardConfig, load_config
 from training.data import PreferencePair
-from training.evaluate import encode
+from training.evaluate import encode, length_sorted_scorer
 from training.onnx_export import FP32_FILE, OnnxEngine, down_projections, matmul_weight_shapes, quantize
 from training.reward_model import load_tokenizer
 from training.train_reward import load_head_data
 
 # Which nodes each recipe leaves in fp32, by the shape of their weights (names differ between architectures).
+ALL_WEIGHTS, EXPORT_RECIPE = "all weights int8", "down-projections fp32 (export)"
 RECIPES: dict[str, Callable[[onnx.ModelProto], list[str]]] = {
-    "all weights int8": lambda model: [],
-    "down-projections fp32 (export)": down_projections,
+    ALL_WEIGHTS: lambda model: [],
+    EXPORT_RECIPE: down_projections,
     "attention QKV fp32": lambda model: [n.name for n in model.graph.node if n.op_type == "Attention"],
     "attention output fp32": lambda model: [
         name for name, shape in matmul_weight_shapes(model).items() if len(shape) == 2 and shape[0] == shape[1]],
@@ -45,15 +46,10 @@ Pairs = dict[str, tuple[np.ndarray, np.ndarray]]  # head -> (chosen scores, reje
 
 def score_pairs(engine: OnnxEngine, tokenizer, max_length: int, pairs: dict[int, tuple[str, list]]) -> Pairs:
     """Scores of every head's chosen and rejected replies, in length-sorted batches of 64."""
+    score = length_sorted_scorer(tokenizer, max_length, 64, engine.heads, engine.run)
     out = {}
     for column, (head, examples) in pairs.items():
-        items = encode(tokenizer, [e.chosen_input for e in examples] + [e.rejected_input for e in examples],
-                       max_length)
-        order = np.argsort([len(item["input_ids"]) for item in items])
-        scores = np.empty(len(items), dtype=np.float32)
-        for start in range(0, len(order), 64):
-            idx = order[start : start + 64]
-            scores[idx] = engine.run([items[i] for i in idx])[:, column]
+        scores = score([e.chosen_input for e in examples] + [e.rejected_input for e in examples])[:, column]
         out[head] = (scores[: len(examples)], scores[len(examples) :])
     return out
 
@@ -100,13 +96,13 @@ def main() -> None:
     fp32_model = onnx.load(str(fp32_path))
     report: dict[str, dict] = {"recipes": {}}
     with tempfile.TemporaryDirectory() as scratch:
+        paths = {name: Path(scratch) / f"{number}.onnx" for number, name in enumerate(RECIPES)}
         for name, keep_fp32 in RECIPES.items():
-            path = Path(scratch) / f"{len(report['recipes'])}.onnx"
-            quantize(fp32_path, path, keep_fp32(fp32_model))
-            report["recipes"][name] = compare(fp32, score_pairs(OnnxEngine(path, pad_id), tokenizer, max_length, pairs))
+            quantize(fp32_path, paths[name], keep_fp32(fp32_model))
+            engine = OnnxEngine(paths[name], pad_id)
+            report["recipes"][name] = compare(fp32, score_pairs(engine, tokenizer, max_length, pairs))
             print(f"{name:<32}" + "  ".join(f"{head}: {m}" for head, m in report["recipes"][name].items()), flush=True)
-        shipped = Path(scratch) / "1.onnx"  # the export's recipe, made second above
-        engine = OnnxEngine(shipped, pad_id)
+        engine = OnnxEngine(paths[EXPORT_RECIPE], pad_id)
         alone = score_pairs(engine, tokenizer, max_length, pairs)
         engine.one_at_a_time = False  # batched, as int8 ran before: each text's score depends on its batch
         report["batched_vs_alone"] = compare(alone, score_pairs(engine, tokenizer, max_length, pairs))
@@ -114,9 +110,8 @@ def main() -> None:
         texts = [e.chosen_input for e in next(iter(pairs.values()))[1]][:200]
         items = sorted(encode(tokenizer, texts, max_length), key=lambda item: len(item["input_ids"]))
         report["service_batches_seconds"] = {"fp32": service_seconds(fp32_path, items, pad_id),
-                                             "int8 (export)": service_seconds(shipped, items, pad_id),
-                                             "int8 (all weights)": service_seconds(Path(scratch) / "0.onnx", items,
-                                                                                   pad_id)}
+                                             "int8 (export)": service_seconds(paths[EXPORT_RECIPE], items, pad_id),
+                                             "int8 (all weights)": service_seconds(paths[ALL_WEIGHTS], items, pad_id)}
         print(f"{len(items)} texts in batches of 4, one thread, median of 3 (s): {report['service_batches_seconds']}")
     (args.model.parent / f"{args.model.name}-int8-bench.json").write_text(json.dumps(report, indent=2) + "\n")
 

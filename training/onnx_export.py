@@ -57,7 +57,7 @@ def export(model: RewardModel, tokenizer: PreTrainedTokenizerBase, directory: Pa
     optimized.save_model_to_file(str(directory / FP32_FILE))
     raw_path.unlink()
     if int8:
-        quantize(directory / FP32_FILE, directory / INT8_FILE, down_projections(onnx.load(str(directory / FP32_FILE))))
+        quantize(directory / FP32_FILE, directory / INT8_FILE, down_projections(optimized.model))
 
 
 def quantize(fp32_path: Path, int8_path: Path, keep_fp32: Sequence[str]) -> None:
