@@ -19,7 +19,7 @@ import numpy as np
 from service.metrics import Metrics
 from training.artifact import ArtifactError, read_manifest
 from training.evaluate import encode
-from training.onnx_export import FP32_FILE, INT8_FILE, OnnxEngine
+from training.onnx_export import FP32_FILE, INT8_FILE, OnnxEngine, int8_outdated
 from training.reward_model import load_tokenizer
 from training.text import ModelInput
 
@@ -91,6 +91,9 @@ class RewardRuntime:
                     TorchEngine(self.directory, self.heads, threads, self.tokenizer)]
             else:  # one session per worker, so workers run batches side by side
                 onnx_file = self.directory / (INT8_FILE if backend == "onnx-int8" else FP32_FILE)
+                if backend == "onnx-int8" and int8_outdated(self.manifest.get("onnx", {})):
+                    log.warning("%s was made by an older int8 export, which strays further from fp32; "
+                                "`keel export reward --model %s` remakes it", onnx_file, self.directory)
                 self.engines = [OnnxEngine(onnx_file, self.tokenizer.pad_token_id, threads) for _ in range(workers)]
         except ArtifactError:
             raise

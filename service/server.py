@@ -17,8 +17,17 @@ log = logging.getLogger("keel.service")
 
 
 def ensure_default_model(directory: Path) -> Path:
-    """Train the default reward model into directory if it is not there yet (progress bar on stderr)."""
+    """Train the default reward model into directory if it is not there yet (progress bar on stderr); re-export
+    its ONNX graphs if an older Keel made its int8 graph with another recipe."""
     if (directory / "keel.json").exists():
+        from training.artifact import read_manifest
+        from training.onnx_export import int8_outdated
+
+        if int8_outdated(read_manifest(directory).get("onnx", {})):
+            from training.train_reward import reexport
+
+            log.info("the default model's int8 graph was made by an older Keel: re-exporting it (about a minute)")
+            reexport(directory)
         return directory
     from training.config import DEFAULT_REWARD_CONFIG, RewardConfig, load_config
     from training.train_reward import train_reward

@@ -1,4 +1,5 @@
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -9,9 +10,17 @@ import torch
 from tests.conftest import hh_pairs, tiny_config, write_jsonl
 from training import train_reward as train_module
 from training.artifact import read_manifest
+from training.cli import main
 from training.data import DataSource, load_source
 from training.evaluate import category_scores, encode, example_inputs, torch_scorer
-from training.onnx_export import OnnxEngine, down_projections, onnx_scorer
+from training.onnx_export import (
+    INT8_RECIPE,
+    OnnxEngine,
+    down_projections,
+    int8_outdated,
+    onnx_scorer,
+    quantize,
+)
 from training.reward_model import RewardModel, load_tokenizer
 
 
@@ -113,6 +122,53 @@ def test_int8_score_of_a_text_does_not_depend_on_its_batch(tiny_reward_model: Pa
     alone = np.concatenate([int8.run([item]) for item in items])
     np.testing.assert_array_equal(int8.run(items), alone)
     np.testing.assert_array_equal(int8.run(items[::-1]), alone[::-1])
+
+
+def older_export(model: Path, tmp_path: Path) -> Path:
+    """A copy of a model directory as an older Keel left it: every weight int8 and no int8_recipe in keel.json."""
+    copy = tmp_path / "older"
+    shutil.copytree(model, copy)
+    quantize(copy / "model.onnx", copy / "model.int8.onnx", keep_fp32=[])
+    manifest = read_manifest(copy)
+    del manifest["onnx"]["int8_recipe"]
+    (copy / "keel.json").write_text(json.dumps(manifest))
+    return copy
+
+
+def test_keel_export_remakes_an_older_int8_graph_and_keeps_the_rest(tiny_reward_model: Path, tmp_path: Path,
+                                                                   capsys):
+    model = older_export(tiny_reward_model, tmp_path)
+    before = read_manifest(model)
+    assert int8_outdated(before["onnx"])
+    assert main(["export", "reward", "--model", str(model)]) == 0
+    assert "re-exported" in capsys.readouterr().out
+    after = read_manifest(model)
+    assert not int8_outdated(after["onnx"]) and after["onnx"]["int8_recipe"] == INT8_RECIPE
+    float_matmuls = [n.name for n in onnx.load(str(model / "model.int8.onnx")).graph.node if n.op_type == "MatMul"]
+    assert float_matmuls == down_projections(onnx.load(str(model / "model.onnx")))
+    assert after["onnx"]["fp32_max_abs_diff_vs_torch"] < 1e-3
+    assert after["onnx"]["accuracy"]["harmless"]["split"] == "validation"  # the tiny config has no test split
+    for kept in ("metrics", "normalization", "moderation", "created_at"):
+        assert after[kept] == before[kept]
+    for name in ("model.safetensors", "reward_heads.safetensors", "metrics.jsonl"):
+        assert (model / name).read_bytes() == (tiny_reward_model / name).read_bytes()
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")], "no staging directory left behind"
+
+    assert main(["export", "reward", "--model", str(model), "--no-int8"]) == 0
+    assert read_manifest(model)["onnx"]["int8"] is None and not (model / "model.int8.onnx").exists()
+
+
+def test_serve_re_exports_an_older_default_model_and_warns_about_other_models(tiny_reward_model: Path,
+                                                                             tmp_path: Path, caplog):
+    from service.runtime import RewardRuntime
+    from service.server import ensure_default_model
+
+    model = older_export(tiny_reward_model, tmp_path)
+    with caplog.at_level("WARNING", logger="service.runtime"):
+        RewardRuntime(model, backend="onnx-int8")
+    assert "keel export reward --model" in caplog.text
+    assert ensure_default_model(model) == model
+    assert not int8_outdated(read_manifest(model)["onnx"])
 
 
 def test_crash_leaves_no_model_and_resume_continues(tiny_backbone: str, tmp_path: Path, monkeypatch):

@@ -155,6 +155,19 @@ def build_parser() -> argparse.ArgumentParser:
     for parser_ in (suite_reward, suite_policy):
         add_suite_arguments(parser_, REWARD_SETS if parser_ is suite_reward else POLICY_SETS)
 
+    export = commands.add_parser("export", help="remake a model's exported files").add_subparsers(
+        dest="what", required=True)
+    export_reward = export.add_parser(
+        "reward", help="remake model.onnx and model.int8.onnx of a reward-model directory",
+        description="Re-export a reward model's ONNX graphs with this version of Keel (a model trained by an older "
+        "one keeps the int8 recipe it was made with; keel.json's onnx.int8_recipe names it), re-check them against "
+        "the weights on the model's own validation and test data (the paths in its keel.json), and update keel.json. "
+        "Weights, thresholds and metrics are kept; the directory is replaced atomically.")
+    export_reward.add_argument("--model", type=Path, required=True, help="a Keel reward-model directory")
+    export_reward.add_argument("--int8", action=argparse.BooleanOptionalAction, default=None,
+                               help="write model.int8.onnx, or not (default: as the model's config says)")
+    export_reward.add_argument("--skip-bad-rows", action="store_true", help="skip malformed data rows with a warning")
+
     serve = commands.add_parser(
         "serve", help="serve reward scoring and moderation over HTTP",
         description="Serve /v1/score, /v1/moderations, /v1/models, /healthz, /readyz and /metrics. Every option "
@@ -273,6 +286,13 @@ def main(argv: list[str] | None = None) -> int:
             return train_policy(args)
         if args.command == "eval" and args.what == "reward":
             return run_eval_reward(args)
+        if args.command == "export":
+            from training.train_reward import reexport
+
+            manifest = reexport(args.model, args.int8, args.skip_bad_rows)
+            print(json.dumps(manifest["onnx"], indent=2))
+            print(f"ONNX graphs of {args.model} re-exported")
+            return 0
         if args.command == "eval" and args.what == "policy":
             from training.eval_policy import run_eval_policy
 

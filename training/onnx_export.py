@@ -11,6 +11,7 @@ import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -24,6 +25,13 @@ from training.reward_model import RewardModel
 log = logging.getLogger(__name__)
 FP32_FILE = "model.onnx"
 INT8_FILE = "model.int8.onnx"
+# Recorded in keel.json, so a model whose int8 graph was made by an older recipe can be told apart and re-exported.
+INT8_RECIPE = "dynamic per-channel int8, feed-forward down-projections fp32"
+
+
+def int8_outdated(onnx_info: dict[str, Any]) -> bool:
+    """Whether a manifest's int8 graph was made by another recipe than this Keel's (`keel export reward` remakes it)."""
+    return bool(onnx_info.get("int8")) and onnx_info.get("int8_recipe") != INT8_RECIPE
 
 
 def onnx_input_names(tokenizer: PreTrainedTokenizerBase) -> list[str]:

@@ -24,9 +24,23 @@ from transformers import get_linear_schedule_with_warmup
 
 import training
 from training import onnx_export
-from training.artifact import FORMAT_VERSION, MANIFEST, publish, staging_directory, write_json_atomic
-from training.config import RewardConfig, to_dict
-from training.data import DataSource, Example, PreferencePair, file_sha256, load_source
+from training.artifact import (
+    FORMAT_VERSION,
+    MANIFEST,
+    publish,
+    read_manifest,
+    staging_directory,
+    write_json_atomic,
+)
+from training.config import RewardConfig, build, to_dict
+from training.data import (
+    DataError,
+    DataSource,
+    Example,
+    PreferencePair,
+    file_sha256,
+    load_source,
+)
 from training.evaluate import (
     Scorer,
     best_f1_threshold,
@@ -41,8 +55,19 @@ from training.evaluate import (
 )
 from training.hardware import make_accelerator
 from training.plots import plot_curves
-from training.reward_model import RewardModel, freeze_lower_layers, load_tokenizer, resolve_base_model
-from training.runs import append_metrics, prepare_work_directory, read_metrics, resume_from, save_checkpoint
+from training.reward_model import (
+    RewardModel,
+    freeze_lower_layers,
+    load_tokenizer,
+    resolve_base_model,
+)
+from training.runs import (
+    append_metrics,
+    prepare_work_directory,
+    read_metrics,
+    resume_from,
+    save_checkpoint,
+)
 from training.text import ModelInput
 
 log = logging.getLogger(__name__)
@@ -58,9 +83,13 @@ class HeadData:
     guard: list[Example]
 
 
+def read_sources(sources: list[DataSource], skip_bad_rows: bool) -> list[Example]:
+    return [example for source in sources for example in load_source(source, skip_bad_rows)]
+
+
 def load_head_data(config: RewardConfig, skip_bad_rows: bool) -> list[HeadData]:
     def read(sources: list[DataSource]) -> list[Example]:
-        return [example for source in sources for example in load_source(source, skip_bad_rows)]
+        return read_sources(sources, skip_bad_rows)
 
     return [HeadData(h.name, read(h.train), read(h.validation), read(h.test), read(h.moderation),
                      read(h.guard)) for h in config.heads]
@@ -317,8 +346,7 @@ def build_artifact(config: RewardConfig, model: RewardModel, tokenizer: Any, hea
         onnx_info: dict[str, Any] = {}
         scorer = torch_scorer(model, tokenizer, config.max_length, config.training.eval_batch_size)
         if config.export.onnx:
-            onnx_export.export(model, tokenizer, staging, config.export.opset, config.export.int8)
-            onnx_info, scorer = check_onnx(scorer, tokenizer, heads, names, config, staging)
+            onnx_info, scorer = export_onnx(model, tokenizer, heads, names, config, staging, scorer)
         # Every metric below is computed with the served fp32 graph (faster than torch), each text scored once.
         scorer = cached(scorer)
         normalization, moderation = normalization_and_thresholds(scorer, heads, config)
@@ -354,6 +382,50 @@ def build_artifact(config: RewardConfig, model: RewardModel, tokenizer: Any, hea
         }
         write_json_atomic(staging / MANIFEST, manifest)
         publish(staging, output, overwrite)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return manifest
+
+
+def reexport(directory: Path, int8: bool | None = None, skip_bad_rows: bool = False) -> dict[str, Any]:
+    """Remake the ONNX graphs of an existing reward-model directory with this Keel's export (after an upgrade
+    changed it, or to add int8), re-check them against the weights on the model's own validation and test data,
+    and update keel.json. The directory is replaced atomically; weights, thresholds and metrics are kept."""
+    manifest = read_manifest(directory)
+    config = build(RewardConfig, manifest["config"], f"{directory / MANIFEST}: config")
+    config.export.onnx = True
+    if int8 is not None:
+        config.export.int8 = int8
+    for entry in manifest.get("data", []):
+        if Path(entry["path"]).exists() and file_sha256(entry["path"]) != entry["sha256"]:
+            log.warning("%s changed since the model was trained; the export is checked on its current rows",
+                        entry["path"])
+
+    try:
+        heads = [HeadData(h.name, [], read_sources(h.validation, skip_bad_rows), read_sources(h.test, skip_bad_rows),
+                          [], []) for h in config.heads]
+    except DataError as error:
+        raise DataError(f"{error}; the new graphs are checked on the validation and test data named in "
+                        f"{directory / MANIFEST}, so that file must be readable at its recorded path") from error
+    names = manifest["heads"]
+    model = RewardModel.load(directory, names)
+    tokenizer = load_tokenizer(str(directory), config.max_length, config.truncation_side)
+    staging = staging_directory(directory)
+    try:
+        for path in directory.iterdir():
+            if path.name not in (onnx_export.FP32_FILE, onnx_export.INT8_FILE, MANIFEST):
+                (shutil.copytree if path.is_dir() else shutil.copy2)(path, staging / path.name)
+        torch_scores = torch_scorer(model, tokenizer, config.max_length, config.training.eval_batch_size)
+        info, fp32 = export_onnx(model, tokenizer, heads, names, config, staging, torch_scores)
+        if config.export.int8:
+            info["accuracy"] = int8_accuracy(cached(fp32), tokenizer, heads, names, config, staging)
+        manifest["onnx"] = info
+        manifest["config"]["export"] = to_dict(config.export)
+        manifest["exported"] = {"keel_version": training.__version__,
+                                "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        write_json_atomic(staging / MANIFEST, manifest)
+        publish(staging, directory, overwrite=True)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -401,12 +473,16 @@ def flag_examples(examples: list[Example]) -> tuple[list[ModelInput], list[float
     return texts, labels
 
 
-def check_onnx(torch_scores: Scorer, tokenizer: Any, heads: list[HeadData], names: list[str],
-               config: RewardConfig, directory: Path) -> tuple[dict[str, Any], Scorer]:
-    """Max |ONNX - torch| on validation texts for each exported graph; returns the info and the fp32 scorer."""
+def export_onnx(model: RewardModel, tokenizer: Any, heads: list[HeadData], names: list[str], config: RewardConfig,
+                directory: Path, torch_scores: Scorer) -> tuple[dict[str, Any], Scorer]:
+    """Write model.onnx (and model.int8.onnx) into directory and measure max |ONNX - torch| on validation texts
+    for each graph; returns the manifest's onnx info and the fp32 graph's scorer."""
+    onnx_export.export(model, tokenizer, directory, config.export.opset, config.export.int8)
     sample = example_inputs([e for head in heads for e in head.validation[:32]])
     expected = torch_scores(sample)
     info: dict[str, Any] = {"fp32": onnx_export.FP32_FILE, "int8": onnx_export.INT8_FILE if config.export.int8 else None}
+    if config.export.int8:
+        info["int8_recipe"] = onnx_export.INT8_RECIPE
     fp32 = onnx_export.onnx_scorer(directory / onnx_export.FP32_FILE, tokenizer, config.max_length)
     info["fp32_max_abs_diff_vs_torch"] = float(np.abs(fp32(sample) - expected).max())
     if config.export.int8:
