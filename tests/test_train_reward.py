@@ -257,5 +257,6 @@ def test_frozen_lower_layers_keep_their_weights(tiny_backbone: str, tmp_path: Pa
     assert fixed and all(torch.equal(trained[k], base[k]) for k in fixed)
     assert not torch.equal(trained["encoder.layer.1.output.dense.weight"], base["encoder.layer.1.output.dense.weight"])
     config.training.freeze_layers = 2  # the tiny backbone has 2 layers: nothing would be left to train
+    config.heads[0].train[0].path = str(tmp_path / "absent.jsonl")  # said before the data is read
     with pytest.raises(ConfigError, match="has 2 layers; freeze fewer"):
         train_module.train_reward(config, tmp_path / "model2", progress=False)

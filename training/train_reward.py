@@ -206,6 +206,13 @@ def train_reward(config: RewardConfig, output: Path, resume: bool = False, overw
     t = config.training
     names = [h.name for h in config.heads]
 
+    # ---- model (first, so a config the backbone cannot take fails before the data is read) --------------
+    model = RewardModel.from_base(config.base_model, names, config.attention_dropout)
+    if t.freeze_embeddings:
+        model.backbone.get_input_embeddings().requires_grad_(False)
+    if t.freeze_layers:
+        freeze_lower_layers(model.backbone, t.freeze_layers)
+
     # ---- data -------------------------------------------------------------------------------------------
     heads = load_head_data(config, skip_bad_rows)
     tokenizer = load_tokenizer(config.base_model, config.max_length, config.truncation_side)
@@ -220,12 +227,7 @@ def train_reward(config: RewardConfig, output: Path, resume: bool = False, overw
     if t.max_steps is not None:
         total_steps = min(total_steps, t.max_steps)
 
-    # ---- model and optimiser -----------------------------------------------------------------------------
-    model = RewardModel.from_base(config.base_model, names, config.attention_dropout)
-    if t.freeze_embeddings:
-        model.backbone.get_input_embeddings().requires_grad_(False)
-    if t.freeze_layers:
-        freeze_lower_layers(model.backbone, t.freeze_layers)
+    # ---- optimiser --------------------------------------------------------------------------------------
     backbone_params = [p for p in model.backbone.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(
         [{"params": backbone_params, "lr": t.learning_rate}, {"params": model.heads.parameters(), "lr": t.head_learning_rate}],
