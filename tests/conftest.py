@@ -74,8 +74,9 @@ def other_precision():
     AcceleratorState._reset_state(reset_partial_state=True)
 
 
-def tiny_config(backbone: str, pairs: Path, ratings: Path | None = None, **training: object):
-    """A RewardConfig on the tiny backbone: a `harmless` pairs head (and a `quality` ratings head)."""
+def tiny_config(backbone: str, pairs: Path, ratings: Path | None = None, onnx: bool = True, **training: object):
+    """A RewardConfig on the tiny backbone: a `harmless` pairs head (and a `quality` ratings head); without
+    `onnx`, no ONNX export (faster, for tests of training alone)."""
     from training.config import ExportConfig, HeadConfig, RewardConfig, TrainingConfig
     from training.data import DataSource
 
@@ -87,7 +88,7 @@ def tiny_config(backbone: str, pairs: Path, ratings: Path | None = None, **train
     settings = {"epochs": 2, "batch_size": 8, "learning_rate": 1e-3, "eval_every": 3, "checkpoint_every": 2,
                 "log_every": 1, "seed": 0, "precision": "no", **training}
     return RewardConfig(heads=heads, base_model=backbone, max_length=48, training=TrainingConfig(**settings),
-                        export=ExportConfig())
+                        export=ExportConfig(onnx=onnx, int8=onnx))
 
 
 @pytest.fixture(scope="session")

@@ -53,13 +53,11 @@ def test_served_policy_weights_follow_the_hardware(monkeypatch, tiny_policy: str
 def test_auto_trains_a_reward_model_in_bf16_where_bf16_is_fast(monkeypatch, tiny_backbone: str, tmp_path,
                                                              other_precision):
     from tests.conftest import hh_pairs, tiny_config, write_jsonl
-    from training.config import ExportConfig
     from training.train_reward import train_reward
 
     monkeypatch.setattr(hardware, "bf16_is_fast", lambda device: True)
-    config = tiny_config(tiny_backbone, write_jsonl(tmp_path / "pairs.jsonl", hh_pairs(40)), precision="auto",
-                         checkpoint_every=0)
-    config.export = ExportConfig(onnx=False, int8=False)
+    config = tiny_config(tiny_backbone, write_jsonl(tmp_path / "pairs.jsonl", hh_pairs(40)), onnx=False,
+                         precision="auto", checkpoint_every=0)
     manifest = train_reward(config, tmp_path / "model", progress=False)
     assert manifest["metrics"]["precision"] == "bf16"
     assert manifest["metrics"]["validation"]["harmless"]["accuracy"] >= 0.9  # it learns under bf16 autocast

@@ -245,11 +245,11 @@ def test_keep_best_publishes_the_best_validation_weights(tiny_backbone: str, tmp
 def test_frozen_lower_layers_keep_their_weights(tiny_backbone: str, tmp_path: Path):
     from safetensors.torch import load_file
 
-    from training.config import ConfigError, ExportConfig
+    from training.config import ConfigError
 
     pairs = write_jsonl(tmp_path / "pairs.jsonl", hh_pairs(24))
-    config = tiny_config(tiny_backbone, pairs, epochs=1, checkpoint_every=0, eval_every=0, freeze_layers=1)
-    config.export = ExportConfig(onnx=False, int8=False)
+    config = tiny_config(tiny_backbone, pairs, onnx=False, epochs=1, checkpoint_every=0, eval_every=0,
+                         freeze_layers=1)
     train_module.train_reward(config, tmp_path / "model", progress=False)
     base = load_file(Path(tiny_backbone) / "model.safetensors")
     trained = load_file(tmp_path / "model" / "model.safetensors")
