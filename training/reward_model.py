@@ -56,7 +56,13 @@ class RewardModel(nn.Module):
 
     @classmethod
     def load(cls, directory: str | Path, head_names: list[str]) -> RewardModel:
-        model = cls(AutoModel.from_pretrained(directory), head_names)
+        # The saved backbone has no pooler; built with one, BERT-like models would warn that its weights are
+        # missing and "newly initialized", which is true and harmless (mean pooling never reads it).
+        try:
+            backbone = AutoModel.from_pretrained(directory, add_pooling_layer=False)
+        except TypeError:  # architectures without a pooler do not take the argument
+            backbone = AutoModel.from_pretrained(directory)
+        model = cls(backbone, head_names)
         model.heads.load_state_dict(load_file(Path(directory) / HEADS_FILE))
         return model
 
