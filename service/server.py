@@ -26,13 +26,15 @@ def ensure_default_model(directory: Path) -> Path:
         if int8_outdated(read_manifest(directory).get("onnx", {})):
             from training.train_reward import reexport
 
-            log.info("the default model's int8 graph was made by an older Keel: re-exporting it (about a minute)")
+            log.info("the default model's int8 graph was made by an older Keel: re-exporting it "
+                     "(2-3 minutes on 2 CPU cores)")
             reexport(directory)
         return directory
     from training.config import DEFAULT_REWARD_CONFIG, RewardConfig, load_config
     from training.train_reward import train_reward
 
-    log.info("no model at %s: training the default reward model first (about 12 minutes on 2 CPU cores)", directory)
+    log.info("no model at %s: training the default reward model first (10-35 minutes on 2 CPU cores, by CPU)",
+             directory)
     work = directory.parent / f"{directory.name}.work"
     train_reward(load_config(RewardConfig, DEFAULT_REWARD_CONFIG), directory, resume=work.exists())
     return directory
