@@ -1,6 +1,7 @@
 """Compare int8 recipes of a reward model with its fp32 graph, and measure what batching does to int8 scores.
 
     python bench/int8_bench.py --model runs/bench-reward [--config configs/reward.yaml] [--split validation]
+        [--recipes NAME,...] [--no-timing]
 
 Each recipe's int8 graph is made afresh from the model's model.onnx. Every head's preference pairs of the
 chosen split (the config's data) are scored one text at a time, as Keel runs int8, and compared with fp32:
@@ -26,20 +27,40 @@ import onnx
 from training.config import RewardConfig, load_config
 from training.data import PreferencePair
 from training.evaluate import encode, length_sorted_scorer
-from training.onnx_export import FP32_FILE, OnnxEngine, down_projections, matmul_weight_shapes, quantize
+from training.onnx_export import (
+    FP32_FILE,
+    OnnxEngine,
+    down_projections,
+    matmul_weight_shapes,
+    quantize,
+)
 from training.reward_model import load_tokenizer
 from training.train_reward import load_head_data
+
+
+def attention_qkv(model: onnx.ModelProto) -> list[str]:
+    return [n.name for n in model.graph.node if n.op_type == "Attention"]
+
+
+def attention_outputs(model: onnx.ModelProto) -> list[str]:
+    return [name for name, shape in matmul_weight_shapes(model).items() if len(shape) == 2 and shape[0] == shape[1]]
+
+
+def up_projections(model: onnx.ModelProto) -> list[str]:
+    return [name for name, shape in matmul_weight_shapes(model).items() if len(shape) == 2 and shape[0] < shape[1]]
+
 
 # Which nodes each recipe leaves in fp32, by the shape of their weights (names differ between architectures).
 ALL_WEIGHTS, EXPORT_RECIPE = "all weights int8", "down-projections fp32 (export)"
 RECIPES: dict[str, Callable[[onnx.ModelProto], list[str]]] = {
     ALL_WEIGHTS: lambda model: [],
     EXPORT_RECIPE: down_projections,
-    "attention QKV fp32": lambda model: [n.name for n in model.graph.node if n.op_type == "Attention"],
-    "attention output fp32": lambda model: [
-        name for name, shape in matmul_weight_shapes(model).items() if len(shape) == 2 and shape[0] == shape[1]],
-    "up-projections fp32": lambda model: [
-        name for name, shape in matmul_weight_shapes(model).items() if len(shape) == 2 and shape[0] < shape[1]],
+    "attention QKV fp32": attention_qkv,
+    "attention output fp32": attention_outputs,
+    "up-projections fp32": up_projections,
+    "down-projections + attention output fp32": lambda model: down_projections(model) + attention_outputs(model),
+    "down-projections + QKV fp32": lambda model: down_projections(model) + attention_qkv(model),
+    "feed-forward fp32 (down + up)": lambda model: down_projections(model) + up_projections(model),
 }
 Pairs = dict[str, tuple[np.ndarray, np.ndarray]]  # head -> (chosen scores, rejected scores)
 
@@ -84,7 +105,14 @@ def main() -> None:
     parser.add_argument("--model", type=Path, required=True, help="Keel reward-model directory with model.onnx")
     parser.add_argument("--config", type=Path, default=Path("configs/reward.yaml"), help="config naming the data")
     parser.add_argument("--split", choices=["validation", "test"], default="validation", help="pairs to compare on")
+    parser.add_argument("--recipes", default=",".join(RECIPES),
+                        help="comma-separated recipes to compare (default: all): " + ", ".join(RECIPES))
+    parser.add_argument("--no-timing", action="store_true",
+                        help="compare recipes only: skip batched-vs-alone and the speed of fp32 and int8")
     args = parser.parse_args()
+    recipes = args.recipes.split(",")
+    if unknown := set(recipes) - set(RECIPES):
+        parser.error(f"unknown recipes {sorted(unknown)}; known: {', '.join(RECIPES)}")
     manifest = json.loads((args.model / "keel.json").read_text())
     tokenizer = load_tokenizer(str(args.model), manifest["max_length"], manifest["truncation_side"])
     max_length, pad_id = manifest["max_length"], tokenizer.pad_token_id
@@ -97,23 +125,36 @@ def main() -> None:
     report: dict[str, dict] = {"recipes": {}}
     with tempfile.TemporaryDirectory() as scratch:
         paths = {name: Path(scratch) / f"{number}.onnx" for number, name in enumerate(RECIPES)}
-        for name, keep_fp32 in RECIPES.items():
-            quantize(fp32_path, paths[name], keep_fp32(fp32_model))
+        for name in recipes:
+            quantize(fp32_path, paths[name], RECIPES[name](fp32_model))
             engine = OnnxEngine(paths[name], pad_id)
             report["recipes"][name] = compare(fp32, score_pairs(engine, tokenizer, max_length, pairs))
             print(f"{name:<32}" + "  ".join(f"{head}: {m}" for head, m in report["recipes"][name].items()), flush=True)
-        engine = OnnxEngine(paths[EXPORT_RECIPE], pad_id)
-        alone = score_pairs(engine, tokenizer, max_length, pairs)
-        engine.one_at_a_time = False  # batched, as int8 ran before: each text's score depends on its batch
-        report["batched_vs_alone"] = compare(alone, score_pairs(engine, tokenizer, max_length, pairs))
-        print("int8 in batches of 64 vs one at a time: " + str(report["batched_vs_alone"]), flush=True)
-        texts = [e.chosen_input for e in next(iter(pairs.values()))[1]][:200]
-        items = sorted(encode(tokenizer, texts, max_length), key=lambda item: len(item["input_ids"]))
-        report["service_batches_seconds"] = {"fp32": service_seconds(fp32_path, items, pad_id),
-                                             "int8 (export)": service_seconds(paths[EXPORT_RECIPE], items, pad_id),
-                                             "int8 (all weights)": service_seconds(paths[ALL_WEIGHTS], items, pad_id)}
-        print(f"{len(items)} texts in batches of 4, one thread, median of 3 (s): {report['service_batches_seconds']}")
-    (args.model.parent / f"{args.model.name}-int8-bench.json").write_text(json.dumps(report, indent=2) + "\n")
+        if not args.no_timing:
+            report.update(batching_and_speed(fp32_path, paths, fp32_model, tokenizer, max_length, pairs))
+    report_path = args.model.parent / f"{args.model.name}-int8-bench-{args.split}.json"
+    report_path.write_text(json.dumps(report, indent=2) + "\n")
+
+
+def batching_and_speed(fp32_path: Path, paths: dict[str, Path], fp32_model: onnx.ModelProto, tokenizer,
+                       max_length: int, pairs: dict[int, tuple[str, list]]) -> dict[str, dict]:
+    """The export recipe's scores in batches of 64 against one at a time, and fp32 vs int8 speed."""
+    pad_id = tokenizer.pad_token_id
+    for name in (EXPORT_RECIPE, ALL_WEIGHTS):
+        if not paths[name].exists():
+            quantize(fp32_path, paths[name], RECIPES[name](fp32_model))
+    engine = OnnxEngine(paths[EXPORT_RECIPE], pad_id)
+    alone = score_pairs(engine, tokenizer, max_length, pairs)
+    engine.one_at_a_time = False  # batched, as int8 ran before: each text's score depends on its batch
+    report: dict[str, dict] = {"batched_vs_alone": compare(alone, score_pairs(engine, tokenizer, max_length, pairs))}
+    print("int8 in batches of 64 vs one at a time: " + str(report["batched_vs_alone"]), flush=True)
+    texts = [e.chosen_input for e in next(iter(pairs.values()))[1]][:200]
+    items = sorted(encode(tokenizer, texts, max_length), key=lambda item: len(item["input_ids"]))
+    report["service_batches_seconds"] = {"fp32": service_seconds(fp32_path, items, pad_id),
+                                         "int8 (export)": service_seconds(paths[EXPORT_RECIPE], items, pad_id),
+                                         "int8 (all weights)": service_seconds(paths[ALL_WEIGHTS], items, pad_id)}
+    print(f"{len(items)} texts in batches of 4, one thread, median of 3 (s): {report['service_batches_seconds']}")
+    return report
 
 
 if __name__ == "__main__":
