@@ -120,6 +120,13 @@ def test_int8_graph_keeps_the_feed_forward_down_projections_in_fp32(tiny_reward_
     assert any(node.op_type == "MatMulInteger" for node in int8.graph.node)
 
 
+def test_quantizing_logs_no_inapplicable_advice(tiny_reward_model: Path, tmp_path: Path, caplog):
+    with caplog.at_level("WARNING"):
+        quantize(tiny_reward_model / "model.onnx", tmp_path / "int8.onnx", keep_fp32=[])
+    assert (tmp_path / "int8.onnx").exists()
+    assert not [r for r in caplog.records if "pre-processing" in r.getMessage()]
+
+
 def test_int8_score_of_a_text_does_not_depend_on_its_batch(tiny_reward_model: Path):
     manifest = read_manifest(tiny_reward_model)
     tokenizer = load_tokenizer(str(tiny_reward_model), manifest["max_length"], "left")

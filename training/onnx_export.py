@@ -72,9 +72,17 @@ def quantize(fp32_path: Path, int8_path: Path, keep_fp32: Sequence[str]) -> None
     """Dynamic per-channel int8 of an fp32 graph, leaving the named nodes in fp32."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    # Fused (com.microsoft) ops defeat shape inference, so name the float type explicitly.
-    quantize_dynamic(fp32_path, int8_path, per_channel=True, weight_type=QuantType.QInt8,
-                     nodes_to_exclude=list(keep_fp32), extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
+    # ONNX Runtime advises its pre-processing (shape inference, graph optimisation) on every call, as a root-logger
+    # warning; the graph is already optimised and its fused ops defeat shape inference, so it does not apply.
+    def not_the_advice(record: logging.LogRecord) -> bool:
+        return "pre-processing before quantization" not in record.getMessage()
+
+    logging.getLogger().addFilter(not_the_advice)
+    try:  # Fused (com.microsoft) ops defeat shape inference, so name the float type explicitly.
+        quantize_dynamic(fp32_path, int8_path, per_channel=True, weight_type=QuantType.QInt8,
+                         nodes_to_exclude=list(keep_fp32), extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
+    finally:
+        logging.getLogger().removeFilter(not_the_advice)
 
 
 def matmul_weight_shapes(model: onnx.ModelProto) -> dict[str, tuple[int, ...]]:
