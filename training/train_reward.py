@@ -24,23 +24,9 @@ from transformers import get_linear_schedule_with_warmup
 
 import training
 from training import onnx_export
-from training.artifact import (
-    FORMAT_VERSION,
-    MANIFEST,
-    publish,
-    read_manifest,
-    staging_directory,
-    write_json_atomic,
-)
+from training.artifact import FORMAT_VERSION, MANIFEST, publish, read_manifest, staging_directory, write_json_atomic
 from training.config import RewardConfig, build, to_dict
-from training.data import (
-    DataError,
-    DataSource,
-    Example,
-    PreferencePair,
-    file_sha256,
-    load_source,
-)
+from training.data import DataError, DataSource, Example, PreferencePair, file_sha256, load_source
 from training.evaluate import (
     Scorer,
     best_f1_threshold,
@@ -55,19 +41,8 @@ from training.evaluate import (
 )
 from training.hardware import make_accelerator
 from training.plots import plot_curves
-from training.reward_model import (
-    RewardModel,
-    freeze_lower_layers,
-    load_tokenizer,
-    resolve_base_model,
-)
-from training.runs import (
-    append_metrics,
-    prepare_work_directory,
-    read_metrics,
-    resume_from,
-    save_checkpoint,
-)
+from training.reward_model import RewardModel, freeze_lower_layers, load_tokenizer, resolve_base_model
+from training.runs import append_metrics, prepare_work_directory, read_metrics, resume_from, save_checkpoint
 from training.text import ModelInput
 
 log = logging.getLogger(__name__)
