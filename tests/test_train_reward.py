@@ -88,15 +88,15 @@ def test_training_learns_the_pairs(tiny_reward_model: Path):
 def test_onnx_matches_torch_on_new_texts(tiny_reward_model: Path):
     manifest = read_manifest(tiny_reward_model)
     tokenizer = load_tokenizer(str(tiny_reward_model), manifest["max_length"], "left")
-    warnings: list[str] = []
+    load_messages: list[str] = []
     handler = logging.Handler()
-    handler.emit = lambda record: warnings.append(record.getMessage())
+    handler.emit = lambda record: load_messages.append(record.getMessage())
     logging.getLogger("transformers").addHandler(handler)  # transformers' loggers do not propagate further
     try:
         model = RewardModel.load(tiny_reward_model, manifest["heads"])
     finally:
         logging.getLogger("transformers").removeHandler(handler)
-    assert not [w for w in warnings if "MISSING" in w]  # no warning about the pooler mean pooling never reads
+    assert not [m for m in load_messages if "MISSING" in m]  # no warning about the pooler mean pooling never reads
     texts = [("Human: hello", "hi"), ("Human: tell me", "a much longer text about code and bread and cake " * 5),
              ("", "x")]
     expected = torch_scorer(model, tokenizer, manifest["max_length"])(texts)
