@@ -63,11 +63,9 @@ def read_sources(sources: list[DataSource], skip_bad_rows: bool) -> list[Example
 
 
 def load_head_data(config: RewardConfig, skip_bad_rows: bool) -> list[HeadData]:
-    def read(sources: list[DataSource]) -> list[Example]:
-        return read_sources(sources, skip_bad_rows)
-
-    return [HeadData(h.name, read(h.train), read(h.validation), read(h.test), read(h.moderation),
-                     read(h.guard)) for h in config.heads]
+    roles = ("train", "validation", "test", "moderation", "guard")
+    return [HeadData(h.name, **{role: read_sources(getattr(h, role), skip_bad_rows) for role in roles})
+            for h in config.heads]
 
 
 def make_batches(lengths: list[list[int]], batch_size: int, seed: int) -> list[tuple[int, list[int]]]:
@@ -321,9 +319,10 @@ def build_artifact(config: RewardConfig, model: RewardModel, tokenizer: Any, hea
         model.to("cpu").save(staging)
         tokenizer.save_pretrained(staging)
         onnx_info: dict[str, Any] = {}
+        int8: Scorer | None = None
         scorer = torch_scorer(model, tokenizer, config.max_length, config.training.eval_batch_size)
         if config.export.onnx:
-            onnx_info, scorer = export_onnx(model, tokenizer, heads, names, config, staging, scorer)
+            onnx_info, scorer, int8 = export_onnx(model, tokenizer, heads, names, config, staging, scorer)
         # Every metric below is computed with the served fp32 graph (faster than torch), each text scored once.
         scorer = cached(scorer)
         normalization, moderation = normalization_and_thresholds(scorer, heads, config)
@@ -332,8 +331,8 @@ def build_artifact(config: RewardConfig, model: RewardModel, tokenizer: Any, hea
         for split in ("validation", "test"):
             metrics[split] = {head.name: evaluate_examples(scorer, getattr(head, split), names)[head.name]
                               for head in heads if getattr(head, split)}
-        if config.export.onnx and config.export.int8:
-            onnx_info["accuracy"] = int8_accuracy(scorer, tokenizer, heads, names, config, staging)
+        if int8 is not None:
+            onnx_info["accuracy"] = int8_accuracy(scorer, int8, heads, names)
         metrics["eval_seconds"] = round(time.time() - t0, 1)
         rows = read_metrics(metrics_path)
         (staging / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -374,7 +373,8 @@ def reexport(directory: Path, int8: bool | None = None, skip_bad_rows: bool = Fa
     config.export.onnx = True
     if int8 is not None:
         config.export.int8 = int8
-    for entry in manifest.get("data", []):
+    checked_on = [e for e in manifest.get("data", []) if any(u["role"] in ("validation", "test") for u in e["uses"])]
+    for entry in checked_on:
         if Path(entry["path"]).exists() and file_sha256(entry["path"]) != entry["sha256"]:
             log.warning("%s changed since the model was trained; the export is checked on its current rows",
                         entry["path"])
@@ -394,9 +394,9 @@ def reexport(directory: Path, int8: bool | None = None, skip_bad_rows: bool = Fa
             if path.name not in (onnx_export.FP32_FILE, onnx_export.INT8_FILE, MANIFEST):
                 (shutil.copytree if path.is_dir() else shutil.copy2)(path, staging / path.name)
         torch_scores = torch_scorer(model, tokenizer, config.max_length, config.training.eval_batch_size)
-        info, fp32 = export_onnx(model, tokenizer, heads, names, config, staging, torch_scores)
-        if config.export.int8:
-            info["accuracy"] = int8_accuracy(cached(fp32), tokenizer, heads, names, config, staging)
+        info, fp32, int8 = export_onnx(model, tokenizer, heads, names, config, staging, torch_scores)
+        if int8 is not None:
+            info["accuracy"] = int8_accuracy(fp32, int8, heads, names)
         manifest["onnx"] = info
         manifest["config"]["export"] = to_dict(config.export)
         manifest["exported"] = {"keel_version": training.__version__,
@@ -451,9 +451,9 @@ def flag_examples(examples: list[Example]) -> tuple[list[ModelInput], list[float
 
 
 def export_onnx(model: RewardModel, tokenizer: Any, heads: list[HeadData], names: list[str], config: RewardConfig,
-                directory: Path, torch_scores: Scorer) -> tuple[dict[str, Any], Scorer]:
+                directory: Path, torch_scores: Scorer) -> tuple[dict[str, Any], Scorer, Scorer | None]:
     """Write model.onnx (and model.int8.onnx) into directory and measure max |ONNX - torch| on validation texts
-    for each graph; returns the manifest's onnx info and the fp32 graph's scorer."""
+    for each graph; returns the manifest's onnx info and the scorers of the fp32 and int8 (or None) graphs."""
     onnx_export.export(model, tokenizer, directory, config.export.opset, config.export.int8)
     sample = example_inputs([e for head in heads for e in head.validation[:32]])
     expected = torch_scores(sample)
@@ -462,16 +462,15 @@ def export_onnx(model: RewardModel, tokenizer: Any, heads: list[HeadData], names
         info["int8_recipe"] = onnx_export.INT8_RECIPE
     fp32 = onnx_export.onnx_scorer(directory / onnx_export.FP32_FILE, tokenizer, config.max_length)
     info["fp32_max_abs_diff_vs_torch"] = float(np.abs(fp32(sample) - expected).max())
+    int8 = None
     if config.export.int8:
         int8 = onnx_export.onnx_scorer(directory / onnx_export.INT8_FILE, tokenizer, config.max_length)
         info["int8_max_abs_diff_vs_torch"] = float(np.abs(int8(sample) - expected).max())
-    return info, fp32
+    return info, fp32, int8
 
 
-def int8_accuracy(fp32: Scorer, tokenizer: Any, heads: list[HeadData], names: list[str], config: RewardConfig,
-                  directory: Path) -> dict[str, Any]:
+def int8_accuracy(fp32: Scorer, int8: Scorer, heads: list[HeadData], names: list[str]) -> dict[str, Any]:
     """Pairwise accuracy of the int8 graph beside fp32, on each head's test pairs (validation if no test)."""
-    int8 = onnx_export.onnx_scorer(directory / onnx_export.INT8_FILE, tokenizer, config.max_length)
     out = {}
     for head in heads:
         evaluated = head.test or head.validation
