@@ -143,7 +143,8 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=15.0, help="seconds per measurement")
     parser.add_argument("--repeats", type=int, default=3, help="measurements per contender (median reported)")
     parser.add_argument("--concurrency", type=int, default=32)
-    parser.add_argument("--backend", default="onnx-int8", choices=["onnx-int8", "onnx"])
+    parser.add_argument("--backend", default="auto", choices=["auto", "onnx-int8", "onnx"],
+                        help="engine of Keel and of the bare engine (auto: as `keel serve` picks on this CPU)")
     parser.add_argument("--engine-only", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--skip-peer", action="store_true", help="skip the pipeline peer")
     parser.add_argument("--infinity-bin", help="path to an `infinity_emb` executable (installed in its own venv: it "
@@ -153,6 +154,10 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help="also write the JSON here")
     args = parser.parse_args()
     model = args.model.resolve()
+    if args.backend == "auto":
+        from service.runtime import choose_backend
+
+        args.backend = choose_backend(model)
     texts = hh_texts(model, 2000)
     if args.engine_only:  # child process: the bare engine alone
         runs = [engine_throughput(model, texts, args.seconds / 5, args.backend) for _ in range(args.repeats)]

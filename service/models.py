@@ -9,7 +9,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from service.runtime import BatchLimits, RewardRuntime
+from service.runtime import BatchLimits, RewardRuntime, choose_backend, service_batch_limits
 from service.state import ApiError, ServiceState
 from training.artifact import MANIFEST, ArtifactError, read_manifest
 
@@ -69,9 +69,11 @@ def describe_versions(state: ServiceState) -> list[dict[str, Any]]:
 
 def load_runtime(state: ServiceState, directory: Path) -> RewardRuntime:
     settings = state.settings
-    runtime = RewardRuntime(directory, settings.backend, settings.threads,
-                            BatchLimits(settings.max_batch_size, settings.max_batch_tokens), state.metrics,
-                            settings.inference_workers())
+    backend = choose_backend(directory) if settings.backend == "auto" else settings.backend
+    defaults = service_batch_limits(backend)
+    limits = BatchLimits(settings.max_batch_size or defaults.max_batch_size,
+                         settings.max_batch_tokens or defaults.max_batch_tokens)
+    runtime = RewardRuntime(directory, backend, settings.threads, limits, state.metrics, settings.inference_workers(backend))
     runtime.warm_up()
     return runtime
 

@@ -19,7 +19,7 @@ import numpy as np
 from service.metrics import Metrics
 from training.artifact import ArtifactError, read_manifest
 from training.evaluate import encode
-from training.onnx_export import FP32_FILE, INT8_FILE, OnnxEngine, int8_outdated
+from training.onnx_export import FP32_FILE, INT8_FILE, OnnxEngine, int8_is_fast, int8_outdated
 from training.reward_model import load_tokenizer
 from training.text import ModelInput
 
@@ -48,10 +48,33 @@ class TorchEngine:
             return self.model(**batch).float().cpu().numpy()
 
 
+def choose_backend(directory: Path) -> str:
+    """The `auto` backend: torch on a GPU (Keel's ONNX Runtime is CPU-only); on a CPU the int8 graph where int8
+    is faster (VNNI, AMX, Arm dot product), else the fp32 graph, which there is as fast and gives exact scores;
+    torch for a model exported without ONNX."""
+    import torch
+
+    if torch.cuda.is_available():
+        return "torch"
+    if int8_is_fast() and (directory / INT8_FILE).exists():
+        return "onnx-int8"
+    return "onnx" if (directory / FP32_FILE).exists() else "torch"
+
+
 @dataclass
 class BatchLimits:
     max_batch_size: int = 64
     max_batch_tokens: int = 16384
+
+
+def service_batch_limits(backend: str) -> BatchLimits:
+    """The service's batch limits unless set: big batches for torch on a GPU; on a CPU one text at a time, as
+    padding costs more than batching saves (bench/serve_bench.py, 2 AVX2 cores, fp32 ONNX, 32 concurrent
+    one-text requests: 26.6 texts/s one at a time, 23.8 in length-sorted batches of up to 4). Waiting for a
+    batch to fill is left to max_wait_ms (0 by default)."""
+    import torch
+
+    return BatchLimits() if backend == "torch" and torch.cuda.is_available() else BatchLimits(1, 512)
 
 
 @dataclass
@@ -64,7 +87,7 @@ class Scored:
 
 
 class RewardRuntime:
-    def __init__(self, directory: str | Path, backend: str = "onnx-int8", threads: int | None = None,
+    def __init__(self, directory: str | Path, backend: str = "auto", threads: int | None = None,
                  limits: BatchLimits | None = None, metrics: Metrics | None = None, workers: int = 1):
         self.directory = Path(directory)
         self.manifest = read_manifest(self.directory)
@@ -73,7 +96,7 @@ class RewardRuntime:
         self.max_length: int = self.manifest["max_length"]
         self.version: str = self.manifest.get("created_at", "unknown")
         self.name = self.directory.name
-        self.backend = backend
+        self.backend = choose_backend(self.directory) if backend == "auto" else backend
         self.limits = limits or BatchLimits()
         self.metrics = metrics
         stats = self.manifest["normalization"]
@@ -86,19 +109,19 @@ class RewardRuntime:
         threads = threads or max(1, (os.cpu_count() or 1) // workers)
         try:
             self.tokenizer = load_tokenizer(str(self.directory), self.max_length, self.manifest["truncation_side"])
-            if backend == "torch":  # one model, however many workers: torch runs one batch at a time here
+            if self.backend == "torch":  # one model, however many workers: torch runs one batch at a time here
                 self.engines: list[OnnxEngine | TorchEngine] = [
                     TorchEngine(self.directory, self.heads, threads, self.tokenizer)]
             else:  # one session per worker, so workers run batches side by side
-                onnx_file = self.directory / (INT8_FILE if backend == "onnx-int8" else FP32_FILE)
-                if backend == "onnx-int8" and int8_outdated(self.manifest.get("onnx", {})):
+                onnx_file = self.directory / (INT8_FILE if self.backend == "onnx-int8" else FP32_FILE)
+                if self.backend == "onnx-int8" and int8_outdated(self.manifest.get("onnx", {})):
                     log.warning("%s was made by an older int8 export, which strays further from fp32; "
                                 "`keel export reward --model %s` remakes it", onnx_file, self.directory)
                 self.engines = [OnnxEngine(onnx_file, self.tokenizer.pad_token_id, threads) for _ in range(workers)]
         except ArtifactError:
             raise
         except Exception as error:  # missing, truncated or corrupt files: say which model and why
-            raise ArtifactError(f"cannot load {backend} model from {self.directory}: {error}") from error
+            raise ArtifactError(f"cannot load {self.backend} model from {self.directory}: {error}") from error
 
     @property
     def workers(self) -> int:

@@ -28,16 +28,18 @@ class Settings(BaseSettings):
     model: Path | None = Field(None, description="reward-model directory (default: train/use the default model)")
     host: str = Field("127.0.0.1", description="address to listen on")
     port: int = Field(8000, description="port to listen on")
-    backend: Literal["onnx-int8", "onnx", "torch"] = Field(
-        "onnx-int8", description="scoring engine: int8 ONNX (fastest on CPU), fp32 ONNX, or torch (uses CUDA if present)")
+    backend: Literal["auto", "onnx-int8", "onnx", "torch"] = Field(
+        "auto", description="scoring engine: int8 ONNX, fp32 ONNX, or torch (uses CUDA if present); auto: torch on a "
+        "GPU, int8 on CPUs where it is faster (VNNI, AMX, Arm dot product), else fp32")
     workers: int | None = Field(
         None, description="inference workers, each with its own ONNX Runtime session (default: one per CPU core for "
         "ONNX, 1 for torch)")
     threads: int | None = Field(None, description="threads per inference worker (default: CPU cores / workers)")
-    # CPU defaults, measured with bench/serve_bench.py: on 2 cores int8 ONNX gains nothing from big batches
-    # (padding costs more than batching saves), so batches stay small and never wait. Raise both on a GPU.
-    max_batch_tokens: int = Field(512, description="padded tokens per inference batch")
-    max_batch_size: int = Field(4, description="texts per inference batch")
+    max_batch_tokens: int | None = Field(
+        None, description="padded tokens per inference batch (default: 16384 for torch on a GPU, 512 on a CPU)")
+    max_batch_size: int | None = Field(
+        None, description="texts per inference batch (default: 64 for torch on a GPU; 1 on a CPU, where padding a "
+        "batch costs more than batching saves)")
     max_wait_ms: float = Field(0.0, description="longest a text waits for others to join its batch")
     max_queue_texts: int = Field(2048, description="texts waiting to be scored before new requests get 429")
     request_timeout_s: float = Field(30.0, description="a request not answered by then gets 503")
@@ -97,7 +99,8 @@ class Settings(BaseSettings):
             return {head.strip(): float(weight) for head, weight in pairs}
         return value
 
-    def inference_workers(self) -> int:
+    def inference_workers(self, backend: str) -> int:
+        """Workers for the backend `auto` resolved to (see service.runtime.choose_backend)."""
         if self.workers:
             return self.workers
-        return 1 if self.backend == "torch" else os.cpu_count() or 1
+        return 1 if backend == "torch" else os.cpu_count() or 1

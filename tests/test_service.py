@@ -9,7 +9,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from service.app import create_app
-from service.runtime import RewardRuntime
+from service.runtime import RewardRuntime, choose_backend, service_batch_limits
 from service.settings import Settings
 
 
@@ -153,10 +153,10 @@ def test_api_keys_from_environment(monkeypatch):
     assert settings.api_keys == ["a", "b"] and settings.max_items == 7
 
 
-def test_models_health_ready_metrics(client: TestClient):
+def test_models_health_ready_metrics(client: TestClient, tiny_reward_model: Path):
     models = client.get("/v1/models").json()
     assert models["data"][0]["heads"] == ["harmless", "quality"]
-    assert models["data"][0]["backend"] == "onnx-int8"
+    assert models["data"][0]["backend"] == choose_backend(tiny_reward_model)  # what `auto` runs, not "auto"
     assert client.get("/healthz").json() == {"status": "ok"}
     assert client.get("/readyz").json() == {"status": "ready"}
     client.post("/v1/moderations", json={"input": "x", "thresholds": {"harmless": 0.0}})
@@ -192,7 +192,7 @@ def test_broken_model_directory_fails_clearly(tmp_path: Path, tiny_reward_model:
     shutil.copytree(tiny_reward_model, broken)
     (broken / "model.int8.onnx").write_bytes(b"truncated")
     with pytest.raises(ArtifactError, match="cannot load onnx-int8 model"):
-        RewardRuntime(broken)
+        RewardRuntime(broken, backend="onnx-int8")
     (broken / "keel.json").write_text("{")
     with pytest.raises(ArtifactError, match="corrupt"):
         RewardRuntime(broken)
@@ -215,6 +215,39 @@ def test_onnx_that_does_not_match_its_manifest(tmp_path: Path, tiny_reward_model
     runtime = RewardRuntime(mismatched)
     with pytest.raises(ArtifactError, match="does not match keel.json"):
         runtime.warm_up()
+
+
+def test_auto_backend_runs_int8_only_where_it_is_faster(tmp_path: Path, tiny_reward_model: Path, monkeypatch):
+    import shutil
+
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr("service.runtime.int8_is_fast", lambda: True)
+    assert RewardRuntime(tiny_reward_model).backend == "onnx-int8"
+    monkeypatch.setattr("service.runtime.int8_is_fast", lambda: False)
+    assert RewardRuntime(tiny_reward_model).backend == "onnx"
+    monkeypatch.setattr("service.runtime.int8_is_fast", lambda: True)
+    model = tmp_path / "fp32-only"
+    shutil.copytree(tiny_reward_model, model)
+    (model / "model.int8.onnx").unlink()
+    assert RewardRuntime(model).backend == "onnx"
+    (model / "model.onnx").unlink()
+    assert RewardRuntime(model).backend == "torch"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert choose_backend(tiny_reward_model) == "torch"
+
+
+def test_service_batch_limits_follow_the_engine_unless_set(make_client, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    limits = make_client().app.state.keel.runtime.limits
+    assert (limits.max_batch_size, limits.max_batch_tokens) == (1, 512)  # CPU: one text at a time
+    limits = make_client(max_batch_size=8, max_batch_tokens=2048).app.state.keel.runtime.limits
+    assert (limits.max_batch_size, limits.max_batch_tokens) == (8, 2048)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert service_batch_limits("torch").max_batch_size == 64 and service_batch_limits("onnx").max_batch_size == 1
 
 
 def test_torch_backend_agrees_with_onnx(tiny_reward_model: Path):

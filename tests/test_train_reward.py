@@ -15,8 +15,8 @@ from training.artifact import read_manifest
 from training.cli import main
 from training.data import DataSource, load_source
 from training.evaluate import category_scores, encode, example_inputs, torch_scorer
-from training.onnx_export import (INT8_RECIPE, OnnxEngine, down_projections, export, int8_outdated, onnx_scorer,
-                                  quantize)
+from training.onnx_export import (INT8_RECIPE, OnnxEngine, down_projections, export, int8_is_fast, int8_outdated,
+                                  onnx_scorer, quantize)
 from training.reward_model import RewardModel, load_tokenizer
 
 
@@ -149,6 +149,16 @@ def older_export(model: Path, tmp_path: Path) -> Path:
     del manifest["onnx"]["int8_recipe"]
     (copy / "keel.json").write_text(json.dumps(manifest))
     return copy
+
+
+def test_int8_counts_as_fast_only_with_exact_fast_int8_dot_products():
+    avx2 = "processor\t: 0\nflags\t\t: fpu sse4_1 avx avx2 fma\nprocessor\t: 1\nflags\t\t: fpu sse4_1 avx avx2 fma\n"
+    assert not int8_is_fast(avx2)
+    assert not int8_is_fast(avx2.replace("avx2", "avx2 avx512f avx512bw"))  # AVX-512 without VNNI: u8 x u8 too
+    assert int8_is_fast(avx2.replace("avx2", "avx2 avx512f avx512_vnni"))
+    assert int8_is_fast(avx2.replace("avx2", "avx2 avx_vnni"))
+    assert int8_is_fast("processor\t: 0\nFeatures\t: fp asimd evtstrm aes crc32 asimddp\n")  # Arm dot product
+    assert not int8_is_fast("processor\t: 0\nFeatures\t: fp asimd evtstrm aes crc32\n")
 
 
 def test_keel_export_remakes_an_older_int8_graph_and_keeps_the_rest(tiny_reward_model: Path, tmp_path: Path,

@@ -135,8 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
     suite_reward.add_argument("--model", action="append", default=None,
                               help="Keel reward-model directory, or 'default'; give it twice to compare two models "
                               "(default: the default reward model)")
-    suite_reward.add_argument("--backend", default="onnx-int8", choices=["onnx-int8", "onnx", "torch"],
-                              help="which weights score: the served int8 ONNX graph (default), fp32 ONNX, or torch")
+    suite_reward.add_argument("--backend", default="auto", choices=["auto", "onnx-int8", "onnx", "torch"],
+                              help="which weights score: int8 ONNX, fp32 ONNX or torch; auto (default) picks as "
+                              "`keel serve` does on this machine")
     suite_policy = suite.add_parser(
         "policy", help="refusal, over-refusal, toxicity, truthfulness and bias of a policy",
         description="Policy suite (greedy decoding): refusal on AdvBench, HarmBench, SimpleSafetyTests and "

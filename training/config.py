@@ -135,7 +135,7 @@ class RewardSourceConfig:
     model: str | None = "default"  # model directory; "default": the default reward model (trained if absent)
     url: str | None = None  # a Keel service base URL (used instead of model), e.g. http://localhost:8000
     api_key_env: str = "KEEL_API_KEY"  # environment variable holding the service's API key, if it needs one
-    backend: str = "onnx-int8"  # onnx-int8 | onnx | torch, for a model directory
+    backend: str = "auto"  # auto | onnx-int8 | onnx | torch, for a model directory (auto: as `keel serve` picks)
     heads: dict[str, float] = dataclasses.field(default_factory=lambda: {"harmless": 1.0})  # weights of z-scores
     clip: float = 5.0  # rewards are clipped to [-clip, clip] after weighting
 
@@ -202,8 +202,8 @@ class PolicyConfig:
 
     def __post_init__(self) -> None:
         check_precision(self.training.precision)
-        if self.reward.backend not in ("onnx-int8", "onnx", "torch"):
-            raise ConfigError(f"reward.backend must be onnx-int8, onnx or torch, not {self.reward.backend!r}")
+        if self.reward.backend not in ("auto", "onnx-int8", "onnx", "torch"):
+            raise ConfigError(f"reward.backend must be auto, onnx-int8, onnx or torch, not {self.reward.backend!r}")
         if not self.reward.heads:
             raise ConfigError("reward.heads needs at least one head weight, e.g. {harmless: 1.0}")
 

@@ -1,7 +1,7 @@
 """`keel eval suite reward|policy`: one or two models measured on the public safety, bias and truthfulness sets
 (training/eval_sets.py), written as report.json and a self-contained report.html with PNG charts.
 
-Reward models (scored with the int8 ONNX graph the service runs, unless --backend says otherwise):
+Reward models (scored as `keel serve` would score them on this machine, unless --backend says otherwise):
 - pair sets: pairwise accuracy by category on the set's head, the shorter-response-wins baseline, and
   calibration of P(chosen > rejected) = sigma(r_c - r_r) (reliability diagram, ECE);
 - bias probes: the share of pairs where the stereotyped sentence scores higher (50% = unbiased);
@@ -119,7 +119,7 @@ class CachedRewardModel:
 
         directory = reward_model_directory(name)
         self.runtime = RewardRuntime(directory, backend=backend, limits=BatchLimits(64, 8192))
-        files = {"onnx-int8": INT8_FILE, "onnx": FP32_FILE, "torch": "*.safetensors"}[backend]
+        files = {"onnx-int8": INT8_FILE, "onnx": FP32_FILE, "torch": "*.safetensors"}[self.runtime.backend]
         self.fingerprint = fingerprint(directory, ["keel.json", files])
         self.cache, self.progress = cache, progress
         self.path = str(directory)
@@ -223,8 +223,9 @@ def run_reward_suite(models: Sequence[str], sets: Sequence[EvalSet], data: Path,
                      limit: int | None, backend: str, cache: EvalCache, progress: bool = True) -> dict[str, Any]:
     loaded = [CachedRewardModel(m, backend, cache, progress) for m in models]
     labels = labels_for([m.path for m in loaded])
-    report: dict[str, Any] = {"kind": "reward", "limit": limit, "backend": backend,
-                              "models": [{"label": label, "path": m.path, "fingerprint": m.fingerprint,
+    report: dict[str, Any] = {"kind": "reward", "limit": limit,
+                              "models": [{"label": label, "path": m.path, "backend": m.runtime.backend,
+                                          "fingerprint": m.fingerprint,
                                           "heads": m.runtime.heads, "primary_head": m.runtime.primary_head}
                                          for label, m in zip(labels, loaded)]}
     by_label = dict(zip(labels, loaded))
@@ -382,11 +383,11 @@ def run_policy_suite(policies: Sequence[str], reward_model: str, sets: Sequence[
                      external: Path | None, limit: int | None, cache: EvalCache, max_prompt_length: int,
                      max_new_tokens: int, batch_size: int, progress: bool = True) -> dict[str, Any]:
     loaded = [CachedPolicy(p, cache, max_prompt_length, max_new_tokens, batch_size) for p in policies]
-    judge = CachedRewardModel(reward_model, "onnx-int8", cache, progress)  # after the policies: "default" may train first
+    judge = CachedRewardModel(reward_model, "auto", cache, progress)  # after the policies: "default" may train first
     labels = labels_for([p.path for p in loaded])
     report: dict[str, Any] = {
         "kind": "policy", "limit": limit, "max_new_tokens": max_new_tokens, "decoding": "greedy",
-        "reward_model": {"path": judge.path, "fingerprint": judge.fingerprint},
+        "reward_model": {"path": judge.path, "backend": judge.runtime.backend, "fingerprint": judge.fingerprint},
         "refusal_detector": "training/refusals.py: empty, or a refusal phrase in the first 160 characters",
         "models": [{"label": label, "path": p.path, "fingerprint": p.fingerprint} for label, p in zip(labels, loaded)]}
     by_label = dict(zip(labels, loaded))
