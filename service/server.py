@@ -24,11 +24,16 @@ def ensure_default_model(directory: Path) -> Path:
         from training.onnx_export import int8_outdated
 
         if int8_outdated(read_manifest(directory).get("onnx", {})):
+            from training.config import PACKAGE_ROOT
+            from training.data import DataError
             from training.train_reward import reexport
 
             log.info("the default model's int8 graph was made by an older Keel: re-exporting it "
                      "(2-3 minutes on 2 CPU cores)")
-            reexport(directory)
+            try:  # the default model's data is Keel's own, wherever this copy of Keel now lives
+                reexport(directory, data_dir=PACKAGE_ROOT / "data")
+            except DataError as error:
+                log.warning("kept the default model's graphs as they are: %s", error)
         return directory
     from training.config import DEFAULT_REWARD_CONFIG, RewardConfig, load_config
     from training.train_reward import train_reward

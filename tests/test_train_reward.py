@@ -184,6 +184,27 @@ def test_keel_export_remakes_an_older_int8_graph_and_keeps_the_rest(tiny_reward_
     assert read_manifest(model)["onnx"]["int8"] is None and not (model / "model.int8.onnx").exists()
 
 
+def test_keel_export_finds_moved_data_by_name_and_contents(tiny_reward_model: Path, tmp_path: Path, capsys):
+    model = older_export(tiny_reward_model, tmp_path)
+    recorded = {entry["path"] for entry in read_manifest(model)["data"]}
+    gone = tmp_path / "gone"  # the manifest names files where the data no longer is
+    (model / "keel.json").write_text((model / "keel.json").read_text().replace(str(tiny_reward_model.parent), str(gone)))
+    moved = tmp_path / "moved" / "nested"
+    moved.mkdir(parents=True)
+    for path in recorded:
+        shutil.copy(path, moved / Path(path).name)
+    decoy = tmp_path / "moved" / "a" / "pairs.jsonl"  # found first; same name, other contents: must not be picked
+    decoy.parent.mkdir()
+    decoy.write_text("{}\n")
+
+    assert main(["export", "reward", "--model", str(model)]) == 2
+    assert "--data DIR" in capsys.readouterr().err
+    assert main(["export", "reward", "--model", str(model), "--data", str(tmp_path / "moved")]) == 0
+    manifest = read_manifest(model)
+    assert {Path(entry["path"]).parent for entry in manifest["data"]} == {moved.resolve()}
+    assert str(gone) not in json.dumps(manifest["config"]) and not int8_outdated(manifest["onnx"])
+
+
 def test_serve_re_exports_an_older_default_model_and_warns_about_other_models(tiny_reward_model: Path,
                                                                              tmp_path: Path, caplog):
     from service.runtime import RewardRuntime

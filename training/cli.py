@@ -168,6 +168,10 @@ def build_parser() -> argparse.ArgumentParser:
     export_reward.add_argument("--int8", action=argparse.BooleanOptionalAction, default=None,
                                help="write model.int8.onnx, or not (default: as the model's config says)")
     export_reward.add_argument("--skip-bad-rows", action="store_true", help="skip malformed data rows with a warning")
+    export_reward.add_argument("--data", type=Path, default=None, metavar="DIR",
+                               help="where to look for data files no longer at the paths in keel.json (a moved clone, "
+                               "another machine): a file under DIR with the same name and SHA-256 is used, and "
+                               "keel.json records its new path")
 
     serve = commands.add_parser(
         "serve", help="serve reward scoring and moderation over HTTP",
@@ -290,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "export":
             from training.train_reward import reexport
 
-            manifest = reexport(args.model, args.int8, args.skip_bad_rows)
+            manifest = reexport(args.model, args.int8, args.skip_bad_rows, args.data)
             print(json.dumps(manifest["onnx"], indent=2))
             print(f"ONNX graphs of {args.model} re-exported")
             return 0

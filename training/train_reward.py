@@ -364,15 +364,24 @@ def build_artifact(config: RewardConfig, model: RewardModel, tokenizer: Any, hea
     return manifest
 
 
-def reexport(directory: Path, int8: bool | None = None, skip_bad_rows: bool = False) -> dict[str, Any]:
+def reexport(directory: Path, int8: bool | None = None, skip_bad_rows: bool = False,
+             data_dir: Path | None = None) -> dict[str, Any]:
     """Remake the ONNX graphs of an existing reward-model directory with this Keel's export (after an upgrade
     changed it, or to add int8), re-check them against the weights on the model's own validation and test data,
-    and update keel.json. The directory is replaced atomically; weights, thresholds and metrics are kept."""
+    and update keel.json. The directory is replaced atomically; weights, thresholds and metrics are kept.
+    Data files gone from their recorded paths are looked for under data_dir (see find_moved_data)."""
     manifest = read_manifest(directory)
     config = build(RewardConfig, manifest["config"], f"{directory / MANIFEST}: config")
     config.export.onnx = True
     if int8 is not None:
         config.export.int8 = int8
+    moved = find_moved_data(manifest.get("data", []), data_dir) if data_dir else {}
+    for head in config.heads:
+        for role in ("train", "validation", "test", "moderation", "guard"):
+            for source in getattr(head, role):
+                source.path = moved.get(source.path, source.path)
+    for entry in manifest.get("data", []):
+        entry["path"] = moved.get(entry["path"], entry["path"])
     checked_on = [e for e in manifest.get("data", []) if any(u["role"] in ("validation", "test") for u in e["uses"])]
     for entry in checked_on:
         if Path(entry["path"]).exists() and file_sha256(entry["path"]) != entry["sha256"]:
@@ -384,7 +393,8 @@ def reexport(directory: Path, int8: bool | None = None, skip_bad_rows: bool = Fa
                           [], []) for h in config.heads]
     except DataError as error:
         raise DataError(f"{error}; the new graphs are checked on the validation and test data named in "
-                        f"{directory / MANIFEST}, so that file must be readable at its recorded path") from error
+                        f"{directory / MANIFEST}, so that file must be readable at its recorded path, or under "
+                        f"`--data DIR` with the same name and contents") from error
     names = manifest["heads"]
     model = RewardModel.load(directory, names)
     tokenizer = load_tokenizer(str(directory), config.max_length, config.truncation_side)
@@ -398,7 +408,7 @@ def reexport(directory: Path, int8: bool | None = None, skip_bad_rows: bool = Fa
         if int8 is not None:
             info["accuracy"] = int8_accuracy(fp32, int8, heads, names)
         manifest["onnx"] = info
-        manifest["config"]["export"] = to_dict(config.export)
+        manifest["config"] = to_dict(config)  # the export settings used, and data paths found under data_dir
         manifest["exported"] = {"keel_version": training.__version__,
                                 "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         write_json_atomic(staging / MANIFEST, manifest)
@@ -407,6 +417,24 @@ def reexport(directory: Path, int8: bool | None = None, skip_bad_rows: bool = Fa
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return manifest
+
+
+def find_moved_data(entries: list[dict[str, Any]], data_dir: Path) -> dict[str, str]:
+    """Recorded data paths that no longer exist (a moved clone, another machine), each mapped to the file under
+    data_dir with the same name and SHA-256 as recorded, where there is one."""
+    moved = {}
+    for entry in entries:
+        recorded = Path(entry["path"])
+        if recorded.exists():
+            continue
+        found = next((path for path in sorted(data_dir.rglob(recorded.name)) if file_sha256(path) == entry["sha256"]),
+                     None)
+        if found is None:
+            log.warning("%s: no file of that name and contents under %s", recorded, data_dir)
+        else:
+            moved[entry["path"]] = str(found.resolve())
+            log.info("%s found at %s", recorded, found)
+    return moved
 
 
 def normalization_and_thresholds(scorer: Scorer, heads: list[HeadData], config: RewardConfig) -> tuple[dict, dict]:
