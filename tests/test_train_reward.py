@@ -184,11 +184,17 @@ def test_keel_export_remakes_an_older_int8_graph_and_keeps_the_rest(tiny_reward_
     assert read_manifest(model)["onnx"]["int8"] is None and not (model / "model.int8.onnx").exists()
 
 
+def data_gone(model: Path, data_dir: Path, tmp_path: Path) -> Path:
+    """Make model's keel.json name its data files under a directory that does not exist, as after a move."""
+    gone = tmp_path / "gone"
+    (model / "keel.json").write_text((model / "keel.json").read_text().replace(str(data_dir), str(gone)))
+    return gone
+
+
 def test_keel_export_finds_moved_data_by_name_and_contents(tiny_reward_model: Path, tmp_path: Path, capsys):
     model = older_export(tiny_reward_model, tmp_path)
     recorded = {entry["path"] for entry in read_manifest(model)["data"]}
-    gone = tmp_path / "gone"  # the manifest names files where the data no longer is
-    (model / "keel.json").write_text((model / "keel.json").read_text().replace(str(tiny_reward_model.parent), str(gone)))
+    gone = data_gone(model, tiny_reward_model.parent, tmp_path)
     moved = tmp_path / "moved" / "nested"
     moved.mkdir(parents=True)
     for path in recorded:
@@ -216,6 +222,12 @@ def test_serve_re_exports_an_older_default_model_and_warns_about_other_models(ti
     assert "keel export reward --model" in caplog.text
     assert ensure_default_model(model) == model
     assert not int8_outdated(read_manifest(model)["onnx"])
+
+    unreadable = older_export(tiny_reward_model, tmp_path / "unreadable")
+    data_gone(unreadable, tiny_reward_model.parent, tmp_path)
+    with caplog.at_level("WARNING", logger="service.server"):
+        assert ensure_default_model(unreadable) == unreadable  # serves its old graphs rather than not starting
+    assert "kept the default model's graphs" in caplog.text and int8_outdated(read_manifest(unreadable)["onnx"])
 
 
 def test_crash_leaves_no_model_and_resume_continues(tiny_backbone: str, tmp_path: Path, monkeypatch):
