@@ -27,7 +27,7 @@ def test_help_explains_every_option():
 def test_eval_reward_prints_metrics_for_any_file(tiny_reward_model: Path, tmp_path: Path, capsys):
     data = write_jsonl(tmp_path / "pairs.jsonl", hh_pairs(10))
     assert main(["eval", "reward", "--model", str(tiny_reward_model), "--data", str(data), "--json",
-                 "--backend", "int8"]) == 0
+                 "--backend", "onnx-int8"]) == 0
     report = json.loads(capsys.readouterr().out)
     metrics = report[str(data)]["harmless"]
     assert metrics["pairs"] == 10 and {"accuracy", "shorter_wins_accuracy", "ece"} <= set(metrics)

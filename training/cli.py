@@ -94,8 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     eval_reward.add_argument("--split", default="all", choices=["all", "train", "validation", "test"],
                              help="keep only this hash split of each file (default: all rows)")
     eval_reward.add_argument("--limit", type=int, default=None, help="at most N rows per file")
-    eval_reward.add_argument("--backend", default="torch", choices=["torch", "onnx", "int8"],
-                             help="torch weights, model.onnx or model.int8.onnx (default: torch)")
+    eval_reward.add_argument("--backend", default="torch", choices=["torch", "onnx", "onnx-int8"],
+                             help="torch weights, model.onnx or model.int8.onnx (default: torch; the names are "
+                             "keel serve's)")
     eval_reward.add_argument("--skip-bad-rows", action="store_true", help="skip malformed rows with a warning")
     eval_reward.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
