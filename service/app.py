@@ -188,7 +188,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         state.runtime = await asyncio.to_thread(load_runtime, state, model_directory(Path(settings.model)))
         # Through state.runtime at call time, so a reload switches models between batches.
         state.batcher = Batcher(lambda texts, worker: state.runtime.scored(texts, worker),
-                                max_batch_texts=state.runtime.limits.max_batch_size * 4, max_wait_s=settings.max_wait_ms / 1000,
+                                max_batch_texts=state.runtime.limits.max_batch_size * 4,
+                                max_wait_s=settings.max_wait_ms / 1000,
                                 max_queue_texts=settings.max_queue_texts, queue_gauge=state.metrics.queue_depth,
                                 workers=state.runtime.workers)
         state.batcher.start()

@@ -73,7 +73,8 @@ def load_runtime(state: ServiceState, directory: Path) -> RewardRuntime:
     defaults = service_batch_limits(backend)
     limits = BatchLimits(settings.max_batch_size or defaults.max_batch_size,
                          settings.max_batch_tokens or defaults.max_batch_tokens)
-    runtime = RewardRuntime(directory, backend, settings.threads, limits, state.metrics, settings.inference_workers(backend))
+    runtime = RewardRuntime(directory, backend, settings.threads, limits, state.metrics,
+                            settings.inference_workers(backend))
     runtime.warm_up()
     return runtime
 

@@ -22,6 +22,9 @@ class ConfigError(ValueError):
     pass
 
 
+HEAD_ROLES = ("train", "validation", "test", "moderation", "guard")  # a head's lists of data sources
+
+
 @dataclasses.dataclass
 class HeadConfig:
     """One reward head (a principle such as `harmless`), trained on its own data."""
@@ -46,6 +49,10 @@ class HeadConfig:
     # sharing the backbone can lower it)
     detach: bool = False
     margin: float = 0.0  # Bradley-Terry margin added to every pair's own margin
+
+    def sources(self) -> list[tuple[str, DataSource]]:
+        """Every data source of this head with its role."""
+        return [(role, source) for role in HEAD_ROLES for source in getattr(self, role)]
 
 
 @dataclasses.dataclass
@@ -258,7 +265,7 @@ def load_config(cls: type[T], path: str | Path, overrides: list[str] | tuple[str
     return config
 
 
-SOURCE_LISTS = ("train", "validation", "test", "moderation", "guard", "evaluation", "data")  # lists of data sources
+SOURCE_LISTS = (*HEAD_ROLES, "evaluation", "data")  # config keys that hold lists of data sources
 MODEL_KEYS = ("model", "base_model")  # a model: "default", a hub name, or a path
 
 

@@ -25,7 +25,7 @@ from transformers import get_linear_schedule_with_warmup
 import training
 from training import onnx_export
 from training.artifact import FORMAT_VERSION, MANIFEST, publish, read_manifest, staging_directory, write_json_atomic
-from training.config import RewardConfig, build, to_dict
+from training.config import HEAD_ROLES, RewardConfig, build, to_dict
 from training.data import DataError, DataSource, Example, PreferencePair, file_sha256, load_source
 from training.evaluate import (
     Scorer,
@@ -63,8 +63,7 @@ def read_sources(sources: list[DataSource], skip_bad_rows: bool) -> list[Example
 
 
 def load_head_data(config: RewardConfig, skip_bad_rows: bool) -> list[HeadData]:
-    roles = ("train", "validation", "test", "moderation", "guard")
-    return [HeadData(h.name, **{role: read_sources(getattr(h, role), skip_bad_rows) for role in roles})
+    return [HeadData(h.name, **{role: read_sources(getattr(h, role), skip_bad_rows) for role in HEAD_ROLES})
             for h in config.heads]
 
 
@@ -377,9 +376,8 @@ def reexport(directory: Path, int8: bool | None = None, skip_bad_rows: bool = Fa
         config.export.int8 = int8
     moved = find_moved_data(manifest.get("data", []), data_dir) if data_dir else {}
     for head in config.heads:
-        for role in ("train", "validation", "test", "moderation", "guard"):
-            for source in getattr(head, role):
-                source.path = moved.get(source.path, source.path)
+        for _, source in head.sources():
+            source.path = moved.get(source.path, source.path)
     for entry in manifest.get("data", []):
         entry["path"] = moved.get(entry["path"], entry["path"])
     checked_on = [e for e in manifest.get("data", []) if any(u["role"] in ("validation", "test") for u in e["uses"])]
@@ -512,8 +510,7 @@ def int8_accuracy(fp32: Scorer, int8: Scorer, heads: list[HeadData], names: list
 def data_provenance(config: RewardConfig) -> list[dict[str, Any]]:
     seen: dict[str, dict[str, Any]] = {}
     for head in config.heads:
-        for role in ("train", "validation", "test", "moderation", "guard"):
-            for source in getattr(head, role):
-                entry = seen.setdefault(source.path, {"path": source.path, "sha256": file_sha256(source.path), "uses": []})
-                entry["uses"].append({"head": head.name, "role": role, "split": source.split, "limit": source.limit})
+        for role, source in head.sources():
+            entry = seen.setdefault(source.path, {"path": source.path, "sha256": file_sha256(source.path), "uses": []})
+            entry["uses"].append({"head": head.name, "role": role, "split": source.split, "limit": source.limit})
     return list(seen.values())
