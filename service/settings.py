@@ -55,11 +55,13 @@ class Settings(BaseSettings):
 
     # ---- chat completions (served when --policy or --upstream is given) -------------------------------------
     policy: Path | None = Field(None, description="policy directory (or HF causal-LM path) to serve "
-                                "/v1/chat/completions with; \"default\" is SmolLM2-135M-Instruct")
+                                "/v1/chat/completions with; \"default\" is SmolLM2-135M-Instruct (unset: no chat "
+                                "endpoint unless --upstream)")
     upstream: str | None = Field(None, description="guard proxy: an OpenAI-compatible base URL (e.g. "
                                  "http://vllm:8000) that generates the candidates Keel reranks and guards")
-    upstream_api_key: str | None = Field(None, description="API key sent to the upstream server")
-    upstream_model: str | None = Field(None, description="model name sent to the upstream server")
+    upstream_api_key: str | None = Field(None, description="API key sent to the upstream server (unset: none)")
+    upstream_model: str | None = Field(None, description="model name sent to the upstream server (unset: "
+                                       "none, the server's own default)")
     best_of: int = Field(1, ge=1, le=16, description="candidates per reply, reranked by the reward model, "
                          "when a request does not say (`best_of`)")
     guard: Literal["off", "refuse", "regenerate"] = Field(

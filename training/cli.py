@@ -8,6 +8,7 @@ import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Literal, get_args, get_origin
 
 from training.artifact import cache_root
 from training.config import CONFIGS, DEFAULT_REWARD_CONFIG
@@ -216,12 +217,14 @@ def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
     for name, field in Settings.model_fields.items():
         flag = "--" + name.replace("_", "-")
         env = f"KEEL_{name.upper()}"
-        default = "" if field.default_factory else f"; default: {field.default}"
+        # A default of None is described in the field's own text ("default: one per CPU core ...").
+        default = "" if field.default_factory or field.default is None else f"; default: {field.default}"
         if field.annotation is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
                                 help=f"{field.description} (env {env}{default})")
         else:
-            parser.add_argument(flag, default=None, help=f"{field.description} (env {env}{default})")
+            choices = get_args(field.annotation) if get_origin(field.annotation) is Literal else None
+            parser.add_argument(flag, default=None, choices=choices, help=f"{field.description} (env {env}{default})")
 
 
 def run_eval_reward(args: argparse.Namespace) -> int:
