@@ -27,31 +27,32 @@ class Settings(BaseSettings):
 
     model: Path | None = Field(None, description="reward-model directory (default: train/use the default model)")
     host: str = Field("127.0.0.1", description="address to listen on")
-    port: int = Field(8000, description="port to listen on")
+    port: int = Field(8000, ge=0, le=65535, description="port to listen on")
     backend: Literal["auto", "onnx-int8", "onnx", "torch"] = Field(
         "auto", description="scoring engine: int8 ONNX, fp32 ONNX, or torch (uses CUDA if present); auto: torch on a "
         "GPU, int8 on CPUs where it is faster (VNNI, AMX, Arm dot product), else fp32")
     workers: int | None = Field(
-        None, description="inference workers, each with its own ONNX Runtime session (default: one per CPU core for "
-        "ONNX, 1 for torch)")
-    threads: int | None = Field(None, description="threads per inference worker (default: CPU cores / workers)")
+        None, ge=1, description="inference workers, each with its own ONNX Runtime session (default: one per CPU "
+        "core for ONNX, 1 for torch)")
+    threads: int | None = Field(None, ge=1, description="threads per inference worker (default: CPU cores / workers)")
     max_batch_tokens: int | None = Field(
-        None, description="padded tokens per inference batch (default: 16384 for torch on a GPU, 512 on a CPU)")
+        None, ge=1, description="padded tokens per inference batch (default: 16384 for torch on a GPU, 512 on a CPU)")
     max_batch_size: int | None = Field(
-        None, description="texts per inference batch (default: 64 for torch on a GPU; 1 on a CPU, where padding a "
-        "batch costs more than batching saves)")
-    max_wait_ms: float = Field(0.0, description="longest a text waits for others to join its batch")
-    max_queue_texts: int = Field(2048, description="texts waiting to be scored before new requests get 429")
-    request_timeout_s: float = Field(30.0, description="a request not answered by then gets 503")
-    max_items: int = Field(256, description="items (texts or conversations) per request")
-    max_chars: int = Field(32768, description="characters per text")
-    max_body_bytes: int = Field(2 * 1024 * 1024, description="request body size limit (413 above it)")
+        None, ge=1, description="texts per inference batch (default: 64 for torch on a GPU; 1 on a CPU, where "
+        "padding a batch costs more than batching saves)")
+    max_wait_ms: float = Field(0.0, ge=0, description="longest a text waits for others to join its batch")
+    max_queue_texts: int = Field(2048, ge=1, description="texts waiting to be scored before new requests get 429")
+    request_timeout_s: float = Field(30.0, gt=0, description="a request not answered by then gets 503")
+    max_items: int = Field(256, ge=1, description="items (texts or conversations) per request")
+    max_chars: int = Field(32768, ge=1, description="characters per text")
+    max_body_bytes: int = Field(2 * 1024 * 1024, ge=1, description="request body size limit (413 above it)")
     api_keys: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="comma-separated API keys; when set, every non-health endpoint needs "
         "`Authorization: Bearer KEY`")
     log_bodies: bool = Field(False, description="log request bodies (debugging only: they hold user text)")
-    drain_seconds: float = Field(0.0, description="after SIGTERM, report not-ready this long before closing")
-    log_level: str = Field("info", description="log level")
+    drain_seconds: float = Field(0.0, ge=0, description="after SIGTERM, report not-ready this long before closing")
+    log_level: Literal["critical", "error", "warning", "info", "debug", "trace"] = Field(
+        "info", description="log level")
 
     # ---- chat completions (served when --policy or --upstream is given) -------------------------------------
     policy: Path | None = Field(None, description="policy directory (or HF causal-LM path) to serve "
@@ -79,10 +80,10 @@ class Settings(BaseSettings):
     policy_dtype: Literal["auto", "bfloat16", "float32"] = Field(
         "auto", description="weights of the served policy (auto: bfloat16 on GPUs and CPUs with native bf16, "
         "else float32, which is 2x faster than emulated bf16)")
-    generation_wait_ms: float = Field(100.0, description="longest a request waits for others to join its "
+    generation_wait_ms: float = Field(100.0, ge=0, description="longest a request waits for others to join its "
                                       "generation batch (a batch runs to its end before the next starts)")
     max_queue_rows: int = Field(256, ge=1, description="candidates waiting to be generated before 429")
-    generation_timeout_s: float = Field(300.0, description="a chat request not answered by then gets 503")
+    generation_timeout_s: float = Field(300.0, gt=0, description="a chat request not answered by then gets 503")
 
     @field_validator("api_keys", mode="before")
     @classmethod

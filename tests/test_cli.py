@@ -57,3 +57,15 @@ def test_train_reward_from_the_command_line_keeps_library_info_lines_out(tiny_ba
     assert (tmp_path / "rm" / "model.int8.onnx").exists()
     # ONNX Runtime's optimiser and quantiser log every fusion and skipped tensor at INFO: only with --verbose.
     assert " INFO root:" not in result.stderr and " INFO fusion_base:" not in result.stderr, result.stderr[-2000:]
+
+
+def test_bad_serve_settings_are_clear_errors_before_anything_loads(monkeypatch, capsys):
+    def must_not_start(settings):
+        raise AssertionError("serve started (and could have trained the default model) with invalid settings")
+
+    monkeypatch.setattr("service.server.serve", must_not_start)
+    monkeypatch.setenv("KEEL_MAX_BATCH_SIZE", "0")
+    assert main(["serve", "--max-items", "0", "--log-level", "debug"]) == 2
+    err = capsys.readouterr().err
+    assert "--max-items (or KEEL_MAX_ITEMS): Input should be greater than or equal to 1" in err
+    assert "--max-batch-size (or KEEL_MAX_BATCH_SIZE)" in err and "Traceback" not in err

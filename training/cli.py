@@ -315,11 +315,21 @@ def main(argv: list[str] | None = None) -> int:
 
             return run_suite_command(args)
         if args.command == "serve":
+            from pydantic import ValidationError
+
             from service.server import serve
             from service.settings import Settings
 
             given = {k: v for k, v in vars(args).items() if k in Settings.model_fields and v is not None}
-            serve(Settings(**given))
+            try:
+                settings = Settings(**given)
+            except ValidationError as error:  # checked before any model is loaded or trained
+                for problem in error.errors():
+                    name = str(problem["loc"][0])
+                    print(f"keel serve: error: --{name.replace('_', '-')} (or KEEL_{name.upper()}): {problem['msg']}",
+                          file=sys.stderr)
+                return 2
+            serve(settings)
             return 0
     except (ConfigError, DataError, ArtifactError, RewardError, FileExistsError, FileNotFoundError) as error:
         print(f"keel: error: {error}", file=sys.stderr)
