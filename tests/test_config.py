@@ -27,11 +27,32 @@ def test_overrides_are_parsed_as_yaml():
     ("noequals", "KEY=VALUE"),
     ("heads.0.train.0.split=dev", "split must be"),
     ("primary_head=benign_request", "has detach: true"),
-    ("heads.0.guard_false_flags=1.5", "guard_false_flags is a share"),
+    ("heads.0.guard_false_flags=1.5", "heads.harmless.guard_false_flags must be in \\[0, 1\\), not 1.5"),
+    ("training.batch_size=0", "training.batch_size must be > 0, not 0"),
+    ("training.learning_rate=-1e-4", "training.learning_rate must be > 0"),
+    ("training.warmup_ratio=1", "training.warmup_ratio must be in"),
+    ("training.freeze_layers=-1", "training.freeze_layers must be >= 0"),
+    ("max_length=0", "max_length must be > 0"),
 ])
 def test_bad_configs_say_what_is_wrong(override, message):
     with pytest.raises((ConfigError, ValueError), match=message):
         load_config(RewardConfig, DEFAULT_REWARD_CONFIG, [override])
+
+
+@pytest.mark.parametrize("override, message", [
+    ("training.samples_per_prompt=0", "training.samples_per_prompt must be > 0"),
+    ("training.kl_coef=-0.1", "training.kl_coef must be >= 0"),
+    ("ppo.lam=1.5", "ppo.lam must be <= 1"),
+    ("policy.top_p=0", "policy.top_p must be > 0"),
+    ("policy.lora.rank=0", "policy.lora.rank must be > 0"),
+    ("dpo.beta=0", "dpo.beta must be > 0"),
+])
+def test_out_of_range_policy_settings_are_named(override, message):
+    from training.config import CONFIGS, PolicyConfig
+
+    with pytest.raises(ConfigError, match=message):
+        load_config(PolicyConfig, CONFIGS / "ppo.yaml", [override])
+    load_config(PolicyConfig, CONFIGS / "ppo.yaml", ["policy.lora=null", "training.kl_budget=null"])  # unset is fine
 
 
 def test_missing_config_file(tmp_path: Path):
@@ -87,7 +108,7 @@ def test_every_shipped_config_loads_and_its_data_exists(name: str):
     kind = {"reward.yaml": RewardConfig, "eval_policy.yaml": EvalPolicyConfig}.get(name, PolicyConfig)
     config = load_config(kind, CONFIGS / name)
     if kind is RewardConfig:
-        sources = [s for h in config.heads for s in h.train + h.validation + h.test + h.moderation + h.guard]
+        sources = [source for head in config.heads for _, source in head.sources()]
     elif kind is EvalPolicyConfig:
         sources = [*config.reward_prompts, *config.harmful.values(), *config.safe.values()]
     else:

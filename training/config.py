@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -103,17 +104,19 @@ class RewardConfig:
         if self.primary_head not in names:
             raise ConfigError(f"primary_head {self.primary_head!r} is not one of the heads {names}")
         check_precision(self.training.precision)
-        if self.training.freeze_layers < 0:
-            raise ConfigError(f"training.freeze_layers is a number of layers >= 0, not {self.training.freeze_layers}")
+        check_numbers("", self, positive=["max_length"], below_1=["attention_dropout"])
+        check_numbers("training", self.training, below_1=["warmup_ratio"],
+                      positive=["epochs", "batch_size", "learning_rate", "head_learning_rate", "max_grad_norm",
+                                "max_steps", "log_every", "eval_batch_size"],
+                      at_least_0=["weight_decay", "freeze_layers", "eval_every", "checkpoint_every"])
+        check_numbers("export", self.export, positive=["opset"])
         if self.truncation_side not in ("left", "right"):
             raise ConfigError("truncation_side must be left or right")
         if next(head for head in self.heads if head.name == self.primary_head).detach:
             raise ConfigError(f"primary_head {self.primary_head!r} has detach: true, but its validation accuracy "
                               "during training picks the weights to keep; make a trained head primary")
         for head in self.heads:
-            if not 0.0 <= head.guard_false_flags < 1.0:
-                raise ConfigError(f"heads.{head.name}.guard_false_flags is a share of benign replies: 0 <= it < 1, "
-                                  f"not {head.guard_false_flags}")
+            check_numbers(f"heads.{head.name}", head, at_least_0=["weight"], below_1=["guard_false_flags"])
 
 
 @dataclasses.dataclass
@@ -213,6 +216,19 @@ class PolicyConfig:
             raise ConfigError(f"reward.backend must be auto, onnx-int8, onnx or torch, not {self.reward.backend!r}")
         if not self.reward.heads:
             raise ConfigError("reward.heads needs at least one head weight, e.g. {harmless: 1.0}")
+        check_numbers("policy", self.policy, positive=["max_prompt_length", "max_new_tokens", "temperature", "top_p"],
+                      up_to_1=["top_p"])
+        if self.policy.lora:
+            check_numbers("policy.lora", self.policy.lora, positive=["rank", "alpha"], below_1=["dropout"])
+        check_numbers("reward", self.reward, positive=["clip"])
+        check_numbers("training", self.training, below_1=["baseline_momentum"],
+                      positive=["epochs", "prompts_per_step", "samples_per_prompt", "learning_rate", "max_grad_norm",
+                                "log_every", "kl_target", "kl_horizon", "kl_budget", "max_length"],
+                      at_least_0=["steps", "weight_decay", "warmup_steps", "eval_every", "checkpoint_every", "kl_coef",
+                                  "unfinished_penalty"])
+        check_numbers("ppo", self.ppo, positive=["clip_range", "value_clip", "epochs", "minibatch_size"],
+                      at_least_0=["value_coef", "gamma", "lam"], up_to_1=["gamma", "lam"])
+        check_numbers("dpo", self.dpo, positive=["beta"], below_1=["label_smoothing"])
 
 
 @dataclasses.dataclass
@@ -228,6 +244,22 @@ class EvalPolicyConfig:
     temperature: float = 1.0  # for the reward/KL samples; refusal sets are decoded greedily
     batch_size: int = 32
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        check_numbers("", self, positive=["max_prompt_length", "max_new_tokens", "temperature", "batch_size"])
+        check_numbers("reward", self.reward, positive=["clip"])
+
+
+def check_numbers(section: str, config: object, *, positive: Sequence[str] = (), at_least_0: Sequence[str] = (),
+                  below_1: Sequence[str] = (), up_to_1: Sequence[str] = ()) -> None:
+    """A clear error for a setting out of its range; unset (None) settings pass. below_1 is [0, 1)."""
+    rules = ((positive, lambda v: v > 0, "> 0"), (at_least_0, lambda v: v >= 0, ">= 0"),
+             (below_1, lambda v: 0 <= v < 1, "in [0, 1)"), (up_to_1, lambda v: v <= 1, "<= 1"))
+    for names, valid, wanted in rules:
+        for name in names:
+            value = getattr(config, name)
+            if value is not None and not valid(value):
+                raise ConfigError(f"{section + '.' if section else ''}{name} must be {wanted}, not {value}")
 
 
 def check_precision(precision: str) -> None:
