@@ -243,8 +243,11 @@ def test_bad_arguments_are_clear_errors(tmp_path: Path, capsys):
     assert main(["eval", "suite", "policy", "--policy", str(tmp_path / "missing"), "--output", str(tmp_path),
                  "--sets", "advbench", "--no-progress"]) == 2
     assert "cannot load the policy" in capsys.readouterr().err
-    assert main(["eval", "suite", "reward", "--limit", "0", "--output", str(tmp_path)]) == 2
-    assert "--limit must be at least 1" in capsys.readouterr().err
+    for limit in ("0", "many"):
+        with pytest.raises(SystemExit) as usage_error:
+            main(["eval", "suite", "reward", "--limit", limit, "--output", str(tmp_path)])
+        assert usage_error.value.code == 2
+        assert f"argument --limit: expected a whole number >= 1, not '{limit}'" in capsys.readouterr().err
 
 
 def test_pandalm_majority_vote_and_non_text_answers(tmp_path: Path):

@@ -15,6 +15,17 @@ from training.config import CONFIGS, DEFAULT_REWARD_CONFIG
 from training.eval_sets import BUNDLED_DATA, POLICY_SETS, REWARD_SETS, EvalSet
 
 
+def positive_int(text: str) -> int:
+    """argparse type for counts: a whole number >= 1, else a usage error naming the option."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, not {text!r}")
+    return value
+
+
 def config_help(default: Path, example: str) -> str:
     return ("Configs are YAML (`extends: OTHER.yaml` inherits one); every key can be overridden with --set "
             f"KEY=VALUE (dotted paths, list items by index, values parsed as YAML), e.g. {example}. "
@@ -39,7 +50,7 @@ def add_train_common(parser: argparse.ArgumentParser, default_config: Path) -> N
 def add_suite_arguments(parser: argparse.ArgumentParser, sets: Sequence[EvalSet]) -> None:
     parser.add_argument("--output", type=Path, required=True,
                         help="folder for report.html, report.json and the PNG charts (created if absent)")
-    parser.add_argument("--limit", type=int, default=None,
+    parser.add_argument("--limit", type=positive_int, default=None,
                         help="at most N items per set, spread evenly over the set (default: all)")
     parser.add_argument("--sets", default=None,
                         help="comma-separated sets to run (default: all): " + ", ".join(s.name for s in sets))
@@ -94,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     eval_reward.add_argument("--data", nargs="+", required=True, help="data files to evaluate on")
     eval_reward.add_argument("--split", default="all", choices=["all", "train", "validation", "test"],
                              help="keep only this hash split of each file (default: all rows)")
-    eval_reward.add_argument("--limit", type=int, default=None, help="at most N rows per file")
+    eval_reward.add_argument("--limit", type=positive_int, default=None, help="at most N rows per file")
     eval_reward.add_argument("--backend", default="torch", choices=["torch", "onnx", "onnx-int8"],
                              help="torch weights, model.onnx or model.int8.onnx (default: torch; the names are "
                              "keel serve's)")
@@ -117,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
                              help=f"YAML naming the prompt sets (default: {CONFIGS / 'eval_policy.yaml'})")
     eval_policy.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                              help="override a config key; repeatable")
-    eval_policy.add_argument("--limit", type=int, default=None, help="at most N prompts per set")
+    eval_policy.add_argument("--limit", type=positive_int, default=None, help="at most N prompts per set")
     eval_policy.add_argument("--output", type=Path, default=None, help="also write the report as JSON here")
     eval_policy.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     add_cache_arguments(eval_policy)
@@ -151,10 +162,10 @@ def build_parser() -> argparse.ArgumentParser:
                               "after (default: the default policy)")
     suite_policy.add_argument("--reward-model", default="default",
                               help="the Keel reward model that judges toxicity (default: the default reward model)")
-    suite_policy.add_argument("--max-new-tokens", type=int, default=48, help="tokens per response (default: 48)")
-    suite_policy.add_argument("--max-prompt-length", type=int, default=256,
+    suite_policy.add_argument("--max-new-tokens", type=positive_int, default=48, help="tokens per response (default: 48)")
+    suite_policy.add_argument("--max-prompt-length", type=positive_int, default=256,
                               help="prompt tokens kept, oldest dropped first (default: 256)")
-    suite_policy.add_argument("--batch-size", type=int, default=16, help="prompts per generation batch (default: 16)")
+    suite_policy.add_argument("--batch-size", type=positive_int, default=16, help="prompts per generation batch (default: 16)")
     for parser_ in (suite_reward, suite_policy):
         add_suite_arguments(parser_, REWARD_SETS if parser_ is suite_reward else POLICY_SETS)
 

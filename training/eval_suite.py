@@ -421,8 +421,6 @@ def run_suite_command(args: argparse.Namespace) -> int:
     from training.config import ConfigError
     from training.report import write_report
 
-    if args.limit is not None and args.limit < 1:
-        raise ConfigError("--limit must be at least 1")
     if args.external_data is not None and not args.external_data.is_dir():
         raise ConfigError(f"--external-data {args.external_data} is not a folder")
     cache = EvalCache(None if args.no_cache else args.cache)
