@@ -19,6 +19,7 @@ import numpy as np
 from service.metrics import Metrics
 from training.artifact import ArtifactError, read_manifest
 from training.evaluate import encode
+from training.hardware import pick_device
 from training.onnx_export import FP32_FILE, INT8_FILE, OnnxEngine, int8_is_fast, int8_outdated
 from training.reward_model import load_tokenizer
 from training.text import ModelInput
@@ -30,7 +31,6 @@ class TorchEngine:
     def __init__(self, directory: Path, heads: list[str], threads: int, tokenizer: Any):
         import torch
 
-        from training.hardware import pick_device
         from training.reward_model import RewardModel
 
         torch.set_num_threads(threads)
@@ -52,9 +52,7 @@ def choose_backend(directory: Path) -> str:
     """The `auto` backend: torch on a GPU (Keel's ONNX Runtime is CPU-only); on a CPU the int8 graph where int8
     is faster (VNNI, AMX, Arm dot product), else the fp32 graph, which there is as fast and gives exact scores;
     torch for a model exported without ONNX."""
-    import torch
-
-    if torch.cuda.is_available():
+    if pick_device().type == "cuda":
         return "torch"
     if int8_is_fast() and (directory / INT8_FILE).exists():
         return "onnx-int8"
@@ -72,9 +70,7 @@ def service_batch_limits(backend: str) -> BatchLimits:
     padding costs more than batching saves (bench/serve_bench.py, 2 AVX2 cores, fp32 ONNX, 32 concurrent
     one-text requests: 26.6 texts/s one at a time, 23.8 in length-sorted batches of up to 4). Waiting for a
     batch to fill is left to max_wait_ms (0 by default)."""
-    import torch
-
-    return BatchLimits() if backend == "torch" and torch.cuda.is_available() else BatchLimits(1, 512)
+    return BatchLimits() if backend == "torch" and pick_device().type == "cuda" else BatchLimits(1, 512)
 
 
 @dataclass

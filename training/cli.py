@@ -11,19 +11,15 @@ from pathlib import Path
 from typing import Literal, get_args, get_origin
 
 from training.artifact import cache_root
-from training.config import CONFIGS, DEFAULT_REWARD_CONFIG
+from training.config import CONFIGS, DEFAULT_REWARD_CONFIG, REWARD_BACKENDS
 from training.eval_sets import BUNDLED_DATA, POLICY_SETS, REWARD_SETS, EvalSet
 
 
 def positive_int(text: str) -> int:
     """argparse type for counts: a whole number >= 1, else a usage error naming the option."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
+    if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"expected a whole number >= 1, not {text!r}")
-    return value
+    return int(text)
 
 
 def config_help(default: Path, example: str) -> str:
@@ -148,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     suite_reward.add_argument("--model", action="append", default=None,
                               help="Keel reward-model directory, or 'default'; give it twice to compare two models "
                               "(default: the default reward model)")
-    suite_reward.add_argument("--backend", default="auto", choices=["auto", "onnx-int8", "onnx", "torch"],
+    suite_reward.add_argument("--backend", default="auto", choices=REWARD_BACKENDS,
                               help="which weights score: int8 ONNX, fp32 ONNX or torch; auto (default) picks as "
                               "`keel serve` does on this machine")
     suite_policy = suite.add_parser(
@@ -162,10 +158,12 @@ def build_parser() -> argparse.ArgumentParser:
                               "after (default: the default policy)")
     suite_policy.add_argument("--reward-model", default="default",
                               help="the Keel reward model that judges toxicity (default: the default reward model)")
-    suite_policy.add_argument("--max-new-tokens", type=positive_int, default=48, help="tokens per response (default: 48)")
+    suite_policy.add_argument("--max-new-tokens", type=positive_int, default=48,
+                              help="tokens per response (default: 48)")
     suite_policy.add_argument("--max-prompt-length", type=positive_int, default=256,
                               help="prompt tokens kept, oldest dropped first (default: 256)")
-    suite_policy.add_argument("--batch-size", type=positive_int, default=16, help="prompts per generation batch (default: 16)")
+    suite_policy.add_argument("--batch-size", type=positive_int, default=16,
+                              help="prompts per generation batch (default: 16)")
     for parser_ in (suite_reward, suite_policy):
         add_suite_arguments(parser_, REWARD_SETS if parser_ is suite_reward else POLICY_SETS)
 

@@ -23,6 +23,7 @@ class ConfigError(ValueError):
     pass
 
 
+REWARD_BACKENDS = ("auto", "onnx-int8", "onnx", "torch")  # as keel serve's --backend (service/settings.py)
 HEAD_ROLES = ("train", "validation", "test", "moderation", "guard")  # a head's lists of data sources
 
 
@@ -212,8 +213,9 @@ class PolicyConfig:
 
     def __post_init__(self) -> None:
         check_precision(self.training.precision)
-        if self.reward.backend not in ("auto", "onnx-int8", "onnx", "torch"):
-            raise ConfigError(f"reward.backend must be auto, onnx-int8, onnx or torch, not {self.reward.backend!r}")
+        if self.reward.backend not in REWARD_BACKENDS:
+            raise ConfigError(f"reward.backend must be one of {', '.join(REWARD_BACKENDS)}, "
+                              f"not {self.reward.backend!r}")
         if not self.reward.heads:
             raise ConfigError("reward.heads needs at least one head weight, e.g. {harmless: 1.0}")
         check_numbers("policy", self.policy, positive=["max_prompt_length", "max_new_tokens", "temperature", "top_p"],
