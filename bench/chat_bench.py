@@ -31,9 +31,9 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.serve_bench import keel_serve  # noqa: E402
-from training.data import PromptSource, load_prompts  # noqa: E402
-from training.refusals import is_refusal  # noqa: E402
+from bench.serve_bench import keel_serve
+from training.data import PromptSource, load_prompts
+from training.refusals import is_refusal
 
 DATA = Path(__file__).resolve().parent.parent / "data"
 

@@ -26,7 +26,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.serve_bench import keel_serve  # noqa: E402
+from bench.serve_bench import keel_serve
 
 
 def rss_mb(pid: int) -> float:

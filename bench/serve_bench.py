@@ -27,7 +27,7 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.loadgen import run_load  # noqa: E402
+from bench.loadgen import run_load
 
 
 def hh_texts(model: Path, count: int, max_tokens: int = 256) -> list[str]:

@@ -23,12 +23,12 @@ from service import routes
 from service.batcher import Batcher
 from service.chat import ChatAligner, GuardSettings
 from service.generation import PolicyRuntime, Row
-from service.upstream import UpstreamClient
 from service.metrics import Metrics
 from service.models import load_runtime, model_directory, reload_model
 from service.schemas import ErrorResponse
 from service.settings import Settings
 from service.state import ApiError, ServiceState
+from service.upstream import UpstreamClient
 
 log = logging.getLogger("keel.service")
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")

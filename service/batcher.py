@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-
 from prometheus_client import Gauge
 
 log = logging.getLogger(__name__)

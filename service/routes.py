@@ -16,19 +16,19 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from service.batcher import Batcher, DeadlineExceeded, QueueFull, ShuttingDown
 from service.generation import Generated, Row, Sampling
+from service.models import describe_versions, reload_model
+from service.moderation import moderate
+from service.runtime import Scored
 from service.schemas import (
     ChatCompletionRequest,
     ChatCompletionResponse,
     ModerationRequest,
-    ReloadRequest,
     ModerationResponse,
+    ReloadRequest,
     ScoreRequest,
     ScoreResponse,
     ScoreResult,
 )
-from service.models import describe_versions, reload_model
-from service.moderation import moderate
-from service.runtime import Scored
 from service.state import ApiError, ServiceState
 from service.streaming import chosen_events, completion_response, live_events
 from training.text import Message, ModelInput

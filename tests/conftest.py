@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-WORDS = (
+WORDS = (  # noqa: SIM905 (a word list reads better as one string)
     "the a an to of and or is are was be it i you we they he she this that what how why can do not no yes "
     "please help me with my your kill hurt bomb make build steal hack safe sure sorry cannot here is some "
     "recipe cake bread python code process terminate human assistant good bad great terrible thanks"

@@ -19,7 +19,7 @@ def leftovers(directory: Path, name: str) -> list[str]:
 
 
 def test_disk_full_while_writing_a_reward_model(tiny_backbone: str, tmp_path: Path, monkeypatch):
-    import training.reward_model as reward_model
+    from training import reward_model
     from training.train_reward import train_reward
 
     pairs = write_jsonl(tmp_path / "pairs.jsonl", hh_pairs(24))
@@ -34,7 +34,7 @@ def test_disk_full_while_writing_a_reward_model(tiny_backbone: str, tmp_path: Pa
 
 
 def test_disk_full_while_writing_a_policy(tiny_policy: str, tiny_reward_model: Path, tmp_path: Path, monkeypatch):
-    import training.policy_run as policy_run
+    from training import policy_run
     from training.reinforce import train_reinforce
 
     config = tiny_policy_config(tiny_policy, tiny_reward_model, tmp_path)

@@ -67,7 +67,7 @@ def test_full_fine_tuning_keeps_a_frozen_reference(tiny_policy: str, tiny_reward
 
 def test_resume_continues_from_the_last_checkpoint(tiny_policy: str, tiny_reward_model: Path, tmp_path: Path,
                                                    monkeypatch: pytest.MonkeyPatch):
-    import training.policy_run as policy_run
+    from training import policy_run
 
     config = tiny_policy_config(tiny_policy, tiny_reward_model, tmp_path, steps=3)
     output = tmp_path / "resumed"

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from training.dpo import dpo_loss
-from training.ppo import gae, token_rewards
 from training.policy_run import HACKING_WINDOW, reward_hacking_warnings
+from training.ppo import gae, token_rewards
 from training.refusals import is_refusal
 from training.reinforce import moving_average_baseline
 from training.rl_common import (

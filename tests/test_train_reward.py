@@ -15,8 +15,16 @@ from training.artifact import read_manifest
 from training.cli import main
 from training.data import DataSource, load_source
 from training.evaluate import category_scores, encode, example_inputs, torch_scorer
-from training.onnx_export import (INT8_RECIPE, OnnxEngine, down_projections, export, int8_is_fast, int8_outdated,
-                                  onnx_scorer, quantize)
+from training.onnx_export import (
+    INT8_RECIPE,
+    OnnxEngine,
+    down_projections,
+    export,
+    int8_is_fast,
+    int8_outdated,
+    onnx_scorer,
+    quantize,
+)
 from training.reward_model import RewardModel, load_tokenizer
 
 

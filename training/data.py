@@ -118,12 +118,11 @@ def read_rows(path: str | Path) -> Iterator[tuple[str, dict[str, Any]]]:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: no such data file")
-    name = path.name[:-3] if path.name.endswith(".gz") else path.name
-    suffix = Path(name).suffix.lower()
+    suffix = Path(path.name.removesuffix(".gz")).suffix.lower()
     if suffix not in (".jsonl", ".json", ".csv"):
         raise DataError(f"{path}: unknown format {suffix!r}; use .jsonl, .json or .csv (optionally .gz)")
-    raw = gzip.open(path, "rb") if path.name.endswith(".gz") else open(path, "rb")
-    with raw, io.TextIOWrapper(raw, encoding="utf-8", newline="") as text:
+    opener = gzip.open if path.name.endswith(".gz") else open
+    with opener(path, "rb") as raw, io.TextIOWrapper(raw, encoding="utf-8", newline="") as text:
         try:
             if suffix == ".jsonl":
                 for line_no, line in enumerate(text, start=1):

@@ -179,7 +179,7 @@ def precision_recall(flagged: np.ndarray, harmful: np.ndarray) -> dict[str, Any]
     precision = hits / flags if flags else None
     recall = hits / positives if positives else None
     f1 = (2 * precision * recall / (precision + recall)) if precision and recall else (0.0 if positives else None)
-    return {"examples": int(len(harmful)), "positives": positives, "flagged": flags, "flag_rate": flags / max(len(harmful), 1),
+    return {"examples": len(harmful), "positives": positives, "flagged": flags, "flag_rate": flags / max(len(harmful), 1),
             "precision": precision, "recall": recall, "f1": f1}
 
 

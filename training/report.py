@@ -257,8 +257,8 @@ th:first-child{text-align:left}img{max-width:100%;display:block;margin:.5em 0}h2
 def render_html(report: dict[str, Any], made: dict[str, list[Path]]) -> str:
     labels = [m["label"] for m in report["models"]]
     title = f"Keel {report['kind']} evaluation: " + " vs ".join(labels)
-    out = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-           f"<style>{STYLE}</style></head><body><h1>{html.escape(title)}</h1>"]
+    out = [(f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+            f"<style>{STYLE}</style></head><body><h1>{html.escape(title)}</h1>")]
     out.append(_table(labels, ["path", "fingerprint"], lambda label, c: next(m[c] for m in report["models"]
                                                                              if m["label"] == label), "model"))
     settings = {k: v for k, v in report.items() if k not in ("models", "sets", "kind")}

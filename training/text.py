@@ -49,13 +49,16 @@ def parse_transcript(transcript: str) -> list[Message]:
 
 
 def messages_from_json(value: object) -> list[Message]:
-    """Validate a chat-message list such as [{"role": "user", "content": "..."}]."""
+    """Validate a chat-message list such as [{"role": "user", "content": "..."}].
+
+    Raises ValueError for anything else (a bad row, not a bad call): the loaders report it with its file and line.
+    """
     if not isinstance(value, list) or not value:
         raise ValueError("expected a non-empty list of {role, content} messages")
     messages = []
     for item in value:
         if not isinstance(item, dict) or not isinstance(item.get("content"), str):
-            raise ValueError("each message needs a string 'content'")
+            raise ValueError("each message needs a string 'content'")  # noqa: TRY004
         role = item.get("role")
         if role not in ROLE_LABELS:
             raise ValueError(f"unknown role {role!r}; expected one of {sorted(ROLE_LABELS)}")
