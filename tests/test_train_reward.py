@@ -327,3 +327,15 @@ def test_frozen_lower_layers_keep_their_weights(tiny_backbone: str, tmp_path: Pa
     config.heads[0].train[0].path = str(tmp_path / "absent.jsonl")  # said before the data is read
     with pytest.raises(ConfigError, match="has 2 layers; freeze fewer"):
         train_module.train_reward(config, tmp_path / "model2", progress=False)
+
+
+def test_seed_ensemble_averages_the_models_margins():
+    from bench.seed_ensemble_bench import summarise
+
+    # Margins r_chosen - r_rejected of two models on four pairs: each is right on two pairs, they agree on two.
+    first, second = np.array([1.0, -1.0, 2.0, -0.5]), np.array([1.0, 3.0, -1.0, -0.5])
+    row = summarise([first, second])
+    assert row["models"] == [0.5, 0.5]
+    assert row["ensemble"] == 0.75  # averaged margins 1, 1, 0.5, -0.5
+    assert row["all_agree"] == 0.5
+    assert row["mean_margin_correlation"] == pytest.approx(np.corrcoef(first, second)[0, 1], abs=1e-3)
