@@ -380,7 +380,8 @@ def reexport(directory: Path, int8: bool | None = None, skip_bad_rows: bool = Fa
             source.path = moved.get(source.path, source.path)
     for entry in manifest.get("data", []):
         entry["path"] = moved.get(entry["path"], entry["path"])
-    checked_on = [e for e in manifest.get("data", []) if any(u["role"] in ("validation", "test") for u in e["uses"])]
+    checked_on = [e for e in manifest.get("data", []) if any(u["role"] in ("validation", "test") for u in e["uses"])
+                  and e["path"] not in moved.values()]  # a moved file was just matched by its SHA-256
     for entry in checked_on:
         if Path(entry["path"]).exists() and file_sha256(entry["path"]) != entry["sha256"]:
             log.warning("%s changed since the model was trained; the export is checked on its current rows",
