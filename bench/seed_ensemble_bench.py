@@ -25,16 +25,16 @@ from training.data import PreferencePair
 from training.evaluate import example_inputs, wilson_interval
 from training.onnx_export import FP32_FILE, onnx_scorer
 from training.reward_model import load_tokenizer
-from training.train_reward import load_head_data
+from training.train_reward import HeadData, load_head_data
 
 
-def margins(model: Path, config: RewardConfig, splits: list[str]) -> dict[tuple[str, str], np.ndarray]:
+def margins(model: Path, heads: list[HeadData], splits: list[str]) -> dict[tuple[str, str], np.ndarray]:
     """(split, head) -> each pair's r_chosen - r_rejected in the model's standard deviations."""
     manifest = read_manifest(model)
     tokenizer = load_tokenizer(str(model), manifest["max_length"], manifest["truncation_side"])
     score = onnx_scorer(model / FP32_FILE, tokenizer, manifest["max_length"])
     out = {}
-    for head in load_head_data(config, skip_bad_rows=False):
+    for head in heads:
         column = manifest["heads"].index(head.name)
         for split in splits:
             pairs = [e for e in getattr(head, split) if isinstance(e, PreferencePair)]
@@ -71,9 +71,9 @@ def main() -> None:
     args = parser.parse_args()
     if len(args.model) < 2:
         parser.error("give at least two --model directories")
-    config = load_config(RewardConfig, args.config)
+    heads = load_head_data(load_config(RewardConfig, args.config), skip_bad_rows=False)  # read once for all models
     splits = args.splits.split(",")
-    scored = [margins(model, config, splits) for model in args.model]
+    scored = [margins(model, heads, splits) for model in args.model]
     report = {f"{split}/{head}": summarise([m[(split, head)] for m in scored]) for split, head in scored[0]}
     print(f"{'split/head':22} {'pairs':>5} {'each model':>28} {'mean':>6} {'ensemble (95% interval)':>24} "
           f"{'corr':>5} {'agree':>6}")

@@ -318,10 +318,10 @@ def build_artifact(config: RewardConfig, model: RewardModel, tokenizer: Any, hea
         model.to("cpu").save(staging)
         tokenizer.save_pretrained(staging)
         onnx_info: dict[str, Any] = {}
-        int8: Scorer | None = None
+        int8_scorer: Scorer | None = None
         scorer = torch_scorer(model, tokenizer, config.max_length, config.training.eval_batch_size)
         if config.export.onnx:
-            onnx_info, scorer, int8 = export_onnx(model, tokenizer, heads, names, config, staging, scorer)
+            onnx_info, scorer, int8_scorer = export_onnx(model, tokenizer, heads, names, config, staging, scorer)
         # Every metric below is computed with the served fp32 graph (faster than torch), each text scored once.
         scorer = cached(scorer)
         normalization, moderation = normalization_and_thresholds(scorer, heads, config)
@@ -330,8 +330,8 @@ def build_artifact(config: RewardConfig, model: RewardModel, tokenizer: Any, hea
         for split in ("validation", "test"):
             metrics[split] = {head.name: evaluate_examples(scorer, getattr(head, split), names)[head.name]
                               for head in heads if getattr(head, split)}
-        if int8 is not None:
-            onnx_info["accuracy"] = int8_accuracy(scorer, int8, heads, names)
+        if int8_scorer is not None:
+            onnx_info["accuracy"] = int8_accuracy(scorer, int8_scorer, heads, names)
         metrics["eval_seconds"] = round(time.time() - t0, 1)
         rows = read_metrics(metrics_path)
         (staging / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -403,9 +403,9 @@ def reexport(directory: Path, int8: bool | None = None, skip_bad_rows: bool = Fa
             if path.name not in (onnx_export.FP32_FILE, onnx_export.INT8_FILE, MANIFEST):
                 (shutil.copytree if path.is_dir() else shutil.copy2)(path, staging / path.name)
         torch_scores = torch_scorer(model, tokenizer, config.max_length, config.training.eval_batch_size)
-        info, fp32, int8 = export_onnx(model, tokenizer, heads, names, config, staging, torch_scores)
-        if int8 is not None:
-            info["accuracy"] = int8_accuracy(fp32, int8, heads, names)
+        info, fp32, int8_scorer = export_onnx(model, tokenizer, heads, names, config, staging, torch_scores)
+        if int8_scorer is not None:
+            info["accuracy"] = int8_accuracy(fp32, int8_scorer, heads, names)
         manifest["onnx"] = info
         manifest["config"] = to_dict(config)  # the export settings used, and data paths found under data_dir
         manifest["exported"] = {"keel_version": training.__version__,
