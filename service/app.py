@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
 import re
 import signal
@@ -16,14 +17,17 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from prometheus_client import Gauge
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import routes
-from service.batcher import Batcher
+from service.batcher import CURRENT_CLIENT, Batcher, Client, QueueMetrics
 from service.chat import ChatAligner, GuardSettings
 from service.generation import PolicyRuntime, Row
+from service.logs import BurstLog
 from service.metrics import Metrics
+from service.runtime import Scored
 from service.models import load_runtime, model_directory, reload_model
 from service.schemas import ErrorResponse
 from service.settings import Settings
@@ -44,12 +48,47 @@ class BodyTooLarge(Exception):
     pass
 
 
+PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/openapi.json", "/docs", "/docs/oauth2-redirect",
+                          "/redoc"})
+
+
+def authenticate(keys: list[str], headers: dict[bytes, bytes]) -> Client | None:
+    """The client a bearer token belongs to (named by the key's position), or None for a wrong or missing key."""
+    scheme, _, token = headers.get(b"authorization", b"").decode("latin-1").partition(" ")
+    # Compare against every key so the time taken does not reveal which key nearly matched.
+    matched = None
+    for i, key in enumerate(keys):
+        if hmac.compare_digest(token.strip().encode("latin-1"), key.encode()):
+            matched = i
+    if scheme.lower() != "bearer" or matched is None:
+        return None
+    return Client(key=f"key-{matched + 1}", label=f"key-{matched + 1}")
+
+
+async def discard_body(receive: Receive, cap: int) -> bool:
+    """Read and drop the rest of a request body, up to `cap` bytes, so that an error answered before the body was
+    read reaches the client instead of a connection reset. True if the body's end was reached."""
+    read = 0
+    while read <= cap:
+        message = await receive()
+        if message["type"] != "http.request":
+            return False
+        read += len(message.get("body", b""))
+        if not message.get("more_body", False):
+            return True
+    return False
+
+
 class RequestMiddleware:
-    """Request ids, body-size limit (413), request metrics. Pure ASGI, so streaming is untouched."""
+    """Request ids, API keys (checked before the body is read), the body-size limit (413), the client a request
+    counts against in the fair queues, request metrics, and the last word on errors: anything unexpected is a
+    500 in OpenAI's shape and the connection stays usable; a request cut at shutdown is a 503. Pure ASGI, so
+    streaming is untouched."""
 
     def __init__(self, app: ASGIApp, state: ServiceState):
         self.app = app
         self.state = state
+        self.errors = BurstLog(log)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -63,24 +102,16 @@ class RequestMiddleware:
         started = time.perf_counter()
         status = 500
         limit = self.state.settings.max_body_bytes
+        discard_cap = max(4 * limit, 8 * 1024 * 1024)
         received = 0
         too_large = False
-        refused = error_response(413, f"request body is over the {limit}-byte limit", param="body",
-                                 code="body_too_large")
-
-        async def limited_receive() -> Message:
-            nonlocal received, too_large
-            message = await receive()
-            received += len(message.get("body", b""))
-            if received > limit:
-                too_large = True
-                raise BodyTooLarge
-            return message
+        body_done = False  # the body's last message has been read (reading on would wait for a disconnect)
+        response_started = False
 
         async def send_with_id(message: Message) -> None:
-            nonlocal status
+            nonlocal status, response_started
             if message["type"] == "http.response.start":
-                status = message["status"]
+                status, response_started = message["status"], True
                 message.setdefault("headers", []).append((b"x-request-id", request_id.encode()))
                 if self.state.draining:
                     # Clients stop reusing this connection now, so none sends a request on a keep-alive
@@ -88,22 +119,61 @@ class RequestMiddleware:
                     message["headers"].append((b"connection", b"close"))
             await send(message)
 
+        async def answer(error: ApiError) -> None:
+            if not body_done and not await discard_body(receive, discard_cap):
+                error.headers["Connection"] = "close"  # too much to read: the connection cannot be reused
+            await error_response(error.status, error.message, error.type, error.param, error.code,
+                                 error.headers)(scope, receive, send_with_id)
+
+        too_large_error = ApiError(413, f"request body is over the {limit}-byte limit", param="body",
+                                   code="body_too_large")
+
+        async def limited_receive() -> Message:
+            nonlocal received, too_large, body_done
+            message = await receive()
+            received += len(message.get("body", b""))
+            body_done = message["type"] != "http.request" or not message.get("more_body", False)
+            if received > limit:
+                too_large = True
+                raise BodyTooLarge
+            return message
+
         async def send_refusal(message: Message) -> None:
             # The framework turns a failed body read into its own 400; answer 413 instead.
             if message["type"] == "http.response.start":
-                await refused(scope, receive, send_with_id)
+                await answer(too_large_error)
 
         try:
-            declared = int(headers.get(b"content-length", b"0") or 0)
-        except ValueError:
-            declared = 0
-        try:
+            if scope["path"] not in PUBLIC_PATHS:
+                client = authenticate(self.state.api_keys, headers) if self.state.api_keys else None
+                if self.state.api_keys and client is None:
+                    await answer(ApiError(401, "missing or invalid API key: send `Authorization: Bearer <key>`",
+                                          "authentication_error", code="invalid_api_key"))
+                    return
+                # Without keys each connection is a client of its own.
+                CURRENT_CLIENT.set(client or Client(key=f"connection:{scope.get('client')}"))
+            try:
+                declared = int(headers.get(b"content-length", b"0") or 0)
+            except ValueError:
+                declared = 0
             if declared > limit:
-                await refused(scope, receive, send_with_id)
-            else:
-                await self.app(scope, limited_receive, lambda m: send_refusal(m) if too_large else send_with_id(m))
+                await answer(too_large_error)
+                return
+            await self.app(scope, limited_receive, lambda m: send_refusal(m) if too_large else send_with_id(m))
         except BodyTooLarge:
-            await refused(scope, receive, send_with_id)
+            await answer(too_large_error)
+        except asyncio.CancelledError:
+            if response_started or not self.state.draining:
+                raise
+            # uvicorn cancels what is still running when the graceful-shutdown window ends: say so, in shape.
+            await answer(ApiError(503, "the server shut down before this request finished; retry on another "
+                                  "replica", "server_busy", code="shutting_down", headers={"Retry-After": "1"}))
+        except Exception as error:  # noqa: BLE001 (the last word: never a bare 500 and a reset connection)
+            self.errors.error(f"unexpected {type(error).__name__} while answering a request", error)
+            if response_started:
+                raise
+            await answer(ApiError(500, f"internal error ({type(error).__name__}); request id {request_id}",
+                                  "server_error", code="internal_error"))
         finally:
             metrics = self.state.metrics
             metrics.requests.labels(endpoint, str(status)).inc()
@@ -159,15 +229,15 @@ async def start_chat(state: ServiceState) -> None:
                                                state.metrics, None, settings.policy_dtype)
         await asyncio.to_thread(state.policy.warm_up)
         # A short wait lets requests that arrive together share a batch; generation takes far longer.
-        state.generation_batcher = Batcher(state.policy.generate, max_batch_texts=settings.max_generation_rows,
-                                           max_wait_s=settings.generation_wait_ms / 1000,
-                                           max_queue_texts=settings.max_queue_rows,
-                                           queue_gauge=state.metrics.generation_queue)
+        state.generation_batcher = Batcher(
+            state.policy.generate, max_batch_texts=settings.max_generation_rows,
+            max_wait_s=settings.generation_wait_ms / 1000, max_queue_texts=settings.max_queue_rows,
+            max_client_texts=settings.max_client_queue_rows, combine=lambda parts: [g for part in parts for g in part],
+            name="generation", metrics=queue_metrics(state.metrics, state.metrics.generation_queue))
         state.generation_batcher.start()
 
         async def generate(conversation, samplings):
-            rows = [Row(conversation, sampling) for sampling in samplings]
-            return await routes.submit_generation(state, rows)
+            return await routes.submit_generation(state, [Row(conversation, sampling) for sampling in samplings])
 
     runtime = state.runtime
     weights = settings.chat_reward_weights or {runtime.primary_head: 1.0}
@@ -176,10 +246,15 @@ async def start_chat(state: ServiceState) -> None:
                                 state.metrics)
 
 
+def queue_metrics(metrics: Metrics, depth: Gauge) -> QueueMetrics:
+    return QueueMetrics(depth, metrics.client_queue_depth, metrics.cancelled)
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
-    """Build the app. The model is loaded and warmed up during startup."""
+    """Build the app; the API keys file is read here (SettingsError if it cannot be). The model is loaded and
+    warmed up during startup."""
     settings = settings or Settings()
-    state = ServiceState(settings=settings, metrics=Metrics())
+    state = ServiceState(settings=settings, metrics=Metrics(), api_keys=settings.read_api_keys())
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -189,9 +264,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # Through state.runtime at call time, so a reload switches models between batches.
         state.batcher = Batcher(lambda texts, worker: state.runtime.scored(texts, worker),
                                 max_batch_texts=state.runtime.limits.max_batch_size * 4,
-                                max_wait_s=settings.max_wait_ms / 1000,
-                                max_queue_texts=settings.max_queue_texts, queue_gauge=state.metrics.queue_depth,
-                                workers=state.runtime.workers)
+                                max_wait_s=settings.max_wait_ms / 1000, max_queue_texts=settings.max_queue_texts,
+                                max_client_texts=settings.max_client_queue_texts, workers=state.runtime.workers,
+                                combine=Scored.combine, name="scoring",
+                                metrics=queue_metrics(state.metrics, state.metrics.queue_depth))
         state.batcher.start()
         reload_on_sighup(state)
         await start_chat(state)
@@ -228,11 +304,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
         return error_response(error.status_code, str(error.detail), code=f"http_{error.status_code}",
                               headers=getattr(error, "headers", None))  # e.g. Allow on 405
-
-    @app.exception_handler(Exception)
-    async def unexpected(request: Request, error: Exception) -> JSONResponse:
-        log.exception("unhandled error in request %s", getattr(request.state, "request_id", "?"))
-        return error_response(500, f"internal error ({type(error).__name__}); request id "
-                              f"{getattr(request.state, 'request_id', '?')}", "server_error")
 
     return app

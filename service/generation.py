@@ -39,17 +39,19 @@ class Sampling:
 
 @dataclass
 class Row:
-    """One reply to generate; `on_text` (optional) receives streamed text."""
+    """One reply to generate; `on_text` (optional) receives streamed text. Setting `abandoned` (its request has
+    gone: the client left, or the deadline passed) stops the row at the next token."""
 
     conversation: Conversation
     sampling: Sampling
     on_text: OnText | None = None
+    abandoned: threading.Event | None = None
 
 
 @dataclass
 class Generated:
     text: str
-    finish_reason: str  # "stop" (end token or stop string) | "length"
+    finish_reason: str  # "stop" (end token or stop string) | "length" | "abandoned"
     prompt_tokens: int
     completion_tokens: int
     first_token_seconds: float  # from the start of the batch
@@ -126,7 +128,11 @@ class PolicyRuntime:
             next_ids = sample(output.logits[:, -1].float(), temperature, top_p, [s.generator for s in states])
             now = time.perf_counter()
             for i, state in enumerate(states):
-                if state.finish_reason is None:
+                if state.finish_reason is None and state.row.abandoned is not None and state.row.abandoned.is_set():
+                    state.finish_reason = "abandoned"  # nobody reads it: no more tokens, no stream
+                    if self.metrics:
+                        self.metrics.cancelled.labels("generation", "running").inc()
+                elif state.finish_reason is None:
                     self._advance(state, int(next_ids[i]), now - started)
             if all(s.finish_reason is not None for s in states):
                 break

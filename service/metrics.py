@@ -15,6 +15,12 @@ class Metrics:
         self.request_seconds = Histogram("keel_request_duration_seconds", "HTTP request duration", ["endpoint"],
                                          buckets=LATENCY_BUCKETS, registry=r)
         self.queue_depth = Gauge("keel_queue_texts", "texts waiting to be scored", registry=r)
+        self.client_queue_depth = Gauge("keel_client_queue_items", "items waiting, by queue and client (an API "
+                                        "key's name; 'anonymous' for all clients without a key)",
+                                        ["queue", "client"], registry=r)
+        self.cancelled = Counter("keel_cancelled_items_total", "items (texts or generation rows) dropped because "
+                                 "their request had gone: from the queue, or while generating",
+                                 ["queue", "stage"], registry=r)
         self.batch_size = Histogram("keel_batch_size", "texts per inference batch",
                                     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=r)
         self.batch_tokens = Histogram("keel_batch_tokens", "padded tokens per inference batch",

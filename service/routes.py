@@ -2,23 +2,26 @@
 
 from __future__ import annotations
 
-import hmac
+import asyncio
 import logging
+import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Awaitable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from dataclasses import replace
+from typing import Any, TypeVar
 
-from fastapi import APIRouter, Depends, Request, Response
+from fastapi import APIRouter, Request, Response, Security
 from fastapi.responses import StreamingResponse
+from fastapi.security import HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from service.batcher import Batcher, DeadlineExceeded, QueueFull, ShuttingDown
+from service.batcher import CURRENT_CLIENT, Batcher, DeadlineExceeded, QueueFull, ShuttingDown
 from service.generation import Generated, Row, Sampling
 from service.models import describe_versions, reload_model
 from service.moderation import moderate
-from service.runtime import Scored
+from service.runtime import ModelChanged, Scored
 from service.schemas import (
     ChatCompletionRequest,
     ChatCompletionResponse,
@@ -34,28 +37,39 @@ from service.streaming import chosen_events, completion_response, live_events
 from training.text import Message, ModelInput
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 def get_state(request: Request) -> ServiceState:
     return request.app.state.keel
 
 
-def require_api_key(request: Request) -> None:
-    keys = get_state(request).settings.api_keys
-    if not keys:
-        return
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    # Compare against every key so the time taken does not reveal which key nearly matched.
-    matched = False
-    for key in keys:
-        matched |= hmac.compare_digest(token.strip().encode(), key.encode())
-    if scheme.lower() != "bearer" or not matched:
-        raise ApiError(401, "missing or invalid API key: send `Authorization: Bearer <key>`",
-                       "authentication_error", code="invalid_api_key")
-
-
 health = APIRouter()
-api = APIRouter(dependencies=[Depends(require_api_key)])
+# The key itself is checked by the request middleware before the body is read; this declares the scheme in the
+# OpenAPI document, so generated clients send it.
+api = APIRouter(dependencies=[Security(HTTPBearer(auto_error=False, description="an API key from the server's "
+                                                  "--api-keys-file (needed only when the server has keys)"))])
+
+
+async def unless_client_leaves(request: Request, work: Awaitable[T]) -> T:
+    """Await work, cancelling it if the client disconnects first: its queued texts and generation rows go too."""
+    task = asyncio.ensure_future(work)
+
+    async def disconnected() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    watcher = asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+    if task.cancelled():  # nobody reads this answer; 499 is what the metrics record
+        raise ApiError(499, "the client closed the connection before the answer", code="client_closed")
+    return task.result()
 
 
 async def score_inputs(state: ServiceState, inputs: list[ModelInput], request: Request) -> Scored:
@@ -70,7 +84,7 @@ async def score_inputs(state: ServiceState, inputs: list[ModelInput], request: R
                            f"{settings.max_chars}", param=f"input.{i}", code="text_too_long")
     if settings.log_bodies:
         log.info("request %s inputs: %r", request.state.request_id, inputs)
-    return await scores_for(state, inputs)
+    return await unless_client_leaves(request, scores_for(state, inputs))
 
 
 @contextmanager
@@ -78,9 +92,9 @@ def queue_errors(state: ServiceState, timeout_s: float, what: str) -> Iterator[N
     """A full queue is 429; a missed deadline or a shutdown is 503."""
     try:
         yield
-    except QueueFull:
+    except QueueFull as full:
         state.metrics.rejected.labels("queue_full").inc()
-        raise ApiError(429, f"the {what} queue is full; retry shortly", "rate_limit_error",
+        raise ApiError(429, f"the {what} queue is full ({full}); retry shortly", "rate_limit_error",
                        code="queue_full", headers={"Retry-After": "1"}) from None
     except DeadlineExceeded:
         state.metrics.rejected.labels("deadline").inc()
@@ -92,13 +106,17 @@ def queue_errors(state: ServiceState, timeout_s: float, what: str) -> Iterator[N
 
 
 async def queued(state: ServiceState, batcher: Batcher, items: list, timeout_s: float, what: str) -> Any:
+    """Items' results from a batcher, queued as the current request's client."""
     with queue_errors(state, timeout_s, what):
-        return await batcher.submit(items, timeout_s)
+        return await batcher.submit(items, timeout_s, CURRENT_CLIENT.get())
 
 
 async def scores_for(state: ServiceState, inputs: list[ModelInput]) -> Scored:
     """Normalised scores [texts, heads], batched with every other request's texts."""
-    scored = await queued(state, state.batcher, inputs, state.settings.request_timeout_s, "scoring")
+    try:
+        scored = await queued(state, state.batcher, inputs, state.settings.request_timeout_s, "scoring")
+    except ModelChanged:  # a reload landed between this request's batches: score it again, on one model
+        scored = await queued(state, state.batcher, inputs, state.settings.request_timeout_s, "scoring")
     for h, head in enumerate(scored.runtime.heads):
         histogram = state.metrics.scores.labels(head)
         for value in scored.z[:, h]:
@@ -107,7 +125,14 @@ async def scores_for(state: ServiceState, inputs: list[ModelInput]) -> Scored:
 
 
 async def submit_generation(state: ServiceState, rows: list[Row]) -> list[Generated]:
-    return await queued(state, state.generation_batcher, rows, state.settings.generation_timeout_s, "generation")
+    """Generate rows; if the request goes (client gone, deadline passed, failure), its rows stop generating."""
+    abandoned = threading.Event()
+    rows = [replace(row, abandoned=abandoned) for row in rows]
+    try:
+        return await queued(state, state.generation_batcher, rows, state.settings.generation_timeout_s, "generation")
+    except BaseException:
+        abandoned.set()
+        raise
 
 
 @api.post("/v1/score", response_model=ScoreResponse)
@@ -190,9 +215,13 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
         raise ApiError(400, f"max_tokens {max_tokens} is over this server's limit of {settings.max_tokens_limit}",
                        param="max_tokens", code="max_tokens_too_large")
     best_of = body.best_of or settings.best_of
-    if body.n * best_of > settings.max_queue_rows:
-        raise ApiError(400, f"n * best_of = {body.n * best_of} candidates; the limit is {settings.max_queue_rows}",
-                       param="best_of", code="too_many_candidates")
+    if body.n * best_of > settings.max_client_queue_rows:
+        raise ApiError(400, f"n * best_of = {body.n * best_of} candidates; the limit is "
+                       f"{settings.max_client_queue_rows}", param="best_of", code="too_many_candidates")
+    if body.n * best_of * max_tokens > settings.max_request_tokens:
+        raise ApiError(400, f"n * best_of * max_tokens = {body.n * best_of * max_tokens} tokens; the limit is "
+                       f"{settings.max_request_tokens}: ask for fewer choices, candidates or tokens",
+                       param="max_tokens", code="request_too_costly")
     characters = sum(len(m.content) for m in body.messages)
     if characters > settings.max_chars:
         raise ApiError(400, f"messages hold {characters} characters; the limit is {settings.max_chars}",
@@ -206,11 +235,11 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
     live = state.policy is not None and best_of == 1 and settings.guard == "off"
     if body.stream and live:
         with queue_errors(state, settings.generation_timeout_s, "generation"):  # answer before the stream starts
-            state.generation_batcher.check_room(body.n)
+            state.generation_batcher.check_room(body.n, CURRENT_CLIENT.get())
         return StreamingResponse(live_events(state, conversation, sampling, body.n, model, arrived,
                                              lambda rows: submit_generation(state, rows)),
                                  media_type="text/event-stream")
-    chosen = await state.aligner.complete(conversation, sampling, body.n, best_of)
+    chosen = await unless_client_leaves(request, state.aligner.complete(conversation, sampling, body.n, best_of))
     state.metrics.time_to_first_token.labels(str(body.stream).lower()).observe(time.perf_counter() - arrived)
     if body.stream:
         return StreamingResponse(chosen_events(state, chosen, model), media_type="text/event-stream")

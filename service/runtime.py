@@ -81,6 +81,18 @@ class Scored:
     def __getitem__(self, index: slice) -> Scored:  # the batcher hands each request its slice
         return Scored(self.z[index], self.runtime)
 
+    @staticmethod
+    def combine(parts: list[Scored]) -> Scored:
+        """One request's scores from the several batches its chunks ran in. A reload between two of them would
+        mix two models' scores: ModelChanged, and the caller scores the request again."""
+        if any(part.runtime is not parts[0].runtime for part in parts):
+            raise ModelChanged("the model was reloaded while this request was being scored")
+        return parts[0] if len(parts) == 1 else Scored(np.concatenate([part.z for part in parts]), parts[0].runtime)
+
+
+class ModelChanged(Exception):
+    pass
+
 
 class RewardRuntime:
     def __init__(self, directory: str | Path, backend: str = "auto", threads: int | None = None,

@@ -4,25 +4,48 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from training.text import Message, ModelInput, model_input, render
+
+
+def encodable(text: str) -> str:
+    """JSON may carry lone surrogates ("\\ud800", or invalid UTF-8 bytes decoded leniently); no tokenizer can read
+    them, so they are refused here, naming the field, instead of failing a shared batch."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise ValueError(f"text is not valid Unicode: a lone surrogate at character {error.start}") from None
+    return text
+
+
+Text = Annotated[str, AfterValidator(encodable)]
+
+
+def encodable_texts(value: str | list[str] | None) -> str | list[str] | None:
+    """`encodable` for a field that takes a string or a list of them (a union, checked after it is resolved)."""
+    for i, text in enumerate([value] if isinstance(value, str) else value or []):
+        try:
+            encodable(text)
+        except ValueError as error:
+            raise ValueError(f"item {i}: {error}" if not isinstance(value, str) else str(error)) from None
+    return value
 
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="forbid")
     role: Literal["system", "user", "assistant"]
-    content: str
+    content: Text
 
 
 class ScoreItem(BaseModel):
     """One thing to score: a prompt and a response, a conversation, or a bare text."""
 
     model_config = ConfigDict(extra="forbid")
-    prompt: str | None = None
-    response: str | None = None
+    prompt: Text | None = None
+    response: Text | None = None
     messages: list[ChatMessage] | None = Field(None, min_length=1)
-    text: str | None = None
+    text: Text | None = None
 
     @model_validator(mode="after")
     def one_shape(self) -> ScoreItem:
@@ -66,6 +89,8 @@ class ModerationRequest(BaseModel):
     thresholds: dict[str, Annotated[float, Field(ge=0.0, le=1.0)]] | None = Field(
         None, description="per-category threshold overrides in [0, 1] (flag when category score >= threshold)")
 
+    _encodable_input = field_validator("input")(lambda value: encodable_texts(value))
+
 
 class ModerationResult(BaseModel):
     flagged: bool
@@ -106,6 +131,8 @@ class ChatCompletionRequest(BaseModel):
         if len(stops) > 4 or any(not s for s in stops):
             raise ValueError("stop takes at most 4 non-empty strings")
         return self
+
+    _encodable_stop = field_validator("stop")(lambda value: encodable_texts(value))
 
     def stops(self) -> tuple[str, ...]:
         return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())

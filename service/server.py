@@ -1,14 +1,21 @@
-"""`keel serve`: make sure a model exists, then run the app on uvicorn with a graceful SIGTERM drain."""
+"""`keel serve`: make sure a model exists, then run the app on uvicorn with a graceful SIGTERM drain.
+
+HTTP is parsed by h11, which bounds a request's header block (--max-header-bytes); the protocol below adds a
+header timeout, which uvicorn lacks: a connection that trickles its headers is closed after --header-timeout-s.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import signal
 import threading
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 import uvicorn
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from service.app import create_app
 from service.settings import Settings, default_model_dir
@@ -45,6 +52,42 @@ def ensure_default_model(directory: Path) -> Path:
     return directory
 
 
+class HeaderTimeoutProtocol(H11Protocol):
+    """h11 with a deadline for each request's headers, from the connection's start or the previous response's
+    end. Unlike uvicorn's keep-alive timer, arriving bytes do not reset it, so a byte a second does not keep a
+    connection open."""
+
+    header_timeout_s = 10.0  # set per server by `serve`
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self._header_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._arm_header_timer()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        self._arm_header_timer()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+        super().connection_lost(exc)
+
+    def _arm_header_timer(self) -> None:
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+        cycle = self.cycle  # a new request's headers, once parsed, start a new cycle
+        self._header_timer = self.loop.call_later(self.header_timeout_s, self._headers_overdue, cycle)
+
+    def _headers_overdue(self, cycle_at_arming: object) -> None:
+        waiting = self.cycle is None or self.cycle.response_complete  # not in the middle of a request
+        if waiting and self.cycle is cycle_at_arming and not self.transport.is_closing():
+            self.transport.close()
+
+
 class DrainingServer(uvicorn.Server):
     """On SIGTERM: report not-ready for `drain_seconds` (so load balancers stop sending), then let uvicorn
     stop accepting, finish in-flight requests and run the app's shutdown."""
@@ -66,10 +109,19 @@ class DrainingServer(uvicorn.Server):
         super().handle_exit(sig, frame)
 
 
+def http_protocol(header_timeout_s: float) -> type[HeaderTimeoutProtocol]:
+    return type("KeelHttpProtocol", (HeaderTimeoutProtocol,), {"header_timeout_s": header_timeout_s})
+
+
 def serve(settings: Settings) -> None:
+    app = create_app(settings)  # checks the settings (API keys file) before a model is trained or loaded
     if settings.model is None:
         settings.model = ensure_default_model(default_model_dir())
-    app = create_app(settings)
+    # The graceful window covers the longest request these settings allow; a request still running after it
+    # is answered 503 by the app (Kubernetes: terminationGracePeriodSeconds >= preStop + drain + this + 5 s).
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
-                            timeout_graceful_shutdown=max(settings.request_timeout_s, 1.0), access_log=False)
+                            timeout_graceful_shutdown=settings.longest_request_s() + 1.0, access_log=False,
+                            http=http_protocol(settings.header_timeout_s),
+                            h11_max_incomplete_event_size=settings.max_header_bytes,
+                            timeout_keep_alive=settings.keep_alive_timeout_s)
     DrainingServer(config, settings.drain_seconds).run()

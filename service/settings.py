@@ -6,10 +6,14 @@ import os
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from training.artifact import cache_root
+
+
+class SettingsError(ValueError):
+    """A setting that cannot be used as given; the message says which and why."""
 
 
 def default_model_dir() -> Path:
@@ -41,15 +45,35 @@ class Settings(BaseSettings):
         "padding a batch costs more than batching saves)")
     max_wait_ms: float = Field(0.0, ge=0, description="longest a text waits for others to join its batch")
     max_queue_texts: int = Field(2048, ge=1, description="texts waiting to be scored before new requests get 429")
+    max_client_queue_texts: int | None = Field(
+        None, ge=1, description="texts one client (an API key; a connection when there are no keys) may have "
+        "waiting; above it that client gets 429 while the others are still served (default: a quarter of "
+        "--max-queue-texts, at least --max-items)")
     request_timeout_s: float = Field(30.0, gt=0, description="a request not answered by then gets 503")
     max_items: int = Field(256, ge=1, description="items (texts or conversations) per request")
     max_chars: int = Field(32768, ge=1, description="characters per text")
     max_body_bytes: int = Field(2 * 1024 * 1024, ge=1, description="request body size limit (413 above it)")
+    api_keys_file: Path | None = Field(
+        None, description="file of API keys, one a line (# comments allowed); when set, every endpoint but "
+        "health and metrics needs `Authorization: Bearer KEY`. Clients are named key-1, key-2, ... by line")
     api_keys: Annotated[list[str], NoDecode] = Field(
-        default_factory=list, description="comma-separated API keys; when set, every non-health endpoint needs "
-        "`Authorization: Bearer KEY`")
+        default_factory=list, json_schema_extra={"env_only": True},
+        description="comma-separated API keys, from the environment only (a flag would show them in the process "
+        "list); prefer --api-keys-file")
     log_bodies: bool = Field(False, description="log request bodies (debugging only: they hold user text)")
-    drain_seconds: float = Field(0.0, ge=0, description="after SIGTERM, report not-ready this long before closing")
+    drain_seconds: float = Field(
+        6.0, ge=0, description="after SIGTERM, report not-ready and answer with `Connection: close` this long "
+        "before closing the listener; longer than --keep-alive-timeout-s, so no idle keep-alive connection is "
+        "left open to be cut")
+    header_timeout_s: float = Field(10.0, gt=0, description="a connection that has not sent a request's whole "
+                                    "header by then is closed (slow-header clients)")
+    max_header_bytes: int = Field(32768, ge=1024, description="largest request header block; above it the "
+                                  "request gets 400 and the connection is closed")
+    keep_alive_timeout_s: int = Field(5, ge=1, description="an idle keep-alive connection is closed after this")
+    allow_store_symlinks: bool = Field(False, description="serve model-store versions that are symbolic links "
+                                       "leading outside the store")
+    persist_reload: bool = Field(False, description="an API or SIGHUP reload also writes the store's CURRENT "
+                                 "file, so a restart serves the same version (off: CURRENT is the operator's)")
     log_level: Literal["critical", "error", "warning", "info", "debug", "trace"] = Field(
         "info", description="log level")
 
@@ -82,6 +106,12 @@ class Settings(BaseSettings):
     generation_wait_ms: float = Field(100.0, ge=0, description="longest a request waits for others to join its "
                                       "generation batch (a batch runs to its end before the next starts)")
     max_queue_rows: int = Field(256, ge=1, description="candidates waiting to be generated before 429")
+    max_client_queue_rows: int | None = Field(
+        None, ge=1, description="candidates one client may have waiting; a request with more (n * best_of) gets "
+        "400, a client over it 429 (default: a quarter of --max-queue-rows, at least 16)")
+    max_request_tokens: int = Field(8192, ge=1, description="largest n * best_of * max_tokens of one chat "
+                                    "request (400 above it): the most tokens one request can make the policy "
+                                    "generate")
     generation_timeout_s: float = Field(300.0, gt=0, description="a chat request not answered by then gets 503")
 
     @field_validator("api_keys", mode="before")
@@ -100,6 +130,36 @@ class Settings(BaseSettings):
                 raise ValueError("expected HEAD=WEIGHT pairs separated by commas, e.g. harmless=1,helpful=0.5")
             return {head.strip(): float(weight) for head, weight in pairs}
         return value
+
+    @model_validator(mode="after")
+    def client_shares(self) -> Settings:
+        """Each client's share of the queues: given, or a quarter of the queue (a request's largest size at least,
+        so one can always be queued), and never more than the queue."""
+        if self.max_client_queue_texts is None:
+            self.max_client_queue_texts = max(self.max_queue_texts // 4, self.max_items)
+        if self.max_client_queue_rows is None:
+            self.max_client_queue_rows = max(self.max_queue_rows // 4, 16)
+        self.max_client_queue_texts = min(self.max_client_queue_texts, self.max_queue_texts)
+        self.max_client_queue_rows = min(self.max_client_queue_rows, self.max_queue_rows)
+        return self
+
+    def read_api_keys(self) -> list[str]:
+        """The keys from --api-keys-file (one a line) and KEEL_API_KEYS, in that order."""
+        keys: list[str] = []
+        if self.api_keys_file is not None:
+            try:
+                lines = self.api_keys_file.read_text().splitlines()
+            except OSError as error:
+                raise SettingsError(f"--api-keys-file: cannot read {self.api_keys_file}: {error.strerror}") from None
+            keys = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+            if not keys:
+                raise SettingsError(f"--api-keys-file: {self.api_keys_file} holds no keys (one key a line)")
+        return keys + self.api_keys
+
+    def longest_request_s(self) -> float:
+        """The longest a request may run under these settings: what a graceful shutdown waits for."""
+        chat = self.policy is not None or self.upstream is not None
+        return max(self.request_timeout_s, self.generation_timeout_s if chat else 0.0)
 
     def inference_workers(self, backend: str) -> int:
         """Workers for the backend `auto` resolved to (see service.runtime.choose_backend)."""

@@ -37,6 +37,7 @@ class ServiceState:
     generation_batcher: Batcher | None = None
     upstream: UpstreamClient | None = None  # the guard proxy's upstream (--upstream)
     aligner: ChatAligner | None = None  # best-of-n and the guard, over the policy or the upstream
+    api_keys: list[str] = field(default_factory=list)  # empty: no key needed
     reload_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     ready: bool = False
     draining: bool = False

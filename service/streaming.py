@@ -80,31 +80,36 @@ async def live_events(state: ServiceState, conversation: Conversation, sampling:
     rows = [Row(conversation, Sampling(sampling.temperature, sampling.top_p, sampling.max_tokens, sampling.stop,
                                        candidate_seed(sampling.seed, i, 0, 0)), on_text(i)) for i in range(n)]
     generation = asyncio.ensure_future(submit(rows))
-    for i in range(n):
-        yield event(chunk(identifier, model, i, {"role": "assistant", "content": ""}))
-    first, finished = True, 0
-    while finished < n:
-        getter = asyncio.ensure_future(queue.get())
-        done, _ = await asyncio.wait({getter, generation}, return_when=asyncio.FIRST_COMPLETED)
-        if getter not in done:
-            getter.cancel()
-            if generation.exception() is not None:  # failed before producing every reply
-                error = generation.exception()
-                message = error.message if isinstance(error, ApiError) else "generation failed"
-                yield event({"error": {"message": message, "type": "server_error"}})
-                yield event("[DONE]")
-                return
-            continue
-        index, text, finish = getter.result()
-        if text:
-            if first:
-                state.metrics.time_to_first_token.labels("true").observe(time.perf_counter() - arrived)
-                first = False
-            yield event(chunk(identifier, model, index, {"content": text}))
-        if finish is not None:
-            finished += 1
-            yield event(chunk(identifier, model, index, {}, finish))
-    replies = await generation
+    try:
+        for i in range(n):
+            yield event(chunk(identifier, model, i, {"role": "assistant", "content": ""}))
+        first, finished = True, 0
+        while finished < n:
+            getter = asyncio.ensure_future(queue.get())
+            done, _ = await asyncio.wait({getter, generation}, return_when=asyncio.FIRST_COMPLETED)
+            if getter not in done:
+                getter.cancel()
+                if generation.exception() is not None:  # failed before producing every reply
+                    error = generation.exception()
+                    message = error.message if isinstance(error, ApiError) else "generation failed"
+                    yield event({"error": {"message": message, "type": "server_error"}})
+                    yield event("[DONE]")
+                    return
+                continue
+            index, text, finish = getter.result()
+            if text:
+                if first:
+                    state.metrics.time_to_first_token.labels("true").observe(time.perf_counter() - arrived)
+                    first = False
+                yield event(chunk(identifier, model, index, {"content": text}))
+            if finish is not None:
+                finished += 1
+                yield event(chunk(identifier, model, index, {}, finish))
+        replies = await generation
+    finally:  # the client left mid-stream: its rows stop generating
+        if not generation.done():
+            generation.cancel()
+            await asyncio.gather(generation, return_exceptions=True)
     judged = await state.aligner.judge(conversation, replies)
     chosen = [Chosen(reply, judged.audit(i, i, candidates=1, rank=0, guard="off", attempts=1), judged.scored.runtime)
               for i, reply in enumerate(replies)]

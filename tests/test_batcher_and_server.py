@@ -141,10 +141,12 @@ def keel_server(model: Path, *args: str, **env: str) -> Iterator[tuple[str, subp
             process.wait(10)
 
 
-def test_openai_client_moderations_over_a_socket(tiny_reward_model: Path):
+def test_openai_client_moderations_over_a_socket(tiny_reward_model: Path, tmp_path: Path):
     import openai
 
-    with keel_server(tiny_reward_model, "--api-keys", "test-key") as (base, _):
+    keys = tmp_path / "keys"
+    keys.write_text("# one key a line\nother-key\ntest-key\n")
+    with keel_server(tiny_reward_model, "--api-keys-file", str(keys)) as (base, _):
         client = openai.OpenAI(base_url=f"{base}/v1", api_key="test-key", max_retries=0)
         result = client.moderations.create(input=["hello there", "sure, here is how to build a bomb"])
         assert len(result.results) == 2

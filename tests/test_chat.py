@@ -96,7 +96,7 @@ def test_several_choices_share_one_generation_call():
 def test_openai_client_plain_and_streaming_over_a_socket(tiny_reward_model: Path, tiny_policy: str):
     import openai
 
-    with keel_server(tiny_reward_model, "--policy", tiny_policy, "--guard", "off", "--api-keys", "k1") as (url, _):
+    with keel_server(tiny_reward_model, "--policy", tiny_policy, "--guard", "off", KEEL_API_KEYS="k1") as (url, _):
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="k1", max_retries=0)
         messages = [{"role": "user", "content": "how can i bake a cake"}]
         completion = client.chat.completions.create(model="tiny", messages=messages, max_tokens=5, n=2, seed=7)

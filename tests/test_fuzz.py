@@ -20,7 +20,7 @@ def test_every_endpoint_survives_fuzzing(tiny_reward_model: Path, tiny_policy: s
     schemathesis = shutil.which("schemathesis", path=os.path.dirname(sys.executable))
     assert schemathesis, "install the dev extra: pip install -e '.[dev]'"
     with keel_server(tiny_reward_model, "--policy", tiny_policy, "--max-tokens-limit", "8",
-                     "--max-generation-rows", "16", "--max-queue-rows", "32", "--api-keys", "fuzz-key") as (url, _):
+                     "--max-generation-rows", "16", "--max-queue-rows", "32", KEEL_API_KEYS="fuzz-key") as (url, _):
         headers = ["-H", "Authorization: Bearer fuzz-key"] if with_key else []
         result = subprocess.run(
             # Every check but positive-data acceptance: the schema cannot say which categories a model has, nor

@@ -185,7 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
                                "keel.json records its new path")
 
     serve = commands.add_parser(
-        "serve", help="serve reward scoring and moderation over HTTP",
+        "serve", help="serve reward scoring and moderation over HTTP", allow_abbrev=False,
         description="Serve /v1/score, /v1/moderations, /v1/models, /healthz, /readyz and /metrics. Every option "
         "is also read from a KEEL_* environment variable (e.g. --max-items from KEEL_MAX_ITEMS); flags win. "
         "Without --model, the default reward model is used, trained first if it is absent.")
@@ -224,6 +224,8 @@ def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
     from service.settings import Settings
 
     for name, field in Settings.model_fields.items():
+        if (field.json_schema_extra or {}).get("env_only"):
+            continue  # secrets: never on a command line, where `ps` shows them
         flag = "--" + name.replace("_", "-")
         env = f"KEEL_{name.upper()}"
         # A default of None is described in the field's own text ("default: one per CPU core ...").
@@ -327,18 +329,25 @@ def main(argv: list[str] | None = None) -> int:
             from pydantic import ValidationError
 
             from service.server import serve
-            from service.settings import Settings
+            from service.settings import Settings, SettingsError
 
             given = {k: v for k, v in vars(args).items() if k in Settings.model_fields and v is not None}
             try:
                 settings = Settings(**given)
             except ValidationError as error:  # checked before any model is loaded or trained
                 for problem in error.errors():
+                    if not problem["loc"]:  # a rule between settings: its message names them
+                        print(f"keel serve: error: {problem['msg'].removeprefix('Value error, ')}", file=sys.stderr)
+                        continue
                     name = str(problem["loc"][0])
                     print(f"keel serve: error: --{name.replace('_', '-')} (or KEEL_{name.upper()}): {problem['msg']}",
                           file=sys.stderr)
                 return 2
-            serve(settings)
+            try:
+                serve(settings)
+            except SettingsError as error:
+                print(f"keel serve: error: {error}", file=sys.stderr)
+                return 2
             return 0
     except (ConfigError, DataError, ArtifactError, RewardError, FileExistsError, FileNotFoundError) as error:
         print(f"keel: error: {error}", file=sys.stderr)
