@@ -260,7 +260,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if settings.model is None:
             raise RuntimeError("no model directory: pass --model DIR or set KEEL_MODEL")
-        state.runtime = await asyncio.to_thread(load_runtime, state, model_directory(Path(settings.model)))
+        directory = model_directory(Path(settings.model), allow_symlinks=settings.allow_store_symlinks)
+        state.runtime = await asyncio.to_thread(load_runtime, state, directory)
         # Through state.runtime at call time, so a reload switches models between batches.
         state.batcher = Batcher(lambda texts, worker: state.runtime.scored(texts, worker),
                                 max_batch_texts=state.runtime.limits.max_batch_size * 4,

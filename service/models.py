@@ -1,69 +1,107 @@
 """Model versions: a model store is a directory of Keel model directories, one per version. The service serves
-the version named in the store's CURRENT file (else the newest by creation time) and can switch versions
-without a restart: POST /v1/admin/reload or SIGHUP. A failed reload keeps the old model serving."""
+the version named in the store's CURRENT file, else the newest valid one by creation time, and can switch
+versions without a restart: POST /v1/admin/reload or SIGHUP. A failed reload keeps the old model serving.
+
+A version is invalid when its manifest is missing, corrupt or unusable (check_reward_manifest), or when it
+is a symbolic link leading out of the store (unless --allow-store-symlinks). Invalid versions are listed with
+the reason and never served; one named by CURRENT or by a reload is refused with that reason.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from service.runtime import BatchLimits, RewardRuntime, choose_backend, service_batch_limits
 from service.state import ApiError, ServiceState
-from training.artifact import MANIFEST, ArtifactError, read_manifest
+from training.artifact import MANIFEST, ArtifactError, check_reward_manifest, read_manifest, write_text_atomic
 
 log = logging.getLogger(__name__)
 CURRENT = "CURRENT"
+
+
+@dataclass
+class Version:
+    directory: Path
+    created_at: str
+    problem: str | None  # why it cannot be served; None for a valid version
 
 
 def is_store(location: Path) -> bool:
     return location.is_dir() and not (location / MANIFEST).exists()
 
 
-def store_versions(location: Path) -> list[Path]:
-    """Model directories in a store, oldest first (by their manifests' creation time)."""
-    found = []
-    for directory in location.iterdir():
-        if directory.is_dir() and not directory.name.startswith(".") and (directory / MANIFEST).exists():
-            try:
-                found.append((read_manifest(directory).get("created_at", ""), directory))
-            except ArtifactError as error:
-                log.warning("skipping %s in the model store: %s", directory, error)
-    return [directory for _, directory in sorted(found)]
+def inspect_version(store: Path, directory: Path, allow_symlinks: bool) -> Version:
+    try:
+        if not allow_symlinks:
+            root = store.resolve()
+            for path in (directory, *directory.rglob("*")):
+                if not path.resolve().is_relative_to(root):
+                    raise ArtifactError(f"{path} leads out of the model store {store} (a symbolic link); "
+                                        "--allow-store-symlinks serves such versions")
+        manifest = read_manifest(directory)
+        check_reward_manifest(manifest, directory / MANIFEST)
+        return Version(directory, str(manifest.get("created_at", "")), None)
+    except ArtifactError as error:
+        return Version(directory, "", str(error))
 
 
-def model_directory(location: Path, version: str | None = None) -> Path:
-    """The model directory to serve: `location` itself, or a version of the store at `location`."""
+def store_versions(location: Path, allow_symlinks: bool = False) -> list[Version]:
+    """Every version in a store, valid or not, oldest first (invalid ones, whose age is unknown, first)."""
+    found = [inspect_version(location, directory, allow_symlinks) for directory in location.iterdir()
+             if directory.is_dir() and not directory.name.startswith(".") and (directory / MANIFEST).exists()]
+    return sorted(found, key=lambda v: (v.problem is None, v.created_at, v.directory.name))
+
+
+def model_directory(location: Path, version: str | None = None, allow_symlinks: bool = False) -> Path:
+    """The model directory to serve: `location` itself, or a version of the store at `location`: the one asked
+    for, else CURRENT's, else the newest valid one (with a warning for each newer invalid one)."""
+    if not location.exists():
+        raise ArtifactError(f"no model directory or model store at {location}")
     if not is_store(location):
         if version is not None and version != location.name:
             raise ArtifactError(f"{location} is a single model, not a store: it has no version {version!r}")
         return location
+    named_by = "requested"
     if version is None and (location / CURRENT).exists():
-        version = (location / CURRENT).read_text().strip()
+        version, named_by = (location / CURRENT).read_text().strip(), f"named by {location / CURRENT}"
     if version is not None:
-        if "/" in version or version.startswith("."):
+        if "/" in version or version.startswith(".") or not version:
             raise ArtifactError(f"bad version name {version!r}")
         if not (location / version / MANIFEST).exists():
             raise ArtifactError(f"the model store {location} has no version {version!r}")
-        return location / version
-    versions = store_versions(location)
-    if not versions:
-        raise ArtifactError(f"the model store {location} holds no model directories")
-    return versions[-1]
+        chosen = inspect_version(location, location / version, allow_symlinks)
+        if chosen.problem:
+            raise ArtifactError(f"version {version!r} ({named_by}) is invalid: {chosen.problem}")
+        return chosen.directory
+    versions = store_versions(location, allow_symlinks)
+    valid = [v for v in versions if v.problem is None]
+    for invalid in (v for v in versions if v.problem is not None):
+        log.warning("model store: skipping invalid version %s: %s", invalid.directory.name, invalid.problem)
+    if not valid:
+        raise ArtifactError(f"the model store {location} holds no valid model directories")
+    return valid[-1].directory
 
 
 def describe_versions(state: ServiceState) -> list[dict[str, Any]]:
-    """The served model first (active), then the store's other versions."""
+    """The served model first (active), then the store's other versions, the invalid ones with the reason."""
     active = state.runtime
-    listed = [{**active.describe(), "active": True}]
+    listed = [{**active.describe(), "active": True, "valid": True}]
     location = Path(state.settings.model)
     if is_store(location):
-        for directory in store_versions(location):
-            if directory.resolve() != active.directory.resolve():
-                manifest = read_manifest(directory)
-                listed.append({"id": directory.name, "object": "model", "owned_by": "keel", "active": False,
-                               "version": manifest.get("created_at"), "heads": manifest.get("heads")})
+        for version in store_versions(location, state.settings.allow_store_symlinks):
+            if version.directory.resolve() != active.directory.resolve():
+                entry = {"id": version.directory.name, "object": "model", "owned_by": "keel", "active": False,
+                         "valid": version.problem is None}
+                if version.problem is None:
+                    manifest = read_manifest(version.directory)
+                    entry.update(version=manifest["created_at"], heads=manifest["heads"])
+                else:
+                    entry["problem"] = version.problem
+                listed.append(entry)
     return listed
 
 
@@ -84,7 +122,7 @@ async def reload_model(state: ServiceState, version: str | None = None) -> Rewar
     async with state.reload_lock:
         old = state.runtime
         try:
-            directory = model_directory(Path(state.settings.model), version)
+            directory = model_directory(Path(state.settings.model), version, state.settings.allow_store_symlinks)
             new = await asyncio.to_thread(load_runtime, state, directory)
         except (ArtifactError, OSError, ValueError) as error:
             state.metrics.reloads.labels("failed").inc()
@@ -98,4 +136,10 @@ async def reload_model(state: ServiceState, version: str | None = None) -> Rewar
         state.runtime = new
         state.metrics.reloads.labels("ok").inc()
         log.info("reloaded: now serving %s (%s), was %s (%s)", new.name, new.version, old.name, old.version)
+        store = Path(state.settings.model)
+        if state.settings.persist_reload and is_store(store):
+            try:  # so that a restart serves this version too
+                write_text_atomic(store / CURRENT, new.directory.name + "\n")
+            except OSError as error:
+                log.warning("reloaded, but could not write %s (a read-only store?): %s", store / CURRENT, error)
         return new

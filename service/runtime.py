@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from service.metrics import Metrics
-from training.artifact import ArtifactError, read_manifest
+from training.artifact import ArtifactError, check_reward_manifest, read_manifest
 from training.evaluate import encode
 from training.hardware import pick_device
 from training.onnx_export import FP32_FILE, INT8_FILE, OnnxEngine, int8_is_fast, int8_outdated
@@ -99,6 +99,7 @@ class RewardRuntime:
                  limits: BatchLimits | None = None, metrics: Metrics | None = None, workers: int = 1):
         self.directory = Path(directory)
         self.manifest = read_manifest(self.directory)
+        check_reward_manifest(self.manifest, self.directory / "keel.json")
         self.heads: list[str] = self.manifest["heads"]
         self.primary_head: str = self.manifest["primary_head"]
         self.max_length: int = self.manifest["max_length"]

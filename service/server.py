@@ -15,9 +15,11 @@ from types import FrameType
 from typing import Any
 
 import uvicorn
+from fastapi import FastAPI
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from service.app import create_app
+from service.models import model_directory
 from service.settings import Settings, default_model_dir
 
 log = logging.getLogger("keel.service")
@@ -117,11 +119,15 @@ def serve(settings: Settings) -> None:
     app = create_app(settings)  # checks the settings (API keys file) before a model is trained or loaded
     if settings.model is None:
         settings.model = ensure_default_model(default_model_dir())
+    model_directory(settings.model, allow_symlinks=settings.allow_store_symlinks)  # a bad store: one line, now
+    DrainingServer(uvicorn_config(app, settings), settings.drain_seconds).run()
+
+
+def uvicorn_config(app: FastAPI, settings: Settings) -> uvicorn.Config:
     # The graceful window covers the longest request these settings allow; a request still running after it
-    # is answered 503 by the app (Kubernetes: terminationGracePeriodSeconds >= preStop + drain + this + 5 s).
-    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
-                            timeout_graceful_shutdown=settings.longest_request_s() + 1.0, access_log=False,
-                            http=http_protocol(settings.header_timeout_s),
-                            h11_max_incomplete_event_size=settings.max_header_bytes,
-                            timeout_keep_alive=settings.keep_alive_timeout_s)
-    DrainingServer(config, settings.drain_seconds).run()
+    # is answered 503 by the app (Kubernetes: terminationGracePeriodSeconds >= preStop + drain + this).
+    return uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
+                          timeout_graceful_shutdown=settings.longest_request_s() + 1.0, access_log=False,
+                          http=http_protocol(settings.header_timeout_s),
+                          h11_max_incomplete_event_size=settings.max_header_bytes,
+                          timeout_keep_alive=settings.keep_alive_timeout_s)

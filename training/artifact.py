@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -22,14 +23,17 @@ class ArtifactError(RuntimeError):
     pass
 
 
-def write_json_atomic(path: Path, value: Any) -> None:
-    """Write JSON to a temp file beside the target, then rename: readers never see half a file."""
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write to a temp file beside the target, then rename: readers never see half a file."""
     with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", delete=False) as handle:
-        json.dump(value, handle, indent=2, sort_keys=False)
-        handle.write("\n")
+        handle.write(text)
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(handle.name, path)
+
+
+def write_json_atomic(path: Path, value: Any) -> None:
+    write_text_atomic(path, json.dumps(value, indent=2, sort_keys=False) + "\n")
 
 
 def read_manifest(directory: str | Path) -> dict[str, Any]:
@@ -38,11 +42,46 @@ def read_manifest(directory: str | Path) -> dict[str, Any]:
         manifest = json.loads(path.read_text())
     except FileNotFoundError:
         raise ArtifactError(f"{directory} is not a Keel model directory: {MANIFEST} is missing") from None
-    except (OSError, json.JSONDecodeError) as error:
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as error:
         raise ArtifactError(f"{path} is unreadable or corrupt: {error}") from error
+    if not isinstance(manifest, dict):
+        raise ArtifactError(f"{path} is not a Keel manifest: it holds a JSON {type(manifest).__name__}, not an object")
     if manifest.get("format_version") != FORMAT_VERSION:
         raise ArtifactError(f"{path}: format_version {manifest.get('format_version')} is not {FORMAT_VERSION}")
     return manifest
+
+
+def check_reward_manifest(manifest: dict[str, Any], path: str | Path) -> None:
+    """Raise ArtifactError, saying why, if a reward model's manifest cannot be served: missing heads, a primary
+    head that is not one of them, or normalisation statistics that would turn scores into NaN or infinity."""
+    heads = manifest.get("heads")
+    if not isinstance(heads, list) or not heads or not all(isinstance(h, str) for h in heads):
+        raise ArtifactError(f"{path}: 'heads' must be a non-empty list of names")
+    if manifest.get("primary_head") not in heads:
+        raise ArtifactError(f"{path}: primary_head {manifest.get('primary_head')!r} is not one of the heads {heads}")
+    length = manifest.get("max_length")
+    if not isinstance(length, int) or length < 1:
+        raise ArtifactError(f"{path}: max_length must be a whole number >= 1, not {length!r}")
+    stats, moderation = manifest.get("normalization"), manifest.get("moderation")
+    for head in heads:
+        head_stats = stats.get(head) if isinstance(stats, dict) else None
+        if not isinstance(head_stats, dict):
+            raise ArtifactError(f"{path}: no normalization statistics for head {head!r}")
+        mean, std = head_stats.get("mean"), head_stats.get("std")
+        if not (_finite(mean) and _finite(std) and std > 0):
+            raise ArtifactError(f"{path}: head {head!r} has unusable normalization statistics (mean {mean!r}, std "
+                                f"{std!r}; std must be finite and > 0)")
+        entry = moderation.get(head) if isinstance(moderation, dict) else None
+        if not isinstance(entry, dict) or "threshold" not in entry:
+            raise ArtifactError(f"{path}: no moderation entry (threshold) for head {head!r}")
+        guard = entry.get("guard", {})
+        for threshold in (entry["threshold"], guard.get("threshold") if isinstance(guard, dict) else "not an object"):
+            if threshold is not None and not (_finite(threshold) and 0.0 <= threshold <= 1.0):
+                raise ArtifactError(f"{path}: head {head!r} has a moderation threshold {threshold!r}, not in [0, 1]")
+
+
+def _finite(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def staging_directory(output: Path) -> Path:
