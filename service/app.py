@@ -144,6 +144,11 @@ class RequestMiddleware:
                 await answer(too_large_error)
 
         try:
+            header_bytes = sum(len(name) + len(value) for name, value in scope["headers"])
+            if header_bytes > self.state.settings.max_header_bytes:  # (an unfinished one is cut off by h11)
+                await answer(ApiError(431, f"request headers hold {header_bytes} bytes; the limit is "
+                                      f"{self.state.settings.max_header_bytes}", code="headers_too_large"))
+                return
             if scope["path"] not in PUBLIC_PATHS:
                 client = authenticate(self.state.api_keys, headers) if self.state.api_keys else None
                 if self.state.api_keys and client is None:

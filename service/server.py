@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import socket
 import threading
 from pathlib import Path
 from types import FrameType
@@ -109,6 +110,14 @@ class DrainingServer(uvicorn.Server):
             return
         state.draining = True
         super().handle_exit(sig, frame)
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        # Stop accepting first, then give requests already sent on just-opened connections a moment to be parsed:
+        # uvicorn closes connections it sees as idle at once, which would reset those requests.
+        for server in self.servers:
+            server.close()
+        await asyncio.sleep(0.5)
+        await super().shutdown(sockets)
 
 
 def http_protocol(header_timeout_s: float) -> type[HeaderTimeoutProtocol]:

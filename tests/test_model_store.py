@@ -89,3 +89,58 @@ def test_single_model_directory_still_works(tiny_reward_model: Path):
         assert model["active"] is True
         assert client.post("/v1/admin/reload", json={"version": "other"}).status_code == 409
         assert client.post("/v1/admin/reload").status_code == 200
+
+
+def break_version(store: Path, tiny_reward_model: Path, name: str, how: str, created: str) -> None:
+    """A version that must not be served: a manifest that is not an object, or a zero std."""
+    shutil.copytree(tiny_reward_model, store / name)
+    manifest = json.loads((store / name / "keel.json").read_text())
+    if how == "list":
+        (store / name / "keel.json").write_text("[]")
+    else:
+        manifest["normalization"][manifest["heads"][0]]["std"] = 0.0
+        (store / name / "keel.json").write_text(json.dumps({**manifest, "created_at": created}))
+
+
+def test_invalid_versions_are_listed_with_the_reason_and_refused(tiny_reward_model: Path, tmp_path: Path):
+    store = make_store(tiny_reward_model, tmp_path)
+    break_version(store, tiny_reward_model, "v3-list", "list", "")
+    break_version(store, tiny_reward_model, "v4-std0", "std", "2026-04-01T00:00:00Z")
+    outside = tmp_path / "outside"
+    shutil.copytree(store / "v2", outside)
+    (store / "v5-link").symlink_to(outside, target_is_directory=True)
+    with TestClient(create_app(Settings(model=store))) as client:
+        listed = {m["id"]: m for m in client.get("/v1/models").json()["data"]}
+        assert listed["v1"]["active"] and listed["v2"]["valid"]
+        assert "not a Keel manifest" in listed["v3-list"]["problem"] and not listed["v3-list"]["valid"]
+        assert "std" in listed["v4-std0"]["problem"] and "leads out of the model store" in listed["v5-link"]["problem"]
+        for version, reason in (("v3-list", "not a Keel manifest"), ("v4-std0", "std"), ("v5-link", "leads out")):
+            failed = client.post("/v1/admin/reload", json={"version": version})
+            assert failed.status_code == 409 and reason in failed.json()["error"]["message"], failed.text
+        assert client.post("/v1/score", json={"input": [{"text": "x"}]}).json()["data"][0]["score"] is not None
+        (store / "CURRENT").unlink()
+        newest_valid = client.post("/v1/admin/reload")  # not v4-std0, though it is newer
+        assert newest_valid.status_code == 200 and newest_valid.json()["model"] == "v2"
+        assert (store / "CURRENT").exists() is False  # a reload does not rewrite CURRENT unless asked to
+    with TestClient(create_app(Settings(model=store, allow_store_symlinks=True, persist_reload=True))) as client:
+        assert client.post("/v1/admin/reload", json={"version": "v5-link"}).status_code == 200
+        assert (store / "CURRENT").read_text() == "v5-link\n"  # so a restart serves the same version
+
+
+def test_start_serves_the_newest_valid_version_unless_current_names_an_invalid_one(tiny_reward_model: Path,
+                                                                                     tmp_path: Path):
+    import subprocess
+    import sys
+
+    store = make_store(tiny_reward_model, tmp_path)
+    (store / "CURRENT").unlink()
+    break_version(store, tiny_reward_model, "v3-std0", "std", "2026-03-01T00:00:00Z")
+    with keel_server(store) as (url, process):
+        assert httpx.get(f"{url}/v1/models").json()["data"][0]["id"] == "v2"
+        process.kill()
+        assert "skipping invalid version v3-std0" in process.stdout.read()
+    (store / "CURRENT").write_text("v3-std0\n")
+    refused = subprocess.run([sys.executable, "-m", "training.cli", "serve", "--model", str(store)],
+                             capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2 and refused.stderr.count("\n") == 1, refused.stderr
+    assert "v3-std0" in refused.stderr and "CURRENT" in refused.stderr and "std" in refused.stderr
