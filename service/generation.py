@@ -26,6 +26,8 @@ from training.rl_common import encode_prompts, end_token_ids
 
 # Called from the generation thread with (text delta, finish reason or None) as a row produces text.
 OnText = Callable[[str, str | None], None]
+# Called from the generation thread with a row's reply as soon as the row finishes, before its batch does.
+OnFinish = Callable[["Generated"], None]
 
 
 @dataclass
@@ -39,12 +41,14 @@ class Sampling:
 
 @dataclass
 class Row:
-    """One reply to generate; `on_text` (optional) receives streamed text. Setting `abandoned` (its request has
-    gone: the client left, or the deadline passed) stops the row at the next token."""
+    """One reply to generate; `on_text` (optional) receives streamed text and `on_finish` the finished reply.
+    Setting `abandoned` (its request has gone: the client left, or the deadline passed) stops the row at the
+    next token."""
 
     conversation: Conversation
     sampling: Sampling
     on_text: OnText | None = None
+    on_finish: OnFinish | None = None
     abandoned: threading.Event | None = None
 
 
@@ -61,6 +65,7 @@ class Generated:
 class _RowState:
     row: Row
     generator: torch.Generator | None
+    prompt_tokens: int
     tokens: list[int] = field(default_factory=list)
     text: str = ""
     sent: int = 0  # characters already streamed
@@ -115,7 +120,7 @@ class PolicyRuntime:
         attention = prompts["attention_mask"].to(self.device)
         prompt_tokens = attention.sum(1).tolist()
         budget = min(max(r.sampling.max_tokens for r in rows), self.max_context - input_ids.shape[1])
-        states = [_RowState(r, _generator(r.sampling.seed)) for r in rows]
+        states = [_RowState(r, _generator(r.sampling.seed), int(n)) for r, n in zip(rows, prompt_tokens)]
         temperature = torch.tensor([r.sampling.temperature for r in rows], device=self.device)
         top_p = torch.tensor([r.sampling.top_p for r in rows], device=self.device)
         positions = (attention.cumsum(1) - 1).clamp(min=0)
@@ -141,12 +146,10 @@ class PolicyRuntime:
             step_ids = next_ids.unsqueeze(1)
             attention = torch.cat([attention, torch.ones_like(step_ids)], dim=1)
             positions = positions[:, -1:] + 1
-        results = []
-        for state, prompt_count in zip(states, prompt_tokens):
+        for state in states:
             if state.finish_reason is None:
                 self._finish(state, "length")
-            results.append(Generated(state.text, state.finish_reason, int(prompt_count), len(state.tokens),
-                                     state.first_token_at))
+        results = [_reply(state) for state in states]
         if self.metrics:
             self.metrics.generated_tokens.inc(sum(len(s.tokens) for s in states))
             self.metrics.generation_seconds.observe(time.perf_counter() - started)
@@ -173,6 +176,8 @@ class PolicyRuntime:
     def _finish(self, state: _RowState, reason: str) -> None:
         state.finish_reason = reason
         self._stream(state, final=True)
+        if state.row.on_finish is not None:
+            state.row.on_finish(_reply(state))
 
     @staticmethod
     def _stream(state: _RowState, final: bool) -> None:
@@ -186,6 +191,10 @@ class PolicyRuntime:
         if safe > state.sent or final:
             state.row.on_text(state.text[state.sent : safe], state.finish_reason if final else None)
             state.sent = safe
+
+
+def _reply(state: _RowState) -> Generated:
+    return Generated(state.text, state.finish_reason, state.prompt_tokens, len(state.tokens), state.first_token_at)
 
 
 def _generator(seed: int | None) -> torch.Generator | None:

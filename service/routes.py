@@ -7,7 +7,7 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Awaitable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import replace
 from typing import Any, TypeVar
@@ -125,14 +125,28 @@ async def scores_for(state: ServiceState, inputs: list[ModelInput]) -> Scored:
 
 
 async def submit_generation(state: ServiceState, rows: list[Row]) -> list[Generated]:
-    """Generate rows; if the request goes (client gone, deadline passed, failure), its rows stop generating."""
+    """Generate rows. The replies are returned as soon as these rows finish, not when their batch does (it may
+    hold another request's longer rows). If the request goes (client gone, deadline passed, failure), its rows
+    stop generating."""
+    loop = asyncio.get_running_loop()
     abandoned = threading.Event()
-    rows = [replace(row, abandoned=abandoned) for row in rows]
+    replies = [loop.create_future() for _ in rows]
+
+    def deliver(reply: asyncio.Future) -> Callable[[Generated], None]:  # called from the generation thread
+        return lambda generated: loop.call_soon_threadsafe(lambda: reply.done() or reply.set_result(generated))
+
+    rows = [replace(row, abandoned=abandoned, on_finish=deliver(reply)) for row, reply in zip(rows, replies)]
+    batch = asyncio.ensure_future(queued(state, state.generation_batcher, rows, state.settings.generation_timeout_s,
+                                         "generation"))
+    every_reply = asyncio.gather(*replies)
     try:
-        return await queued(state, state.generation_batcher, rows, state.settings.generation_timeout_s, "generation")
-    except BaseException:
-        abandoned.set()
-        raise
+        await asyncio.wait({batch, every_reply}, return_when=asyncio.FIRST_COMPLETED)
+        return every_reply.result() if every_reply.done() else batch.result()  # the batch's error, if any
+    finally:
+        abandoned.set()  # no effect on finished rows; stops the others
+        for waiter in (batch, every_reply):
+            waiter.cancel()
+        await asyncio.gather(batch, every_reply, return_exceptions=True)
 
 
 @api.post("/v1/score", response_model=ScoreResponse)
