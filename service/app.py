@@ -27,8 +27,8 @@ from service.chat import ChatAligner, GuardSettings
 from service.generation import PolicyRuntime, Row
 from service.logs import BurstLog
 from service.metrics import Metrics
-from service.runtime import Scored
 from service.models import load_runtime, model_directory, reload_model
+from service.runtime import Scored
 from service.schemas import ErrorResponse
 from service.settings import Settings
 from service.state import ApiError, ServiceState
@@ -173,7 +173,7 @@ class RequestMiddleware:
             # uvicorn cancels what is still running when the graceful-shutdown window ends: say so, in shape.
             await answer(ApiError(503, "the server shut down before this request finished; retry on another "
                                   "replica", "server_busy", code="shutting_down", headers={"Retry-After": "1"}))
-        except Exception as error:  # noqa: BLE001 (the last word: never a bare 500 and a reset connection)
+        except Exception as error:  # the last word: never a bare 500 and a reset connection
             self.errors.error(f"unexpected {type(error).__name__} while answering a request", error)
             if response_started:
                 raise

@@ -16,9 +16,9 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import OrderedDict, deque
-from contextvars import ContextVar
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -53,7 +53,7 @@ class Client:
 
 # The client of the request being handled: set once per request by the HTTP layer, read where work is queued
 # (routes, and the chat aligner's injected functions, which know nothing of requests).
-CURRENT_CLIENT: ContextVar[Client] = ContextVar("keel_client", default=Client())
+CURRENT_CLIENT: ContextVar[Client] = ContextVar("keel_client", default=Client())  # noqa: B039 (frozen)
 
 
 @dataclass
@@ -217,7 +217,7 @@ class Batcher:
         texts = [text for chunk in chunks for text in chunk.items]
         try:
             result = await loop.run_in_executor(self._executor, self._score, texts, worker)
-        except Exception as error:
+        except Exception as error:  # noqa: BLE001 (whatever failed the batch, isolate the request that did)
             if len({id(chunk.job) for chunk in chunks}) > 1:  # find the request that failed it; the rest go on
                 for chunk in chunks:
                     await self._run_batch([chunk], worker)

@@ -210,7 +210,7 @@ def test_an_oversized_body_gets_a_413_the_client_can_read(tiny_reward_model: Pat
         port = int(url.rsplit(":", 1)[1])
         big = b'{"input": [{"text": "' + b"x" * (2 * 1024 * 1024 + 10) + b'"}]}'
         with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
-            status, headers, body = raw_exchange(sock, post("/v1/score", big, port))
+            status, _, body = raw_exchange(sock, post("/v1/score", big, port))
             assert status == 413 and json.loads(body)["error"]["code"] == "body_too_large"
             status, _, _ = raw_exchange(sock, post("/v1/score", json.dumps(CLEAN).encode(), port))
             assert status == 200  # the body was read, so the connection is still good
