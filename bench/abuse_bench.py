@@ -9,6 +9,8 @@ texts to score; chats at the cost limit, n * best_of * max_tokens = --max-reques
 small client's p50/p99 latency idle and under load, its 429s, the heavy client's statuses, and one batch's
 time from the server's metrics (scoring: engine seconds per text times the texts in a batch; chat: the mean
 generation batch). Target: loaded p99 <= 2 x idle p99 + one batch's time, and no 429 for the small client.
+A scoring "batch" here is one turn of the fair queue: one text on a CPU (--texts-per-turn), 4 x
+--max-batch-size texts where batches hold more than one text (GPU).
 """
 
 from __future__ import annotations
@@ -135,6 +137,8 @@ def main() -> None:
     parser.add_argument("--heavy-connections", type=int, default=8, help="requests the heavy client keeps in flight")
     parser.add_argument("--max-request-tokens", type=int, default=512,
                         help="the server's chat cost limit, at which the heavy client's chats are made")
+    parser.add_argument("--texts-per-turn", type=int, default=1,
+                        help="texts in one turn of the scoring queue: 1 on a CPU, 4 x max batch size on a GPU")
     parser.add_argument("--output", type=Path, default=None, help="also write the figures as JSON here")
     args = parser.parse_args()
 
@@ -151,7 +155,8 @@ def main() -> None:
             heavy_score = {"input": [{"prompt": f"Question {i}: how do I look after a sourdough starter?",
                                       "response": "Feed it flour and water every day, keep it warm, and discard "
                                       f"half before each feeding; step {i}."} for i in range(256)]}
-            scoring = phase("scoring", base, "/v1/score", small_score, heavy_score, args, scoring_batch_seconds(4))
+            scoring = phase("scoring", base, "/v1/score", small_score, heavy_score, args,
+                            scoring_batch_seconds(args.texts_per_turn))
             message = [{"role": "user", "content": "Give me three tips for a job interview."}]
             small_chat = {"messages": [{"role": "user", "content": "Say hello."}], "max_tokens": 8, "temperature": 0}
             heavy_chat = {"messages": message, "n": 2, "best_of": 2, "max_tokens": args.max_request_tokens // 4}

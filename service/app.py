@@ -156,7 +156,14 @@ class RequestMiddleware:
                                           "authentication_error", code="invalid_api_key"))
                     return
                 # Without keys each connection is a client of its own.
-                CURRENT_CLIENT.set(client or Client(key=f"connection:{scope.get('client')}"))
+                client = client or Client(key=f"connection:{scope.get('client')}")
+                CURRENT_CLIENT.set(client)
+                queue = self.state.queues.get(scope["path"])
+                if queue is not None and queue.client_is_full(client):  # refused before its body is parsed
+                    self.state.metrics.rejected.labels("queue_full").inc()
+                    await answer(ApiError(429, "this client's share of the queue is full; retry shortly",
+                                          "rate_limit_error", code="queue_full", headers={"Retry-After": "1"}))
+                    return
             try:
                 declared = int(headers.get(b"content-length", b"0") or 0)
             except ValueError:
@@ -240,6 +247,7 @@ async def start_chat(state: ServiceState) -> None:
             max_client_texts=settings.max_client_queue_rows, combine=lambda parts: [g for part in parts for g in part],
             name="generation", metrics=queue_metrics(state.metrics, state.metrics.generation_queue))
         state.generation_batcher.start()
+        state.queues["/v1/chat/completions"] = state.generation_batcher
 
         async def generate(conversation, samplings):
             return await routes.submit_generation(state, [Row(conversation, sampling) for sampling in samplings])
@@ -268,13 +276,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         directory = model_directory(Path(settings.model), allow_symlinks=settings.allow_store_symlinks)
         state.runtime = await asyncio.to_thread(load_runtime, state, directory)
         # Through state.runtime at call time, so a reload switches models between batches.
+        # A turn in the fair queue is up to 4 engine batches: on a GPU, sorting that many texts by length cuts
+        # padding; one text at a time (CPU) there is nothing to sort, and one text keeps each turn short.
+        limits = state.runtime.limits
         state.batcher = Batcher(lambda texts, worker: state.runtime.scored(texts, worker),
-                                max_batch_texts=state.runtime.limits.max_batch_size * 4,
+                                max_batch_texts=limits.max_batch_size * (4 if limits.max_batch_size > 1 else 1),
                                 max_wait_s=settings.max_wait_ms / 1000, max_queue_texts=settings.max_queue_texts,
                                 max_client_texts=settings.max_client_queue_texts, workers=state.runtime.workers,
                                 combine=Scored.combine, name="scoring",
                                 metrics=queue_metrics(state.metrics, state.metrics.queue_depth))
         state.batcher.start()
+        state.queues.update({"/v1/score": state.batcher, "/v1/moderations": state.batcher})
         reload_on_sighup(state)
         await start_chat(state)
         state.ready = True

@@ -130,6 +130,10 @@ class Batcher:
         self._executor.shutdown(wait=True)
         self._failures.flush()
 
+    def client_is_full(self, client: Client) -> bool:
+        """True when any request from this client would be refused: it already holds its whole share."""
+        return self._client_texts.get(client, 0) >= self.max_client_texts
+
     def check_room(self, count: int, client: Client = Client()) -> None:
         """Raise what `submit` would for `count` more texts now (callers that must answer before submitting)."""
         if self._closing:
