@@ -47,15 +47,20 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
+def encoded(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
+
+
 def small_client(url: str, body: dict, seconds: float) -> dict:
     """One request at a time for `seconds`: latencies of the 200s and a count of every status."""
     latencies: list[float] = []
     statuses: Counter[str] = Counter()
     stop = time.perf_counter() + seconds
-    with httpx.Client(timeout=600, headers={"Authorization": f"Bearer {SMALL}"}) as http:
+    content = json.dumps(body).encode()  # once: the clients share the server's two cores
+    with httpx.Client(timeout=600, headers=encoded(SMALL)) as http:
         while time.perf_counter() < stop:
             began = time.perf_counter()
-            response = http.post(url, json=body)
+            response = http.post(url, content=content)
             statuses[str(response.status_code)] += 1
             if response.status_code == 200:
                 latencies.append(time.perf_counter() - began)
@@ -63,18 +68,21 @@ def small_client(url: str, body: dict, seconds: float) -> dict:
             "p50_ms": 1000 * statistics.median(latencies), "p99_ms": 1000 * percentile(latencies, 0.99)}
 
 
-def under_load(url: str, small_body: dict, heavy_body: dict, connections: int, seconds: float) -> tuple[dict, dict]:
+def under_load(url: str, small_body: dict, heavy_body: dict, connections: int, seconds: float,
+               honour_retry_after: bool) -> tuple[dict, dict]:
     """The small client's figures while the heavy client keeps `connections` requests in flight."""
     heavy: Counter[str] = Counter()
     stop = threading.Event()
 
+    content = json.dumps(heavy_body).encode()
+
     def flood() -> None:
-        with httpx.Client(timeout=600, headers={"Authorization": f"Bearer {HEAVY}"}) as http:
+        with httpx.Client(timeout=600, headers=encoded(HEAVY)) as http:
             while not stop.is_set():
-                status = str(http.post(url, json=heavy_body).status_code)
+                status = str(http.post(url, content=content).status_code)
                 heavy[status] += 1
-                if status == "429":
-                    time.sleep(0.05)  # as a client honouring Retry-After would, only sooner
+                if status == "429":  # a hostile client retries at once; the openai client waits Retry-After (1 s)
+                    time.sleep(1.0 if honour_retry_after else 0.05)
 
     threads = [threading.Thread(target=flood, daemon=True) for _ in range(connections)]
     for thread in threads:
@@ -93,7 +101,8 @@ def phase(name: str, base: str, path: str, small_body: dict, heavy_body: dict, a
     small_client(url, small_body, 2.0)  # warm-up
     idle = small_client(url, small_body, args.seconds)
     before = httpx.get(f"{base}/metrics").text
-    loaded, heavy = under_load(url, small_body, heavy_body, args.heavy_connections, args.seconds)
+    loaded, heavy = under_load(url, small_body, heavy_body, args.heavy_connections, args.seconds,
+                               args.honour_retry_after)
     batch = batch_seconds(before, httpx.get(f"{base}/metrics").text)
     bound = 2 * idle["p99_ms"] + 1000 * batch
     result = {"idle": idle, "loaded": loaded, "heavy_statuses": heavy, "batch_ms": 1000 * batch,
@@ -139,6 +148,9 @@ def main() -> None:
                         help="the server's chat cost limit, at which the heavy client's chats are made")
     parser.add_argument("--texts-per-turn", type=int, default=1,
                         help="texts in one turn of the scoring queue: 1 on a CPU, 4 x max batch size on a GPU")
+    parser.add_argument("--honour-retry-after", action="store_true",
+                        help="the heavy client waits Retry-After after a 429 (default: retries after 50 ms)")
+    parser.add_argument("--phases", default="scoring,chat", help="which phases to run (default: scoring,chat)")
     parser.add_argument("--output", type=Path, default=None, help="also write the figures as JSON here")
     args = parser.parse_args()
 
@@ -155,14 +167,18 @@ def main() -> None:
             heavy_score = {"input": [{"prompt": f"Question {i}: how do I look after a sourdough starter?",
                                       "response": "Feed it flour and water every day, keep it warm, and discard "
                                       f"half before each feeding; step {i}."} for i in range(256)]}
-            scoring = phase("scoring", base, "/v1/score", small_score, heavy_score, args,
-                            scoring_batch_seconds(args.texts_per_turn))
+            results = {"cpu": cpu()}
+            if "scoring" in args.phases:
+                results["scoring"] = phase("scoring", base, "/v1/score", small_score, heavy_score, args,
+                                           scoring_batch_seconds(args.texts_per_turn))
             message = [{"role": "user", "content": "Give me three tips for a job interview."}]
             small_chat = {"messages": [{"role": "user", "content": "Say hello."}], "max_tokens": 8, "temperature": 0}
             heavy_chat = {"messages": message, "n": 2, "best_of": 2, "max_tokens": args.max_request_tokens // 4}
-            chat = phase("chat", base, "/v1/chat/completions", small_chat, heavy_chat, args, generation_batch_seconds)
+            if "chat" in args.phases:
+                results["chat"] = phase("chat", base, "/v1/chat/completions", small_chat, heavy_chat, args,
+                                        generation_batch_seconds)
     if args.output:
-        args.output.write_text(json.dumps({"cpu": cpu(), "scoring": scoring, "chat": chat}, indent=2))
+        args.output.write_text(json.dumps(results, indent=2))
 
 
 if __name__ == "__main__":
