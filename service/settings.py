@@ -67,8 +67,8 @@ class Settings(BaseSettings):
         "left open to be cut")
     header_timeout_s: float = Field(10.0, gt=0, description="a connection that has not sent a request's whole "
                                     "header by then is closed (slow-header clients)")
-    max_header_bytes: int = Field(32768, ge=1024, description="largest request header block; above it the "
-                                  "request gets 400 and the connection is closed")
+    max_header_bytes: int = Field(32768, ge=1024, description="largest request header block: a whole one above "
+                                  "it gets 431; an unfinished one is cut off with 400 and the connection closed")
     keep_alive_timeout_s: int = Field(5, ge=1, description="an idle keep-alive connection is closed after this")
     allow_store_symlinks: bool = Field(False, description="serve model-store versions that are symbolic links "
                                        "leading outside the store")
@@ -83,7 +83,9 @@ class Settings(BaseSettings):
                                 "endpoint unless --upstream)")
     upstream: str | None = Field(None, description="guard proxy: an OpenAI-compatible base URL (e.g. "
                                  "http://vllm:8000) that generates the candidates Keel reranks and guards")
-    upstream_api_key: str | None = Field(None, description="API key sent to the upstream server (unset: none)")
+    upstream_api_key: str | None = Field(None, json_schema_extra={"env_only": True},
+                                         description="API key sent to the upstream server, from the environment "
+                                         "only (unset: none)")
     upstream_model: str | None = Field(None, description="model name sent to the upstream server (unset: "
                                        "none, the server's own default)")
     best_of: int = Field(1, ge=1, le=16, description="candidates per reply, reranked by the reward model, "

@@ -188,7 +188,9 @@ def build_parser() -> argparse.ArgumentParser:
         "serve", help="serve reward scoring and moderation over HTTP", allow_abbrev=False,
         description="Serve /v1/score, /v1/moderations, /v1/models, /healthz, /readyz and /metrics. Every option "
         "is also read from a KEEL_* environment variable (e.g. --max-items from KEEL_MAX_ITEMS); flags win. "
-        "Without --model, the default reward model is used, trained first if it is absent.")
+        "Without --model, the default reward model is used, trained first if it is absent. Secrets have no flag, "
+        "which `ps` would show: API keys come from --api-keys-file or KEEL_API_KEYS, the upstream's key from "
+        "KEEL_UPSTREAM_API_KEY.")
     add_settings_arguments(serve)
     return parser
 
