@@ -69,3 +69,23 @@ def test_bad_serve_settings_are_clear_errors_before_anything_loads(monkeypatch, 
     err = capsys.readouterr().err
     assert "--max-items (or KEEL_MAX_ITEMS): Input should be greater than or equal to 1" in err
     assert "--max-batch-size (or KEEL_MAX_BATCH_SIZE)" in err and "Traceback" not in err
+
+
+def test_version_and_one_line_errors_for_bad_set_paths_and_missing_models(tmp_path: Path):
+    assert run_keel("--version").stdout.strip() == "keel 0.1.0"
+    for assignment, named in (("training.epochs.x=1", "training.epochs is a value (1), not a section with a key 'x'"),
+                              ("heads.9.name=x", "heads is a list of 3; '9' is not an index in it")):
+        result = run_keel("train", "reward", "--output", str(tmp_path / "rm"), "--set", assignment)
+        assert result.returncode == 2 and result.stderr.strip().endswith(named) and result.stderr.count("\n") == 1
+    missing = run_keel("serve", "--model", str(tmp_path / "nowhere"))
+    assert missing.returncode == 2 and missing.stderr == f"keel: error: no model directory or model store at " \
+                                                         f"{tmp_path / 'nowhere'}\n"
+
+
+def test_a_run_that_fails_before_its_first_checkpoint_leaves_no_work_directory(tmp_path: Path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"chosen": 1}\n')
+    result = run_keel("train", "reward", "--output", str(tmp_path / "rm"), "--no-progress",
+                      "--set", f"heads.0.train.0.path={bad}")
+    assert result.returncode == 2 and f"{bad}:1:" in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.jsonl"]

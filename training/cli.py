@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal, get_args, get_origin
 
+import training
 from training.artifact import cache_root
 from training.config import CONFIGS, DEFAULT_REWARD_CONFIG, REWARD_BACKENDS
 from training.eval_sets import BUNDLED_DATA, POLICY_SETS, REWARD_SETS, EvalSet
@@ -69,6 +70,7 @@ def add_cache_arguments(parser: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="keel", description="Keel: reward models, RLHF and reward scoring.")
+    parser.add_argument("--version", action="version", version=f"keel {training.__version__}")
     parser.add_argument("-v", "--verbose", action="store_true",
                         help="debug logging, and the INFO lines of the libraries Keel uses")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -279,6 +281,14 @@ def format_metric(value: object) -> str:
 KEEL_LOGGERS = ("training", "service", "keel")  # module loggers (training.*, service.*) and keel.service
 
 
+def discard_unstarted_run(args: argparse.Namespace) -> None:
+    """A training run that failed before its first checkpoint leaves no OUTPUT.work behind: nothing to resume."""
+    if args.command == "train" and getattr(args, "output", None) is not None:
+        from training.runs import discard_work_without_checkpoints
+
+        discard_work_without_checkpoints(Path(args.output))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # Keel's own progress at INFO; other libraries' INFO lines (ONNX Runtime's quantiser logs every tensor it
@@ -352,8 +362,12 @@ def main(argv: list[str] | None = None) -> int:
                 return 2
             return 0
     except (ConfigError, DataError, ArtifactError, RewardError, FileExistsError, FileNotFoundError) as error:
+        discard_unstarted_run(args)
         print(f"keel: error: {error}", file=sys.stderr)
         return 2
+    except BaseException:
+        discard_unstarted_run(args)
+        raise
     raise AssertionError(f"unhandled command {args}")
 
 

@@ -276,8 +276,15 @@ def apply_override(raw: dict[str, Any], assignment: str) -> None:
         raise ConfigError(f"--set expects KEY=VALUE, got {assignment!r}")
     *parents, last = key.split(".")
     node: Any = raw
-    for part in parents:
-        node = node[int(part)] if isinstance(node, list) else node.setdefault(part, {})
+    for depth, part in enumerate([*parents, last]):
+        here = ".".join([*parents, last][:depth]) or "the config"
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise ConfigError(f"{here} is a list of {len(node)}; {part!r} is not an index in it")
+        elif not isinstance(node, dict):
+            raise ConfigError(f"{here} is a value ({node!r}), not a section with a key {part!r}")
+        if depth < len(parents):
+            node = node[int(part)] if isinstance(node, list) else node.setdefault(part, {})
     parsed = yaml.safe_load(value)
     if isinstance(node, list):
         node[int(last)] = parsed

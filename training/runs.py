@@ -22,6 +22,12 @@ def prepare_work_directory(output: Path, resume: bool, overwrite: bool) -> Path:
     return work
 
 
+def discard_work_without_checkpoints(output: Path) -> None:
+    work = output.parent / f"{output.name}.work"
+    if work.is_dir() and latest_checkpoint(work) is None:
+        shutil.rmtree(work, ignore_errors=True)
+
+
 def _checkpoints(work: Path) -> list[Path]:
     return sorted((work / CHECKPOINTS).glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
 
