@@ -98,7 +98,8 @@ class RequestMiddleware:
         incoming = headers.get(b"x-request-id", b"").decode("latin-1")
         request_id = incoming if _REQUEST_ID.match(incoming) else uuid.uuid4().hex
         scope.setdefault("state", {})["request_id"] = request_id
-        endpoint = _endpoint_label(scope)
+        path = scope.get("path", "")
+        endpoint = path if path in self.state.endpoints else "other"  # bounded labels, whatever clients send
         started = time.perf_counter()
         status = 500
         limit = self.state.settings.max_body_bytes
@@ -190,13 +191,6 @@ class RequestMiddleware:
             metrics = self.state.metrics
             metrics.requests.labels(endpoint, str(status)).inc()
             metrics.request_seconds.labels(endpoint).observe(time.perf_counter() - started)
-
-
-def _endpoint_label(scope: Scope) -> str:
-    path = scope.get("path", "")
-    known = ("/v1/score", "/v1/moderations", "/v1/chat/completions", "/v1/models", "/v1/admin/reload", "/healthz",
-             "/readyz", "/metrics")
-    return path if path in known else "other"  # bounded label values, whatever clients send
 
 
 def _validation_message(error: RequestValidationError) -> tuple[str, str | None]:
@@ -305,8 +299,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app = FastAPI(title="Keel", version="0.1.0", lifespan=lifespan, responses=errors,
                   description="Reward scoring and moderation with Keel reward models.")
     app.state.keel = state
-    app.include_router(routes.health)
-    app.include_router(routes.api)
+    routers = (routes.health, routes.api)
+    for router in routers:
+        app.include_router(router)
+    state.endpoints = frozenset(route.path for router in routers for route in router.routes)  # metric labels
     app.add_middleware(RequestMiddleware, state=state)
 
     @app.exception_handler(ApiError)

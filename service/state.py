@@ -36,6 +36,7 @@ class ServiceState:
     policy: PolicyRuntime | None = None  # local generation (--policy)
     generation_batcher: Batcher | None = None
     queues: dict[str, Batcher] = field(default_factory=dict)  # path -> the batcher its requests queue in
+    endpoints: frozenset[str] = frozenset()  # the app's route paths: the values of the endpoint metric label
     upstream: UpstreamClient | None = None  # the guard proxy's upstream (--upstream)
     aligner: ChatAligner | None = None  # best-of-n and the guard, over the policy or the upstream
     api_keys: list[str] = field(default_factory=list)  # empty: no key needed

@@ -167,6 +167,19 @@ def test_models_health_ready_metrics(client: TestClient, tiny_reward_model: Path
         assert name in text, name
 
 
+def test_every_route_is_its_own_metric_label_and_unknown_paths_are_other(client: TestClient):
+    from service import routes
+
+    paths = [route.path for router in (routes.health, routes.api) for route in router.routes]
+    for path in paths:
+        client.get(path)  # whatever the status (405 for POST routes): the label is what is checked
+    client.get("/no/such/path/123")
+    text = client.get("/metrics").text
+    for path in paths:
+        assert f'keel_requests_total{{endpoint="{path}"' in text, path
+    assert 'endpoint="other"' in text and "/no/such/path" not in text
+
+
 def test_request_id_is_echoed_when_safe(client: TestClient):
     assert client.get("/healthz", headers={"X-Request-ID": "abc-123"}).headers["x-request-id"] == "abc-123"
     assert client.get("/healthz", headers={"X-Request-ID": "bad id\n"}).headers["x-request-id"] != "bad id\n"
