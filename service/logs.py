@@ -1,7 +1,8 @@
-"""Logging that a flood cannot turn into a flood of log lines."""
+"""Logging that a flood cannot turn into a flood of log lines, and JSON lines for log pipelines."""
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -47,3 +48,23 @@ class BurstLog:
         if burst.repeats:
             self.logger.error("%s: %d more times in the %.0f s after the first", message, burst.repeats,
                               self.window_s)
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object a line: time, level, logger, message (and the traceback, if any)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {"time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S") + f".{int(record.msecs):03d}Z",
+                 "level": record.levelname.lower(), "logger": record.name, "message": record.getMessage()}
+        if record.exc_info:
+            entry["traceback"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
+
+
+def log_as_json() -> None:
+    """Every logger, uvicorn's included (started without a log config), writes JSON lines to stderr."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(JsonFormatter())
+    handler.formatter.converter = time.gmtime
+    root = logging.getLogger()
+    root.handlers = [handler]

@@ -20,6 +20,7 @@ from fastapi import FastAPI
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from service.app import create_app
+from service.logs import log_as_json
 from service.models import model_directory
 from service.settings import Settings, default_model_dir
 
@@ -125,6 +126,8 @@ def http_protocol(header_timeout_s: float) -> type[HeaderTimeoutProtocol]:
 
 
 def serve(settings: Settings) -> None:
+    if settings.log_format == "json":
+        log_as_json()
     app = create_app(settings)  # checks the settings (API keys file) before a model is trained or loaded
     if settings.model is None:
         settings.model = ensure_default_model(default_model_dir())
@@ -139,4 +142,6 @@ def uvicorn_config(app: FastAPI, settings: Settings) -> uvicorn.Config:
                           timeout_graceful_shutdown=settings.longest_request_s() + 1.0, access_log=False,
                           http=http_protocol(settings.header_timeout_s),
                           h11_max_incomplete_event_size=settings.max_header_bytes,
-                          timeout_keep_alive=settings.keep_alive_timeout_s)
+                          timeout_keep_alive=settings.keep_alive_timeout_s,
+                          # uvicorn's own log config writes text; without it its loggers reach the JSON handler
+                          **({"log_config": None} if settings.log_format == "json" else {}))

@@ -76,6 +76,8 @@ class Settings(BaseSettings):
                                  "file, so a restart serves the same version (off: CURRENT is the operator's)")
     log_level: Literal["critical", "error", "warning", "info", "debug", "trace"] = Field(
         "info", description="log level")
+    log_format: Literal["text", "json"] = Field("text", description="log lines as text, or as one JSON object a "
+                                                "line (time, level, logger, message) for log pipelines")
 
     # ---- chat completions (served when --policy or --upstream is given) -------------------------------------
     policy: Path | None = Field(None, description="policy directory (or HF causal-LM path) to serve "

@@ -460,3 +460,4 @@ def test_keys_stay_out_of_the_process_list_and_are_checked_before_the_body(tiny_
     missing = subprocess.run([sys.executable, "-m", "training.cli", "serve", "--model", str(tiny_reward_model),
                               "--api-keys-file", str(tmp_path / "nope")], capture_output=True, text=True)
     assert missing.returncode == 2 and missing.stderr.count("\n") == 1 and "--api-keys-file" in missing.stderr
+

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import socket
@@ -241,3 +242,15 @@ def test_policy_rewards_from_a_running_service_match_the_model_directory(tiny_re
     np.testing.assert_allclose(remote_z, local_z, atol=1e-4)
     np.testing.assert_allclose(remote_rewards, local_rewards, atol=1e-4)
     np.testing.assert_allclose(local_rewards, local_z[:, 0] + 0.5 * local_z[:, 1], atol=1e-6)
+
+
+def test_json_logs_for_log_pipelines(tiny_reward_model: Path):
+    with keel_server(tiny_reward_model, "--log-format", "json", "--drain-seconds", "0") as (url, process):
+        assert httpx.post(f"{url}/v1/score", json={"input": [{"text": "hello"}]}).status_code == 200
+        process.send_signal(signal.SIGTERM)
+        process.wait(30)
+        lines = [line for line in process.stdout.read().splitlines() if line.strip()]
+    entries = [json.loads(line) for line in lines]  # every line, uvicorn's too, is one JSON object
+    assert any(e["logger"] == "keel.service" and e["message"].startswith("ready") for e in entries)
+    assert any(e["logger"].startswith("uvicorn") for e in entries)
+    assert all({"time", "level", "logger", "message"} <= set(e) for e in entries)
