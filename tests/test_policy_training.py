@@ -9,22 +9,20 @@ import pytest
 import torch
 
 from tests.conftest import tiny_policy_config
+from training.algorithms import ALGORITHMS
 from training.dpo import train_dpo
 from training.policy import load_policy
-from training.ppo import train_ppo
 from training.reinforce import train_reinforce
 from training.rloo import train_rloo
 from training.runs import latest_checkpoint
-from training.sft import train_sft
-
-ALGORITHMS = {"sft": train_sft, "reinforce": train_reinforce, "rloo": train_rloo, "ppo": train_ppo, "dpo": train_dpo}
 
 
 @pytest.mark.parametrize("name", list(ALGORITHMS))
 def test_two_steps_of_every_algorithm(name: str, tiny_policy: str, tiny_reward_model: Path, tmp_path: Path):
+    assert ALGORITHMS[name].default_config.exists()
     config = tiny_policy_config(tiny_policy, tiny_reward_model, tmp_path)
     output = tmp_path / f"{name}-policy"
-    manifest = ALGORITHMS[name](config, output, progress=False)
+    manifest = ALGORITHMS[name].load()(config, output, progress=False)
 
     assert manifest["algorithm"] == name and manifest["steps"] == 2
     saved = json.loads((output / "keel.json").read_text())
@@ -51,7 +49,7 @@ def test_bf16_autocast_runs_on_line_and_off_line(name: str, tiny_policy: str, ti
                                                  other_precision):
     # The tiny configs train in fp32; "auto" picks bf16 where it is fast, so that path runs here on every CPU.
     config = tiny_policy_config(tiny_policy, tiny_reward_model, tmp_path, precision="bf16")
-    manifest = ALGORITHMS[name](config, tmp_path / name, progress=False)
+    manifest = ALGORITHMS[name].load()(config, tmp_path / name, progress=False)
     assert manifest["precision"] == "bf16"
     rows = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
     losses = [r.get("loss", r.get("policy_loss")) for r in rows if "loss" in r or "policy_loss" in r]

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Literal, get_args, get_origin
 
 import training
+from training.algorithms import ALGORITHMS
 from training.artifact import cache_root
 from training.config import CONFIGS, DEFAULT_REWARD_CONFIG, REWARD_BACKENDS
 from training.eval_sets import BUNDLED_DATA, POLICY_SETS, REWARD_SETS, EvalSet
@@ -83,14 +84,14 @@ def build_parser() -> argparse.ArgumentParser:
         "metrics.jsonl and training_curves.png. "
         + config_help(DEFAULT_REWARD_CONFIG, "--set training.epochs=1 --set heads.0.train.0.limit=200"))
     add_train_common(reward, DEFAULT_REWARD_CONFIG)
-    for name, summary in POLICY_ALGORITHMS.items():
-        algorithm = train.add_parser(
-            name, help=summary,
-            description=f"{summary}. Tunes the policy (default: SmolLM2-135M-Instruct, LoRA) and writes a policy "
-            "directory: merged HF weights, tokenizer, keel.json, metrics.jsonl, training_curves.png and "
+    for name, algorithm in ALGORITHMS.items():
+        command = train.add_parser(
+            name, help=algorithm.summary,
+            description=f"{algorithm.summary}. Tunes the policy (default: SmolLM2-135M-Instruct, LoRA) and writes a "
+            "policy directory: merged HF weights, tokenizer, keel.json, metrics.jsonl, training_curves.png and "
             "samples.md (greedy responses before and after). Runs under `accelerate launch` unchanged. "
-            + config_help(CONFIGS / f"{name}.yaml", "--set training.steps=10 --set policy.lora=null"))
-        add_train_common(algorithm, CONFIGS / f"{name}.yaml")
+            + config_help(algorithm.default_config, "--set training.steps=10 --set policy.lora=null"))
+        add_train_common(command, algorithm.default_config)
 
     evaluate = commands.add_parser("eval", help="evaluate a model").add_subparsers(dest="what", required=True)
     eval_reward = evaluate.add_parser(
@@ -197,23 +198,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-POLICY_ALGORITHMS = {
-    "sft": "supervised fine-tuning on demonstrations",
-    "reinforce": "REINFORCE with a moving-average baseline and a KL penalty",
-    "rloo": "RLOO: k samples per prompt, leave-one-out baseline, KL penalty (the default RLHF run)",
-    "ppo": "PPO: clipped surrogate, value head, GAE, per-token KL penalty (fixed or adaptive)",
-    "dpo": "DPO: direct preference optimisation on preference pairs (offline, no reward model)",
-}
-
-
 def train_policy(args: argparse.Namespace) -> int:
-    import importlib
-
     from training.config import PolicyConfig, load_config
 
     config = load_config(PolicyConfig, args.config, args.overrides)
-    train = getattr(importlib.import_module(f"training.{args.what}"), f"train_{args.what}")
-    manifest = train(config, args.output, resume=args.resume, overwrite=args.overwrite,
+    manifest = ALGORITHMS[args.what].load()(config, args.output, resume=args.resume, overwrite=args.overwrite,
                      skip_bad_rows=args.skip_bad_rows, progress=not args.no_progress)
     if manifest:
         print(json.dumps(manifest["final_evaluation"], indent=2))
