@@ -170,3 +170,16 @@ class Settings(BaseSettings):
         if self.workers:
             return self.workers
         return 1 if backend == "torch" else os.cpu_count() or 1
+
+
+def settings_table() -> str:
+    """Every setting as a Markdown table row: flag, environment variable, default, description (docs/service.md
+    holds this table; a test keeps the two the same)."""
+    rows = ["| flag | environment | default | what it does |", "|---|---|---|---|"]
+    for name, field in Settings.model_fields.items():
+        env_only = (field.json_schema_extra or {}).get("env_only")
+        flag = "(none: a secret)" if env_only else f"`--{name.replace('_', '-')}`"
+        default = "" if field.default_factory or field.default is None else f"`{field.default}`"
+        description = (field.description or "").replace("|", "\\|")
+        rows.append(f"| {flag} | `KEEL_{name.upper()}` | {default} | {description} |")
+    return "\n".join(rows) + "\n"

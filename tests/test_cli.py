@@ -89,3 +89,10 @@ def test_a_run_that_fails_before_its_first_checkpoint_leaves_no_work_directory(t
                       "--set", f"heads.0.train.0.path={bad}")
     assert result.returncode == 2 and f"{bad}:1:" in result.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.jsonl"]
+
+
+def test_the_settings_table_in_the_docs_is_the_settings_class():
+    from service.settings import settings_table
+
+    docs = (Path(__file__).resolve().parent.parent / "docs" / "service.md").read_text()
+    assert settings_table() in docs, "docs/service.md is out of date: regenerate its table (command in the file)"
