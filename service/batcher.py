@@ -145,6 +145,8 @@ class Batcher:
 
     async def submit(self, texts: Sequence[Any], timeout_s: float, client: Client = Client()) -> Any:
         """Results for texts (combined from their chunks), scored together with whatever else is queued."""
+        if not texts:
+            raise ValueError("nothing to score: a request holds at least one item")  # would never be answered
         self.check_room(len(texts), client)
         loop = asyncio.get_running_loop()
         chunks = [texts[i : i + self.max_batch_texts] for i in range(0, len(texts), self.max_batch_texts)]
