@@ -62,3 +62,22 @@ def test_api_keys_never_reach_the_logs(tiny_reward_model: Path, caplog):
                            ).status_code == 401
         assert client.get("/openapi.json").status_code == 200  # the schema is public; the data is not
     assert key not in caplog.text and "wrong-key-456" not in caplog.text
+
+
+def test_staged_publishes_whole_or_not_at_all(tmp_path: Path):
+    from training.artifact import ArtifactError, staged
+
+    output = tmp_path / "model"
+    with pytest.raises(KeyboardInterrupt), staged(output, overwrite=False) as staging:
+        (staging / "weights").write_text("half")
+        raise KeyboardInterrupt  # interrupted mid-write: nothing appears
+    assert not output.exists() and leftovers(tmp_path, "model") == []
+    with staged(output, overwrite=False) as staging:
+        (staging / "weights").write_text("v1")
+    assert (output / "weights").read_text() == "v1"
+    with pytest.raises(ArtifactError, match="--overwrite"), staged(output, overwrite=False) as staging:
+        (staging / "weights").write_text("v2")
+    assert (output / "weights").read_text() == "v1" and leftovers(tmp_path, "model") == []
+    with staged(output, overwrite=True) as staging:
+        (staging / "weights").write_text("v2")
+    assert (output / "weights").read_text() == "v2" and leftovers(tmp_path, "model") == []

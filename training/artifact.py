@@ -7,6 +7,8 @@ import math
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -82,6 +84,20 @@ def check_reward_manifest(manifest: dict[str, Any], path: str | Path) -> None:
 
 def _finite(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+@contextmanager
+def staged(output: Path, overwrite: bool) -> Iterator[Path]:
+    """Every atomic publish: the block writes into a fresh staging directory beside output, which then replaces
+    output (a rename; an existing output only with overwrite). On any failure, an interrupt too, the staging
+    directory is removed and output is left as it was."""
+    staging = staging_directory(output)
+    try:
+        yield staging
+        publish(staging, output, overwrite)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
 
 
 def staging_directory(output: Path) -> Path:

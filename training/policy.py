@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from training.artifact import ArtifactError, cache_root, publish, staging_directory
+from training.artifact import ArtifactError, cache_root, staged
 
 log = logging.getLogger(__name__)
 
@@ -45,10 +45,9 @@ def convert_gguf(gguf_path: Path, output: Path) -> Path:
     # already dequantised, so dropping the flag is what makes them saveable.
     if getattr(model, "hf_quantizer", None) is not None:
         model.hf_quantizer.remove_quantization_config(model)
-    staging = staging_directory(output)
-    model.save_pretrained(staging)
-    tokenizer.save_pretrained(staging)
-    publish(staging, output, overwrite=True)
+    with staged(output, overwrite=True) as staging:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
     return output
 
 

@@ -30,7 +30,7 @@ import torch
 from tqdm.auto import tqdm
 
 import training
-from training.artifact import FORMAT_VERSION, MANIFEST, publish, staging_directory, write_json_atomic
+from training.artifact import FORMAT_VERSION, MANIFEST, staged, write_json_atomic
 from training.config import ConfigError, PolicyConfig, to_dict
 from training.data import Conversation, PromptSource, file_sha256, load_prompts
 from training.hardware import make_accelerator
@@ -307,8 +307,7 @@ class PolicyRun:
 
     def _publish(self, final: dict[str, float], samples_after: list[dict[str, Any]],
                  data_paths: Sequence[str]) -> dict[str, Any]:
-        staging = staging_directory(self.output)
-        try:
+        with staged(self.output, overwrite=True) as staging:
             model = self.accelerator.unwrap_model(self.policy, keep_fp32_wrapper=False)
             if self.config.policy.lora is not None:
                 model = model.merge_and_unload()  # a plain model: the service and HF tools load it directly
@@ -342,10 +341,6 @@ class PolicyRun:
                 "data": [{"path": path, "sha256": file_sha256(path)} for path in paths],
             }
             write_json_atomic(staging / MANIFEST, manifest)
-            publish(staging, self.output, overwrite=True)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
         return manifest
 
 

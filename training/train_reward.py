@@ -24,7 +24,7 @@ from transformers import get_linear_schedule_with_warmup
 
 import training
 from training import onnx_export
-from training.artifact import FORMAT_VERSION, MANIFEST, publish, read_manifest, staging_directory, write_json_atomic
+from training.artifact import FORMAT_VERSION, MANIFEST, read_manifest, staged, write_json_atomic
 from training.config import HEAD_ROLES, RewardConfig, build, to_dict
 from training.data import DataError, DataSource, Example, PreferencePair, file_sha256, load_source
 from training.evaluate import (
@@ -313,8 +313,7 @@ def build_artifact(config: RewardConfig, model: RewardModel, tokenizer: Any, hea
     """Export ONNX, evaluate, choose normalisation and thresholds, and publish the model directory."""
     names = [h.name for h in config.heads]
     t0 = time.time()
-    staging = staging_directory(output)
-    try:
+    with staged(output, overwrite) as staging:
         model.to("cpu").save(staging)
         tokenizer.save_pretrained(staging)
         onnx_info: dict[str, Any] = {}
@@ -356,10 +355,6 @@ def build_artifact(config: RewardConfig, model: RewardModel, tokenizer: Any, hea
             "metrics": metrics,
         }
         write_json_atomic(staging / MANIFEST, manifest)
-        publish(staging, output, overwrite)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return manifest
 
 
@@ -397,8 +392,7 @@ def reexport(directory: Path, int8: bool | None = None, skip_bad_rows: bool = Fa
     names = manifest["heads"]
     model = RewardModel.load(directory, names)
     tokenizer = load_tokenizer(str(directory), config.max_length, config.truncation_side)
-    staging = staging_directory(directory)
-    try:
+    with staged(directory, overwrite=True) as staging:
         for path in directory.iterdir():
             if path.name not in (onnx_export.FP32_FILE, onnx_export.INT8_FILE, MANIFEST):
                 (shutil.copytree if path.is_dir() else shutil.copy2)(path, staging / path.name)
@@ -411,10 +405,6 @@ def reexport(directory: Path, int8: bool | None = None, skip_bad_rows: bool = Fa
         manifest["exported"] = {"keel_version": training.__version__,
                                 "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         write_json_atomic(staging / MANIFEST, manifest)
-        publish(staging, directory, overwrite=True)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return manifest
 
 
