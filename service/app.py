@@ -224,8 +224,6 @@ async def start_chat(state: ServiceState) -> None:
     settings = state.settings
     if settings.policy is None and settings.upstream is None:
         return
-    if settings.policy is not None and settings.upstream is not None:
-        raise RuntimeError("give --policy (generate locally) or --upstream (guard proxy), not both")
     if settings.upstream is not None:
         state.upstream = UpstreamClient(settings.upstream, settings.upstream_api_key, settings.upstream_model,
                                         settings.generation_timeout_s)

@@ -23,6 +23,7 @@ from service.app import create_app
 from service.logs import log_as_json
 from service.models import model_directory
 from service.settings import Settings, default_model_dir
+from training.artifact import read_manifest
 
 log = logging.getLogger("keel.service")
 
@@ -31,7 +32,6 @@ def ensure_default_model(directory: Path) -> Path:
     """Train the default reward model into directory if it is not there yet (progress bar on stderr); re-export
     its ONNX graphs if an older Keel made its int8 graph with another recipe."""
     if (directory / "keel.json").exists():
-        from training.artifact import read_manifest
         from training.onnx_export import int8_outdated
 
         if int8_outdated(read_manifest(directory).get("onnx", {})):
@@ -131,7 +131,9 @@ def serve(settings: Settings) -> None:
     app = create_app(settings)  # checks the settings (API keys file) before a model is trained or loaded
     if settings.model is None:
         settings.model = ensure_default_model(default_model_dir())
-    model_directory(settings.model, allow_symlinks=settings.allow_store_symlinks)  # a bad store: one line, now
+    # One-line errors now rather than a failed start: a bad store, or settings the model cannot serve.
+    directory = model_directory(settings.model, allow_symlinks=settings.allow_store_symlinks)
+    settings.check_heads(read_manifest(directory)["heads"])
     DrainingServer(uvicorn_config(app, settings), settings.drain_seconds).run()
 
 

@@ -147,6 +147,19 @@ class Settings(BaseSettings):
         self.max_client_queue_rows = min(self.max_client_queue_rows, self.max_queue_rows)
         return self
 
+    @model_validator(mode="after")
+    def one_source_of_replies(self) -> Settings:
+        if self.policy is not None and self.upstream is not None:
+            raise ValueError("give --policy (generate locally) or --upstream (guard proxy), not both")
+        return self
+
+    def check_heads(self, heads: list[str]) -> None:
+        """Settings that name reward-model heads must name the served model's (checked before it loads)."""
+        unknown = sorted(set(self.chat_reward_weights) - set(heads))
+        if unknown:
+            raise SettingsError(f"--chat-reward-weights names {unknown}, which the reward model does not have; "
+                                f"its heads are {heads}")
+
     def read_api_keys(self) -> list[str]:
         """The keys from --api-keys-file (one a line) and KEEL_API_KEYS, in that order."""
         keys: list[str] = []

@@ -96,3 +96,13 @@ def test_the_settings_table_in_the_docs_is_the_settings_class():
 
     docs = (Path(__file__).resolve().parent.parent / "docs" / "service.md").read_text()
     assert settings_table() in docs, "docs/service.md is out of date: regenerate its table (command in the file)"
+
+
+def test_conflicting_serve_options_are_one_line_errors(tiny_reward_model: Path):
+    both = run_keel("serve", "--model", str(tiny_reward_model), "--policy", "default", "--upstream", "http://x")
+    assert both.returncode == 2 and both.stderr == ("keel serve: error: give --policy (generate locally) or "
+                                                    "--upstream (guard proxy), not both\n")
+    unknown = run_keel("serve", "--model", str(tiny_reward_model), "--upstream", "http://x",
+                       "--chat-reward-weights", "harmless=1,nope=2")
+    assert unknown.returncode == 2 and unknown.stderr.count("\n") == 1
+    assert "['nope']" in unknown.stderr and "['harmless', 'quality']" in unknown.stderr
