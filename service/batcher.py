@@ -140,8 +140,9 @@ class Batcher:
             raise ShuttingDown("the server is shutting down")
         if self._queued_texts + count > self.max_queue_texts:
             raise QueueFull(f"{self._queued_texts} texts are already waiting")
-        if self._client_texts.get(client, 0) + count > self.max_client_texts:
-            raise QueueFull(f"this client already has {self._client_texts[client]} texts waiting")
+        held = self._client_texts.get(client, 0)
+        if held + count > self.max_client_texts:
+            raise QueueFull(f"this client has {held} texts waiting and may have {self.max_client_texts}")
 
     async def submit(self, texts: Sequence[Any], timeout_s: float, client: Client = Client()) -> Any:
         """Results for texts (combined from their chunks), scored together with whatever else is queued."""

@@ -184,6 +184,20 @@ def test_the_batcher_fails_only_the_poisoned_request():
     assert isinstance(poisoned, ValueError)
 
 
+def test_a_request_larger_than_the_clients_share_is_refused_not_crashed():
+    from service.batcher import QueueFull
+
+    async def main() -> None:
+        batcher = Batcher(lambda texts, worker=0: np.zeros((len(texts), 1)), max_batch_texts=4, max_wait_s=0,
+                          max_queue_texts=100, max_client_texts=2)
+        batcher.start()
+        with pytest.raises(QueueFull, match="has 0 texts waiting and may have 2"):
+            await batcher.submit(["a", "b", "c"], 5, Client("empty-handed"))
+        await batcher.close()
+
+    asyncio.run(main())
+
+
 # ---- 2. error responses reach the client, and the connection stays usable -------------------------------------
 
 def test_a_500_keeps_the_keep_alive_connection_usable(tiny_reward_model: Path):
