@@ -160,11 +160,13 @@ class RequestMiddleware:
                 client = client or Client(key=f"connection:{scope.get('client')}")
                 CURRENT_CLIENT.set(client)
                 queue = self.state.queues.get(scope["path"])
-                if queue is not None and queue.client_is_full(client):  # refused before its body is parsed
-                    self.state.metrics.rejected.labels("queue_full").inc()
-                    await answer(ApiError(429, "this client's share of the queue is full; retry shortly",
-                                          "rate_limit_error", code="queue_full", headers={"Retry-After": "1"}))
-                    return
+                if queue is not None:  # no room even for one item: refused before the body is parsed
+                    try:
+                        with routes.queue_errors(self.state, 0, queue.name):
+                            queue.check_room(1, client)
+                    except ApiError as refused:
+                        await answer(refused)
+                        return
             try:
                 declared = int(headers.get(b"content-length", b"0") or 0)
             except ValueError:

@@ -68,7 +68,6 @@ class QueueMetrics:
 @dataclass(eq=False)
 class _Job:
     client: Client
-    items: Sequence[Any]
     future: asyncio.Future
     deadline: float
     results: list[Any]  # one per chunk, filled as chunks finish
@@ -102,6 +101,7 @@ class Batcher:
         self.metrics = metrics or QueueMetrics()
         self._queues: OrderedDict[Client, deque[_Chunk]] = OrderedDict()  # round-robin order: next client first
         self._client_texts: dict[Client, int] = {}
+        self._label_texts: dict[str, int] = {}  # the same, summed by metric label
         self._queued_texts = 0
         self._arrived = asyncio.Event()
         self._workers_count = workers
@@ -130,10 +130,6 @@ class Batcher:
         self._executor.shutdown(wait=True)
         self._failures.flush()
 
-    def client_is_full(self, client: Client) -> bool:
-        """True when any request from this client would be refused: it already holds its whole share."""
-        return self._client_texts.get(client, 0) >= self.max_client_texts
-
     def check_room(self, count: int, client: Client = Client()) -> None:
         """Raise what `submit` would for `count` more texts now (callers that must answer before submitting)."""
         if self._closing:
@@ -151,7 +147,7 @@ class Batcher:
         self.check_room(len(texts), client)
         loop = asyncio.get_running_loop()
         chunks = [texts[i : i + self.max_batch_texts] for i in range(0, len(texts), self.max_batch_texts)]
-        job = _Job(client, texts, loop.create_future(), loop.time() + timeout_s, [None] * len(chunks), len(chunks))
+        job = _Job(client, loop.create_future(), loop.time() + timeout_s, [None] * len(chunks), len(chunks))
         queue = self._queues.setdefault(client, deque())
         queue.extend(_Chunk(job, i, chunk) for i, chunk in enumerate(chunks))
         self._count(client, len(texts))
@@ -168,11 +164,11 @@ class Batcher:
     def _count(self, client: Client, delta: int) -> None:
         self._queued_texts += delta
         self._client_texts[client] = self._client_texts.get(client, 0) + delta
+        self._label_texts[client.label] = self._label_texts.get(client.label, 0) + delta
         if self.metrics.depth is not None:
             self.metrics.depth.set(self._queued_texts)
         if self.metrics.client_depth is not None:
-            label_total = sum(n for c, n in self._client_texts.items() if c.label == client.label)
-            self.metrics.client_depth.labels(self.name, client.label).set(label_total)
+            self.metrics.client_depth.labels(self.name, client.label).set(self._label_texts[client.label])
         if self._client_texts[client] == 0:
             del self._client_texts[client]
 

@@ -27,6 +27,7 @@ CURRENT = "CURRENT"
 class Version:
     directory: Path
     created_at: str
+    heads: list[str]
     problem: str | None  # why it cannot be served; None for a valid version
 
 
@@ -44,9 +45,9 @@ def inspect_version(store: Path, directory: Path, allow_symlinks: bool) -> Versi
                                         "--allow-store-symlinks serves such versions")
         manifest = read_manifest(directory)
         check_reward_manifest(manifest, directory / MANIFEST)
-        return Version(directory, str(manifest.get("created_at", "")), None)
+        return Version(directory, str(manifest.get("created_at", "")), manifest["heads"], None)
     except ArtifactError as error:
-        return Version(directory, "", str(error))
+        return Version(directory, "", [], str(error))
 
 
 def store_versions(location: Path, allow_symlinks: bool = False) -> list[Version]:
@@ -97,8 +98,7 @@ def describe_versions(state: ServiceState) -> list[dict[str, Any]]:
                 entry = {"id": version.directory.name, "object": "model", "owned_by": "keel", "active": False,
                          "valid": version.problem is None}
                 if version.problem is None:
-                    manifest = read_manifest(version.directory)
-                    entry.update(version=manifest["created_at"], heads=manifest["heads"])
+                    entry.update(version=version.created_at, heads=version.heads)
                 else:
                     entry["problem"] = version.problem
                 listed.append(entry)
