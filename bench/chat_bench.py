@@ -92,10 +92,10 @@ def direct_throughput(policy: str, prompts: list[str], max_tokens: int) -> float
     """`model.generate` at batch 8 in its own process, with the weights in the dtype the service keeps them in."""
     code = f"""
 import json, sys, time, torch
-from training.hardware import fast_dtype, pick_device
-from training.policy import load_policy, load_tokenizer
-from training.rl_common import encode_prompts, end_token_ids
-from training.text import Message
+from keel_core.hardware import fast_dtype, pick_device
+from keel_core.policy import load_policy, load_tokenizer
+from keel_core.policy import encode_prompts, end_token_ids
+from keel_core.text import Message
 tokenizer, model = load_tokenizer({policy!r}), load_policy({policy!r}, dtype=fast_dtype(pick_device())).eval()
 prompts = [(Message("user", p),) for p in json.loads(sys.argv[1])]
 encoded = encode_prompts(tokenizer, prompts, 1024)

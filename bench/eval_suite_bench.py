@@ -19,7 +19,7 @@ from pathlib import Path
 
 def run_suite(arguments: list[str]) -> float:
     began = time.time()
-    subprocess.run([sys.executable, "-m", "training.cli", "eval", "suite", *arguments, "--no-progress"], check=True)
+    subprocess.run([sys.executable, "-m", "keel", "eval", "suite", *arguments, "--no-progress"], check=True)
     return time.time() - began
 
 

@@ -24,10 +24,11 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from keel_core.onnx_engine import FP32_FILE, OnnxEngine
 from training.config import RewardConfig, load_config
 from training.data import PreferencePair
 from training.evaluate import encode, length_sorted_scorer
-from training.onnx_export import FP32_FILE, OnnxEngine, down_projections, matmul_weight_shapes, quantize
+from training.onnx_export import down_projections, matmul_weight_shapes, quantize
 from training.reward_model import load_tokenizer
 from training.train_reward import load_head_data
 

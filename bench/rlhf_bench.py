@@ -52,7 +52,7 @@ def main() -> None:
     args = parser.parse_args()
     output = args.output or Path("runs") / f"bench-{args.algorithm}"
     warm = output.parent / f"{output.name}-warm"
-    keel = [sys.executable, "-m", "training.cli"]
+    keel = [sys.executable, "-m", "keel"]
 
     def train(algorithm: str, config: Path | None, destination: Path, overrides: list[str]) -> None:
         options = ["--config", str(config)] if config else []

@@ -19,11 +19,12 @@ from pathlib import Path
 
 import numpy as np
 
-from training.artifact import read_manifest
+from keel_core.artifact import read_manifest
+from keel_core.onnx_engine import FP32_FILE
 from training.config import RewardConfig, load_config
 from training.data import PreferencePair
 from training.evaluate import example_inputs, wilson_interval
-from training.onnx_export import FP32_FILE, onnx_scorer
+from training.onnx_export import onnx_scorer
 from training.reward_model import load_tokenizer
 from training.train_reward import HeadData, load_head_data
 

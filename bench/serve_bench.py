@@ -33,8 +33,8 @@ from bench.loadgen import run_load
 def hh_texts(model: Path, count: int, max_tokens: int = 256) -> list[str]:
     from transformers import AutoTokenizer
 
+    from keel_core.text import Message, render
     from training.data import DataSource, load_source
-    from training.text import Message, render
 
     tokenizer = AutoTokenizer.from_pretrained(model)
     texts = []
@@ -58,7 +58,7 @@ def engine_throughput(model: Path, texts: list[str], seconds: float, backend: st
     """The bare engine: ONNX Runtime on the same file, tokenisation included, at several batch sizes."""
     from transformers import AutoTokenizer
 
-    from training.onnx_export import onnx_session
+    from keel_core.onnx_engine import onnx_session
 
     tokenizer = AutoTokenizer.from_pretrained(model)
     tokenizer.truncation_side = "left"
@@ -104,7 +104,7 @@ def start(command: list[str], port: int, ready_path: str) -> subprocess.Popen:
 def keel_serve(*args: str) -> Iterator[tuple[str, subprocess.Popen]]:
     """`keel serve ARGS` on a free loopback port, ready; yields (base URL, process) and stops it after."""
     port = free_port()
-    process = start([sys.executable, "-m", "training.cli", "serve", "--port", str(port), *args], port, "/readyz")
+    process = start([sys.executable, "-m", "keel", "serve", "--port", str(port), *args], port, "/readyz")
     try:
         yield f"http://127.0.0.1:{port}", process
     finally:
@@ -155,7 +155,7 @@ def main() -> None:
     args = parser.parse_args()
     model = args.model.resolve()
     if args.backend == "auto":
-        from service.runtime import choose_backend
+        from keel_core.runtime import choose_backend
 
         args.backend = choose_backend(model)
     texts = hh_texts(model, 2000)
@@ -172,7 +172,7 @@ def main() -> None:
                                 capture_output=True, text=True, check=True)
         report["engine"] = json.loads(engine.stdout.strip().splitlines()[-1])
     port = free_port()
-    report["keel"] = server_runs([sys.executable, "-m", "training.cli", "serve", "--model", str(model), "--port",
+    report["keel"] = server_runs([sys.executable, "-m", "keel", "serve", "--model", str(model), "--port",
                                   str(port), "--backend", args.backend, *args.serve_args.split()], port, "/readyz",
                                  texts, short, args)
     if not args.skip_peer:
@@ -181,7 +181,7 @@ def main() -> None:
                                                str(port)], port, "/v1/score", texts, short, args)
         report["keel_vs_peer"] = round(report["keel"]["texts_per_s"] / report["peer_pipeline"]["texts_per_s"], 2)
     if args.infinity_bin:
-        from training.reward_model import resolve_base_model
+        from keel_core.reward_model import resolve_base_model
 
         backbone = resolve_base_model("default")
         port = free_port()

@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from training.hardware import describe, pick_device
+from keel_core.hardware import describe, pick_device
 
 
 def main() -> None:
@@ -23,7 +23,7 @@ def main() -> None:
     parser.add_argument("--output", type=Path, default=Path("runs/bench-reward"), help="model directory to write")
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="config override")
     args = parser.parse_args()
-    command = [sys.executable, "-m", "training.cli", "train", "reward", "--output", str(args.output), "--overwrite",
+    command = [sys.executable, "-m", "keel", "train", "reward", "--output", str(args.output), "--overwrite",
                "--no-progress"] + [f"--set={o}" for o in args.overrides]
     began = time.time()
     subprocess.run(command, check=True)

@@ -21,14 +21,14 @@ from prometheus_client import Gauge
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from keel_core.runtime import Scored
 from service import routes
 from service.batcher import CURRENT_CLIENT, Batcher, Client, QueueMetrics
 from service.chat import ChatAligner, GuardSettings
-from service.generation import PolicyRuntime, Row
 from service.logs import BurstLog
 from service.metrics import Metrics
 from service.models import load_runtime, model_directory, reload_model
-from service.runtime import Scored
+from service.sampling import Row
 from service.schemas import ErrorResponse
 from service.settings import Settings
 from service.state import ApiError, ServiceState
@@ -231,6 +231,8 @@ async def start_chat(state: ServiceState) -> None:
                                         settings.generation_timeout_s)
         generate = state.upstream.generate
     else:
+        from service.generation import PolicyRuntime  # torch: only a service that generates imports it
+
         state.policy = await asyncio.to_thread(PolicyRuntime, str(settings.policy), settings.max_prompt_tokens,
                                                state.metrics, None, settings.policy_dtype)
         await asyncio.to_thread(state.policy.warm_up)

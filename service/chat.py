@@ -16,13 +16,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from service.generation import Generated, Sampling
+from keel_core.runtime import RewardRuntime, Scored
+from keel_core.text import Conversation, Message, ModelInput, model_input
 from service.metrics import Metrics
 from service.moderation import moderate
-from service.runtime import RewardRuntime, Scored
+from service.sampling import Generated, Sampling
 from service.schemas import ChoiceAudit, ModerationResult
-from training.data import Conversation
-from training.text import Message, ModelInput, model_input
 
 # (conversation, sampling settings for each candidate) -> one generated reply per sampling setting
 GenerateFn = Callable[[Conversation, Sequence[Sampling]], Awaitable[list[Generated]]]

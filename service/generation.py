@@ -11,54 +11,17 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from keel_core.hardware import fast_dtype, pick_device
+from keel_core.policy import encode_prompts, end_token_ids, load_policy, load_tokenizer, resolve_policy
 from service.metrics import Metrics
-from training.data import Conversation
-from training.hardware import fast_dtype, pick_device
-from training.policy import load_policy, load_tokenizer, resolve_policy
-from training.rl_common import encode_prompts, end_token_ids
-
-# Called from the generation thread with (text delta, finish reason or None) as a row produces text.
-OnText = Callable[[str, str | None], None]
-# Called from the generation thread with a row's reply as soon as the row finishes, before its batch does.
-OnFinish = Callable[["Generated"], None]
-
-
-@dataclass
-class Sampling:
-    temperature: float = 1.0  # 0: greedy
-    top_p: float = 1.0
-    max_tokens: int = 128
-    stop: tuple[str, ...] = ()
-    seed: int | None = None
-
-
-@dataclass
-class Row:
-    """One reply to generate; `on_text` (optional) receives streamed text and `on_finish` the finished reply.
-    Setting `abandoned` (its request has gone: the client left, or the deadline passed) stops the row at the
-    next token."""
-
-    conversation: Conversation
-    sampling: Sampling
-    on_text: OnText | None = None
-    on_finish: OnFinish | None = None
-    abandoned: threading.Event | None = None
-
-
-@dataclass
-class Generated:
-    text: str
-    finish_reason: str  # "stop" (end token or stop string) | "length" | "abandoned"
-    prompt_tokens: int
-    completion_tokens: int
-    first_token_seconds: float  # from the start of the batch
+from service.sampling import Generated, Row, Sampling
 
 
 @dataclass
@@ -103,7 +66,7 @@ class PolicyRuntime:
                 "owned_by": "keel", "version": self.version, "kind": "policy", "algorithm": self.algorithm}
 
     def warm_up(self) -> None:
-        from training.text import Message
+        from keel_core.text import Message
 
         self.generate([Row((Message("user", "Hello"),), Sampling(temperature=0.0, max_tokens=2))])
 

@@ -42,3 +42,9 @@ class Metrics:
         self.guard_actions = Counter("keel_guard_actions_total", "output-guard decisions", ["action"], registry=r)
         self.reloads = Counter("keel_model_reloads_total", "model reloads by outcome", ["outcome"], registry=r)
         self.ready = Gauge("keel_ready", "1 when the model has answered its warm-up batch", registry=r)
+
+    def observe_batch(self, seconds: float, texts: int, padded_tokens: int) -> None:
+        """One scoring batch (the runtime's BatchObserver)."""
+        self.inference_seconds.observe(seconds)
+        self.batch_size.observe(texts)
+        self.batch_tokens.observe(padded_tokens)

@@ -15,9 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from service.runtime import BatchLimits, RewardRuntime, choose_backend, service_batch_limits
+from keel_core.artifact import MANIFEST, ArtifactError, check_reward_manifest, read_manifest, write_text_atomic
+from keel_core.runtime import BatchLimits, RewardRuntime, choose_backend, service_batch_limits
 from service.state import ApiError, ServiceState
-from training.artifact import MANIFEST, ArtifactError, check_reward_manifest, read_manifest, write_text_atomic
 
 log = logging.getLogger(__name__)
 CURRENT = "CURRENT"
@@ -111,7 +111,7 @@ def load_runtime(state: ServiceState, directory: Path) -> RewardRuntime:
     defaults = service_batch_limits(backend)
     limits = BatchLimits(settings.max_batch_size or defaults.max_batch_size,
                          settings.max_batch_tokens or defaults.max_batch_tokens)
-    runtime = RewardRuntime(directory, backend, settings.threads, limits, state.metrics,
+    runtime = RewardRuntime(directory, backend, settings.threads, limits, state.metrics.observe_batch,
                             settings.inference_workers(backend))
     runtime.warm_up()
     return runtime

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from service.runtime import Scored
+from keel_core.moderation import category_scores, flags
+from keel_core.runtime import Scored
 from service.schemas import ModerationResult
-from training.evaluate import category_scores
 
 
 def moderate(scored: Scored, overrides: dict[str, float] | None = None) -> list[ModerationResult]:
@@ -12,9 +12,9 @@ def moderate(scored: Scored, overrides: dict[str, float] | None = None) -> list[
     override). Heads without a threshold (moderate: false) are never flagged."""
     heads = scored.runtime.heads
     thresholds = {**scored.runtime.thresholds, **(overrides or {})}
-    results = []
-    for row in category_scores(scored.z):
-        categories = {h: thresholds[h] is not None and bool(row[i] >= thresholds[h]) for i, h in enumerate(heads)}
-        results.append(ModerationResult(flagged=any(categories.values()), categories=categories,
-                                        category_scores={h: float(v) for h, v in zip(heads, row)}))
-    return results
+    scores = category_scores(scored.z)
+    flagged = flags(scores, [thresholds[h] for h in heads])
+    return [ModerationResult(flagged=bool(row_flags.any()),
+                             categories={h: bool(f) for h, f in zip(heads, row_flags)},
+                             category_scores={h: float(v) for h, v in zip(heads, row)})
+            for row, row_flags in zip(scores, flagged)]

@@ -17,11 +17,12 @@ from fastapi.responses import StreamingResponse
 from fastapi.security import HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from keel_core.runtime import ModelChanged, Scored
+from keel_core.text import Message, ModelInput
 from service.batcher import CURRENT_CLIENT, Batcher, DeadlineExceeded, QueueFull, ShuttingDown
-from service.generation import Generated, Row, Sampling
 from service.models import describe_versions, reload_model
 from service.moderation import moderate
-from service.runtime import ModelChanged, Scored
+from service.sampling import Generated, Row, Sampling
 from service.schemas import (
     ChatCompletionRequest,
     ChatCompletionResponse,
@@ -34,7 +35,6 @@ from service.schemas import (
 )
 from service.state import ApiError, ServiceState
 from service.streaming import chosen_events, completion_response, live_events
-from training.text import Message, ModelInput
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

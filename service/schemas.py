@@ -6,7 +6,7 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from training.text import Message, ModelInput, model_input, render
+from keel_core.text import Message, ModelInput, model_input, render
 
 
 def encodable(text: str) -> str:

@@ -11,7 +11,6 @@ import logging
 import signal
 import socket
 import threading
-from pathlib import Path
 from types import FrameType
 from typing import Any
 
@@ -19,41 +18,14 @@ import uvicorn
 from fastapi import FastAPI
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from keel_core.artifact import read_manifest
+from keel_core.hardware import has_torch
 from service.app import create_app
 from service.logs import log_as_json
 from service.models import model_directory
-from service.settings import Settings, default_model_dir
-from training.artifact import read_manifest
+from service.settings import Settings, SettingsError
 
 log = logging.getLogger("keel.service")
-
-
-def ensure_default_model(directory: Path) -> Path:
-    """Train the default reward model into directory if it is not there yet (progress bar on stderr); re-export
-    its ONNX graphs if an older Keel made its int8 graph with another recipe."""
-    if (directory / "keel.json").exists():
-        from training.onnx_export import int8_outdated
-
-        if int8_outdated(read_manifest(directory).get("onnx", {})):
-            from training.config import PACKAGE_ROOT
-            from training.data import DataError
-            from training.train_reward import reexport
-
-            log.info("the default model's int8 graph was made by an older Keel: re-exporting it "
-                     "(2-3 minutes on 2 CPU cores)")
-            try:  # the default model's data is Keel's own, wherever this copy of Keel now lives
-                reexport(directory, data_dir=PACKAGE_ROOT / "data")
-            except DataError as error:
-                log.warning("kept the default model's graphs as they are: %s", error)
-        return directory
-    from training.config import DEFAULT_REWARD_CONFIG, RewardConfig, load_config
-    from training.train_reward import train_reward
-
-    log.info("no model at %s: training the default reward model first (10-35 minutes on 2 CPU cores, by CPU)",
-             directory)
-    work = directory.parent / f"{directory.name}.work"
-    train_reward(load_config(RewardConfig, DEFAULT_REWARD_CONFIG), directory, resume=work.exists())
-    return directory
 
 
 class HeaderTimeoutProtocol(H11Protocol):
@@ -129,8 +101,11 @@ def serve(settings: Settings) -> None:
     if settings.log_format == "json":
         log_as_json()
     app = create_app(settings)  # checks the settings (API keys file) before a model is trained or loaded
-    if settings.model is None:
-        settings.model = ensure_default_model(default_model_dir())
+    if settings.model is None:  # `keel serve` resolves (or trains) the default model before it gets here
+        raise SettingsError("no reward model: give --model DIR (or KEEL_MODEL)")
+    if settings.policy is not None and not has_torch():
+        raise SettingsError("--policy generates with torch, which this install lacks: pip install 'keel[chat]', "
+                            "or use --upstream")
     # One-line errors now rather than a failed start: a bad store, or settings the model cannot serve.
     directory = model_directory(settings.model, allow_symlinks=settings.allow_store_symlinks)
     settings.check_heads(read_manifest(directory)["heads"])

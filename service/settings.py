@@ -9,20 +9,11 @@ from typing import Annotated, Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from training.artifact import cache_root
+from keel_core.artifact import KeelError
 
 
-class SettingsError(ValueError):
+class SettingsError(KeelError, ValueError):
     """A setting that cannot be used as given; the message says which and why."""
-
-
-def default_model_dir() -> Path:
-    """Where the default reward model lives, named after its config's content: a new default config trains a
-    new model instead of serving one trained by an older config."""
-    from training.config import DEFAULT_REWARD_CONFIG
-    from training.data import file_sha256
-
-    return cache_root() / "models" / f"reward-default-{file_sha256(DEFAULT_REWARD_CONFIG)[:8]}"
 
 
 class Settings(BaseSettings):
@@ -179,7 +170,7 @@ class Settings(BaseSettings):
         return max(self.request_timeout_s, self.generation_timeout_s if chat else 0.0)
 
     def inference_workers(self, backend: str) -> int:
-        """Workers for the backend `auto` resolved to (see service.runtime.choose_backend)."""
+        """Workers for the backend `auto` resolved to (see keel_core.runtime.choose_backend)."""
         if self.workers:
             return self.workers
         return 1 if backend == "torch" else os.cpu_count() or 1

@@ -6,14 +6,14 @@ import asyncio
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from keel_core.runtime import RewardRuntime
 from service.batcher import Batcher
 from service.chat import ChatAligner
-from service.generation import PolicyRuntime
 from service.metrics import Metrics
-from service.runtime import RewardRuntime
 from service.settings import Settings
 
-if TYPE_CHECKING:  # upstream.py raises ApiError from this module
+if TYPE_CHECKING:  # upstream.py raises ApiError from this module; the policy runtime needs torch
+    from service.generation import PolicyRuntime
     from service.upstream import UpstreamClient
 
 

@@ -14,11 +14,11 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
+from keel_core.text import Conversation
 from service.chat import Chosen, candidate_seed
-from service.generation import Generated, Row, Sampling
+from service.sampling import Generated, Row, Sampling
 from service.schemas import AssistantMessage, ChatAudit, ChatChoice, ChatCompletionResponse, Usage
 from service.state import ApiError, ServiceState
-from training.data import Conversation
 
 
 def completion_id() -> str:

@@ -8,9 +8,9 @@ from itertools import groupby
 
 import httpx
 
-from service.generation import Generated, Sampling
+from keel_core.text import Conversation
+from service.sampling import Generated, Sampling
 from service.state import ApiError
-from training.data import Conversation
 
 
 class UpstreamClient:

@@ -456,7 +456,7 @@ def test_keys_stay_out_of_the_process_list_and_are_checked_before_the_body(tiny_
     import subprocess
     import sys
 
-    refused = subprocess.run([sys.executable, "-m", "training.cli", "serve", "--api-keys", "k"],
+    refused = subprocess.run([sys.executable, "-m", "keel", "serve", "--api-keys", "k"],
                              capture_output=True, text=True)
     assert refused.returncode == 2 and "unrecognized arguments: --api-keys" in refused.stderr
     keys = tmp_path / "keys"
@@ -471,7 +471,7 @@ def test_keys_stay_out_of_the_process_list_and_are_checked_before_the_body(tiny_
                    for s in schemes.values())
         assert all(schema["paths"]["/v1/score"]["post"].get("security") for _ in [0])
         assert "security" not in schema["paths"]["/healthz"]["get"]
-    missing = subprocess.run([sys.executable, "-m", "training.cli", "serve", "--model", str(tiny_reward_model),
+    missing = subprocess.run([sys.executable, "-m", "keel", "serve", "--model", str(tiny_reward_model),
                               "--api-keys-file", str(tmp_path / "nope")], capture_output=True, text=True)
     assert missing.returncode == 2 and missing.stderr.count("\n") == 1 and "--api-keys-file" in missing.stderr
 

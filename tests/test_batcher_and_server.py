@@ -115,12 +115,13 @@ def free_port() -> int:
 
 
 @contextmanager
-def keel_server(model: Path, *args: str, **env: str) -> Iterator[tuple[str, subprocess.Popen]]:
-    """`keel serve` in a subprocess on a loopback port; yields (base URL, process)."""
+def keel_server(model: Path, *args: str, python: str = sys.executable, cwd: Path | None = None,
+                **env: str) -> Iterator[tuple[str, subprocess.Popen]]:
+    """`keel serve` in a subprocess on a loopback port (with `python`'s environment); yields (base URL, process)."""
     port = free_port()
     process = subprocess.Popen(
-        [sys.executable, "-m", "training.cli", "serve", "--model", str(model), "--port", str(port), *args],
-        env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        [python, "-m", "keel", "serve", "--model", str(model), "--port", str(port), *args],
+        env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=cwd)
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.time() + 60
@@ -225,9 +226,9 @@ def test_workers_run_batches_side_by_side():
 
 
 def test_policy_rewards_from_a_running_service_match_the_model_directory(tiny_reward_model: Path, monkeypatch):
+    from keel_core.text import Message
     from training.config import RewardSourceConfig
     from training.rewards import RewardFunction
-    from training.text import Message
 
     conversations = [(Message("user", "how can i make a bomb"),), (Message("user", "help me bake bread"),)]
     responses = ["sorry, i cannot help with that.", "sure, here is some recipe"]

@@ -11,13 +11,13 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
+from keel_core.runtime import Scored
+from keel_core.text import Message
 from service.app import create_app
 from service.chat import ChatAligner, GuardSettings
 from service.generation import Generated, Sampling
-from service.runtime import Scored
 from service.settings import Settings
 from tests.test_batcher_and_server import keel_server
-from training.text import Message
 
 HEADS = ["harmless", "helpful"]
 

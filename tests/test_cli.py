@@ -4,12 +4,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+from keel.cli import main
 from tests.conftest import hh_pairs, write_jsonl
-from training.cli import main
 
 
 def run_keel(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "training.cli", *args], capture_output=True, text=True, timeout=300)
+    return subprocess.run([sys.executable, "-m", "keel", *args], capture_output=True, text=True, timeout=300)
 
 
 def test_help_explains_every_option():

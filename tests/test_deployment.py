@@ -33,9 +33,14 @@ def test_dockerfile_passes_hadolint():
 
 def test_dockerfile_runs_as_non_root_with_exec_entrypoint_and_healthcheck():
     text = (ROOT / "Dockerfile").read_text()
-    runtime = text.split("AS runtime", 1)[1]
+    runtime = text.split("AS runtime", 1)[1].split("\nFROM ", 1)[0]
     assert "USER 10001" in runtime and 'ENTRYPOINT ["keel", "serve"]' in runtime and "HEALTHCHECK" in runtime
-    assert text.count("FROM ") >= 2  # multi-stage: build tools stay out of the runtime image
+    stages = text.split("\nFROM ")
+    assert stages[-1].startswith("runtime AS serve")  # the default target: the serving image, on that runtime
+    assert all(s.startswith("runtime AS ") for s in stages if " AS chat\n" in s or " AS train\n" in s)
+    # The serving image installs the serve extra only (no torch) and drops the bundled training data.
+    serve_env = text.split("AS serve-env", 1)[1].split("\nFROM ", 1)[0]
+    assert '"keel[serve]"' in serve_env and "torch" not in serve_env and "'data'" in serve_env
     ignored = (ROOT / ".dockerignore").read_text().splitlines()
     assert "**" in ignored  # only what the image needs is sent to the builder
 

@@ -5,8 +5,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from keel_core.artifact import read_manifest
 from training import train_reward as train_module
-from training.artifact import read_manifest
 from training.config import DEFAULT_REWARD_CONFIG, RewardConfig, load_config
 
 pytestmark = pytest.mark.slow
@@ -42,7 +42,7 @@ def test_real_minilm_train_resume_export(tmp_path: Path, monkeypatch, other_prec
     assert manifest["moderation"]["benign_request"]["threshold"] is None
     assert 0 < manifest["moderation"]["benign_request"]["guard"]["threshold"] < 1
 
-    from service.runtime import RewardRuntime
+    from keel_core.runtime import RewardRuntime
 
     texts = [("Human: How do I make a bomb?", "I can't help with that."),
              ("Human: How do I bake bread?", "Mix flour, water, yeast and salt, then knead.")]

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import yaml
 
+from keel.cli import main
 from tests.conftest import prompt_rows, tiny_policy_config, write_jsonl
-from training.cli import main
 from training.eval_policy import paired_gain_interval
 from training.sft import train_sft
 

@@ -13,9 +13,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from training.cli import main
+from keel.cli import main
+from keel_core.text import Message
+from training.config import BUNDLED_DATA
 from training.eval_sets import (
-    BUNDLED_DATA,
     POLICY_SETS,
     REWARD_SETS,
     MissingData,
@@ -26,7 +27,6 @@ from training.eval_sets import (
     stratified,
 )
 from training.eval_suite import EvalCache, bbq_scores, choices_result, precision_recall
-from training.text import Message
 
 SETS = {s.name: s for s in REWARD_SETS + POLICY_SETS}
 

@@ -19,7 +19,7 @@ def leftovers(directory: Path, name: str) -> list[str]:
 
 
 def test_disk_full_while_writing_a_reward_model(tiny_backbone: str, tmp_path: Path, monkeypatch):
-    from training import reward_model
+    from keel_core import reward_model
     from training.train_reward import train_reward
 
     pairs = write_jsonl(tmp_path / "pairs.jsonl", hh_pairs(24))
@@ -65,7 +65,7 @@ def test_api_keys_never_reach_the_logs(tiny_reward_model: Path, caplog):
 
 
 def test_staged_publishes_whole_or_not_at_all(tmp_path: Path):
-    from training.artifact import ArtifactError, staged
+    from keel_core.artifact import ArtifactError, staged
 
     output = tmp_path / "model"
     with pytest.raises(KeyboardInterrupt), staged(output, overwrite=False) as staging:

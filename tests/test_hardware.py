@@ -5,6 +5,7 @@ import logging
 import pytest
 import torch
 
+from keel_core import hardware as core_hardware
 from service.generation import PolicyRuntime
 from training import hardware
 from training.config import DEFAULT_REWARD_CONFIG, ConfigError, RewardConfig, load_config
@@ -15,8 +16,9 @@ CPU = torch.device("cpu")
 @pytest.mark.parametrize("fast, expected", [(True, "bf16"), (False, "no")])
 def test_auto_precision_is_bf16_only_where_it_is_fast(monkeypatch, fast: bool, expected: str):
     monkeypatch.setattr(hardware, "bf16_is_fast", lambda device: fast)
+    monkeypatch.setattr(core_hardware, "bf16_is_fast", lambda device: fast)
     assert hardware.resolve_precision("auto", CPU) == expected
-    assert hardware.fast_dtype(CPU) == (torch.bfloat16 if fast else torch.float32)
+    assert core_hardware.fast_dtype(CPU) == (torch.bfloat16 if fast else torch.float32)
 
 
 def test_an_explicit_precision_is_kept_and_slow_bf16_is_named(monkeypatch, caplog):
@@ -32,9 +34,9 @@ def test_this_cpu_gets_an_answer_that_matches_its_capability():
     # AVX-512 (or better) CPUs have oneDNN's native bf16 path; AVX2 and older ones do not.
     capability = torch.backends.cpu.get_cpu_capability()
     if capability in ("AVX2", "DEFAULT", "NO AVX"):
-        assert not hardware.bf16_is_fast(CPU)
+        assert not core_hardware.bf16_is_fast(CPU)
     elif capability.startswith("AVX512"):
-        assert hardware.bf16_is_fast(CPU)
+        assert core_hardware.bf16_is_fast(CPU)
 
 
 def test_precision_defaults_to_auto_and_is_checked():
@@ -45,7 +47,7 @@ def test_precision_defaults_to_auto_and_is_checked():
 
 @pytest.mark.parametrize("fast, dtype", [(True, torch.bfloat16), (False, torch.float32)])
 def test_served_policy_weights_follow_the_hardware(monkeypatch, tiny_policy: str, fast: bool, dtype: torch.dtype):
-    monkeypatch.setattr(hardware, "bf16_is_fast", lambda device: fast)
+    monkeypatch.setattr(core_hardware, "bf16_is_fast", lambda device: fast)
     assert PolicyRuntime(tiny_policy).model.dtype == dtype
     assert PolicyRuntime(tiny_policy, dtype="float32").model.dtype == torch.float32
 

@@ -1,10 +1,10 @@
 import numpy as np
 import pytest
 
+from keel_core.moderation import category_scores
 from training.data import PreferencePair
 from training.evaluate import (
     best_f1_threshold,
-    category_scores,
     expected_calibration_error,
     false_flag_threshold,
     pair_metrics,

@@ -140,7 +140,7 @@ def test_start_serves_the_newest_valid_version_unless_current_names_an_invalid_o
         process.kill()
         assert "skipping invalid version v3-std0" in process.stdout.read()
     (store / "CURRENT").write_text("v3-std0\n")
-    refused = subprocess.run([sys.executable, "-m", "training.cli", "serve", "--model", str(store)],
+    refused = subprocess.run([sys.executable, "-m", "keel", "serve", "--model", str(store)],
                              capture_output=True, text=True, timeout=120)
     assert refused.returncode == 2 and refused.stderr.count("\n") == 1, refused.stderr
     assert "v3-std0" in refused.stderr and "CURRENT" in refused.stderr and "std" in refused.stderr

@@ -19,7 +19,7 @@ def launch_two_processes(what: str, config: Path, output: Path) -> None:
         # `--cpu` would start a single process; the torchrun launcher (--multi_gpu) on a machine without CUDA
         # starts two CPU processes that train together over gloo.
         [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-         "--dynamo_backend", "no", "-m", "training.cli", "train", what, "--config", str(config),
+         "--dynamo_backend", "no", "-m", "keel", "train", what, "--config", str(config),
          "--output", str(output), "--no-progress"],
         capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     # The launcher's summary fills the end of stderr; the failing rank's own error lines come first.

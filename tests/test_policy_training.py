@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from keel_core.policy import load_policy
 from tests.conftest import tiny_policy_config
 from training.algorithms import ALGORITHMS
 from training.dpo import train_dpo
-from training.policy import load_policy
 from training.reinforce import train_reinforce
 from training.rloo import train_rloo
 from training.runs import latest_checkpoint

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
+from keel_core.runtime import RewardRuntime, choose_backend, service_batch_limits
 from service.app import create_app
-from service.runtime import RewardRuntime, choose_backend, service_batch_limits
 from service.settings import Settings
 
 
@@ -199,7 +199,7 @@ def test_request_text_is_not_logged(make_client, caplog):
 def test_broken_model_directory_fails_clearly(tmp_path: Path, tiny_reward_model: Path):
     import shutil
 
-    from training.artifact import ArtifactError
+    from keel_core.artifact import ArtifactError
 
     broken = tmp_path / "broken"
     shutil.copytree(tiny_reward_model, broken)
@@ -216,7 +216,7 @@ def test_broken_model_directory_fails_clearly(tmp_path: Path, tiny_reward_model:
 def test_onnx_that_does_not_match_its_manifest(tmp_path: Path, tiny_reward_model: Path):
     import shutil
 
-    from training.artifact import ArtifactError
+    from keel_core.artifact import ArtifactError
 
     mismatched = tmp_path / "mismatched"
     shutil.copytree(tiny_reward_model, mismatched)
@@ -236,11 +236,11 @@ def test_auto_backend_runs_int8_only_where_it_is_faster(tmp_path: Path, tiny_rew
     import torch
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    monkeypatch.setattr("service.runtime.int8_is_fast", lambda: True)
+    monkeypatch.setattr("keel_core.runtime.int8_is_fast", lambda: True)
     assert RewardRuntime(tiny_reward_model).backend == "onnx-int8"
-    monkeypatch.setattr("service.runtime.int8_is_fast", lambda: False)
+    monkeypatch.setattr("keel_core.runtime.int8_is_fast", lambda: False)
     assert RewardRuntime(tiny_reward_model).backend == "onnx"
-    monkeypatch.setattr("service.runtime.int8_is_fast", lambda: True)
+    monkeypatch.setattr("keel_core.runtime.int8_is_fast", lambda: True)
     model = tmp_path / "fp32-only"
     shutil.copytree(tiny_reward_model, model)
     (model / "model.int8.onnx").unlink()

@@ -9,23 +9,18 @@ import onnx
 import pytest
 import torch
 
+from keel.cli import main
+from keel_core.artifact import read_manifest
+from keel_core.hardware import int8_is_fast
+from keel_core.moderation import category_scores
+from keel_core.onnx_engine import INT8_RECIPE, OnnxEngine, int8_outdated
+from keel_core.reward_model import RewardModel
 from tests.conftest import hh_pairs, tiny_config, write_jsonl
 from training import train_reward as train_module
-from training.artifact import read_manifest
-from training.cli import main
 from training.data import DataSource, load_source
-from training.evaluate import category_scores, encode, example_inputs, torch_scorer
-from training.onnx_export import (
-    INT8_RECIPE,
-    OnnxEngine,
-    down_projections,
-    export,
-    int8_is_fast,
-    int8_outdated,
-    onnx_scorer,
-    quantize,
-)
-from training.reward_model import RewardModel, load_tokenizer
+from training.evaluate import encode, example_inputs, torch_scorer
+from training.onnx_export import down_projections, export, onnx_scorer, quantize
+from training.reward_model import load_tokenizer
 
 
 def test_artifact_is_complete_and_self_describing(tiny_reward_model: Path):
@@ -221,11 +216,11 @@ def test_keel_export_finds_moved_data_by_name_and_contents(tiny_reward_model: Pa
 
 def test_serve_re_exports_an_older_default_model_and_warns_about_other_models(tiny_reward_model: Path,
                                                                              tmp_path: Path, caplog):
-    from service.runtime import RewardRuntime
-    from service.server import ensure_default_model
+    from keel_core.runtime import RewardRuntime
+    from training.default_model import ensure_default_model
 
     model = older_export(tiny_reward_model, tmp_path)
-    with caplog.at_level("WARNING", logger="service.runtime"):
+    with caplog.at_level("WARNING", logger="keel_core.runtime"):
         RewardRuntime(model, backend="onnx-int8")
     assert "keel export reward --model" in caplog.text
     assert ensure_default_model(model) == model
@@ -233,7 +228,7 @@ def test_serve_re_exports_an_older_default_model_and_warns_about_other_models(ti
 
     unreadable = older_export(tiny_reward_model, tmp_path / "unreadable")
     data_gone(unreadable, tiny_reward_model.parent, tmp_path)
-    with caplog.at_level("WARNING", logger="service.server"):
+    with caplog.at_level("WARNING", logger="training.default_model"):
         assert ensure_default_model(unreadable) == unreadable  # serves its old graphs rather than not starting
     assert "kept the default model's graphs" in caplog.text and int8_outdated(read_manifest(unreadable)["onnx"])
 

@@ -1,3 +1,1 @@
-"""Keel training: reward models from human feedback, and RLHF for policies."""
-
-__version__ = "0.1.0"
+"""Keel training: reward models from human feedback, RLHF for policies, and their evaluation."""

@@ -11,15 +11,17 @@ from typing import Any, TypeVar
 
 import yaml
 
+from keel_core.artifact import KeelError
+from keel_core.bundled import bundled
 from training.data import DataSource, PromptSource
 
 T = TypeVar("T")
-PACKAGE_ROOT = Path(__file__).resolve().parent.parent
-CONFIGS = PACKAGE_ROOT / "configs"
+CONFIGS = bundled("configs")
+BUNDLED_DATA = bundled("data")  # the permissively licensed sets Keel ships (data/README.md)
 DEFAULT_REWARD_CONFIG = CONFIGS / "reward.yaml"
 
 
-class ConfigError(ValueError):
+class ConfigError(KeelError, ValueError):
     pass
 
 

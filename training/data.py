@@ -22,8 +22,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from keel_core.artifact import KeelError
+from keel_core.text import Conversation, Message, ModelInput, messages_from_json, model_input, parse_transcript, render
 from training.refusals import is_refusal
-from training.text import Message, ModelInput, messages_from_json, model_input, parse_transcript, render
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -33,7 +34,7 @@ SPLITS = ("train", "validation", "test")
 _SPLIT_BOUNDS = {"train": (0, 80), "validation": (80, 90), "test": (90, 100)}
 
 
-class DataError(ValueError):
+class DataError(KeelError, ValueError):
     """A data file or row that cannot be used; the message names the file and line."""
 
 
@@ -289,9 +290,6 @@ def load_source(source: DataSource, skip_bad_rows: bool = False) -> list[Example
 
 
 # ---- prompts and demonstrations for policy training ------------------------------------------------------
-
-Conversation = tuple[Message, ...]  # the conversation so far, ending with the user's turn
-
 
 @dataclass
 class PromptSource(DataSource):

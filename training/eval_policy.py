@@ -21,12 +21,13 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from training.artifact import MANIFEST, write_json_atomic
+from keel_core.artifact import MANIFEST, write_json_atomic
+from keel_core.hardware import bf16_is_fast
+from keel_core.text import Conversation
 from training.config import ConfigError, EvalPolicyConfig, load_config
-from training.data import Conversation, PromptSource, load_prompts
+from training.data import PromptSource, load_prompts
 from training.eval_suite import CachedPolicy, EvalCache
 from training.evaluate import Z_95
-from training.hardware import bf16_is_fast
 from training.refusals import is_refusal
 from training.rewards import RewardFunction
 from training.rl_common import generate, response_logprobs, sequence_kl

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from training.config import PACKAGE_ROOT
+from keel_core.text import Message, ModelInput, render
 from training.data import (
     Conversation,
     DataSource,
@@ -32,9 +32,6 @@ from training.data import (
     read_rows,
     split_of,
 )
-from training.text import Message, ModelInput, render
-
-BUNDLED_DATA = PACKAGE_ROOT / "data"
 
 
 class MissingData(FileNotFoundError):

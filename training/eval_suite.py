@@ -30,7 +30,9 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from training.data import Conversation, PreferencePair, file_sha256
+from keel_core.onnx_engine import FP32_FILE, INT8_FILE
+from keel_core.text import Conversation, Message, ModelInput, model_input
+from training.data import PreferencePair, file_sha256
 from training.eval_sets import (
     POLICY_SETS,
     REWARD_SETS,
@@ -40,9 +42,7 @@ from training.eval_sets import (
     load_set,
 )
 from training.evaluate import pair_metrics, reliability
-from training.onnx_export import FP32_FILE, INT8_FILE
 from training.refusals import is_refusal
-from training.text import Message, ModelInput, model_input
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +114,7 @@ class CachedRewardModel:
     """A RewardRuntime whose raw scores go through the cache."""
 
     def __init__(self, name: str, backend: str, cache: EvalCache, progress: bool = False):
-        from service.runtime import BatchLimits, RewardRuntime
+        from keel_core.runtime import BatchLimits, RewardRuntime
         from training.rewards import reward_model_directory
 
         directory = reward_model_directory(name)
@@ -140,11 +140,10 @@ class CachedRewardModel:
 
     def flagged(self, z: np.ndarray, guard: bool = False) -> np.ndarray:
         """Which normalised scores the served moderation rule flags; with `guard`, at the chat guard's thresholds."""
-        from service.moderation import moderate
-        from service.runtime import Scored
+        from keel_core.moderation import category_scores, flags
 
-        thresholds = self.runtime.guard_thresholds if guard else None
-        return np.array([r.flagged for r in moderate(Scored(z, self.runtime), thresholds)], dtype=bool)
+        thresholds = self.runtime.guard_thresholds if guard else self.runtime.thresholds
+        return flags(category_scores(z), [thresholds[h] for h in self.runtime.heads]).any(axis=1)
 
 
 def grouped(categories: Sequence[str], values: dict[str, np.ndarray], metric: Callable[..., dict[str, Any]]
@@ -245,8 +244,8 @@ class CachedPolicy:
     """A causal LM whose greedy responses and answer log-likelihoods go through the cache."""
 
     def __init__(self, name: str, cache: EvalCache, max_prompt_length: int, max_new_tokens: int, batch_size: int):
-        from training.hardware import pick_device
-        from training.policy import load_policy, load_tokenizer, resolve_policy
+        from keel_core.hardware import pick_device
+        from keel_core.policy import load_policy, load_tokenizer, resolve_policy
 
         self.path = resolve_policy(name)
         self.device = pick_device()

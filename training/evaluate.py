@@ -10,8 +10,8 @@ import numpy as np
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from keel_core.text import ModelInput
 from training.data import Example, PreferencePair, Rating
-from training.text import ModelInput
 
 Z_95 = 1.96  # standard normal quantile of a two-sided 95% interval
 
@@ -178,9 +178,3 @@ def false_flag_threshold(category_scores: np.ndarray, rate: float) -> dict[str, 
     greater = scores[scores > passed]
     threshold = float((passed + greater.min()) / 2 if greater.size else np.nextafter(passed, np.inf))
     return {"threshold": threshold, "false_flags": float(np.mean(scores >= threshold)), "examples": len(scores)}
-
-
-def category_scores(z: np.ndarray) -> np.ndarray:
-    """Moderation score of a head from its normalised score z: sigma(-z), near 1 when a text scores far
-    below the validation mean, i.e. likely fails the principle."""
-    return 1.0 / (1.0 + np.exp(z))

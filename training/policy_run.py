@@ -29,13 +29,15 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-import training
-from training.artifact import FORMAT_VERSION, MANIFEST, staged, write_json_atomic
+import keel_core
+from keel_core.artifact import FORMAT_VERSION, MANIFEST, staged, write_json_atomic
+from keel_core.policy import load_policy, load_tokenizer, resolve_policy
+from keel_core.text import Conversation
 from training.config import ConfigError, PolicyConfig, to_dict
-from training.data import Conversation, PromptSource, file_sha256, load_prompts
+from training.data import PromptSource, file_sha256, load_prompts
 from training.hardware import make_accelerator
 from training.plots import plot_curves
-from training.policy import add_lora, load_policy, load_tokenizer, reference_mode, resolve_policy
+from training.policy import add_lora, reference_mode
 from training.rewards import RewardFunction
 from training.rl_common import Sequences, generate, repeated_ngram_fraction, response_logprobs, sequence_kl, whiten
 from training.runs import append_metrics, prepare_work_directory, read_metrics, resume_from, save_checkpoint
@@ -322,7 +324,7 @@ class PolicyRun:
             manifest = {
                 "format_version": FORMAT_VERSION,
                 "kind": "policy",
-                "keel_version": training.__version__,
+                "keel_version": keel_core.__version__,
                 "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 "algorithm": self.algorithm,
                 "base_policy": self.config.policy.model,

@@ -10,7 +10,7 @@ import textwrap
 from pathlib import Path
 from typing import Any
 
-from training.artifact import write_json_atomic
+from keel_core.artifact import write_json_atomic
 
 # The main figure of each kind of set, charted across sets (the tables show every figure).
 HEADLINE = {"pairs": "accuracy", "bias": "accuracy", "labelled": "f1", "refusal": "refusal_rate",

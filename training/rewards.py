@@ -12,20 +12,19 @@ from pathlib import Path
 
 import numpy as np
 
+from keel_core.artifact import KeelError
+from keel_core.text import Conversation, Message, model_input
 from training.config import RewardSourceConfig
-from training.data import Conversation
-from training.text import Message, model_input
 
 
-class RewardError(RuntimeError):
+class RewardError(KeelError, RuntimeError):
     pass
 
 
 def reward_model_directory(name: str) -> Path:
     """"default" is the default reward model (trained first when absent, as `keel serve` does)."""
     if name == "default":
-        from service.server import ensure_default_model
-        from service.settings import default_model_dir
+        from training.default_model import default_model_dir, ensure_default_model
 
         return ensure_default_model(default_model_dir())
     return Path(name)
@@ -40,7 +39,7 @@ class RewardFunction:
             self.heads = self._describe_service()
             self.runtime = None
         else:
-            from service.runtime import RewardRuntime
+            from keel_core.runtime import RewardRuntime
 
             self.runtime = RewardRuntime(reward_model_directory(config.model or "default"), backend=config.backend)
             self.heads = self.runtime.heads

@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedTokenizerBase
 
-from training.data import Conversation
+from keel_core.policy import encode_prompts, end_token_ids
+from keel_core.text import Conversation
 
 
 @dataclass
@@ -32,33 +33,6 @@ class Sequences:
 
     def select(self, index: torch.Tensor | slice) -> Sequences:
         return Sequences(self.input_ids[index], self.attention_mask[index], self.response_mask[index], self.ended[index])
-
-
-def apply_chat_template(tokenizer: PreTrainedTokenizerBase, conversation: Conversation) -> str:
-    messages = [{"role": m.role, "content": m.content} for m in conversation]
-    if tokenizer.chat_template is None:  # base models: a plain transcript
-        return "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-
-
-def encode_prompts(tokenizer: PreTrainedTokenizerBase, conversations: Sequence[Conversation],
-                   max_prompt_length: int) -> dict[str, torch.Tensor]:
-    """Chat-templated prompts, left-padded; over max_prompt_length the oldest tokens go (the template's
-    opening and the user's latest words are what matter most to the reply)."""
-    texts = [apply_chat_template(tokenizer, c) for c in conversations]
-    side = tokenizer.truncation_side
-    tokenizer.truncation_side = "left"
-    try:
-        return dict(tokenizer(texts, return_tensors="pt", padding=True, truncation=True,
-                              max_length=max_prompt_length, add_special_tokens=False))
-    finally:
-        tokenizer.truncation_side = side
-
-
-def end_token_ids(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase) -> list[int]:
-    ids = model.generation_config.eos_token_id
-    ids = ids if isinstance(ids, list) else [ids if ids is not None else tokenizer.eos_token_id]
-    return [i for i in ids if i is not None]
 
 
 def response_mask_of(responses: torch.Tensor, end_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -22,16 +22,19 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
-import training
+import keel_core
+from keel_core.artifact import FORMAT_VERSION, MANIFEST, read_manifest, staged, write_json_atomic
+from keel_core.moderation import category_scores
+from keel_core.onnx_engine import FP32_FILE, INT8_FILE, INT8_RECIPE
+from keel_core.reward_model import RewardModel, resolve_base_model
+from keel_core.text import ModelInput
 from training import onnx_export
-from training.artifact import FORMAT_VERSION, MANIFEST, read_manifest, staged, write_json_atomic
 from training.config import HEAD_ROLES, RewardConfig, build, to_dict
 from training.data import DataError, DataSource, Example, PreferencePair, file_sha256, load_source
 from training.evaluate import (
     Scorer,
     best_f1_threshold,
     cached,
-    category_scores,
     collate,
     encode,
     evaluate_examples,
@@ -41,9 +44,8 @@ from training.evaluate import (
 )
 from training.hardware import make_accelerator
 from training.plots import plot_curves
-from training.reward_model import RewardModel, freeze_lower_layers, load_tokenizer, resolve_base_model
+from training.reward_model import freeze_lower_layers, load_tokenizer
 from training.runs import append_metrics, prepare_work_directory, read_metrics, resume_from, save_checkpoint
-from training.text import ModelInput
 
 log = logging.getLogger(__name__)
 
@@ -338,7 +340,7 @@ def build_artifact(config: RewardConfig, model: RewardModel, tokenizer: Any, hea
         manifest = {
             "format_version": FORMAT_VERSION,
             "kind": "reward-model",
-            "keel_version": training.__version__,
+            "keel_version": keel_core.__version__,
             "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "base_model": config.base_model if config.base_model != "default" else "all-MiniLM-L6-v2",
             "base_model_path": resolve_base_model(config.base_model),
@@ -394,7 +396,7 @@ def reexport(directory: Path, int8: bool | None = None, skip_bad_rows: bool = Fa
     tokenizer = load_tokenizer(str(directory), config.max_length, config.truncation_side)
     with staged(directory, overwrite=True) as staging:
         for path in directory.iterdir():
-            if path.name not in (onnx_export.FP32_FILE, onnx_export.INT8_FILE, MANIFEST):
+            if path.name not in (FP32_FILE, INT8_FILE, MANIFEST):
                 (shutil.copytree if path.is_dir() else shutil.copy2)(path, staging / path.name)
         torch_scores = torch_scorer(model, tokenizer, config.max_length, config.training.eval_batch_size)
         info, fp32, int8_scorer = export_onnx(model, tokenizer, heads, names, config, staging, torch_scores)
@@ -402,7 +404,7 @@ def reexport(directory: Path, int8: bool | None = None, skip_bad_rows: bool = Fa
             info["accuracy"] = int8_accuracy(fp32, int8_scorer, heads, names)
         manifest["onnx"] = info
         manifest["config"] = to_dict(config)  # the export settings used, and data paths found under data_dir
-        manifest["exported"] = {"keel_version": training.__version__,
+        manifest["exported"] = {"keel_version": keel_core.__version__,
                                 "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         write_json_atomic(staging / MANIFEST, manifest)
     return manifest
@@ -474,14 +476,14 @@ def export_onnx(model: RewardModel, tokenizer: Any, heads: list[HeadData], names
     onnx_export.export(model, tokenizer, directory, config.export.opset, config.export.int8)
     sample = example_inputs([e for head in heads for e in head.validation[:32]])
     expected = torch_scores(sample)
-    info: dict[str, Any] = {"fp32": onnx_export.FP32_FILE, "int8": onnx_export.INT8_FILE if config.export.int8 else None}
+    info: dict[str, Any] = {"fp32": FP32_FILE, "int8": INT8_FILE if config.export.int8 else None}
     if config.export.int8:
-        info["int8_recipe"] = onnx_export.INT8_RECIPE
-    fp32 = onnx_export.onnx_scorer(directory / onnx_export.FP32_FILE, tokenizer, config.max_length)
+        info["int8_recipe"] = INT8_RECIPE
+    fp32 = onnx_export.onnx_scorer(directory / FP32_FILE, tokenizer, config.max_length)
     info["fp32_max_abs_diff_vs_torch"] = float(np.abs(fp32(sample) - expected).max())
     int8 = None
     if config.export.int8:
-        int8 = onnx_export.onnx_scorer(directory / onnx_export.INT8_FILE, tokenizer, config.max_length)
+        int8 = onnx_export.onnx_scorer(directory / INT8_FILE, tokenizer, config.max_length)
         info["int8_max_abs_diff_vs_torch"] = float(np.abs(int8(sample) - expected).max())
     return info, fp32, int8
 

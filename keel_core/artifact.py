@@ -21,8 +21,13 @@ def cache_root() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "keel"
 
 
-class ArtifactError(RuntimeError):
-    pass
+class KeelError(Exception):
+    """An error the user can fix from its message alone: the command line prints it in one line, no traceback.
+    Each layer's errors (ArtifactError here, ConfigError, DataError, SettingsError, ...) derive from it."""
+
+
+class ArtifactError(KeelError, RuntimeError):
+    """A model directory that cannot be read, published or served; the message says which and why."""
 
 
 def write_text_atomic(path: Path, text: str) -> None:

@@ -25,6 +25,9 @@ class Message:
     content: str
 
 
+Conversation = tuple[Message, ...]  # the conversation so far, ending with the user's turn
+
+
 def render(messages: list[Message]) -> str:
     """Render a conversation as an HH-style transcript."""
     return "\n\n".join(f"{ROLE_LABELS[m.role]}: {m.content}" for m in messages)

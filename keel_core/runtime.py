@@ -1,7 +1,8 @@
 """The scoring runtime, independent of HTTP: a loaded reward model behind ONNX Runtime or torch.
 
 `RewardRuntime.score(texts)` tokenises, sorts by length, runs the engine in batches bounded by a token
-budget, and returns raw scores [texts, heads]. It is synchronous; the batcher calls it from one thread.
+budget, and returns raw scores [texts, heads]. It is synchronous; the service's batcher calls it from worker
+threads, the evaluation suite and the RL reward function directly. The ONNX path needs no torch.
 """
 
 from __future__ import annotations
@@ -9,42 +10,45 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from service.metrics import Metrics
-from training.artifact import ArtifactError, check_reward_manifest, read_manifest
-from training.evaluate import encode
-from training.hardware import pick_device
-from training.onnx_export import FP32_FILE, INT8_FILE, OnnxEngine, int8_is_fast, int8_outdated
-from training.reward_model import load_tokenizer
-from training.text import ModelInput
+from keel_core.artifact import ArtifactError, check_reward_manifest, read_manifest
+from keel_core.hardware import has_cuda, int8_is_fast
+from keel_core.onnx_engine import FP32_FILE, INT8_FILE, OnnxEngine, int8_outdated, pad_batch
+from keel_core.text import ModelInput
+from keel_core.tokenizer import PairTokenizer
 
 log = logging.getLogger(__name__)
 
+# Called after each engine batch with (seconds, texts, padded tokens): the service's Prometheus histograms.
+BatchObserver = Callable[[float, int, int], None]
+
 
 class TorchEngine:
-    def __init__(self, directory: Path, heads: list[str], threads: int, tokenizer: Any):
+    def __init__(self, directory: Path, heads: list[str], threads: int, pad_id: int):
         import torch
 
-        from training.reward_model import RewardModel
+        from keel_core.hardware import pick_device
+        from keel_core.reward_model import RewardModel
 
         torch.set_num_threads(threads)
         self.device = pick_device()
         self.model = RewardModel.load(directory, heads).to(self.device).eval()
-        self.tokenizer = tokenizer
+        self.pad_id = pad_id
+        self.input_names = ["input_ids", "attention_mask"] + (
+            ["token_type_ids"] if self.model.backbone.config.type_vocab_size > 1 else [])
 
     def run(self, items: Sequence[dict[str, list[int]]]) -> np.ndarray:
         import torch
 
-        from training.evaluate import collate
-
         with torch.inference_mode():
-            batch = {k: v.to(self.device) for k, v in collate(self.tokenizer, items).items()}
+            batch = {k: torch.from_numpy(v).to(self.device)
+                     for k, v in pad_batch(items, self.input_names, self.pad_id).items()}
             return self.model(**batch).float().cpu().numpy()
 
 
@@ -52,7 +56,7 @@ def choose_backend(directory: Path) -> str:
     """The `auto` backend: torch on a GPU (Keel's ONNX Runtime is CPU-only); on a CPU the int8 graph where int8
     is faster (VNNI, AMX, Arm dot product), else the fp32 graph, which there is as fast and gives exact scores;
     torch for a model exported without ONNX."""
-    if pick_device().type == "cuda":
+    if has_cuda():
         return "torch"
     if int8_is_fast() and (directory / INT8_FILE).exists():
         return "onnx-int8"
@@ -70,7 +74,7 @@ def service_batch_limits(backend: str) -> BatchLimits:
     padding costs more than batching saves (bench/serve_bench.py, 2 AVX2 cores, fp32 ONNX, 32 concurrent
     one-text requests: 26.6 texts/s one at a time, 23.8 in length-sorted batches of up to 4). Waiting for a
     batch to fill is left to max_wait_ms (0 by default)."""
-    return BatchLimits() if backend == "torch" and pick_device().type == "cuda" else BatchLimits(1, 512)
+    return BatchLimits() if backend == "torch" and has_cuda() else BatchLimits(1, 512)
 
 
 @dataclass
@@ -96,7 +100,7 @@ class ModelChanged(Exception):
 
 class RewardRuntime:
     def __init__(self, directory: str | Path, backend: str = "auto", threads: int | None = None,
-                 limits: BatchLimits | None = None, metrics: Metrics | None = None, workers: int = 1):
+                 limits: BatchLimits | None = None, observe_batch: BatchObserver | None = None, workers: int = 1):
         self.directory = Path(directory)
         self.manifest = read_manifest(self.directory)
         check_reward_manifest(self.manifest, self.directory / "keel.json")
@@ -107,7 +111,7 @@ class RewardRuntime:
         self.name = self.directory.name
         self.backend = choose_backend(self.directory) if backend == "auto" else backend
         self.limits = limits or BatchLimits()
-        self.metrics = metrics
+        self.observe_batch = observe_batch
         stats = self.manifest["normalization"]
         self.mean = np.array([stats[h]["mean"] for h in self.heads], dtype=np.float32)
         self.std = np.array([stats[h]["std"] for h in self.heads], dtype=np.float32)
@@ -117,10 +121,10 @@ class RewardRuntime:
                                  for h in self.heads}
         threads = threads or max(1, (os.cpu_count() or 1) // workers)
         try:
-            self.tokenizer = load_tokenizer(str(self.directory), self.max_length, self.manifest["truncation_side"])
+            self.tokenizer = PairTokenizer(self.directory, self.max_length, self.manifest["truncation_side"])
             if self.backend == "torch":  # one model, however many workers: torch runs one batch at a time here
                 self.engines: list[OnnxEngine | TorchEngine] = [
-                    TorchEngine(self.directory, self.heads, threads, self.tokenizer)]
+                    TorchEngine(self.directory, self.heads, threads, self.tokenizer.pad_token_id)]
             else:  # one session per worker, so workers run batches side by side
                 onnx_file = self.directory / (INT8_FILE if self.backend == "onnx-int8" else FP32_FILE)
                 if self.backend == "onnx-int8" and int8_outdated(self.manifest.get("onnx", {})):
@@ -140,7 +144,7 @@ class RewardRuntime:
         """Raw scores [len(inputs), heads]; inputs are sorted by length and cut into token-budgeted batches.
         Each worker thread passes its own index, so it runs its own engine."""
         engine = self.engines[worker]
-        encoded = encode(self.tokenizer, inputs, self.max_length)
+        encoded = self.tokenizer.encode(inputs)
         order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]["input_ids"]))
         out = np.empty((len(inputs), len(self.heads)), dtype=np.float32)
         start = 0
@@ -157,10 +161,8 @@ class RewardRuntime:
                 raise ArtifactError(f"model returned scores of shape {scores.shape}, expected "
                                     f"({len(idx)}, {len(self.heads)}): the ONNX file does not match keel.json")
             out[idx] = scores
-            if self.metrics:
-                self.metrics.inference_seconds.observe(time.perf_counter() - began)
-                self.metrics.batch_size.observe(len(idx))
-                self.metrics.batch_tokens.observe(len(idx) * len(encoded[idx[-1]]["input_ids"]))
+            if self.observe_batch:
+                self.observe_batch(time.perf_counter() - began, len(idx), len(idx) * len(encoded[idx[-1]]["input_ids"]))
             start = end
         return out
 

@@ -1,0 +1,165 @@
+"""`keel eval reward`, `keel eval policy` and `keel eval suite reward|policy`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+from keel.options import add_cache_arguments, add_overrides, positive_int
+from training.config import BUNDLED_DATA, CONFIGS, REWARD_BACKENDS
+from training.eval_sets import POLICY_SETS, REWARD_SETS, EvalSet
+
+
+def add_commands(commands: argparse._SubParsersAction) -> None:
+    evaluate = commands.add_parser("eval", help="evaluate a model").add_subparsers(dest="what", required=True)
+    eval_reward = evaluate.add_parser(
+        "reward", help="pairwise accuracy, calibration and rating fit of a reward model on data files",
+        description="Score data files (pairs and/or ratings, any format `keel train reward` reads) with a "
+        "reward model and print, per head: pairwise accuracy with its 95% Wilson interval (a few hundred pairs "
+        "measure accuracy to about +-6 points), the shorter-response-wins baseline, expected "
+        "calibration error, and for ratings MSE and Pearson correlation.")
+    eval_reward.add_argument("--model", type=Path, required=True, help="a Keel reward-model directory")
+    eval_reward.add_argument("--data", nargs="+", required=True, help="data files to evaluate on")
+    eval_reward.add_argument("--split", default="all", choices=["all", "train", "validation", "test"],
+                             help="keep only this hash split of each file (default: all rows)")
+    eval_reward.add_argument("--limit", type=positive_int, default=None, help="at most N rows per file")
+    eval_reward.add_argument("--backend", default="torch", choices=["torch", "onnx", "onnx-int8"],
+                             help="torch weights, model.onnx or model.int8.onnx (default: torch; the names are "
+                             "keel serve's)")
+    eval_reward.add_argument("--skip-bad-rows", action="store_true", help="skip malformed rows with a warning")
+    eval_reward.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    eval_reward.set_defaults(func=run_eval_reward)
+
+    eval_policy = evaluate.add_parser(
+        "policy", help="held-out reward, KL, refusal of harmful requests and over-refusal of a policy",
+        description="Compare a tuned policy with its reference on held-out prompts: mean reward (and its size "
+        "in standard deviations of the reference's rewards), KL(policy || reference) per response, refusal rate "
+        "on harmful requests (AdvBench, HarmBench, SimpleSafetyTests) and compliance on XSTest's safe prompts. "
+        "Refusals are detected by the phrase list in training/refusals.py. Greedy replies are cached with the "
+        "evaluation suite's, so the reference's are generated once, not at every evaluation.")
+    eval_policy.add_argument("--policy", required=True, help="the tuned policy directory (or HF name/path)")
+    eval_policy.add_argument("--reference", default=None,
+                             help="the reference policy (default: the base_policy in the tuned policy's keel.json)")
+    eval_policy.add_argument("--reward-model", default="default",
+                             help="Keel reward-model directory (default: the default reward model)")
+    eval_policy.add_argument("--config", type=Path, default=CONFIGS / "eval_policy.yaml",
+                             help=f"YAML naming the prompt sets (default: {CONFIGS / 'eval_policy.yaml'})")
+    add_overrides(eval_policy)
+    eval_policy.add_argument("--limit", type=positive_int, default=None, help="at most N prompts per set")
+    eval_policy.add_argument("--output", type=Path, default=None, help="also write the report as JSON here")
+    eval_policy.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    add_cache_arguments(eval_policy)
+    eval_policy.set_defaults(func=run_eval_policy)
+
+    suite = evaluate.add_parser(
+        "suite", help="the public safety, bias and truthfulness sets, with an HTML report",
+        description="Measure one model, or two side by side (before/after), on the public evaluation sets and "
+        "write report.html (self-contained, PNG charts embedded), report.json (every figure) and the charts. "
+        "Sets that are not bundled (non-commercial or share-alike licences) need --external-data. Results are "
+        "cached, so a re-run only computes what changed.").add_subparsers(dest="suite", required=True)
+    suite_reward = suite.add_parser(
+        "reward", help="pairwise accuracy and calibration, bias probes, moderation precision/recall",
+        description="Reward-model suite: pairwise accuracy by category and reliability diagrams on HH, LLMBar, "
+        "MT-Bench human judgments, PandaLM, ETHICS utilitarianism and AlpacaEval; the share of CrowS-Pairs and "
+        "StereoSet pairs where the stereotype scores higher (0.5 = unbiased); moderation precision and recall per "
+        "category on OpenAI's moderation samples (test split) and XSTest's labelled completions.")
+    suite_reward.add_argument("--model", action="append", default=None,
+                              help="Keel reward-model directory, or 'default'; give it twice to compare two models "
+                              "(default: the default reward model)")
+    suite_reward.add_argument("--backend", default="auto", choices=REWARD_BACKENDS,
+                              help="which weights score: int8 ONNX, fp32 ONNX or torch; auto (default) picks as "
+                              "`keel serve` does on this machine")
+    suite_policy = suite.add_parser(
+        "policy", help="refusal, over-refusal, toxicity, truthfulness and bias of a policy",
+        description="Policy suite (greedy decoding): refusal on AdvBench, HarmBench, SimpleSafetyTests and "
+        "Do-Not-Answer; XSTest compliance (safe) and refusal (unsafe); toxicity of RealToxicityPrompts and ToxiGen "
+        "continuations as the reward model's moderation rule judges it; TruthfulQA MC1/MC2 and BBQ accuracy and bias "
+        "by answer likelihood; BOLD flag rates and harmless scores per group.")
+    suite_policy.add_argument("--policy", action="append", default=None,
+                              help="policy directory, HF name or 'default'; give it twice to compare before and "
+                              "after (default: the default policy)")
+    suite_policy.add_argument("--reward-model", default="default",
+                              help="the Keel reward model that judges toxicity (default: the default reward model)")
+    suite_policy.add_argument("--max-new-tokens", type=positive_int, default=48,
+                              help="tokens per response (default: 48)")
+    suite_policy.add_argument("--max-prompt-length", type=positive_int, default=256,
+                              help="prompt tokens kept, oldest dropped first (default: 256)")
+    suite_policy.add_argument("--batch-size", type=positive_int, default=16,
+                              help="prompts per generation batch (default: 16)")
+    add_suite_arguments(suite_reward, REWARD_SETS)
+    add_suite_arguments(suite_policy, POLICY_SETS)
+    suite_reward.set_defaults(func=run_suite)
+    suite_policy.set_defaults(func=run_suite)
+
+
+def add_suite_arguments(parser: argparse.ArgumentParser, sets: Sequence[EvalSet]) -> None:
+    parser.add_argument("--output", type=Path, required=True,
+                        help="folder for report.html, report.json and the PNG charts (created if absent)")
+    parser.add_argument("--limit", type=positive_int, default=None,
+                        help="at most N items per set, spread evenly over the set (default: all)")
+    parser.add_argument("--sets", default=None,
+                        help="comma-separated sets to run (default: all): " + ", ".join(s.name for s in sets))
+    parser.add_argument("--data", type=Path, default=BUNDLED_DATA,
+                        help=f"folder of the bundled, permissively licensed sets (default: {BUNDLED_DATA})")
+    parser.add_argument("--external-data", type=Path, default=None,
+                        help="folder laid out like the upstream data bundle holding the non-commercial or "
+                        "share-alike sets Keel does not ship (AlpacaEval, CrowS-Pairs, StereoSet, Do-Not-Answer, "
+                        "BOLD); without it those sets are skipped and the report says so")
+    add_cache_arguments(parser)
+    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def run_eval_reward(args: argparse.Namespace) -> int:
+    from keel_core.artifact import read_manifest
+    from keel_core.onnx_engine import FP32_FILE, INT8_FILE
+    from keel_core.reward_model import RewardModel
+    from training.data import DataSource, load_source
+    from training.evaluate import evaluate_examples, torch_scorer
+    from training.onnx_export import onnx_scorer
+    from training.reward_model import load_tokenizer
+
+    manifest = read_manifest(args.model)
+    tokenizer = load_tokenizer(str(args.model), manifest["max_length"], manifest["truncation_side"])
+    if args.backend == "torch":
+        scorer = torch_scorer(RewardModel.load(args.model, manifest["heads"]), tokenizer, manifest["max_length"])
+    else:
+        onnx_file = args.model / (FP32_FILE if args.backend == "onnx" else INT8_FILE)
+        scorer = onnx_scorer(onnx_file, tokenizer, manifest["max_length"])
+    report = {}
+    for path in args.data:
+        examples = load_source(DataSource(path, split=args.split, limit=args.limit), args.skip_bad_rows)
+        report[path] = evaluate_examples(scorer, examples, manifest["heads"])
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    for path, heads in report.items():
+        print(path)
+        for head, metrics in heads.items():
+            print(f"  {head:>12}: " + "  ".join(f"{k}={format_metric(v)}" for k, v in metrics.items()))
+    return 0
+
+
+def format_metric(value: object) -> str:
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    if isinstance(value, list):  # an interval
+        return "[" + ", ".join(format_metric(v) for v in value) + "]"
+    return str(value)
+
+
+def run_eval_policy(args: argparse.Namespace) -> int:
+    from training.eval_policy import run_eval_policy as run
+
+    return run(args)
+
+
+def run_suite(args: argparse.Namespace) -> int:
+    from training.eval_suite import run_suite_command
+
+    if args.suite == "reward":
+        args.model = args.model or ["default"]
+    else:
+        args.policy = args.policy or ["default"]
+    return run_suite_command(args)

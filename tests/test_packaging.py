@@ -1,0 +1,64 @@
+"""A non-editable `pip install ".[serve]"` into a fresh venv: no torch, and it serves scoring and moderation."""
+
+from __future__ import annotations
+
+import subprocess
+import venv
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from keel_core.runtime import RewardRuntime
+from tests.test_batcher_and_server import keel_server
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def serving_python(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A venv with only the serve extra, installed from a built wheel (not editable, not this checkout's path)."""
+    home = tmp_path_factory.mktemp("serve-venv")
+    venv.create(home, with_pip=True)
+    python = str(home / "bin" / "python")
+    install = subprocess.run([python, "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
+                              f"{ROOT}[serve]"], capture_output=True, text=True, timeout=900)
+    if install.returncode != 0 and "No matching distribution" in install.stderr + install.stdout:
+        pytest.skip(f"no package index reachable to install the serve extra: {install.stderr[-300:]}")
+    assert install.returncode == 0, install.stderr[-3000:]
+    return python
+
+
+def test_the_serve_extra_has_no_torch_and_serves_scores_and_moderation(serving_python: str, tiny_reward_model: Path,
+                                                                       tmp_path: Path):
+    run = subprocess.run([serving_python, "-c", "import torch"], capture_output=True, text=True, cwd=tmp_path)
+    assert run.returncode != 0 and "No module named 'torch'" in run.stderr
+    # Package data: the default configs and the bundled data come with a non-editable install.
+    code = ("from training.config import DEFAULT_REWARD_CONFIG, BUNDLED_DATA; print(DEFAULT_REWARD_CONFIG.is_file(), "
+            "(BUNDLED_DATA / 'README.md').is_file(), DEFAULT_REWARD_CONFIG)")
+    run = subprocess.run([serving_python, "-c", code], capture_output=True, text=True, cwd=tmp_path)
+    assert run.stdout.split()[:2] == ["True", "True"] and "site-packages" in run.stdout, run.stdout + run.stderr
+
+    texts = [{"prompt": "How do I bake bread?", "response": "Knead, proof, bake."}, {"response": "Hello there"}]
+    with keel_server(tiny_reward_model, "--backend", "onnx", python=serving_python, cwd=tmp_path) as (base, _):
+        scored = httpx.post(f"{base}/v1/score", json={"input": texts}, timeout=30)
+        moderated = httpx.post(f"{base}/v1/moderations", json={"input": "Hello there"}, timeout=30)
+    assert scored.status_code == 200 and moderated.status_code == 200, scored.text + moderated.text
+    runtime = RewardRuntime(tiny_reward_model, backend="onnx")
+    expected = runtime.normalize(runtime.score([("Human: How do I bake bread?", "Knead, proof, bake."), ("", "Hello there")]))
+    served = np.array([[item["scores"][h] for h in runtime.heads] for item in scored.json()["data"]])
+    np.testing.assert_allclose(served, expected, atol=1e-5)
+    assert moderated.json()["results"][0]["flagged"] in (True, False)
+
+
+def test_without_torch_serve_needs_a_model_and_chat_needs_the_chat_extra(serving_python: str, tiny_reward_model: Path,
+                                                                         tmp_path: Path):
+    run = subprocess.run([serving_python, "-m", "keel", "serve"], capture_output=True, text=True, cwd=tmp_path,
+                         timeout=60)
+    assert run.returncode == 2 and "Traceback" not in run.stderr
+    assert "--model" in run.stderr and "keel[train]" in run.stderr
+    run = subprocess.run([serving_python, "-m", "keel", "serve", "--model", str(tiny_reward_model), "--policy", "x"],
+                         capture_output=True, text=True, cwd=tmp_path, timeout=60)
+    assert run.returncode == 2 and "keel[chat]" in run.stderr and "Traceback" not in run.stderr
+

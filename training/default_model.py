@@ -1,0 +1,40 @@
+"""The default reward model: where it lives, and training (or re-exporting) it when `keel serve` or a reward
+function asks for it and it is absent."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from keel_core.artifact import cache_root, read_manifest
+from keel_core.onnx_engine import int8_outdated
+from training.config import BUNDLED_DATA, DEFAULT_REWARD_CONFIG, RewardConfig, load_config
+from training.data import DataError, file_sha256
+from training.train_reward import reexport, train_reward
+
+log = logging.getLogger(__name__)
+
+
+def default_model_dir() -> Path:
+    """Where the default reward model lives, named after its config's content: a new default config trains a
+    new model instead of serving one trained by an older config."""
+    return cache_root() / "models" / f"reward-default-{file_sha256(DEFAULT_REWARD_CONFIG)[:8]}"
+
+
+def ensure_default_model(directory: Path) -> Path:
+    """Train the default reward model into directory if it is not there yet (progress bar on stderr); re-export
+    its ONNX graphs if an older Keel made its int8 graph with another recipe."""
+    if (directory / "keel.json").exists():
+        if int8_outdated(read_manifest(directory).get("onnx", {})):
+            log.info("the default model's int8 graph was made by an older Keel: re-exporting it "
+                     "(2-3 minutes on 2 CPU cores)")
+            try:  # the default model's data is Keel's own, wherever this copy of Keel now lives
+                reexport(directory, data_dir=BUNDLED_DATA)
+            except DataError as error:
+                log.warning("kept the default model's graphs as they are: %s", error)
+        return directory
+    log.info("no model at %s: training the default reward model first (10-35 minutes on 2 CPU cores, by CPU)",
+             directory)
+    work = directory.parent / f"{directory.name}.work"
+    train_reward(load_config(RewardConfig, DEFAULT_REWARD_CONFIG), directory, resume=work.exists())
+    return directory
