@@ -123,7 +123,7 @@ def run_eval_reward(args: argparse.Namespace) -> int:
     manifest = read_manifest(args.model)
     tokenizer = load_tokenizer(str(args.model), manifest["max_length"], manifest["truncation_side"])
     if args.backend == "torch":
-        scorer = torch_scorer(RewardModel.load(args.model, manifest["heads"]), tokenizer, manifest["max_length"])
+        scorer = torch_scorer(RewardModel.load(args.model), tokenizer, manifest["max_length"])
     else:
         onnx_file = args.model / (FP32_FILE if args.backend == "onnx" else INT8_FILE)
         scorer = onnx_scorer(onnx_file, tokenizer, manifest["max_length"])

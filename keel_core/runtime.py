@@ -38,7 +38,9 @@ class TorchEngine:
 
         torch.set_num_threads(threads)
         self.device = pick_device()
-        self.model = RewardModel.load(directory, heads).to(self.device).eval()
+        self.model = RewardModel.load(directory).to(self.device).eval()
+        if self.model.head_names != heads:
+            raise ArtifactError(f"{directory}: the weights' heads {self.model.head_names} are not keel.json's {heads}")
         self.pad_id = pad_id
         self.input_names = ["input_ids", "attention_mask"] + (
             ["token_type_ids"] if self.model.backbone.config.type_vocab_size > 1 else [])
@@ -49,7 +51,7 @@ class TorchEngine:
         with torch.inference_mode():
             batch = {k: torch.from_numpy(v).to(self.device)
                      for k, v in pad_batch(items, self.input_names, self.pad_id).items()}
-            return self.model(**batch).float().cpu().numpy()
+            return self.model(**batch).logits.float().cpu().numpy()
 
 
 def choose_backend(directory: Path) -> str:

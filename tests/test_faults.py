@@ -24,7 +24,7 @@ def test_disk_full_while_writing_a_reward_model(tiny_backbone: str, tmp_path: Pa
 
     pairs = write_jsonl(tmp_path / "pairs.jsonl", hh_pairs(24))
     config = tiny_config(tiny_backbone, pairs, epochs=1, checkpoint_every=1)
-    monkeypatch.setattr(reward_model, "save_file", disk_full)  # the heads file, after the backbone is written
+    monkeypatch.setattr(reward_model, "copyfile", disk_full)  # the model's class file, after the weights
     with pytest.raises(OSError, match="No space left"):
         train_reward(config, tmp_path / "model", progress=False)
     assert not (tmp_path / "model").exists() and leftovers(tmp_path, "model") == []  # nothing half-written

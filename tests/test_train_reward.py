@@ -25,8 +25,8 @@ from training.reward_model import load_tokenizer
 
 def test_artifact_is_complete_and_self_describing(tiny_reward_model: Path):
     manifest = read_manifest(tiny_reward_model)
-    for name in ("keel.json", "model.safetensors", "reward_heads.safetensors", "tokenizer.json", "model.onnx",
-                 "model.int8.onnx", "metrics.jsonl", "training_curves.png"):
+    for name in ("keel.json", "config.json", "model.safetensors", "modeling_keel.py", "README.md", "tokenizer.json",
+                 "model.onnx", "model.int8.onnx", "metrics.jsonl", "training_curves.png"):
         assert (tiny_reward_model / name).is_file(), name
     assert manifest["kind"] == "reward-model" and manifest["heads"] == ["harmless", "quality"]
     assert manifest["input_names"] == ["input_ids", "attention_mask", "token_type_ids"]
@@ -78,7 +78,8 @@ def test_a_detached_head_is_a_probe_that_leaves_the_backbone_alone(tiny_backbone
         assert manifests[sign]["metrics"]["validation"]["quality"]["pearson"] > 0.9
     # Opposite probe data, the same backbone bit for bit: the probe's data never reached it.
     first, second = (load_file(tmp_path / f"model{sign}" / "model.safetensors") for sign in (1.0, -1.0))
-    assert all(torch.equal(first[k], second[k]) for k in first)
+    backbone = [k for k in first if k.startswith("backbone.")]  # model.safetensors holds the heads too
+    assert backbone and all(torch.equal(first[k], second[k]) for k in backbone)
     assert manifests[1.0]["metrics"]["validation"]["harmless"] == manifests[-1.0]["metrics"]["validation"]["harmless"]
 
 
@@ -96,7 +97,7 @@ def test_onnx_matches_torch_on_new_texts(tiny_reward_model: Path):
     handler.emit = lambda record: load_messages.append(record.getMessage())
     logging.getLogger("transformers").addHandler(handler)  # transformers' loggers do not propagate further
     try:
-        model = RewardModel.load(tiny_reward_model, manifest["heads"])
+        model = RewardModel.load(tiny_reward_model)
     finally:
         logging.getLogger("transformers").removeHandler(handler)
     assert not [m for m in load_messages if "MISSING" in m]  # no warning about the pooler mean pooling never reads
@@ -123,7 +124,7 @@ def test_export_prints_no_inapplicable_warnings(tiny_reward_model: Path, tmp_pat
     tokenizer = load_tokenizer(str(tiny_reward_model), manifest["max_length"], "left")
     with caplog.at_level("WARNING"), warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        export(RewardModel.load(tiny_reward_model, manifest["heads"]), tokenizer, tmp_path, opset=17, int8=True)
+        export(RewardModel.load(tiny_reward_model), tokenizer, tmp_path, opset=17, int8=True)
     assert (tmp_path / "model.int8.onnx").exists()
     # The exporter's tracing and indexing warnings (Python hides deprecation warnings from users by default).
     assert not [str(w.message) for w in caught if not issubclass(w.category, DeprecationWarning)]
@@ -179,12 +180,53 @@ def test_keel_export_remakes_an_older_int8_graph_and_keeps_the_rest(tiny_reward_
     assert after["onnx"]["accuracy"]["harmless"]["split"] == "validation"  # the tiny config has no test split
     for kept in ("metrics", "normalization", "moderation", "created_at"):
         assert after[kept] == before[kept]
-    for name in ("model.safetensors", "reward_heads.safetensors", "metrics.jsonl"):
+    for name in ("model.safetensors", "modeling_keel.py", "metrics.jsonl"):
         assert (model / name).read_bytes() == (tiny_reward_model / name).read_bytes()
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")], "no staging directory left behind"
 
     assert main(["export", "reward", "--model", str(model), "--no-int8"]) == 0
     assert read_manifest(model)["onnx"]["int8"] is None and not (model / "model.int8.onnx").exists()
+
+
+def format_1_copy(model: Path, tmp_path: Path) -> Path:
+    """A copy of a model directory as Keel wrote it before format 2: a bare backbone (config.json without labels
+    or auto_map, no heads in model.safetensors) plus reward_heads.safetensors."""
+    from safetensors.torch import load_file, save_file
+
+    copy = tmp_path / "format-1"
+    shutil.copytree(model, copy)
+    weights = load_file(copy / "model.safetensors")
+    save_file({k.removeprefix("backbone."): v for k, v in weights.items() if k.startswith("backbone.")},
+              copy / "model.safetensors", metadata={"format": "pt"})
+    save_file({k.removeprefix("heads."): v for k, v in weights.items() if k.startswith("heads.")},
+              copy / "reward_heads.safetensors")
+    config = json.loads((copy / "config.json").read_text())
+    for key in ("auto_map", "id2label", "label2id", "problem_type"):
+        config.pop(key, None)
+    config["architectures"] = ["BertModel"]
+    (copy / "config.json").write_text(json.dumps(config))
+    (copy / "modeling_keel.py").unlink()
+    manifest = read_manifest(copy)
+    manifest["format_version"] = 1
+    (copy / "keel.json").write_text(json.dumps(manifest))
+    return copy
+
+
+def test_a_format_1_directory_is_served_as_it_was_and_export_makes_it_a_hugging_face_model(
+        tiny_reward_model: Path, tmp_path: Path):
+    from transformers import AutoModelForSequenceClassification
+
+    from keel_core.runtime import RewardRuntime
+
+    old = format_1_copy(tiny_reward_model, tmp_path)
+    texts = [("Human: hi", "hello there"), ("", "a bare reply")]
+    expected = RewardRuntime(tiny_reward_model, backend="torch").score(texts)
+    np.testing.assert_allclose(RewardRuntime(old, backend="torch").score(texts), expected, atol=1e-6)
+    assert main(["export", "reward", "--model", str(old)]) == 0
+    assert read_manifest(old)["format_version"] == 2 and not (old / "reward_heads.safetensors").exists()
+    hf = AutoModelForSequenceClassification.from_pretrained(old, trust_remote_code=True)
+    assert list(hf.config.id2label.values()) == read_manifest(old)["heads"]
+    np.testing.assert_allclose(RewardRuntime(old, backend="torch").score(texts), expected, atol=1e-6)
 
 
 def data_gone(model: Path, data_dir: Path, tmp_path: Path) -> Path:
@@ -314,7 +356,7 @@ def test_frozen_lower_layers_keep_their_weights(tiny_backbone: str, tmp_path: Pa
                          freeze_layers=1)
     train_module.train_reward(config, tmp_path / "model", progress=False)
     base = load_file(Path(tiny_backbone) / "model.safetensors")
-    trained = load_file(tmp_path / "model" / "model.safetensors")
+    trained = {k.removeprefix("backbone."): v for k, v in load_file(tmp_path / "model" / "model.safetensors").items()}
     fixed = [k for k in trained if k.startswith(("embeddings.", "encoder.layer.0."))]
     assert fixed and all(torch.equal(trained[k], base[k]) for k in fixed)
     assert not torch.equal(trained["encoder.layer.1.output.dense.weight"], base["encoder.layer.1.output.dense.weight"])

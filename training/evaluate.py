@@ -56,13 +56,13 @@ def torch_scorer(
 ) -> Scorer:
     """Scores [texts, heads] of a RewardModel; with `features`, the pooled features its heads read."""
     device = next(model.parameters()).device
-    forward = model.pool if features else model
 
     @torch.no_grad()
     def run(items: list[dict[str, list[int]]]) -> np.ndarray:
         was_training = model.training
         model.eval()
-        scores = forward(**{k: v.to(device) for k, v in collate(tokenizer, items).items()}).float().cpu().numpy()
+        batch = {k: v.to(device) for k, v in collate(tokenizer, items).items()}
+        scores = (model.pool(**batch) if features else model(**batch).logits).float().cpu().numpy()
         model.train(was_training)
         return scores
 

@@ -26,6 +26,17 @@ def onnx_input_names(tokenizer: PreTrainedTokenizerBase) -> list[str]:
     return names + (["token_type_ids"] if "token_type_ids" in tokenizer.model_input_names else [])
 
 
+class ScoresOnly(torch.nn.Module):
+    """The model with its raw scores as the one output (the graph's `scores`), not a ModelOutput."""
+
+    def __init__(self, model: RewardModel):
+        super().__init__()
+        self.model = model
+
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        return self.model(*inputs).logits
+
+
 def export(model: RewardModel, tokenizer: PreTrainedTokenizerBase, directory: Path, opset: int, int8: bool) -> None:
     """Write model.onnx (optimised fp32) and optionally model.int8.onnx into directory."""
     from onnxruntime.transformers.optimizer import optimize_model
@@ -46,7 +57,7 @@ def export(model: RewardModel, tokenizer: PreTrainedTokenizerBase, directory: Pa
         warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
         warnings.filterwarnings("ignore", message="Exporting aten::index operator")
         torch.onnx.export(
-            model, tuple(sample[n] for n in names), str(raw_path), input_names=names, output_names=["scores"],
+            ScoresOnly(model), tuple(sample[n] for n in names), str(raw_path), input_names=names, output_names=["scores"],
             dynamic_axes={**axes, "scores": {0: "batch"}}, opset_version=opset, dynamo=False,
         )
     model.backbone.set_attn_implementation(attention)

@@ -23,10 +23,10 @@ from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
 import keel_core
-from keel_core.artifact import FORMAT_VERSION, MANIFEST, read_manifest, staged, write_json_atomic
+from keel_core.artifact import FORMAT_VERSION, MANIFEST, read_manifest, staged, write_json_atomic, write_text_atomic
 from keel_core.moderation import category_scores
 from keel_core.onnx_engine import FP32_FILE, INT8_FILE, INT8_RECIPE
-from keel_core.reward_model import RewardModel, resolve_base_model
+from keel_core.reward_model import LEGACY_HEADS_FILE, RewardModel, resolve_base_model
 from keel_core.text import ModelInput
 from training import onnx_export
 from training.config import HEAD_ROLES, RewardConfig, build, to_dict
@@ -43,6 +43,7 @@ from training.evaluate import (
     torch_scorer,
 )
 from training.hardware import make_accelerator
+from training.model_card import reward_model_card
 from training.plots import plot_curves
 from training.reward_model import freeze_lower_layers, load_tokenizer
 from training.runs import append_metrics, prepare_work_directory, read_metrics, resume_from, save_checkpoint
@@ -90,11 +91,11 @@ def batch_loss(model: torch.nn.Module, tokenizer: Any, head: int, examples: list
     if isinstance(examples[0], PreferencePair):
         n = len(examples)
         batch = collate(tokenizer, [e["chosen"] for e in encoded] + [e["rejected"] for e in encoded])
-        scores = model(**{k: v.to(device) for k, v in batch.items()})[:, head]
+        scores = model(**{k: v.to(device) for k, v in batch.items()}).logits[:, head]
         diff = scores[:n] - scores[n:]
         return pair_loss(diff, examples, margin), float((diff > 0).float().mean())
     batch = collate(tokenizer, [e["text"] for e in encoded])
-    scores = model(**{k: v.to(device) for k, v in batch.items()})[:, head]
+    scores = model(**{k: v.to(device) for k, v in batch.items()}).logits[:, head]
     return rating_loss(scores, examples), None
 
 
@@ -357,6 +358,7 @@ def build_artifact(config: RewardConfig, model: RewardModel, tokenizer: Any, hea
             "metrics": metrics,
         }
         write_json_atomic(staging / MANIFEST, manifest)
+        write_text_atomic(staging / "README.md", reward_model_card(manifest, output))
     return manifest
 
 
@@ -392,11 +394,13 @@ def reexport(directory: Path, int8: bool | None = None, skip_bad_rows: bool = Fa
                         f"{directory / MANIFEST}, so that file must be readable at its recorded path, or under "
                         f"`--data DIR` with the same name and contents") from error
     names = manifest["heads"]
-    model = RewardModel.load(directory, names)
+    model = RewardModel.load(directory)
     tokenizer = load_tokenizer(str(directory), config.max_length, config.truncation_side)
     with staged(directory, overwrite=True) as staging:
+        model.save(staging)  # a format-1 directory (heads in their own file) becomes a Hugging Face one
         for path in directory.iterdir():
-            if path.name not in (FP32_FILE, INT8_FILE, MANIFEST):
+            if path.name not in (FP32_FILE, INT8_FILE, MANIFEST, "README.md", LEGACY_HEADS_FILE) and not (
+                    staging / path.name).exists():
                 (shutil.copytree if path.is_dir() else shutil.copy2)(path, staging / path.name)
         torch_scores = torch_scorer(model, tokenizer, config.max_length, config.training.eval_batch_size)
         info, fp32, int8_scorer = export_onnx(model, tokenizer, heads, names, config, staging, torch_scores)
@@ -406,7 +410,9 @@ def reexport(directory: Path, int8: bool | None = None, skip_bad_rows: bool = Fa
         manifest["config"] = to_dict(config)  # the export settings used, and data paths found under data_dir
         manifest["exported"] = {"keel_version": keel_core.__version__,
                                 "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        manifest["format_version"] = FORMAT_VERSION
         write_json_atomic(staging / MANIFEST, manifest)
+        write_text_atomic(staging / "README.md", reward_model_card(manifest, directory))
     return manifest
 
 
