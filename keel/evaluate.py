@@ -112,7 +112,7 @@ def add_suite_arguments(parser: argparse.ArgumentParser, sets: Sequence[EvalSet]
 
 
 def run_eval_reward(args: argparse.Namespace) -> int:
-    from keel_core.artifact import read_manifest
+    from keel_core.artifact import RewardManifest
     from keel_core.onnx_engine import FP32_FILE, INT8_FILE
     from keel_core.reward_model import RewardModel
     from training.data import DataSource, load_source
@@ -120,17 +120,17 @@ def run_eval_reward(args: argparse.Namespace) -> int:
     from training.onnx_export import onnx_scorer
     from training.reward_model import load_tokenizer
 
-    manifest = read_manifest(args.model)
-    tokenizer = load_tokenizer(str(args.model), manifest["max_length"], manifest["truncation_side"])
+    manifest = RewardManifest.read(args.model)
+    tokenizer = load_tokenizer(str(args.model), manifest.max_length, manifest.truncation_side)
     if args.backend == "torch":
-        scorer = torch_scorer(RewardModel.load(args.model), tokenizer, manifest["max_length"])
+        scorer = torch_scorer(RewardModel.load(args.model), tokenizer, manifest.max_length)
     else:
         onnx_file = args.model / (FP32_FILE if args.backend == "onnx" else INT8_FILE)
-        scorer = onnx_scorer(onnx_file, tokenizer, manifest["max_length"])
+        scorer = onnx_scorer(onnx_file, tokenizer, manifest.max_length)
     report = {}
     for path in args.data:
         examples = load_source(DataSource(path, split=args.split, limit=args.limit), args.skip_bad_rows)
-        report[path] = evaluate_examples(scorer, examples, manifest["heads"])
+        report[path] = evaluate_examples(scorer, examples, manifest.heads)
     if args.json:
         print(json.dumps(report, indent=2))
         return 0

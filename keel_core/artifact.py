@@ -1,18 +1,24 @@
-"""Self-describing model directories: the `keel.json` manifest and atomic publication."""
+"""Self-describing model directories: the `keel.json` manifest (read, checked, typed) and atomic publication."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+
+from keel_core import __version__
 
 MANIFEST = "keel.json"
+T = TypeVar("T")
 # 2: a reward model's directory is a Hugging Face sequence-classification model (config.json with id2label and
 # auto_map, one model.safetensors, modeling_keel.py). 1: a bare backbone plus reward_heads.safetensors; still read
 # (keel_core.reward_model.RewardModel.load), and `keel export reward` rewrites such a directory as format 2.
@@ -94,6 +100,163 @@ def check_reward_manifest(manifest: dict[str, Any], path: str | Path) -> None:
 
 def _finite(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+# ---- typed manifests ------------------------------------------------------------------------------------
+# keel.json as dataclasses: code reads `manifest.moderation[head].guard` rather than chains of dict lookups.
+# to_json() writes the same JSON shape as from_json() reads; optional figures that are absent stay absent.
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def _json(value: Any) -> Any:
+    """A dataclass tree as JSON values, leaving out optional fields (default None) that are None; a required
+    field that is None stays (a threshold of None means "never flags")."""
+    if dataclasses.is_dataclass(value):
+        return {f.name: _json(getattr(value, f.name)) for f in dataclasses.fields(value)
+                if getattr(value, f.name) is not None or f.default is not None}
+    if isinstance(value, dict):
+        return {k: _json(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_json(v) for v in value]
+    return value
+
+
+def _known(cls: type, value: dict[str, Any]) -> dict[str, Any]:
+    """The keys of a JSON object that are fields of cls (a newer Keel may add others)."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return {k: v for k, v in value.items() if k in names}
+
+
+def _construct(cls: type[T], values: dict[str, Any], directory: str | Path) -> T:
+    try:
+        return cls(**values)
+    except TypeError as error:  # a required field is missing
+        raise ArtifactError(f"{Path(directory) / MANIFEST} is incomplete: {error}") from None
+
+
+@dataclass(kw_only=True)
+class HeadStats:
+    """A head's raw-score mean and standard deviation on its validation data: z = (raw - mean) / std."""
+
+    mean: float
+    std: float
+
+
+@dataclass(kw_only=True)
+class GuardThreshold:
+    """The chat guard's threshold for a head: the lowest that flags at most a set share of benign replies."""
+
+    threshold: float | None
+    chosen_on: str = ""
+    false_flags: float | None = None
+    examples: int | None = None
+
+
+@dataclass(kw_only=True)
+class ModerationThreshold:
+    """A head's /v1/moderations threshold (None: not a moderation category) and how it was chosen."""
+
+    threshold: float | None
+    chosen_on: str = ""
+    precision: float | None = None
+    recall: float | None = None
+    f1: float | None = None
+    examples: int | None = None
+    guard: GuardThreshold | None = None
+
+    @classmethod
+    def from_json(cls, value: dict[str, Any]) -> ModerationThreshold:
+        guard = value.get("guard")
+        return cls(**{**_known(cls, value), "guard": GuardThreshold(**_known(GuardThreshold, guard)) if guard else None})
+
+
+@dataclass(kw_only=True)
+class Manifest:
+    """What every keel.json begins with; each kind of model directory adds its own fields."""
+
+    format_version: int = FORMAT_VERSION
+    kind: str
+    keel_version: str = __version__
+    created_at: str = dataclasses.field(default_factory=_now)
+
+    def write(self, directory: Path) -> None:
+        write_json_atomic(directory / MANIFEST, _json(self))
+
+
+@dataclass(kw_only=True)
+class RewardManifest(Manifest):
+    """keel.json of a reward-model directory."""
+
+    kind: str = "reward-model"
+    base_model: str
+    base_model_path: str
+    heads: list[str]
+    primary_head: str
+    max_length: int
+    truncation_side: str
+    input_names: list[str]
+    normalization: dict[str, HeadStats]
+    moderation: dict[str, ModerationThreshold]
+    onnx: dict[str, Any] = dataclasses.field(default_factory=dict)
+    data: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    config: dict[str, Any] = dataclasses.field(default_factory=dict)
+    metrics: dict[str, Any] = dataclasses.field(default_factory=dict)
+    exported: dict[str, Any] | None = None  # set by `keel export reward`
+
+    @classmethod
+    def read(cls, directory: str | Path) -> RewardManifest:
+        """The checked manifest of a reward-model directory (ArtifactError, saying why, if it cannot be served)."""
+        raw = read_manifest(directory)
+        check_reward_manifest(raw, Path(directory) / MANIFEST)
+        values = _known(cls, raw)
+        values["normalization"] = {h: HeadStats(**_known(HeadStats, s)) for h, s in raw["normalization"].items()}
+        values["moderation"] = {h: ModerationThreshold.from_json(m) for h, m in raw["moderation"].items()}
+        values.setdefault("base_model", "")
+        values.setdefault("base_model_path", "")
+        values.setdefault("input_names", [])
+        values.setdefault("truncation_side", "left")
+        return _construct(cls, values, directory)
+
+    def guard_threshold(self, head: str) -> float | None:
+        """The chat guard's threshold for a head: its own where the model has one, else the moderation one."""
+        rule = self.moderation[head]
+        return rule.guard.threshold if rule.guard else rule.threshold
+
+
+@dataclass(kw_only=True)
+class PolicyManifest(Manifest):
+    """keel.json of a policy directory (written by every policy algorithm)."""
+
+    kind: str = "policy"
+    algorithm: str
+    base_policy: str
+    base_policy_path: str
+    lora: dict[str, Any] | None
+    steps: int
+    stopped_early: str | None
+    warnings: list[str]
+    train_seconds: float
+    precision: str
+    final_evaluation: dict[str, Any]
+    chat: dict[str, Any]
+    reward: dict[str, Any]
+    config: dict[str, Any]
+    data: list[dict[str, Any]]
+
+    @classmethod
+    def read(cls, directory: str | Path) -> PolicyManifest:
+        raw = read_manifest(directory)
+        if raw.get("kind") != "policy":
+            raise ArtifactError(f"{Path(directory) / MANIFEST} is not a policy's manifest (kind {raw.get('kind')!r})")
+        return _construct(cls, _known(cls, raw), directory)
+
+    @classmethod
+    def find(cls, policy: str | Path) -> PolicyManifest | None:
+        """The manifest of a Keel-trained policy; None for any other (a Hugging Face name or directory)."""
+        return cls.read(policy) if (Path(policy) / MANIFEST).exists() else None
 
 
 @contextmanager

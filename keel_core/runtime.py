@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from keel_core.artifact import ArtifactError, check_reward_manifest, read_manifest
+from keel_core.artifact import ArtifactError, RewardManifest
 from keel_core.hardware import has_cuda, int8_is_fast
 from keel_core.onnx_engine import FP32_FILE, INT8_FILE, OnnxEngine, int8_outdated, pad_batch
 from keel_core.text import ModelInput
@@ -104,32 +104,29 @@ class RewardRuntime:
     def __init__(self, directory: str | Path, backend: str = "auto", threads: int | None = None,
                  limits: BatchLimits | None = None, observe_batch: BatchObserver | None = None, workers: int = 1):
         self.directory = Path(directory)
-        self.manifest = read_manifest(self.directory)
-        check_reward_manifest(self.manifest, self.directory / "keel.json")
-        self.heads: list[str] = self.manifest["heads"]
-        self.primary_head: str = self.manifest["primary_head"]
-        self.max_length: int = self.manifest["max_length"]
-        self.version: str = self.manifest.get("created_at", "unknown")
+        self.manifest = manifest = RewardManifest.read(self.directory)
+        self.heads = manifest.heads
+        self.primary_head = manifest.primary_head
+        self.max_length = manifest.max_length
+        self.version = manifest.created_at or "unknown"
         self.name = self.directory.name
         self.backend = choose_backend(self.directory) if backend == "auto" else backend
         self.limits = limits or BatchLimits()
         self.observe_batch = observe_batch
-        stats = self.manifest["normalization"]
-        self.mean = np.array([stats[h]["mean"] for h in self.heads], dtype=np.float32)
-        self.std = np.array([stats[h]["std"] for h in self.heads], dtype=np.float32)
-        self.thresholds = {h: self.manifest["moderation"][h]["threshold"] for h in self.heads}
+        self.mean = np.array([manifest.normalization[h].mean for h in self.heads], dtype=np.float32)
+        self.std = np.array([manifest.normalization[h].std for h in self.heads], dtype=np.float32)
+        self.thresholds = {h: manifest.moderation[h].threshold for h in self.heads}
         # The chat guard's own thresholds where the model has them (a set false-flag rate on benign replies).
-        self.guard_thresholds = {h: self.manifest["moderation"][h].get("guard", {}).get("threshold", self.thresholds[h])
-                                 for h in self.heads}
+        self.guard_thresholds = {h: manifest.guard_threshold(h) for h in self.heads}
         threads = threads or max(1, (os.cpu_count() or 1) // workers)
         try:
-            self.tokenizer = PairTokenizer(self.directory, self.max_length, self.manifest["truncation_side"])
+            self.tokenizer = PairTokenizer(self.directory, self.max_length, manifest.truncation_side)
             if self.backend == "torch":  # one model, however many workers: torch runs one batch at a time here
                 self.engines: list[OnnxEngine | TorchEngine] = [
                     TorchEngine(self.directory, self.heads, threads, self.tokenizer.pad_token_id)]
             else:  # one session per worker, so workers run batches side by side
                 onnx_file = self.directory / (INT8_FILE if self.backend == "onnx-int8" else FP32_FILE)
-                if self.backend == "onnx-int8" and int8_outdated(self.manifest.get("onnx", {})):
+                if self.backend == "onnx-int8" and int8_outdated(manifest.onnx):
                     log.warning("%s was made by an older int8 export, which strays further from fp32; "
                                 "`keel export reward --model %s` remakes it", onnx_file, self.directory)
                 self.engines = [OnnxEngine(onnx_file, self.tokenizer.pad_token_id, threads) for _ in range(workers)]
@@ -184,5 +181,5 @@ class RewardRuntime:
     def describe(self) -> dict[str, Any]:
         return {"id": self.name, "object": "model", "created": int(self.directory.stat().st_mtime),
                 "owned_by": "keel", "version": self.version, "backend": self.backend, "heads": self.heads,
-                "primary_head": self.primary_head, "base_model": self.manifest.get("base_model"),
+                "primary_head": self.primary_head, "base_model": self.manifest.base_model,
                 "thresholds": self.thresholds, "guard_thresholds": self.guard_thresholds}

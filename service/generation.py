@@ -8,7 +8,6 @@ has finished keeps being fed its end token (cheaper than reshaping the cache) an
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 from collections.abc import Sequence
@@ -18,6 +17,7 @@ from typing import Any
 
 import torch
 
+from keel_core.artifact import PolicyManifest
 from keel_core.hardware import fast_dtype, pick_device
 from keel_core.policy import encode_prompts, end_token_ids, load_policy, load_tokenizer, resolve_policy
 from service.metrics import Metrics
@@ -49,11 +49,10 @@ class PolicyRuntime:
         # batch 1).
         weights = fast_dtype(self.device) if dtype == "auto" else getattr(torch, dtype)
         self.model = load_policy(str(self.directory), dtype=weights).to(self.device).eval()
-        manifest_path = self.directory / "keel.json"
-        manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
+        manifest = PolicyManifest.find(self.directory)
         self.name = self.directory.name
-        self.version = manifest.get("created_at", "unversioned")
-        self.algorithm = manifest.get("algorithm")
+        self.version = manifest.created_at if manifest else "unversioned"
+        self.algorithm = manifest.algorithm if manifest else None
         self.end_ids = end_token_ids(self.model, self.tokenizer)
         context = getattr(self.model.config, "max_position_embeddings", None) or 2048
         self.max_prompt_tokens = min(max_prompt_tokens, context // 2)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from keel_core.artifact import MANIFEST, ArtifactError, check_reward_manifest, read_manifest, write_text_atomic
+from keel_core.artifact import MANIFEST, ArtifactError, RewardManifest, write_text_atomic
 from keel_core.runtime import BatchLimits, RewardRuntime, choose_backend, service_batch_limits
 from service.state import ApiError, ServiceState
 
@@ -43,9 +43,8 @@ def inspect_version(store: Path, directory: Path, allow_symlinks: bool) -> Versi
                 if not path.resolve().is_relative_to(root):
                     raise ArtifactError(f"{path} leads out of the model store {store} (a symbolic link); "
                                         "--allow-store-symlinks serves such versions")
-        manifest = read_manifest(directory)
-        check_reward_manifest(manifest, directory / MANIFEST)
-        return Version(directory, str(manifest.get("created_at", "")), manifest["heads"], None)
+        manifest = RewardManifest.read(directory)
+        return Version(directory, manifest.created_at, manifest.heads, None)
     except ArtifactError as error:
         return Version(directory, "", [], str(error))
 

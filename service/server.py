@@ -18,7 +18,7 @@ import uvicorn
 from fastapi import FastAPI
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from keel_core.artifact import read_manifest
+from keel_core.artifact import RewardManifest
 from keel_core.hardware import has_torch
 from service.app import create_app
 from service.logs import log_as_json
@@ -108,7 +108,7 @@ def serve(settings: Settings) -> None:
                             "or use --upstream")
     # One-line errors now rather than a failed start: a bad store, or settings the model cannot serve.
     directory = model_directory(settings.model, allow_symlinks=settings.allow_store_symlinks)
-    settings.check_heads(read_manifest(directory)["heads"])
+    settings.check_heads(RewardManifest.read(directory).heads)
     DrainingServer(uvicorn_config(app, settings), settings.drain_seconds).run()
 
 

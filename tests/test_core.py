@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from keel_core.tokenizer import PairTokenizer
 from training.evaluate import encode
 from training.reward_model import load_tokenizer
@@ -19,3 +21,19 @@ def test_the_serving_tokenizer_gives_trainings_ids(tiny_reward_model: Path):
         assert served.encode(PAIRS) == [{"input_ids": e["input_ids"], "token_type_ids": e["token_type_ids"]}
                                         for e in encode(trained, PAIRS, 64)]
         assert served.pad_token_id == trained.pad_token_id
+
+
+def test_typed_manifests_write_back_exactly_what_they_read(tiny_reward_model: Path, tmp_path: Path):
+    import json
+
+    from keel_core.artifact import ArtifactError, PolicyManifest, RewardManifest, read_manifest
+
+    manifest = RewardManifest.read(tiny_reward_model)
+    assert manifest.heads == ["harmless", "quality"] and manifest.moderation["quality"].threshold is None
+    assert manifest.guard_threshold("harmless") == manifest.moderation["harmless"].guard.threshold
+    manifest.write(tmp_path)
+    assert read_manifest(tmp_path) == read_manifest(tiny_reward_model)
+    assert PolicyManifest.find(tmp_path / "not-a-keel-policy") is None
+    (tmp_path / "keel.json").write_text(json.dumps({"format_version": 2, "kind": "policy", "algorithm": "rloo"}))
+    with pytest.raises(ArtifactError, match="is incomplete"):
+        PolicyManifest.read(tmp_path)

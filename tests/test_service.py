@@ -58,8 +58,8 @@ def test_scores_are_normalised_with_manifest_statistics(client: TestClient):
     runtime = client.app.state.keel.runtime  # the served engine's raw scores: the check is exact on any CPU
     text = "sorry, i cannot help with that."
     raw = runtime.score([("", text)])[0]
-    stats = runtime.manifest["normalization"]
-    expected = {h: (raw[i] - stats[h]["mean"]) / stats[h]["std"] for i, h in enumerate(runtime.heads)}
+    stats = runtime.manifest.normalization
+    expected = {h: (raw[i] - stats[h].mean) / stats[h].std for i, h in enumerate(runtime.heads)}
     got = client.post("/v1/score", json={"input": [{"text": text}]}).json()["data"][0]["scores"]
     assert got == pytest.approx(expected, abs=1e-5)
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from keel_core.artifact import cache_root, read_manifest
+from keel_core.artifact import RewardManifest, cache_root
 from keel_core.onnx_engine import int8_outdated
 from training.config import BUNDLED_DATA, DEFAULT_REWARD_CONFIG, RewardConfig, load_config
 from training.data import DataError, file_sha256
@@ -25,7 +25,7 @@ def ensure_default_model(directory: Path) -> Path:
     """Train the default reward model into directory if it is not there yet (progress bar on stderr); re-export
     its ONNX graphs if an older Keel made its int8 graph with another recipe."""
     if (directory / "keel.json").exists():
-        if int8_outdated(read_manifest(directory).get("onnx", {})):
+        if int8_outdated(RewardManifest.read(directory).onnx):
             log.info("the default model's int8 graph was made by an older Keel: re-exporting it "
                      "(2-3 minutes on 2 CPU cores)")
             try:  # the default model's data is Keel's own, wherever this copy of Keel now lives

@@ -11,7 +11,6 @@ does it refuse harmful requests, and does it still answer safe prompts that mere
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,7 +20,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from keel_core.artifact import MANIFEST, write_json_atomic
+from keel_core.artifact import PolicyManifest, write_json_atomic
 from keel_core.hardware import bf16_is_fast
 from keel_core.text import Conversation
 from training.config import ConfigError, EvalPolicyConfig, load_config
@@ -143,9 +142,8 @@ def pooled(report: dict[str, Any], model: str) -> float:
 
 def evaluate_policy(config: EvalPolicyConfig, policy: str, reference: str | None = None, limit: int | None = None,
                     progress: bool = True, cache: EvalCache | None = None) -> dict[str, Any]:
-    manifest_path = Path(policy) / MANIFEST
-    manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
-    reference = reference or manifest.get("base_policy")
+    manifest = PolicyManifest.find(policy)
+    reference = reference or (manifest.base_policy if manifest else None)
     if reference is None:
         raise ConfigError(f"{policy} has no keel.json naming its base policy: pass --reference")
     for source in [*config.reward_prompts, *config.harmful.values(), *config.safe.values()]:
@@ -164,7 +162,7 @@ def evaluate_policy(config: EvalPolicyConfig, policy: str, reference: str | None
     summary["safe_compliance_change_points"] = 100 * (summary["safe_compliance_rate"]["policy"]
                                                       - summary["safe_compliance_rate"]["reference"])
     return {
-        "policy": str(policy), "reference": str(reference), "algorithm": manifest.get("algorithm"),
+        "policy": str(policy), "reference": str(reference), "algorithm": manifest.algorithm if manifest else None,
         "refusal_detector": "training/refusals.py: empty, or a refusal phrase in the first 160 characters",
         "held_out_reward": evaluator.held_out_reward(reward, prompts) if prompts else None,
         "summary": summary, "harmful": harmful, "safe": safe,

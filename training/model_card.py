@@ -4,7 +4,8 @@ how to load it, the data it saw, its held-out metrics with 95% intervals, and wh
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+
+from keel_core.artifact import RewardManifest
 
 USE = """\
 ## How to use
@@ -49,24 +50,24 @@ LIMITS = """\
 """
 
 
-def reward_model_card(manifest: dict[str, Any], directory: Path) -> str:
-    heads = manifest["heads"]
-    summary = (f"A {manifest['base_model']} encoder with one linear head per principle ({', '.join(heads)}), "
-               f"trained by Keel {manifest['keel_version']} on {manifest['created_at']}. The primary head, served "
-               f"as `score`, is `{manifest['primary_head']}`.")
+def reward_model_card(manifest: RewardManifest, directory: Path) -> str:
+    heads = manifest.heads
+    summary = (f"A {manifest.base_model} encoder with one linear head per principle ({', '.join(heads)}), "
+               f"trained by Keel {manifest.keel_version} on {manifest.created_at}. The primary head, served "
+               f"as `score`, is `{manifest.primary_head}`.")
     lines = ["---", "library_name: transformers", "pipeline_tag: text-classification",
-             "tags: [keel, reward-model]", f"base_model: {manifest['base_model']}", "---", "",
+             "tags: [keel, reward-model]", f"base_model: {manifest.base_model}", "---", "",
              f"# Keel reward model: {', '.join(heads)}", "",
              summary, "",
-             USE.format(directory=directory.name, max_length=manifest["max_length"], heads=", ".join(heads)),
+             USE.format(directory=directory.name, max_length=manifest.max_length, heads=", ".join(heads)),
              "## Data", "", "| file | sha256 | used for |", "|---|---|---|"]
-    for entry in manifest["data"]:
+    for entry in manifest.data:
         uses = "; ".join(f"{u['head']} {u['role']} ({u['split']} split)" for u in entry["uses"])
         lines.append(f"| {Path(entry['path']).name} | {entry['sha256'][:12]} | {uses} |")
     lines += ["", "Splits are by a hash of the first human turn, so no conversation opening is in two splits.", "",
               "## Metrics", "", "Held-out test split; 95% Wilson intervals for accuracies.", "",
               "| head | examples | metric | value |", "|---|---|---|---|"]
-    for head, metrics in manifest["metrics"].get("test", {}).items():
+    for head, metrics in manifest.metrics.get("test", {}).items():
         if "accuracy" in metrics:
             low, high = metrics["accuracy_ci95"]
             lines.append(f"| {head} | {metrics['pairs']} pairs | pairwise accuracy | {metrics['accuracy']:.3f} "
@@ -74,5 +75,5 @@ def reward_model_card(manifest: dict[str, Any], directory: Path) -> str:
         else:
             lines.append(f"| {head} | {metrics['ratings']} ratings | MSE / Pearson r | {metrics['mse']:.3f} / "
                          f"{metrics['pearson']:.3f} |")
-    lines += ["", LIMITS.format(max_length=manifest["max_length"])]
+    lines += ["", LIMITS.format(max_length=manifest.max_length)]
     return "\n".join(lines)

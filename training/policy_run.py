@@ -29,8 +29,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-import keel_core
-from keel_core.artifact import FORMAT_VERSION, MANIFEST, staged, write_json_atomic
+from keel_core.artifact import PolicyManifest, read_manifest, staged
 from keel_core.policy import load_policy, load_tokenizer, resolve_policy
 from keel_core.text import Conversation
 from training.config import ConfigError, PolicyConfig, to_dict
@@ -321,29 +320,17 @@ class PolicyRun:
             (staging / "samples.md").write_text(samples_markdown(self.samples_before, samples_after))
             paths = sorted({s.path for s in [*self.config.prompts.train, *self.config.prompts.evaluation]}
                            | set(data_paths))
-            manifest = {
-                "format_version": FORMAT_VERSION,
-                "kind": "policy",
-                "keel_version": keel_core.__version__,
-                "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                "algorithm": self.algorithm,
-                "base_policy": self.config.policy.model,
-                "base_policy_path": resolve_policy(self.config.policy.model),
-                "lora": to_dict(self.config)["policy"]["lora"],
-                "steps": self.step + 1,
-                "stopped_early": self.stopped_early,
-                "warnings": self.warnings,
-                "train_seconds": round(time.time() - self.started, 1),
-                "precision": self.accelerator.mixed_precision,
-                "final_evaluation": final,
-                "chat": {"max_prompt_length": self.config.policy.max_prompt_length,
-                         "max_new_tokens": self.config.policy.max_new_tokens},
-                "reward": to_dict(self.config)["reward"],
-                "config": to_dict(self.config),
-                "data": [{"path": path, "sha256": file_sha256(path)} for path in paths],
-            }
-            write_json_atomic(staging / MANIFEST, manifest)
-        return manifest
+            PolicyManifest(
+                algorithm=self.algorithm, base_policy=self.config.policy.model,
+                base_policy_path=resolve_policy(self.config.policy.model), lora=to_dict(self.config)["policy"]["lora"],
+                steps=self.step + 1, stopped_early=self.stopped_early, warnings=self.warnings,
+                train_seconds=round(time.time() - self.started, 1), precision=self.accelerator.mixed_precision,
+                final_evaluation=final, chat={"max_prompt_length": self.config.policy.max_prompt_length,
+                                              "max_new_tokens": self.config.policy.max_new_tokens},
+                reward=to_dict(self.config)["reward"], config=to_dict(self.config),
+                data=[{"path": path, "sha256": file_sha256(path)} for path in paths],
+            ).write(staging)
+        return read_manifest(self.output)
 
 
 def rollout_metrics(rollout: Rollout, heads: Sequence[str], entropy: torch.Tensor | None = None) -> dict[str, float]:

@@ -23,7 +23,18 @@ from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
 import keel_core
-from keel_core.artifact import FORMAT_VERSION, MANIFEST, read_manifest, staged, write_json_atomic, write_text_atomic
+from keel_core.artifact import (
+    FORMAT_VERSION,
+    MANIFEST,
+    GuardThreshold,
+    HeadStats,
+    ModerationThreshold,
+    RewardManifest,
+    read_manifest,
+    staged,
+    write_json_atomic,
+    write_text_atomic,
+)
 from keel_core.moderation import category_scores
 from keel_core.onnx_engine import FP32_FILE, INT8_FILE, INT8_RECIPE
 from keel_core.reward_model import LEGACY_HEADS_FILE, RewardModel, resolve_base_model
@@ -338,28 +349,15 @@ def build_artifact(config: RewardConfig, model: RewardModel, tokenizer: Any, hea
         rows = read_metrics(metrics_path)
         (staging / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
         plot_curves(rows, staging / "training_curves.png", f"reward model: {', '.join(names)}")
-        manifest = {
-            "format_version": FORMAT_VERSION,
-            "kind": "reward-model",
-            "keel_version": keel_core.__version__,
-            "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "base_model": config.base_model if config.base_model != "default" else "all-MiniLM-L6-v2",
-            "base_model_path": resolve_base_model(config.base_model),
-            "heads": names,
-            "primary_head": config.primary_head,
-            "max_length": config.max_length,
-            "truncation_side": config.truncation_side,
-            "input_names": onnx_export.onnx_input_names(tokenizer),
-            "normalization": normalization,
-            "moderation": moderation,
-            "onnx": onnx_info,
-            "data": data_provenance(config),
-            "config": to_dict(config),
-            "metrics": metrics,
-        }
-        write_json_atomic(staging / MANIFEST, manifest)
+        manifest = RewardManifest(
+            base_model=config.base_model if config.base_model != "default" else "all-MiniLM-L6-v2",
+            base_model_path=resolve_base_model(config.base_model), heads=names, primary_head=config.primary_head,
+            max_length=config.max_length, truncation_side=config.truncation_side,
+            input_names=onnx_export.onnx_input_names(tokenizer), normalization=normalization, moderation=moderation,
+            onnx=onnx_info, data=data_provenance(config), config=to_dict(config), metrics=metrics)
+        manifest.write(staging)
         write_text_atomic(staging / "README.md", reward_model_card(manifest, output))
-    return manifest
+    return read_manifest(output)
 
 
 def reexport(directory: Path, int8: bool | None = None, skip_bad_rows: bool = False,
@@ -368,18 +366,18 @@ def reexport(directory: Path, int8: bool | None = None, skip_bad_rows: bool = Fa
     changed it, or to add int8), re-check them against the weights on the model's own validation and test data,
     and update keel.json. The directory is replaced atomically; weights, thresholds and metrics are kept.
     Data files gone from their recorded paths are looked for under data_dir (see find_moved_data)."""
-    manifest = read_manifest(directory)
-    config = build(RewardConfig, manifest["config"], f"{directory / MANIFEST}: config")
+    manifest = RewardManifest.read(directory)
+    config = build(RewardConfig, manifest.config, f"{directory / MANIFEST}: config")
     config.export.onnx = True
     if int8 is not None:
         config.export.int8 = int8
-    moved = find_moved_data(manifest.get("data", []), data_dir) if data_dir else {}
+    moved = find_moved_data(manifest.data, data_dir) if data_dir else {}
     for head in config.heads:
         for _, source in head.sources():
             source.path = moved.get(source.path, source.path)
-    for entry in manifest.get("data", []):
+    for entry in manifest.data:
         entry["path"] = moved.get(entry["path"], entry["path"])
-    checked_on = [e for e in manifest.get("data", []) if any(u["role"] in ("validation", "test") for u in e["uses"])
+    checked_on = [e for e in manifest.data if any(u["role"] in ("validation", "test") for u in e["uses"])
                   and e["path"] not in moved.values()]  # a moved file was just matched by its SHA-256
     for entry in checked_on:
         if Path(entry["path"]).exists() and file_sha256(entry["path"]) != entry["sha256"]:
@@ -393,7 +391,7 @@ def reexport(directory: Path, int8: bool | None = None, skip_bad_rows: bool = Fa
         raise DataError(f"{error}; the new graphs are checked on the validation and test data named in "
                         f"{directory / MANIFEST}, so that file must be readable at its recorded path, or under "
                         f"`--data DIR` with the same name and contents") from error
-    names = manifest["heads"]
+    names = manifest.heads
     model = RewardModel.load(directory)
     tokenizer = load_tokenizer(str(directory), config.max_length, config.truncation_side)
     with staged(directory, overwrite=True) as staging:
@@ -406,14 +404,14 @@ def reexport(directory: Path, int8: bool | None = None, skip_bad_rows: bool = Fa
         info, fp32, int8_scorer = export_onnx(model, tokenizer, heads, names, config, staging, torch_scores)
         if int8_scorer is not None:
             info["accuracy"] = int8_accuracy(fp32, int8_scorer, heads, names)
-        manifest["onnx"] = info
-        manifest["config"] = to_dict(config)  # the export settings used, and data paths found under data_dir
-        manifest["exported"] = {"keel_version": keel_core.__version__,
-                                "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-        manifest["format_version"] = FORMAT_VERSION
-        write_json_atomic(staging / MANIFEST, manifest)
+        manifest.onnx = info
+        manifest.config = to_dict(config)  # the export settings used, and data paths found under data_dir
+        manifest.exported = {"keel_version": keel_core.__version__,
+                             "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        manifest.format_version = FORMAT_VERSION
+        manifest.write(staging)
         write_text_atomic(staging / "README.md", reward_model_card(manifest, directory))
-    return manifest
+    return read_manifest(directory)
 
 
 def find_moved_data(entries: list[dict[str, Any]], data_dir: Path) -> dict[str, str]:
@@ -434,19 +432,21 @@ def find_moved_data(entries: list[dict[str, Any]], data_dir: Path) -> dict[str, 
     return moved
 
 
-def normalization_and_thresholds(scorer: Scorer, heads: list[HeadData], config: RewardConfig) -> tuple[dict, dict]:
+def normalization_and_thresholds(scorer: Scorer, heads: list[HeadData], config: RewardConfig
+                                 ) -> tuple[dict[str, HeadStats], dict[str, ModerationThreshold]]:
     """Per head: mean/std of raw scores on its validation data, the /v1/moderations threshold with the best F1
     (None for heads that are not moderation categories) and, given guard data, the chat guard's threshold."""
     normalization, moderation = {}, {}
 
-    def category(texts: list[ModelInput], h: int, stats: dict[str, float]) -> np.ndarray:
-        return category_scores((scorer(texts)[:, h] - stats["mean"]) / stats["std"])
+    def category(texts: list[ModelInput], h: int, stats: HeadStats) -> np.ndarray:
+        return category_scores((scorer(texts)[:, h] - stats.mean) / stats.std)
 
     for h, (head, head_config) in enumerate(zip(heads, config.heads)):
         raw = scorer(example_inputs(head.validation))[:, h]
-        stats = normalization[head.name] = {"mean": float(raw.mean()), "std": float(raw.std() or 1.0)}
+        stats = normalization[head.name] = HeadStats(mean=float(raw.mean()), std=float(raw.std() or 1.0))
         if not head_config.moderate:
-            moderation[head.name] = {"threshold": None, "chosen_on": "not a moderation category (moderate: false)"}
+            moderation[head.name] = ModerationThreshold(threshold=None,
+                                                        chosen_on="not a moderation category (moderate: false)")
         else:
             if head.moderation:
                 texts, labels = example_inputs(head.moderation), [float(e.score >= 0.5) for e in head.moderation]
@@ -454,12 +454,12 @@ def normalization_and_thresholds(scorer: Scorer, heads: list[HeadData], config: 
             else:
                 texts, labels = flag_examples(head.validation)
                 basis = "validation data (rejected responses and below-mean ratings = flag)"
-            moderation[head.name] = {**best_f1_threshold(category(texts, h, stats), np.array(labels)),
-                                     "chosen_on": basis}
+            moderation[head.name] = ModerationThreshold(
+                **best_f1_threshold(category(texts, h, stats), np.array(labels)), chosen_on=basis)
         if head.guard:  # the chat guard may use a head /v1/moderations does not
-            moderation[head.name]["guard"] = {
+            moderation[head.name].guard = GuardThreshold(
                 **false_flag_threshold(category(example_inputs(head.guard), h, stats), head_config.guard_false_flags),
-                "chosen_on": f"benign replies (at most {head_config.guard_false_flags:.1%} flagged)"}
+                chosen_on=f"benign replies (at most {head_config.guard_false_flags:.1%} flagged)")
     return normalization, moderation
 
 
