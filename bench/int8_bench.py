@@ -29,8 +29,8 @@ from training.config import RewardConfig, load_config
 from training.data import PreferencePair
 from training.evaluate import encode, length_sorted_scorer
 from training.onnx_export import down_projections, matmul_weight_shapes, quantize
+from training.reward_data import load_head_data
 from training.reward_model import load_tokenizer
-from training.train_reward import load_head_data
 
 
 def attention_qkv(model: onnx.ModelProto) -> list[str]:

@@ -116,7 +116,8 @@ def run_eval_reward(args: argparse.Namespace) -> int:
     from keel_core.onnx_engine import FP32_FILE, INT8_FILE
     from keel_core.reward_model import RewardModel
     from training.data import DataSource, load_source
-    from training.evaluate import evaluate_examples, torch_scorer
+    from training.evaluate import torch_scorer
+    from training.objectives import evaluate_examples
     from training.onnx_export import onnx_scorer
     from training.reward_model import load_tokenizer
 

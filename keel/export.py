@@ -28,7 +28,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
 
 
 def run_export_reward(args: argparse.Namespace) -> int:
-    from training.train_reward import reexport
+    from training.reexport import reexport
 
     manifest = reexport(args.model, args.int8, args.skip_bad_rows, args.data)
     print(json.dumps(manifest["onnx"], indent=2))

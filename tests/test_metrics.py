@@ -70,7 +70,7 @@ def test_category_scores_rise_as_reward_falls():
 
 def test_rating_heads_flag_below_mean_ratings_even_with_binary_labels():
     from training.data import Rating
-    from training.train_reward import flag_examples
+    from training.objectives import flag_examples
 
     ratings = [Rating(("", f"t{i}"), score, f"t{i}") for i, score in enumerate([0, 0, 0, 1, 1])]
     _, labels = flag_examples(ratings)

@@ -18,7 +18,8 @@ from keel_core.reward_model import RewardModel
 from tests.conftest import hh_pairs, tiny_config, write_jsonl
 from training import train_reward as train_module
 from training.data import DataSource, load_source
-from training.evaluate import encode, example_inputs, torch_scorer
+from training.evaluate import encode, torch_scorer
+from training.objectives import example_inputs
 from training.onnx_export import down_projections, export, onnx_scorer, quantize
 from training.reward_model import load_tokenizer
 

@@ -11,7 +11,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from keel_core.text import ModelInput
-from training.data import Example, PreferencePair, Rating
+from training.data import PreferencePair
 
 Z_95 = 1.96  # standard normal quantile of a two-sided 95% interval
 
@@ -129,30 +129,6 @@ def rating_metrics(predicted: np.ndarray, target: np.ndarray) -> dict[str, float
     defined = len(target) > 1 and target.std() > 0 and predicted.std() > 0
     pearson = float(np.corrcoef(predicted, target)[0, 1]) if defined else float("nan")
     return {"ratings": len(target), "mse": float(np.mean((predicted - target) ** 2)), "pearson": pearson}
-
-
-def evaluate_examples(scorer: Scorer, examples: Sequence[Example], head_names: list[str]) -> dict[str, dict]:
-    """Metrics of every head on a list of examples (pairs, ratings, or both)."""
-    pairs = [e for e in examples if isinstance(e, PreferencePair)]
-    ratings = [e for e in examples if isinstance(e, Rating)]
-    results: dict[str, dict] = {name: {} for name in head_names}
-    if pairs:
-        scores = scorer([p.chosen_input for p in pairs] + [p.rejected_input for p in pairs])
-        for h, name in enumerate(head_names):
-            results[name].update(pair_metrics(scores[: len(pairs), h], scores[len(pairs) :, h], pairs))
-    if ratings:
-        scores = scorer([r.input for r in ratings])
-        target = np.array([r.score for r in ratings])
-        for h, name in enumerate(head_names):
-            results[name].update(rating_metrics(scores[:, h], target))
-    return results
-
-
-def example_inputs(examples: Sequence[Example]) -> list[ModelInput]:
-    inputs: list[ModelInput] = []
-    for example in examples:
-        inputs += [example.chosen_input, example.rejected_input] if isinstance(example, PreferencePair) else [example.input]
-    return inputs
 
 
 def best_f1_threshold(category_scores: np.ndarray, labels: np.ndarray) -> dict[str, float]:
