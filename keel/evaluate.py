@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -151,16 +152,67 @@ def format_metric(value: object) -> str:
 
 
 def run_eval_policy(args: argparse.Namespace) -> int:
-    from training.eval_policy import run_eval_policy as run
+    from keel_core.artifact import write_json_atomic
+    from training.config import EvalPolicyConfig, load_config
+    from training.eval_cache import EvalCache
+    from training.eval_policy import evaluate_policy, format_report
 
-    return run(args)
+    config = load_config(EvalPolicyConfig, args.config, args.overrides)
+    if args.reward_model:
+        config.reward.model = args.reward_model
+    cache = EvalCache(None if args.no_cache else args.cache)
+    report = evaluate_policy(config, args.policy, args.reference, args.limit, progress=not args.no_progress,
+                             cache=cache)
+    report["cache"] = {"hits": cache.hits, "misses": cache.misses}
+    if args.output:
+        write_json_atomic(Path(args.output), report)
+    print(format_report(report))
+    return 0
 
 
 def run_suite(args: argparse.Namespace) -> int:
-    from training.eval_suite import run_suite_command
+    from training.config import ConfigError
+    from training.eval_cache import EvalCache
+    from training.policy_suite import run_policy_suite
+    from training.report import write_report
+    from training.reward_suite import run_reward_suite
 
     if args.suite == "reward":
         args.model = args.model or ["default"]
     else:
         args.policy = args.policy or ["default"]
-    return run_suite_command(args)
+
+    if args.external_data is not None and not args.external_data.is_dir():
+        raise ConfigError(f"--external-data {args.external_data} is not a folder")
+    cache = EvalCache(None if args.no_cache else args.cache)
+    began = time.perf_counter()
+    if args.suite == "reward":
+        if len(args.model) > 2:
+            raise ConfigError("compare at most two reward models (--model A --model B)")
+        report = run_reward_suite(args.model, selected_sets(args.sets, REWARD_SETS), args.data, args.external_data,
+                                  args.limit, args.backend, cache, progress=not args.no_progress)
+    else:
+        if len(args.policy) > 2:
+            raise ConfigError("compare at most two policies (--policy BEFORE --policy AFTER)")
+        report = run_policy_suite(args.policy, args.reward_model, selected_sets(args.sets, POLICY_SETS), args.data,
+                                  args.external_data, args.limit, cache, args.max_prompt_length,
+                                  args.max_new_tokens, args.batch_size, progress=not args.no_progress)
+    report["seconds"] = round(time.perf_counter() - began, 1)
+    report["cache"] = {"hits": cache.hits, "misses": cache.misses}
+    html = write_report(report, args.output)
+    print(f"{report['kind']} suite: {len(report['sets'])} sets in {report['seconds']} s "
+          f"(cache: {cache.hits} reused, {cache.misses} computed); report: {html}")
+    return 0
+
+
+def selected_sets(names: str | None, sets: Sequence[EvalSet]) -> list[EvalSet]:
+    from training.config import ConfigError
+
+    if names is None:
+        return list(sets)
+    wanted = [n.strip() for n in names.split(",") if n.strip()]
+    known = {s.name: s for s in sets}
+    unknown = [n for n in wanted if n not in known]
+    if unknown:
+        raise ConfigError(f"unknown sets {unknown}; choose from {sorted(known)}")
+    return [known[n] for n in wanted]

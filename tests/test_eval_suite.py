@@ -16,6 +16,7 @@ import pytest
 from keel.cli import main
 from keel_core.text import Message
 from training.config import BUNDLED_DATA
+from training.eval_cache import EvalCache
 from training.eval_sets import (
     POLICY_SETS,
     REWARD_SETS,
@@ -26,7 +27,8 @@ from training.eval_sets import (
     load_set,
     stratified,
 )
-from training.eval_suite import EvalCache, bbq_scores, choices_result, precision_recall
+from training.policy_suite import bbq_scores, choices_result
+from training.reward_suite import precision_recall
 
 SETS = {s.name: s for s in REWARD_SETS + POLICY_SETS}
 

@@ -10,7 +10,6 @@ does it refuse harmful requests, and does it still answer safe prompts that mere
 
 from __future__ import annotations
 
-import argparse
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -20,12 +19,12 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from keel_core.artifact import PolicyManifest, write_json_atomic
+from keel_core.artifact import PolicyManifest
 from keel_core.hardware import bf16_is_fast
 from keel_core.text import Conversation
-from training.config import ConfigError, EvalPolicyConfig, load_config
+from training.config import ConfigError, EvalPolicyConfig
 from training.data import PromptSource, load_prompts
-from training.eval_suite import CachedPolicy, EvalCache
+from training.eval_cache import CachedPolicy, EvalCache
 from training.evaluate import Z_95
 from training.refusals import is_refusal
 from training.rewards import RewardFunction
@@ -167,20 +166,6 @@ def evaluate_policy(config: EvalPolicyConfig, policy: str, reference: str | None
         "held_out_reward": evaluator.held_out_reward(reward, prompts) if prompts else None,
         "summary": summary, "harmful": harmful, "safe": safe,
     }
-
-
-def run_eval_policy(args: argparse.Namespace) -> int:
-    config = load_config(EvalPolicyConfig, args.config, args.overrides)
-    if args.reward_model:
-        config.reward.model = args.reward_model
-    cache = EvalCache(None if args.no_cache else args.cache)
-    report = evaluate_policy(config, args.policy, args.reference, args.limit, progress=not args.no_progress,
-                             cache=cache)
-    report["cache"] = {"hits": cache.hits, "misses": cache.misses}
-    if args.output:
-        write_json_atomic(Path(args.output), report)
-    print(format_report(report))
-    return 0
 
 
 def format_report(report: dict[str, Any]) -> str:
