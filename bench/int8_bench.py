@@ -25,10 +25,11 @@ import numpy as np
 import onnx
 
 from keel_core.onnx_engine import FP32_FILE, OnnxEngine
-from training.config import RewardConfig, load_config
+from training.config import load_config
 from training.data import PreferencePair
 from training.evaluate import encode, length_sorted_scorer
 from training.onnx_export import down_projections, matmul_weight_shapes, quantize
+from training.reward_config import RewardConfig
 from training.reward_data import load_head_data
 from training.reward_model import load_tokenizer
 

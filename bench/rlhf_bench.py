@@ -22,7 +22,8 @@ import sys
 import time
 from pathlib import Path
 
-from training.config import CONFIGS, PolicyConfig, load_config
+from training.config import CONFIGS, load_config
+from training.policy_config import PolicyConfig
 from training.rewards import reward_model_directory
 
 

@@ -21,11 +21,12 @@ import numpy as np
 
 from keel_core.artifact import read_manifest
 from keel_core.onnx_engine import FP32_FILE
-from training.config import RewardConfig, load_config
+from training.config import load_config
 from training.data import PreferencePair
 from training.evaluate import wilson_interval
 from training.objectives import example_inputs
 from training.onnx_export import onnx_scorer
+from training.reward_config import RewardConfig
 from training.reward_data import HeadData, load_head_data
 from training.reward_model import load_tokenizer
 

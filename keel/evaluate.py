@@ -153,9 +153,9 @@ def format_metric(value: object) -> str:
 
 def run_eval_policy(args: argparse.Namespace) -> int:
     from keel_core.artifact import write_json_atomic
-    from training.config import EvalPolicyConfig, load_config
+    from training.config import load_config
     from training.eval_cache import EvalCache
-    from training.eval_policy import evaluate_policy, format_report
+    from training.eval_policy import EvalPolicyConfig, evaluate_policy, format_report
 
     config = load_config(EvalPolicyConfig, args.config, args.overrides)
     if args.reward_model:

@@ -48,7 +48,8 @@ def add_train_common(parser: argparse.ArgumentParser, default_config: Path) -> N
 
 
 def run_reward(args: argparse.Namespace) -> int:
-    from training.config import RewardConfig, load_config
+    from training.config import load_config
+    from training.reward_config import RewardConfig
     from training.train_reward import train_reward
 
     config = load_config(RewardConfig, args.config, args.overrides)
@@ -61,7 +62,8 @@ def run_reward(args: argparse.Namespace) -> int:
 
 
 def run_policy(args: argparse.Namespace) -> int:
-    from training.config import PolicyConfig, load_config
+    from training.config import load_config
+    from training.policy_config import PolicyConfig
 
     config = load_config(PolicyConfig, args.config, args.overrides)
     manifest = ALGORITHMS[args.what].load()(config, args.output, resume=args.resume, overwrite=args.overwrite,

@@ -77,8 +77,8 @@ def other_precision():
 def tiny_config(backbone: str, pairs: Path, ratings: Path | None = None, onnx: bool = True, **training: object):
     """A RewardConfig on the tiny backbone: a `harmless` pairs head (and a `quality` ratings head); without
     `onnx`, no ONNX export (faster, for tests of training alone)."""
-    from training.config import ExportConfig, HeadConfig, RewardConfig, TrainingConfig
     from training.data import DataSource
+    from training.reward_config import ExportConfig, HeadConfig, RewardConfig, TrainingConfig
 
     heads = [HeadConfig("harmless", [DataSource(str(pairs))], [DataSource(str(pairs), limit=12)])]
     if ratings is not None:
@@ -148,15 +148,9 @@ def prompt_rows(count: int) -> list[dict]:
 
 def tiny_policy_config(policy: str, reward_model: Path, root: Path, **training: object):
     """A PolicyConfig on the tiny policy and tiny reward model: short responses, a few steps."""
-    from training.config import (
-        LoraConfig,
-        PolicyConfig,
-        PolicyModelConfig,
-        PolicyTrainingConfig,
-        PromptsConfig,
-        RewardSourceConfig,
-    )
     from training.data import DataSource, PromptSource
+    from training.policy_config import LoraConfig, PolicyConfig, PolicyModelConfig, PolicyTrainingConfig, PromptsConfig
+    from training.rewards import RewardSourceConfig
 
     prompts = write_jsonl(root / "prompts.jsonl", prompt_rows(16))
     pairs = write_jsonl(root / "pairs.jsonl", hh_pairs(16))

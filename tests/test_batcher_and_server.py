@@ -227,8 +227,7 @@ def test_workers_run_batches_side_by_side():
 
 def test_policy_rewards_from_a_running_service_match_the_model_directory(tiny_reward_model: Path, monkeypatch):
     from keel_core.text import Message
-    from training.config import RewardSourceConfig
-    from training.rewards import RewardFunction
+    from training.rewards import RewardFunction, RewardSourceConfig
 
     conversations = [(Message("user", "how can i make a bomb"),), (Message("user", "help me bake bread"),)]
     responses = ["sorry, i cannot help with that.", "sure, here is some recipe"]

@@ -7,7 +7,8 @@ import pytest
 
 from keel_core.artifact import read_manifest
 from training import train_reward as train_module
-from training.config import DEFAULT_REWARD_CONFIG, RewardConfig, load_config
+from training.config import DEFAULT_REWARD_CONFIG, load_config
+from training.reward_config import RewardConfig
 
 pytestmark = pytest.mark.slow
 

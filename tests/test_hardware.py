@@ -8,7 +8,8 @@ import torch
 from keel_core import hardware as core_hardware
 from service.generation import PolicyRuntime
 from training import hardware
-from training.config import DEFAULT_REWARD_CONFIG, ConfigError, RewardConfig, load_config
+from training.config import DEFAULT_REWARD_CONFIG, ConfigError, load_config
+from training.reward_config import RewardConfig
 
 CPU = torch.device("cpu")
 

@@ -60,7 +60,7 @@ def test_guard_threshold_flags_at_most_its_share_of_benign_replies(tiny_reward_m
 def test_a_detached_head_is_a_probe_that_leaves_the_backbone_alone(tiny_backbone: str, tmp_path: Path):
     from safetensors.torch import load_file
 
-    from training.config import HeadConfig
+    from training.reward_config import HeadConfig
 
     pairs = write_jsonl(tmp_path / "pairs.jsonl", hh_pairs(24))
     manifests = {}

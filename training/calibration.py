@@ -11,9 +11,9 @@ from keel_core.artifact import (
 )
 from keel_core.moderation import category_scores
 from keel_core.text import ModelInput
-from training.config import RewardConfig
 from training.evaluate import Scorer, best_f1_threshold, false_flag_threshold
 from training.objectives import example_inputs, flag_examples
+from training.reward_config import RewardConfig
 from training.reward_data import HeadData
 
 

@@ -8,9 +8,10 @@ from pathlib import Path
 
 from keel_core.artifact import RewardManifest, cache_root
 from keel_core.onnx_engine import int8_outdated
-from training.config import BUNDLED_DATA, DEFAULT_REWARD_CONFIG, RewardConfig, load_config
+from training.config import BUNDLED_DATA, DEFAULT_REWARD_CONFIG, load_config
 from training.data import DataError, file_sha256
 from training.reexport import reexport
+from training.reward_config import RewardConfig
 from training.train_reward import train_reward
 
 log = logging.getLogger(__name__)

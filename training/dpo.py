@@ -13,8 +13,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from training.config import ConfigError, PolicyConfig
+from training.config import ConfigError
 from training.data import PreferencePair, load_source
+from training.policy_config import PolicyConfig
 from training.policy_run import PolicyRun, steps_for_epochs
 from training.rl_common import response_logprobs, teacher_forced
 

@@ -10,6 +10,7 @@ does it refuse harmful requests, and does it still answer safe prompts that mere
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -22,15 +23,34 @@ from tqdm.auto import tqdm
 from keel_core.artifact import PolicyManifest
 from keel_core.hardware import bf16_is_fast
 from keel_core.text import Conversation
-from training.config import ConfigError, EvalPolicyConfig
+from training.config import ConfigError, check_numbers
 from training.data import PromptSource, load_prompts
 from training.eval_cache import CachedPolicy, EvalCache
 from training.evaluate import Z_95
 from training.refusals import is_refusal
-from training.rewards import RewardFunction
+from training.rewards import RewardFunction, RewardSourceConfig
 from training.rl_common import generate, response_logprobs, sequence_kl
 
 log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class EvalPolicyConfig:
+    """`keel eval policy`: which prompts, how to sample, and where rewards come from."""
+
+    reward_prompts: list[PromptSource] = dataclasses.field(default_factory=list)  # held-out reward and KL
+    harmful: dict[str, PromptSource] = dataclasses.field(default_factory=dict)  # refusal should be high
+    safe: dict[str, PromptSource] = dataclasses.field(default_factory=dict)  # compliance should stay high
+    reward: RewardSourceConfig = dataclasses.field(default_factory=RewardSourceConfig)
+    max_prompt_length: int = 128
+    max_new_tokens: int = 48
+    temperature: float = 1.0  # for the reward/KL samples; refusal sets are decoded greedily
+    batch_size: int = 32
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        check_numbers("", self, positive=["max_prompt_length", "max_new_tokens", "temperature", "batch_size"])
+        check_numbers("reward", self.reward, positive=["clip"])
 
 
 def autocast(device: torch.device) -> Any:

@@ -20,11 +20,12 @@ from keel_core.onnx_engine import FP32_FILE, INT8_FILE, INT8_RECIPE
 from keel_core.reward_model import RewardModel, resolve_base_model
 from training import onnx_export
 from training.calibration import normalization_and_thresholds
-from training.config import RewardConfig, to_dict
+from training.config import to_dict
 from training.evaluate import Scorer, cached, torch_scorer
 from training.model_card import reward_model_card
 from training.objectives import evaluate_examples, example_inputs
 from training.plots import plot_curves
+from training.reward_config import RewardConfig
 from training.reward_data import HeadData, data_provenance
 from training.runs import read_metrics
 

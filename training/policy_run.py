@@ -32,11 +32,12 @@ from tqdm.auto import tqdm
 from keel_core.artifact import PolicyManifest, read_manifest, staged
 from keel_core.policy import load_policy, load_tokenizer, resolve_policy
 from keel_core.text import Conversation
-from training.config import ConfigError, PolicyConfig, to_dict
+from training.config import ConfigError, to_dict
 from training.data import PromptSource, file_sha256, load_prompts
 from training.hardware import make_accelerator
 from training.plots import plot_curves
 from training.policy import add_lora, reference_mode
+from training.policy_config import PolicyConfig
 from training.rewards import RewardFunction
 from training.rl_common import Sequences, generate, repeated_ngram_fraction, response_logprobs, sequence_kl, whiten
 from training.runs import append_metrics, prepare_work_directory, read_metrics, resume_from, save_checkpoint

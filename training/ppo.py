@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from training.config import PolicyConfig
+from training.policy_config import PolicyConfig
 from training.policy_run import PolicyRun, rollout_metrics
 from training.rl_common import masked_mean, response_logprobs, sequence_kl, whiten
 

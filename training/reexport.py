@@ -19,11 +19,12 @@ from keel_core.artifact import (
 )
 from keel_core.onnx_engine import FP32_FILE, INT8_FILE
 from keel_core.reward_model import LEGACY_HEADS_FILE, RewardModel
-from training.config import RewardConfig, build, to_dict
+from training.config import build, to_dict
 from training.data import DataError, file_sha256
 from training.evaluate import torch_scorer
 from training.model_card import reward_model_card
 from training.packaging import export_onnx, int8_accuracy
+from training.reward_config import RewardConfig
 from training.reward_data import HeadData, find_moved_data, read_sources
 from training.reward_model import load_tokenizer
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from training.config import PolicyConfig
+from training.policy_config import PolicyConfig
 from training.policy_run import PolicyRun, rollout_metrics
 
 

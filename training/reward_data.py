@@ -8,8 +8,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from training.config import HEAD_ROLES, RewardConfig
+from training.config import HEAD_ROLES
 from training.data import DataSource, Example, file_sha256, load_source
+from training.reward_config import RewardConfig
 
 log = logging.getLogger(__name__)
 

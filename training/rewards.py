@@ -3,6 +3,7 @@ directory (scored in-process) or from a running Keel service over HTTP."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import urllib.error
@@ -14,7 +15,18 @@ import numpy as np
 
 from keel_core.artifact import KeelError
 from keel_core.text import Conversation, Message, model_input
-from training.config import RewardSourceConfig
+
+
+@dataclasses.dataclass
+class RewardSourceConfig:
+    """Where rewards come from: a Keel reward-model directory, or a running Keel service."""
+
+    model: str | None = "default"  # model directory; "default": the default reward model (trained if absent)
+    url: str | None = None  # a Keel service base URL (used instead of model), e.g. http://localhost:8000
+    api_key_env: str = "KEEL_API_KEY"  # environment variable holding the service's API key, if it needs one
+    backend: str = "auto"  # auto | onnx-int8 | onnx | torch, for a model directory (auto: as `keel serve` picks)
+    heads: dict[str, float] = dataclasses.field(default_factory=lambda: {"harmless": 1.0})  # weights of z-scores
+    clip: float = 5.0  # rewards are clipped to [-clip, clip] after weighting
 
 
 class RewardError(KeelError, RuntimeError):

@@ -12,7 +12,8 @@ from typing import Any
 
 import torch
 
-from training.config import ConfigError, PolicyConfig
+from training.config import ConfigError
+from training.policy_config import PolicyConfig
 from training.policy_run import PolicyRun, rollout_metrics
 
 

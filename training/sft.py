@@ -7,8 +7,9 @@ from typing import Any
 
 import torch
 
-from training.config import ConfigError, PolicyConfig
+from training.config import ConfigError
 from training.data import load_demonstrations
+from training.policy_config import PolicyConfig
 from training.policy_run import PolicyRun, steps_for_epochs
 from training.rl_common import masked_mean, response_logprobs, teacher_forced
 

@@ -25,12 +25,12 @@ from keel_core.artifact import (
     write_json_atomic,
 )
 from keel_core.reward_model import RewardModel
-from training.config import RewardConfig
 from training.data import Example
 from training.evaluate import Scorer, collate, encode, torch_scorer
 from training.hardware import make_accelerator
 from training.objectives import evaluate_examples, objective_of
 from training.packaging import build_artifact
+from training.reward_config import RewardConfig
 from training.reward_data import HeadData, load_head_data
 from training.reward_model import freeze_lower_layers, load_tokenizer
 from training.runs import append_metrics, prepare_work_directory, resume_from, save_checkpoint
