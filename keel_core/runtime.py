@@ -73,9 +73,8 @@ class BatchLimits:
 
 def service_batch_limits(backend: str) -> BatchLimits:
     """The service's batch limits unless set: big batches for torch on a GPU; on a CPU one text at a time, as
-    padding costs more than batching saves (bench/serve_bench.py, 2 AVX2 cores, fp32 ONNX, 32 concurrent
-    one-text requests: 26.6 texts/s one at a time, 23.8 in length-sorted batches of up to 4). Waiting for a
-    batch to fill is left to max_wait_ms (0 by default)."""
+    padding costs more than batching saves there (bench/serve_bench.py measures it; docs/experiments.md has the
+    figures). Waiting for a batch to fill is left to max_wait_ms (0 by default)."""
     return BatchLimits() if backend == "torch" and has_cuda() else BatchLimits(1, 512)
 
 

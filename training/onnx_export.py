@@ -98,10 +98,9 @@ def matmul_weight_shapes(model: onnx.ModelProto) -> dict[str, tuple[int, ...]]:
 def down_projections(model: onnx.ModelProto) -> list[str]:
     """MatMul nodes whose weight narrows the width (the feed-forward down-projections), left in fp32 by int8.
 
-    Their inputs, GELU outputs, have outlier features that one int8 scale per batch tensor cannot resolve. On
-    the default model's 914 validation texts (2 AVX2 cores, bench/int8_bench.py), excluding them cut the mean
-    |int8 - fp32| from 0.066 to 0.029 standard deviations (harmless head; helpful 0.054 -> 0.029); excluding
-    the attention, attention-output or up-projection weights instead moved it by 0.011 at most.
+    Their inputs, GELU outputs, have outlier features that one int8 scale per batch tensor cannot resolve.
+    Keeping them in fp32 more than halved the mean |int8 - fp32| of the default model, where keeping any other
+    group of weights barely moved it (bench/int8_bench.py; docs/experiments.md, "int8").
     """
     return [name for name, shape in matmul_weight_shapes(model).items() if len(shape) == 2 and shape[0] > shape[1]]
 
