@@ -100,7 +100,7 @@ def http_protocol(header_timeout_s: float) -> type[HeaderTimeoutProtocol]:
 def serve(settings: Settings) -> None:
     if settings.log_format == "json":
         log_as_json()
-    app = create_app(settings)  # checks the settings (API keys file) before a model is trained or loaded
+    app = create_app(settings)  # reads the API keys file (SettingsError) before the model loads
     if settings.model is None:  # `keel serve` resolves (or trains) the default model before it gets here
         raise SettingsError("no reward model: give --model DIR (or KEEL_MODEL)")
     if settings.policy is not None and not has_torch():
