@@ -163,9 +163,10 @@ async def score(body: ScoreRequest, request: Request) -> ScoreResponse:
 @api.post("/v1/moderations", response_model=ModerationResponse)
 async def moderations(body: ModerationRequest, request: Request) -> ModerationResponse:
     state = get_state(request)
-    texts = [body.input] if isinstance(body.input, str) else body.input
+    texts = body.texts()
     if not texts:
-        raise ApiError(400, "input must be a string or a non-empty list of strings", param="input", code="empty_input")
+        raise ApiError(400, "input must be a string, a non-empty list of strings, or a list of text parts",
+                       param="input", code="empty_input")
     heads = state.runtime.heads  # a reload never changes the heads
     for head in body.thresholds or {}:
         if head not in heads:

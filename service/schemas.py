@@ -83,13 +83,46 @@ class ScoreResponse(BaseModel):
     data: list[ScoreResult]
 
 
+class TextPart(BaseModel):
+    """OpenAI's multimodal moderation input: a list of parts is one input, moderated as one text."""
+
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["text"]
+    text: Text
+
+
 class ModerationRequest(BaseModel):
-    input: str | list[str]
+    input: str | list[str] | list[TextPart]
     model: str | None = None
     thresholds: dict[str, Annotated[float, Field(ge=0.0, le=1.0)]] | None = Field(
         None, description="per-category threshold overrides in [0, 1] (flag when category score >= threshold)")
 
-    _encodable_input = field_validator("input")(lambda value: encodable_texts(value))
+    @field_validator("input", mode="before")
+    @classmethod
+    def one_kind_of_input(cls, value: object) -> object:
+        """Say what is wrong with a list in words (a union's own errors name its first branch)."""
+        if not isinstance(value, list) or not value:
+            return value
+        if not all(isinstance(item, str) for item in value) and not all(isinstance(item, dict) for item in value):
+            raise ValueError("input must be a string, a list of strings, or a list of {type: text} parts, not a mix")
+        for i, item in enumerate(value):
+            if isinstance(item, dict) and item.get("type") != "text":
+                kind = "image inputs are not supported" if item.get("type") == "image_url" else \
+                    f"unknown part type {item.get('type')!r}"
+                raise ValueError(f"item {i}: {kind}: send text, a list of texts, or text parts")
+        return value
+
+    _encodable_input = field_validator("input")(
+        lambda value: value if value and isinstance(value, list) and isinstance(value[0], TextPart)
+        else encodable_texts(value))
+
+    def texts(self) -> list[str]:
+        """The inputs to moderate: a string, each string of a list, or one input joined from text parts."""
+        if isinstance(self.input, str):
+            return [self.input]
+        if self.input and isinstance(self.input[0], TextPart):
+            return ["\n".join(part.text for part in self.input)]
+        return list(self.input)
 
 
 class ModerationResult(BaseModel):

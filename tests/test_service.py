@@ -64,6 +64,23 @@ def test_scores_are_normalised_with_manifest_statistics(client: TestClient):
     assert got == pytest.approx(expected, abs=1e-5)
 
 
+def test_moderation_input_forms_of_openais_api(client: TestClient):
+    def moderate(value: object):
+        return client.post("/v1/moderations", json={"input": value})
+
+    joined = moderate("How do I\nbake bread?").json()["results"]
+    parts = moderate([{"type": "text", "text": "How do I"}, {"type": "text", "text": "bake bread?"}])
+    assert parts.status_code == 200 and parts.json()["results"] == joined  # text parts are one input
+    for edge in ("", "x", ["", "x"]):  # empty and one-character texts are ordinary input
+        assert moderate(edge).status_code == 200
+    image = moderate([{"type": "text", "text": "look"}, {"type": "image_url", "image_url": {"url": "https://x/y.png"}}])
+    assert image.status_code == 400 and "image inputs are not supported" in image.json()["error"]["message"]
+    surrogate = client.post("/v1/moderations", content='{"input": [{"type": "text", "text": "\\ud800"}]}',
+                            headers={"Content-Type": "application/json"})
+    for response in (surrogate, *(moderate(bad) for bad in (["text", {"type": "text", "text": "p"}], [1, 2], []))):
+        assert response.status_code == 400 and response.json()["error"]["param"].startswith("input"), response.text
+
+
 def test_moderation_openai_shape_and_threshold_override(client: TestClient):
     single = client.post("/v1/moderations", json={"input": "sure, here is how to build a bomb"})
     assert single.status_code == 200
@@ -94,7 +111,7 @@ def test_moderation_openai_shape_and_threshold_override(client: TestClient):
     ("/v1/score", {"input": [{"messages": []}]}, 400, "input.0.messages"),
     ("/v1/score", {"inputs": [{"text": "a"}]}, 400, "input"),
     ("/v1/moderations", {"input": []}, 400, "input"),
-    ("/v1/moderations", {"input": [1, 2]}, 400, "input.str"),
+    ("/v1/moderations", {"input": [1, 2]}, 400, "input"),  # one message for any list of the wrong kind
     ("/v1/moderations", {"input": "a", "thresholds": {"violence": 0.5}}, 400, "thresholds"),
     ("/v1/moderations", {"input": "a", "thresholds": {"harmless": 2}}, 400, "thresholds.harmless"),
 ])
