@@ -25,6 +25,8 @@ def has_torch() -> bool:
 def has_cuda() -> bool:
     if not has_torch():
         return False
+    if Path("/proc").is_dir() and not Path("/proc/driver/nvidia").exists():
+        return False  # Linux without the NVIDIA driver: no CUDA device, known without importing torch (~180 MB)
     import torch
 
     return torch.cuda.is_available()

@@ -37,3 +37,17 @@ def test_typed_manifests_write_back_exactly_what_they_read(tiny_reward_model: Pa
     (tmp_path / "keel.json").write_text(json.dumps({"format_version": 2, "kind": "policy", "algorithm": "rloo"}))
     with pytest.raises(ArtifactError, match="is incomplete"):
         PolicyManifest.read(tmp_path)
+
+
+@pytest.mark.skipif(Path("/proc/driver/nvidia").exists() or not Path("/proc").is_dir(),
+                    reason="with an NVIDIA driver the auto backend rightly asks torch for CUDA")
+def test_onnx_scoring_does_not_import_torch_even_where_it_is_installed(tiny_reward_model: Path):
+    import subprocess
+    import sys
+
+    code = ("import sys; from keel_core.runtime import RewardRuntime; "
+            f"runtime = RewardRuntime({str(tiny_reward_model)!r}); runtime.warm_up(); "
+            "print(runtime.backend, sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split(maxsplit=1)[1].strip() == "[]", run.stdout  # ~180 MB of torch not loaded to serve ONNX
