@@ -69,6 +69,11 @@ class RewardModel(PreTrainedModel):
         nn.init.zeros_(self.heads.bias)
         self.post_init()
 
+    def _init_weights(self, module: nn.Module) -> None:
+        """Nothing: weights are initialised where they are made, the backbone by its own class and the heads in
+        __init__. (transformers' default would draw the heads again from its own distribution, a different
+        model from the same seed.)"""
+
     @property
     def head_names(self) -> list[str]:
         return [self.config.id2label[i] for i in range(self.config.num_labels)]

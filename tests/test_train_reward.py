@@ -377,3 +377,15 @@ def test_seed_ensemble_averages_the_models_margins():
     assert row["ensemble"] == 0.75  # averaged margins 1, 1, 0.5, -0.5
     assert row["all_agree"] == 0.5
     assert row["mean_margin_correlation"] == pytest.approx(np.corrcoef(first, second)[0, 1], abs=1e-3)
+
+
+def test_fresh_heads_are_drawn_once_with_keels_scale(tiny_backbone: str):
+    from keel_core.reward_model import RewardModel
+
+    torch.manual_seed(0)
+    model = RewardModel.from_base(tiny_backbone, ["a", "b"])
+    expected_std = model.config.hidden_size ** -0.5  # not transformers' initializer_range (0.02)
+    assert 0.7 * expected_std < float(model.heads.weight.std()) < 1.3 * expected_std
+    assert torch.equal(model.heads.bias, torch.zeros(2))
+    torch.manual_seed(0)
+    assert torch.equal(RewardModel.from_base(tiny_backbone, ["a", "b"]).heads.weight, model.heads.weight)
