@@ -177,21 +177,18 @@ def run_suite(args: argparse.Namespace) -> int:
     from training.report import write_report
     from training.reward_suite import run_reward_suite
 
-    if args.suite == "reward":
-        args.model = args.model or ["default"]
-    else:
-        args.policy = args.policy or ["default"]
-
     if args.external_data is not None and not args.external_data.is_dir():
         raise ConfigError(f"--external-data {args.external_data} is not a folder")
     cache = EvalCache(None if args.no_cache else args.cache)
     began = time.perf_counter()
     if args.suite == "reward":
+        args.model = args.model or ["default"]
         if len(args.model) > 2:
             raise ConfigError("compare at most two reward models (--model A --model B)")
         report = run_reward_suite(args.model, selected_sets(args.sets, REWARD_SETS), args.data, args.external_data,
                                   args.limit, args.backend, cache, progress=not args.no_progress)
     else:
+        args.policy = args.policy or ["default"]
         if len(args.policy) > 2:
             raise ConfigError("compare at most two policies (--policy BEFORE --policy AFTER)")
         report = run_policy_suite(args.policy, args.reward_model, selected_sets(args.sets, POLICY_SETS), args.data,
