@@ -52,9 +52,9 @@ LIMITS = """\
 
 def reward_model_card(manifest: RewardManifest, directory: Path) -> str:
     heads = manifest.heads
-    summary = (f"A {manifest.base_model} encoder with one linear head per principle ({', '.join(heads)}), "
-               f"trained by Keel {manifest.keel_version} on {manifest.created_at}. The primary head, served "
-               f"as `score`, is `{manifest.primary_head}`.")
+    summary = (f"One linear head per principle ({', '.join(heads)}) on the {manifest.base_model} encoder, trained "
+               f"by Keel {manifest.keel_version} on {manifest.created_at}. The primary head, served as `score`, is "
+               f"`{manifest.primary_head}`.")
     lines = ["---", "library_name: transformers", "pipeline_tag: text-classification",
              "tags: [keel, reward-model]", f"base_model: {manifest.base_model}", "---", "",
              f"# Keel reward model: {', '.join(heads)}", "",
@@ -63,7 +63,8 @@ def reward_model_card(manifest: RewardManifest, directory: Path) -> str:
              "## Data", "", "| file | sha256 | used for |", "|---|---|---|"]
     for entry in manifest.data:
         uses = "; ".join(f"{u['head']} {u['role']} ({u['split']} split)" for u in entry["uses"])
-        lines.append(f"| {Path(entry['path']).name} | {entry['sha256'][:12]} | {uses} |")
+        path = Path(entry["path"])
+        lines.append(f"| {path.parent.name}/{path.name} | {entry['sha256'][:12]} | {uses} |")
     lines += ["", "Splits are by a hash of the first human turn, so no conversation opening is in two splits.", "",
               "## Metrics", "", "Held-out test split; 95% Wilson intervals for accuracies.", "",
               "| head | examples | metric | value |", "|---|---|---|---|"]
