@@ -250,9 +250,7 @@ def test_onnx_that_does_not_match_its_manifest(tmp_path: Path, tiny_reward_model
 def test_auto_backend_runs_int8_only_where_it_is_faster(tmp_path: Path, tiny_reward_model: Path, monkeypatch):
     import shutil
 
-    import torch
-
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr("keel_core.runtime.has_cuda", lambda: False)
     monkeypatch.setattr("keel_core.runtime.int8_is_fast", lambda: True)
     assert RewardRuntime(tiny_reward_model).backend == "onnx-int8"
     monkeypatch.setattr("keel_core.runtime.int8_is_fast", lambda: False)
@@ -264,19 +262,17 @@ def test_auto_backend_runs_int8_only_where_it_is_faster(tmp_path: Path, tiny_rew
     assert RewardRuntime(model).backend == "onnx"
     (model / "model.onnx").unlink()
     assert RewardRuntime(model).backend == "torch"
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr("keel_core.runtime.has_cuda", lambda: True)  # a GPU machine
     assert choose_backend(tiny_reward_model) == "torch"
 
 
 def test_service_batch_limits_follow_the_engine_unless_set(make_client, monkeypatch):
-    import torch
-
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr("keel_core.runtime.has_cuda", lambda: False)
     limits = make_client().app.state.keel.runtime.limits
     assert (limits.max_batch_size, limits.max_batch_tokens) == (1, 512)  # CPU: one text at a time
     limits = make_client(max_batch_size=8, max_batch_tokens=2048).app.state.keel.runtime.limits
     assert (limits.max_batch_size, limits.max_batch_tokens) == (8, 2048)
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr("keel_core.runtime.has_cuda", lambda: True)  # a GPU machine
     assert service_batch_limits("torch").max_batch_size == 64 and service_batch_limits("onnx").max_batch_size == 1
 
 
