@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from typing import Literal, get_args, get_origin
 
 from keel_core.hardware import has_torch
@@ -77,7 +78,7 @@ def run_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def default_reward_model() -> str:
+def default_reward_model() -> Path:
     if not has_torch():
         from service.settings import SettingsError
 
@@ -85,4 +86,4 @@ def default_reward_model() -> str:
                             "pass --model DIR, or pip install 'keel[train]'")
     from training.default_model import default_model_dir, ensure_default_model
 
-    return str(ensure_default_model(default_model_dir()))
+    return ensure_default_model(default_model_dir())

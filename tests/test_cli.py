@@ -2,6 +2,7 @@ import json
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from keel.cli import main
@@ -106,3 +107,33 @@ def test_conflicting_serve_options_are_one_line_errors(tiny_reward_model: Path):
                        "--chat-reward-weights", "harmless=1,nope=2")
     assert unknown.returncode == 2 and unknown.stderr.count("\n") == 1
     assert "['nope']" in unknown.stderr and "['harmless', 'quality']" in unknown.stderr
+
+
+def test_serve_without_a_model_serves_the_default_one(tiny_reward_model: Path, tmp_path: Path, monkeypatch):
+    # The default model already in the cache (a copy of the tiny one), so nothing trains: the README's main command.
+    import shutil
+
+    import httpx
+
+    from tests.test_batcher_and_server import free_port
+    from training.default_model import default_model_dir
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    default = default_model_dir()
+    shutil.copytree(tiny_reward_model, default)
+    port = free_port()
+    process = subprocess.Popen([sys.executable, "-m", "keel", "serve", "--port", str(port)],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        for _ in range(300):
+            assert process.poll() is None, process.stdout.read()
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        served = httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=5).json()["data"][0]["id"]
+        assert served == default.name
+    finally:
+        process.kill()
+        process.wait(10)
