@@ -68,8 +68,8 @@ def run_serve(args: argparse.Namespace) -> int:
 
         log_as_json()  # before the default model trains, so its logs are JSON too
     try:
-        settings.read_api_keys()  # a bad keys file is reported before a model is trained or loaded
         if settings.model is None:
+            settings.read_api_keys()  # a bad keys file is reported before the default model trains, not after
             settings.model = default_reward_model()
         serve(settings)
     except SettingsError as error:  # other errors (a bad model directory) are `keel: error:` lines from main

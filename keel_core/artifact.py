@@ -182,8 +182,12 @@ class Manifest:
     keel_version: str = __version__
     created_at: str = dataclasses.field(default_factory=_now)
 
+    def to_json(self) -> dict[str, Any]:
+        """keel.json's content, as write() writes it."""
+        return _json(self)
+
     def write(self, directory: Path) -> None:
-        write_json_atomic(directory / MANIFEST, _json(self))
+        write_json_atomic(directory / MANIFEST, self.to_json())
 
 
 @dataclass(kw_only=True)

@@ -21,7 +21,6 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from keel_core.artifact import RewardManifest
 from keel_core.hardware import has_torch
 from service.app import create_app
-from service.logs import log_as_json
 from service.models import model_directory
 from service.settings import Settings, SettingsError
 
@@ -98,8 +97,7 @@ def http_protocol(header_timeout_s: float) -> type[HeaderTimeoutProtocol]:
 
 
 def serve(settings: Settings) -> None:
-    if settings.log_format == "json":
-        log_as_json()
+    """Run the service on settings.model (`keel serve` resolves the default model and sets JSON logging first)."""
     app = create_app(settings)  # reads the API keys file (SettingsError) before the model loads
     if settings.model is None:  # `keel serve` resolves (or trains) the default model before it gets here
         raise SettingsError("no reward model: give --model DIR (or KEEL_MODEL)")

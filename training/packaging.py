@@ -12,7 +12,6 @@ import numpy as np
 
 from keel_core.artifact import (
     RewardManifest,
-    read_manifest,
     staged,
     write_text_atomic,
 )
@@ -66,7 +65,7 @@ def build_artifact(config: RewardConfig, model: RewardModel, tokenizer: Any, hea
             onnx=onnx_info, data=data_provenance(config), config=to_dict(config), metrics=metrics)
         manifest.write(staging)
         write_text_atomic(staging / "README.md", reward_model_card(manifest, output))
-    return read_manifest(output)
+    return manifest.to_json()
 
 
 def export_onnx(model: RewardModel, tokenizer: Any, heads: list[HeadData], names: list[str], config: RewardConfig,

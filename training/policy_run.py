@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from keel_core.artifact import PolicyManifest, read_manifest, staged
+from keel_core.artifact import PolicyManifest, staged
 from keel_core.policy import load_policy, load_tokenizer, resolve_policy
 from keel_core.text import Conversation
 from training.config import ConfigError, to_dict
@@ -321,7 +321,7 @@ class PolicyRun:
             (staging / "samples.md").write_text(samples_markdown(self.samples_before, samples_after))
             paths = sorted({s.path for s in [*self.config.prompts.train, *self.config.prompts.evaluation]}
                            | set(data_paths))
-            PolicyManifest(
+            manifest = PolicyManifest(
                 algorithm=self.algorithm, base_policy=self.config.policy.model,
                 base_policy_path=resolve_policy(self.config.policy.model), lora=to_dict(self.config)["policy"]["lora"],
                 steps=self.step + 1, stopped_early=self.stopped_early, warnings=self.warnings,
@@ -330,8 +330,9 @@ class PolicyRun:
                                               "max_new_tokens": self.config.policy.max_new_tokens},
                 reward=to_dict(self.config)["reward"], config=to_dict(self.config),
                 data=[{"path": path, "sha256": file_sha256(path)} for path in paths],
-            ).write(staging)
-        return read_manifest(self.output)
+            )
+            manifest.write(staging)
+        return manifest.to_json()
 
 
 def rollout_metrics(rollout: Rollout, heads: Sequence[str], entropy: torch.Tensor | None = None) -> dict[str, float]:

@@ -13,7 +13,6 @@ from keel_core.artifact import (
     FORMAT_VERSION,
     MANIFEST,
     RewardManifest,
-    read_manifest,
     staged,
     write_text_atomic,
 )
@@ -82,4 +81,4 @@ def reexport(directory: Path, int8: bool | None = None, skip_bad_rows: bool = Fa
         manifest.format_version = FORMAT_VERSION
         manifest.write(staging)
         write_text_atomic(staging / "README.md", reward_model_card(manifest, directory))
-    return read_manifest(directory)
+    return manifest.to_json()
