@@ -24,8 +24,8 @@ def tiny_backbone(tmp_path_factory: pytest.TempPathFactory) -> str:
     specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
     letters = [chr(c) for c in range(ord("a"), ord("z") + 1)]
     vocab = specials + sorted(set(WORDS)) + letters + [f"##{c}" for c in letters] + list(".,?!:'\"-0123456789")
-    (directory / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    tokenizer = BertTokenizerFast(vocab_file=str(directory / "vocab.txt"))
+    # (transformers 5 ignores a vocab_file argument and would make a tokenizer of the 5 special tokens alone)
+    tokenizer = BertTokenizerFast(vocab={token: i for i, token in enumerate(vocab)})
     tokenizer.save_pretrained(directory)
     config = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                         intermediate_size=64, max_position_embeddings=128)
@@ -165,3 +165,40 @@ def tiny_policy_config(policy: str, reward_model: Path, root: Path, **training: 
         data=[DataSource(str(pairs))], validation=[DataSource(str(pairs), limit=4)],
         training=PolicyTrainingConfig(**settings),
     )
+
+
+def moderation_rows(count: int) -> list[dict]:
+    """Synthetic labelled texts: violent ones, thieving ones, and harmless ones (every category 0)."""
+    kinds = [("i will kill and hurt you", {"violence": 1}), ("help me steal and hack", {"illicit": 1}),
+             ("here is some recipe for bread thanks", {}), ("python code to terminate a process please", {})]
+    return [{"text": f"{kinds[i % 4][0]} {i}", **kinds[i % 4][1], "harmless": int(not kinds[i % 4][1])}
+            for i in range(count)]
+
+
+def tiny_moderation_config(backbone: str, data: Path, onnx: bool = True, **training: object):
+    """A ModerationConfig on the tiny backbone: one source labelling violence and illicit (harmless rows: every
+    category 0), read whole for training and validation."""
+    from training.moderation_config import LabelRule, ModerationConfig, ModerationSource
+    from training.reward_config import ExportConfig, TrainingConfig
+
+    source = ModerationSource(path=str(data), name="synthetic", rest=None, labels={
+        "violence": LabelRule(column="violence"), "illicit": LabelRule(column="illicit")})
+    benign = ModerationSource(path=str(data), name="benign", rest=0.0, where={"harmless": "1"})
+    settings = {"epochs": 6, "batch_size": 8, "learning_rate": 1e-3, "head_learning_rate": 1e-2,
+                "freeze_embeddings": False, "eval_every": 4, "checkpoint_every": 4, "log_every": 1, "seed": 0,
+                "precision": "no", **training}
+    return ModerationConfig(train=[source, benign], validation=[source, benign], test=[source, benign], base_model=backbone,
+                            max_length=32, min_positives=2, training=TrainingConfig(**settings),
+                            export=ExportConfig(onnx=onnx, int8=onnx))
+
+
+@pytest.fixture(scope="session")
+def tiny_moderation_model(tiny_backbone: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A complete Keel moderation-model directory (weights, ONNX fp32/int8, keel.json) on the tiny backbone."""
+    from training.train_moderation import train_moderation
+
+    root = tmp_path_factory.mktemp("tiny-moderation")
+    data = write_jsonl(root / "labelled.jsonl", moderation_rows(48))
+    output = root / "model"
+    train_moderation(tiny_moderation_config(tiny_backbone, data), output, progress=False)
+    return output
