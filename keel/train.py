@@ -8,7 +8,7 @@ from pathlib import Path
 
 from keel.options import add_overrides, config_help
 from training.algorithms import ALGORITHMS
-from training.config import DEFAULT_REWARD_CONFIG
+from training.config import DEFAULT_MODERATION_CONFIG, DEFAULT_REWARD_CONFIG
 
 
 def add_commands(commands: argparse._SubParsersAction) -> None:
@@ -21,6 +21,15 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
         + config_help(DEFAULT_REWARD_CONFIG, "--set training.epochs=1 --set heads.0.train.0.limit=200"))
     add_train_common(reward, DEFAULT_REWARD_CONFIG)
     reward.set_defaults(func=run_reward)
+    moderation = train.add_parser(
+        "moderation", help="train a moderation model (OpenAI's categories) from labelled harm data",
+        description="Train a multi-label moderation classifier: one sigmoid output per category, binary "
+        "cross-entropy masked to the categories each source labels. Chooses each category's threshold on "
+        "validation data (precision >= min_precision, else best F1). Writes HF weights, tokenizer, keel.json, "
+        "ONNX (fp32 and int8), metrics.jsonl and training_curves.png. "
+        + config_help(DEFAULT_MODERATION_CONFIG, "--set training.epochs=1 --set cross_validation.test_fold=3"))
+    add_train_common(moderation, DEFAULT_MODERATION_CONFIG)
+    moderation.set_defaults(func=run_moderation)
     for name, algorithm in ALGORITHMS.items():
         command = train.add_parser(
             name, help=algorithm.summary,
@@ -58,6 +67,20 @@ def run_reward(args: argparse.Namespace) -> int:
     if manifest:
         print(json.dumps(manifest["metrics"], indent=2))
         print(f"reward model written to {args.output}")
+    return 0
+
+
+def run_moderation(args: argparse.Namespace) -> int:
+    from training.config import load_config
+    from training.moderation_config import ModerationConfig
+    from training.train_moderation import train_moderation
+
+    config = load_config(ModerationConfig, args.config, args.overrides)
+    manifest = train_moderation(config, args.output, resume=args.resume, overwrite=args.overwrite,
+                                skip_bad_rows=args.skip_bad_rows, progress=not args.no_progress)
+    if manifest:
+        print(json.dumps(manifest["metrics"].get("test", manifest["metrics"]["validation"])["sources"], indent=2))
+        print(f"moderation model written to {args.output}")
     return 0
 
 

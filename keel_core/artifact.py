@@ -214,6 +214,9 @@ class RewardManifest(Manifest):
     def read(cls, directory: str | Path) -> RewardManifest:
         """The checked manifest of a reward-model directory (ArtifactError, saying why, if it cannot be served)."""
         raw = read_manifest(directory)
+        if raw.get("kind") == "moderation-model":
+            raise ArtifactError(f"{directory} is a moderation model, not a reward model: serve it with "
+                                "--moderation-model")
         check_reward_manifest(raw, Path(directory) / MANIFEST)
         values = _known(cls, raw)
         values["normalization"] = {h: HeadStats(**_known(HeadStats, s)) for h, s in raw["normalization"].items()}
@@ -228,6 +231,69 @@ class RewardManifest(Manifest):
         """The chat guard's threshold for a head: its own where the model has one, else the moderation one."""
         rule = self.moderation[head]
         return rule.guard.threshold if rule.guard else rule.threshold
+
+
+@dataclass(kw_only=True)
+class CategoryThreshold:
+    """A moderation category's threshold on its probability (None: scored but never flagged) and how it was
+    chosen on validation data, with the precision and recall it had there."""
+
+    threshold: float | None
+    rule: str  # "precision >= 0.8", "best F1", or why there is no threshold
+    precision: float | None = None
+    recall: float | None = None
+    f1: float | None = None
+    positives: int | None = None  # labelled validation positives
+    examples: int | None = None  # labelled validation examples
+
+
+@dataclass(kw_only=True)
+class ModerationManifest(Manifest):
+    """keel.json of a moderation-model directory: one sigmoid output per category, flagged at its threshold."""
+
+    kind: str = "moderation-model"
+    base_model: str
+    base_model_path: str
+    categories: list[str]
+    max_length: int
+    truncation_side: str
+    input_names: list[str]
+    thresholds: dict[str, CategoryThreshold]
+    onnx: dict[str, Any] = dataclasses.field(default_factory=dict)
+    data: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    config: dict[str, Any] = dataclasses.field(default_factory=dict)
+    metrics: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    @property
+    def heads(self) -> list[str]:  # the model's outputs, as a reward model's heads
+        return self.categories
+
+    @classmethod
+    def read(cls, directory: str | Path) -> ModerationManifest:
+        """The checked manifest of a moderation-model directory (ArtifactError, saying why, if unusable)."""
+        raw = read_manifest(directory)
+        path = Path(directory) / MANIFEST
+        if raw.get("kind") != "moderation-model":
+            raise ArtifactError(f"{path} is not a moderation model's manifest (kind {raw.get('kind')!r})")
+        categories, thresholds = raw.get("categories"), raw.get("thresholds")
+        if not isinstance(categories, list) or not categories or not all(isinstance(c, str) for c in categories):
+            raise ArtifactError(f"{path}: 'categories' must be a non-empty list of names")
+        if not isinstance(thresholds, dict) or any(not isinstance(thresholds.get(c), dict) for c in categories):
+            raise ArtifactError(f"{path}: 'thresholds' needs an entry for every category")
+        for category in categories:
+            threshold = thresholds[category].get("threshold")
+            if threshold is not None and not (_finite(threshold) and 0.0 <= threshold <= 1.0):
+                raise ArtifactError(f"{path}: category {category!r} has a threshold {threshold!r}, not in [0, 1]")
+        values = _known(cls, raw)
+        values["thresholds"] = {c: _construct(CategoryThreshold, _known(CategoryThreshold, thresholds[c]), directory)
+                                for c in categories}
+        return _construct(cls, values, directory)
+
+
+def read_model_manifest(directory: str | Path) -> RewardManifest | ModerationManifest:
+    """The checked manifest of a servable model directory, of whichever kind it is."""
+    kind = read_manifest(directory).get("kind")
+    return ModerationManifest.read(directory) if kind == "moderation-model" else RewardManifest.read(directory)
 
 
 @dataclass(kw_only=True)

@@ -1,17 +1,25 @@
-"""The moderation rule, shared by the service (/v1/moderations, the chat guard) and the evaluation suite."""
+"""The moderation taxonomy and rule, shared by the service (/v1/moderations, the chat guard), the moderation
+trainer and the evaluation suites."""
 
 from __future__ import annotations
 
 import numpy as np
 
+# OpenAI's moderation categories (omni-moderation), in the order its API lists them.
+CATEGORIES = (
+    "harassment", "harassment/threatening", "hate", "hate/threatening", "illicit", "illicit/violent",
+    "self-harm", "self-harm/intent", "self-harm/instructions", "sexual", "sexual/minors", "violence",
+    "violence/graphic",
+)
+
 
 def category_scores(z: np.ndarray) -> np.ndarray:
-    """Moderation score of a head from its normalised score z: sigma(-z), near 1 when a text scores far
-    below the validation mean, i.e. likely fails the principle."""
+    """A reward head's stand-in moderation score from its normalised score z: sigma(-z), near 1 when a text
+    scores far below the validation mean (used to evaluate reward heads as filters, not served)."""
     return 1.0 / (1.0 + np.exp(z))
 
 
 def flags(scores: np.ndarray, thresholds: list[float | None]) -> np.ndarray:
-    """[texts, heads] booleans: a category is flagged at or above its threshold; None never flags."""
+    """[texts, categories] booleans: a category is flagged at or above its threshold; None never flags."""
     limits = np.array([np.inf if t is None else t for t in thresholds], dtype=np.float64)
     return scores >= limits

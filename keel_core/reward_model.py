@@ -40,12 +40,14 @@ def resolve_base_model(name: str) -> str:
     return str(Path(next(iter(spec.submodule_search_locations))) / "model")
 
 
-def label_config(config: PretrainedConfig, head_names: list[str]) -> PretrainedConfig:
-    """The backbone's config, made a Keel reward model's: one label per head, raw scores (no softmax)."""
+def label_config(config: PretrainedConfig, head_names: list[str], problem_type: str = "regression") -> PretrainedConfig:
+    """The backbone's config, made a Keel model's: one label per head. pipeline("text-classification") returns
+    raw scores for "regression" (reward heads) and per-label sigmoids for "multi_label_classification"
+    (moderation categories)."""
     config.num_labels = len(head_names)
     config.id2label = dict(enumerate(head_names))
     config.label2id = {name: i for i, name in enumerate(head_names)}
-    config.problem_type = "regression"  # pipeline("text-classification") then returns raw scores
+    config.problem_type = problem_type
     config.architectures = ["RewardModel"]
     config.auto_map = {"AutoModelForSequenceClassification": f"{MODELING_FILE.removesuffix('.py')}.RewardModel"}
     return config
@@ -79,7 +81,8 @@ class RewardModel(PreTrainedModel):
         return [self.config.id2label[i] for i in range(self.config.num_labels)]
 
     @classmethod
-    def from_base(cls, base_model: str, head_names: list[str], attention_dropout: float = 0.0) -> RewardModel:
+    def from_base(cls, base_model: str, head_names: list[str], attention_dropout: float = 0.0,
+                  problem_type: str = "regression") -> RewardModel:
         """Fresh heads on a pretrained encoder (an HF name or path, or "default")."""
         path = resolve_base_model(base_model)
         config = AutoConfig.from_pretrained(path)
@@ -87,7 +90,7 @@ class RewardModel(PreTrainedModel):
             if hasattr(config, key):
                 setattr(config, key, attention_dropout)
         backbone = AutoModel.from_pretrained(path, config=config)
-        return cls(label_config(backbone.config, head_names), backbone)
+        return cls(label_config(backbone.config, head_names, problem_type), backbone)
 
     @classmethod
     def load(cls, directory: str | Path) -> RewardModel:

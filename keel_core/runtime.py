@@ -1,8 +1,10 @@
-"""The scoring runtime, independent of HTTP: a loaded reward model behind ONNX Runtime or torch.
+"""The scoring runtime, independent of HTTP: a loaded reward or moderation model behind ONNX Runtime or torch.
 
-`RewardRuntime.score(texts)` tokenises, sorts by length, runs the engine in batches bounded by a token
-budget, and returns raw scores [texts, heads]. It is synchronous; the service's batcher calls it from worker
-threads, the evaluation suite and the RL reward function directly. The ONNX path needs no torch.
+Both kinds are an encoder with linear heads (keel_core/reward_model.py). `ModelRuntime.score(texts)` tokenises,
+sorts by length, runs the engine in batches bounded by a token budget, and returns raw scores [texts, heads].
+`scored(texts)` turns them into what the kind serves: z-scores for a reward model (RewardRuntime), category
+probabilities for a moderation model (ModerationRuntime). It is synchronous; the service's batcher calls it
+from worker threads, the evaluation suite and the RL reward function directly. The ONNX path needs no torch.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from keel_core.artifact import ArtifactError, RewardManifest
+from keel_core.artifact import ArtifactError, ModerationManifest, RewardManifest
 from keel_core.hardware import has_cuda, int8_is_fast
 from keel_core.onnx_engine import FP32_FILE, INT8_FILE, OnnxEngine, int8_outdated, pad_batch
 from keel_core.text import ModelInput
@@ -80,11 +82,11 @@ def service_batch_limits(backend: str) -> BatchLimits:
 
 @dataclass
 class Scored:
-    z: np.ndarray  # normalised scores [texts, heads]
-    runtime: RewardRuntime  # the model (version) that produced them
+    values: np.ndarray  # [texts, heads]: z-scores of a reward model, probabilities of a moderation model
+    runtime: ModelRuntime  # the model (version) that produced them
 
     def __getitem__(self, index: slice) -> Scored:  # the batcher hands each request its slice
-        return Scored(self.z[index], self.runtime)
+        return Scored(self.values[index], self.runtime)
 
     @staticmethod
     def combine(parts: list[Scored]) -> Scored:
@@ -92,31 +94,31 @@ class Scored:
         mix two models' scores: ModelChanged, and the caller scores the request again."""
         if any(part.runtime is not parts[0].runtime for part in parts):
             raise ModelChanged("the model was reloaded while this request was being scored")
-        return parts[0] if len(parts) == 1 else Scored(np.concatenate([part.z for part in parts]), parts[0].runtime)
+        return parts[0] if len(parts) == 1 else Scored(np.concatenate([part.values for part in parts]),
+                                                       parts[0].runtime)
 
 
 class ModelChanged(Exception):
     pass
 
 
-class RewardRuntime:
+class ModelRuntime:
+    """What both kinds share: the manifest, tokenizer and engines. A subclass reads its kind's manifest and says
+    what its scores mean (`transform`)."""
+
+    manifest: RewardManifest | ModerationManifest
+
     def __init__(self, directory: str | Path, backend: str = "auto", threads: int | None = None,
                  limits: BatchLimits | None = None, observe_batch: BatchObserver | None = None, workers: int = 1):
         self.directory = Path(directory)
-        self.manifest = manifest = RewardManifest.read(self.directory)
+        self.manifest = manifest = self.read_manifest(self.directory)
         self.heads = manifest.heads
-        self.primary_head = manifest.primary_head
         self.max_length = manifest.max_length
         self.version = manifest.created_at or "unknown"
         self.name = self.directory.name
         self.backend = choose_backend(self.directory) if backend == "auto" else backend
         self.limits = limits or BatchLimits()
         self.observe_batch = observe_batch
-        self.mean = np.array([manifest.normalization[h].mean for h in self.heads], dtype=np.float32)
-        self.std = np.array([manifest.normalization[h].std for h in self.heads], dtype=np.float32)
-        self.thresholds = {h: manifest.moderation[h].threshold for h in self.heads}
-        # The chat guard's own thresholds where the model has them (a set false-flag rate on benign replies).
-        self.guard_thresholds = {h: manifest.guard_threshold(h) for h in self.heads}
         threads = threads or max(1, (os.cpu_count() or 1) // workers)
         try:
             self.tokenizer = PairTokenizer(self.directory, self.max_length, manifest.truncation_side)
@@ -164,14 +166,17 @@ class RewardRuntime:
             start = end
         return out
 
-    def normalize(self, raw: np.ndarray) -> np.ndarray:
-        """z = (raw - mean) / std with the validation statistics in keel.json."""
-        return (raw - self.mean) / self.std
+    @staticmethod
+    def read_manifest(directory: Path) -> RewardManifest | ModerationManifest:
+        raise NotImplementedError
+
+    def transform(self, raw: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
 
     def scored(self, inputs: Sequence[ModelInput], worker: int = 0) -> Scored:
-        """Normalised scores, tagged with this runtime: a reload never mixes one model's scores with another's
+        """The served scores, tagged with this runtime: a reload never mixes one model's scores with another's
         name, version or thresholds."""
-        return Scored(self.normalize(self.score(inputs, worker)), self)
+        return Scored(self.transform(self.score(inputs, worker)), self)
 
     def warm_up(self) -> None:
         """Score a real batch so the first request pays no start-up cost, and check the model's output."""
@@ -179,6 +184,52 @@ class RewardRuntime:
 
     def describe(self) -> dict[str, Any]:
         return {"id": self.name, "object": "model", "created": int(self.directory.stat().st_mtime),
-                "owned_by": "keel", "version": self.version, "backend": self.backend, "heads": self.heads,
-                "primary_head": self.primary_head, "base_model": self.manifest.base_model,
-                "thresholds": self.thresholds, "guard_thresholds": self.guard_thresholds}
+                "owned_by": "keel", "kind": self.manifest.kind, "version": self.version, "backend": self.backend,
+                "base_model": self.manifest.base_model}
+
+
+class RewardRuntime(ModelRuntime):
+    manifest: RewardManifest
+
+    def __init__(self, directory: str | Path, backend: str = "auto", threads: int | None = None,
+                 limits: BatchLimits | None = None, observe_batch: BatchObserver | None = None, workers: int = 1):
+        super().__init__(directory, backend, threads, limits, observe_batch, workers)
+        self.primary_head = self.manifest.primary_head
+        self.mean = np.array([self.manifest.normalization[h].mean for h in self.heads], dtype=np.float32)
+        self.std = np.array([self.manifest.normalization[h].std for h in self.heads], dtype=np.float32)
+
+    @staticmethod
+    def read_manifest(directory: Path) -> RewardManifest:
+        return RewardManifest.read(directory)
+
+    def transform(self, raw: np.ndarray) -> np.ndarray:
+        """z = (raw - mean) / std with the validation statistics in keel.json."""
+        return (raw - self.mean) / self.std
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "heads": self.heads, "primary_head": self.primary_head}
+
+
+class ModerationRuntime(ModelRuntime):
+    manifest: ModerationManifest
+
+    def __init__(self, directory: str | Path, backend: str = "auto", threads: int | None = None,
+                 limits: BatchLimits | None = None, observe_batch: BatchObserver | None = None, workers: int = 1):
+        super().__init__(directory, backend, threads, limits, observe_batch, workers)
+        self.categories = self.heads
+        self.thresholds = {c: self.manifest.thresholds[c].threshold for c in self.categories}
+
+    @staticmethod
+    def read_manifest(directory: Path) -> ModerationManifest:
+        return ModerationManifest.read(directory)
+
+    def transform(self, raw: np.ndarray) -> np.ndarray:
+        """Each category's probability, sigma(raw)."""
+        return 1.0 / (1.0 + np.exp(-raw))
+
+    def describe(self) -> dict[str, Any]:
+        """The categories with their thresholds and how good each is (held-out AUPRC, precision, recall)."""
+        test = self.manifest.metrics.get("test", {}).get("categories", {})
+        categories = {c: {"threshold": self.thresholds[c], "threshold_rule": self.manifest.thresholds[c].rule,
+                          **{f"test_{k}": v for k, v in test.get(c, {}).items()}} for c in self.categories}
+        return {**super().describe(), "categories": categories}

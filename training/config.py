@@ -19,6 +19,7 @@ T = TypeVar("T")
 CONFIGS = bundled("configs")
 BUNDLED_DATA = bundled("data")  # the permissively licensed sets Keel ships (data/README.md)
 DEFAULT_REWARD_CONFIG = CONFIGS / "reward.yaml"
+DEFAULT_MODERATION_CONFIG = CONFIGS / "moderation.yaml"
 
 
 class ConfigError(KeelError, ValueError):

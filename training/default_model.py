@@ -1,5 +1,5 @@
-"""The default reward model: where it lives, and training (or re-exporting) it when `keel serve` or a reward
-function asks for it and it is absent."""
+"""The default reward and moderation models: where they live, and training (or re-exporting) them when
+`keel serve` or a reward function asks for one and it is absent."""
 
 from __future__ import annotations
 
@@ -8,19 +8,22 @@ from pathlib import Path
 
 from keel_core.artifact import RewardManifest, cache_root
 from keel_core.onnx_engine import int8_outdated
-from training.config import BUNDLED_DATA, DEFAULT_REWARD_CONFIG, load_config
+from training.config import BUNDLED_DATA, DEFAULT_MODERATION_CONFIG, DEFAULT_REWARD_CONFIG, load_config
 from training.data import DataError, file_sha256
+from training.moderation_config import ModerationConfig
 from training.reexport import reexport
 from training.reward_config import RewardConfig
+from training.train_moderation import train_moderation
 from training.train_reward import train_reward
 
 log = logging.getLogger(__name__)
 
 
-def default_model_dir() -> Path:
-    """Where the default reward model lives, named after its config's content: a new default config trains a
-    new model instead of serving one trained by an older config."""
-    return cache_root() / "models" / f"reward-default-{file_sha256(DEFAULT_REWARD_CONFIG)[:8]}"
+def default_model_dir(kind: str = "reward") -> Path:
+    """Where the default reward (or moderation) model lives, named after its config's content: a new default
+    config trains a new model instead of serving one trained by an older config."""
+    config = DEFAULT_MODERATION_CONFIG if kind == "moderation" else DEFAULT_REWARD_CONFIG
+    return cache_root() / "models" / f"{kind}-default-{file_sha256(config)[:8]}"
 
 
 def ensure_default_model(directory: Path) -> Path:
@@ -39,4 +42,14 @@ def ensure_default_model(directory: Path) -> Path:
              directory)
     work = directory.parent / f"{directory.name}.work"
     train_reward(load_config(RewardConfig, DEFAULT_REWARD_CONFIG), directory, resume=work.exists())
+    return directory
+
+
+def ensure_default_moderation_model(directory: Path) -> Path:
+    """Train the default moderation model into directory if it is not there yet (progress bar on stderr)."""
+    if not (directory / "keel.json").exists():
+        log.info("no model at %s: training the default moderation model first (about 10 minutes on 2 CPU cores)",
+                 directory)
+        work = directory.parent / f"{directory.name}.work"
+        train_moderation(load_config(ModerationConfig, DEFAULT_MODERATION_CONFIG), directory, resume=work.exists())
     return directory

@@ -100,16 +100,19 @@ class CachedRewardModel:
         return preferred if preferred in self.runtime.heads else self.runtime.primary_head
 
     def flags(self, inputs: Sequence[ModelInput]) -> tuple[np.ndarray, np.ndarray]:
-        """(flagged [N] by the served moderation rule, normalised scores z [N, heads])."""
-        z = self.runtime.normalize(self.raw(inputs))
+        """(flagged [N] by the reward heads' own thresholds, normalised scores z [N, heads])."""
+        z = self.runtime.transform(self.raw(inputs))
         return self.flagged(z), z
 
     def flagged(self, z: np.ndarray, guard: bool = False) -> np.ndarray:
-        """Which normalised scores the served moderation rule flags; with `guard`, at the chat guard's thresholds."""
+        """Which normalised scores the reward heads' stand-in moderation thresholds flag (keel.json's
+        `moderation`); with `guard`, at their guard thresholds. (The service moderates with a moderation model.)"""
         from keel_core.moderation import category_scores, flags
 
-        thresholds = self.runtime.guard_thresholds if guard else self.runtime.thresholds
-        return flags(category_scores(z), [thresholds[h] for h in self.runtime.heads]).any(axis=1)
+        manifest = self.runtime.manifest
+        thresholds = [manifest.guard_threshold(h) if guard else manifest.moderation[h].threshold
+                      for h in self.runtime.heads]
+        return flags(category_scores(z), thresholds).any(axis=1)
 
 
 class CachedPolicy:

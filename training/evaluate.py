@@ -154,3 +154,32 @@ def false_flag_threshold(category_scores: np.ndarray, rate: float) -> dict[str, 
     greater = scores[scores > passed]
     threshold = float((passed + greater.min()) / 2 if greater.size else np.nextafter(passed, np.inf))
     return {"threshold": threshold, "false_flags": float(np.mean(scores >= threshold)), "examples": len(scores)}
+
+
+def average_precision(scores: np.ndarray, labels: np.ndarray) -> float:
+    """Area under the precision-recall curve as average precision: AP = sum_k P(k) * 1[k-th is positive] / P,
+    over texts ranked by score (what scikit-learn's average_precision_score computes, without ties handling)."""
+    labels = np.asarray(labels, dtype=np.float64)
+    if labels.sum() == 0:
+        return float("nan")
+    ranked = labels[np.argsort(-np.asarray(scores, dtype=np.float64), kind="stable")]
+    precision_at_k = np.cumsum(ranked) / np.arange(1, len(ranked) + 1)
+    return float((precision_at_k * ranked).sum() / ranked.sum())
+
+
+def operating_threshold(scores: np.ndarray, labels: np.ndarray, min_precision: float) -> dict[str, Any]:
+    """The threshold (flag when score >= t) with the most recall among those whose precision is at least
+    min_precision; where none reaches it, the best-F1 threshold. Says which rule chose it."""
+    order = np.argsort(-scores, kind="stable")
+    sorted_scores, sorted_labels = scores[order], labels[order]
+    true_positives = np.cumsum(sorted_labels)
+    precision = true_positives / np.arange(1, len(labels) + 1)
+    distinct = np.append(sorted_scores[1:] != sorted_scores[:-1], True)  # cut only between distinct scores
+    reaching = np.flatnonzero(distinct & (precision >= min_precision) & (sorted_labels > 0))
+    if reaching.size == 0:
+        return {**best_f1_threshold(scores, labels), "rule": "best F1"}
+    k = int(reaching[-1])  # the lowest such threshold flags the most
+    recall = float(true_positives[k] / labels.sum())
+    return {"threshold": float(sorted_scores[k]), "precision": float(precision[k]), "recall": recall,
+            "f1": 2 * float(precision[k]) * recall / max(float(precision[k]) + recall, 1e-12),
+            "examples": len(labels), "rule": f"precision >= {min_precision:g}"}

@@ -17,6 +17,7 @@ from keel_core.artifact import (
 )
 from keel_core.onnx_engine import FP32_FILE, INT8_FILE, INT8_RECIPE
 from keel_core.reward_model import RewardModel, resolve_base_model
+from keel_core.text import ModelInput
 from training import onnx_export
 from training.calibration import normalization_and_thresholds
 from training.config import to_dict
@@ -24,7 +25,7 @@ from training.evaluate import Scorer, cached, torch_scorer
 from training.model_card import reward_model_card
 from training.objectives import evaluate_examples, example_inputs
 from training.plots import plot_curves
-from training.reward_config import RewardConfig
+from training.reward_config import ExportConfig, RewardConfig
 from training.reward_data import HeadData, data_provenance
 from training.runs import read_metrics
 
@@ -42,7 +43,8 @@ def build_artifact(config: RewardConfig, model: RewardModel, tokenizer: Any, hea
         int8_scorer: Scorer | None = None
         scorer = torch_scorer(model, tokenizer, config.max_length, config.training.eval_batch_size)
         if config.export.onnx:
-            onnx_info, scorer, int8_scorer = export_onnx(model, tokenizer, heads, names, config, staging, scorer)
+            onnx_info, scorer, int8_scorer = export_onnx(model, tokenizer, validation_sample(heads), config.export,
+                                                         config.max_length, staging, scorer)
         # Every metric below is computed with the served fp32 graph (faster than torch), each text scored once.
         scorer = cached(scorer)
         normalization, moderation = normalization_and_thresholds(scorer, heads, config)
@@ -68,21 +70,25 @@ def build_artifact(config: RewardConfig, model: RewardModel, tokenizer: Any, hea
     return manifest.to_json()
 
 
-def export_onnx(model: RewardModel, tokenizer: Any, heads: list[HeadData], names: list[str], config: RewardConfig,
+def validation_sample(heads: list[HeadData]) -> list[ModelInput]:
+    """The texts ONNX graphs are checked against torch on: up to 32 validation examples of every head."""
+    return example_inputs([e for head in heads for e in head.validation[:32]])
+
+
+def export_onnx(model: RewardModel, tokenizer: Any, sample: list[ModelInput], export: ExportConfig, max_length: int,
                 directory: Path, torch_scores: Scorer) -> tuple[dict[str, Any], Scorer, Scorer | None]:
-    """Write model.onnx (and model.int8.onnx) into directory and measure max |ONNX - torch| on validation texts
+    """Write model.onnx (and model.int8.onnx) into directory and measure max |ONNX - torch| on the sample texts
     for each graph; returns the manifest's onnx info and the scorers of the fp32 and int8 (or None) graphs."""
-    onnx_export.export(model, tokenizer, directory, config.export.opset, config.export.int8)
-    sample = example_inputs([e for head in heads for e in head.validation[:32]])
+    onnx_export.export(model, tokenizer, directory, export.opset, export.int8)
     expected = torch_scores(sample)
-    info: dict[str, Any] = {"fp32": FP32_FILE, "int8": INT8_FILE if config.export.int8 else None}
-    if config.export.int8:
+    info: dict[str, Any] = {"fp32": FP32_FILE, "int8": INT8_FILE if export.int8 else None}
+    if export.int8:
         info["int8_recipe"] = INT8_RECIPE
-    fp32 = onnx_export.onnx_scorer(directory / FP32_FILE, tokenizer, config.max_length)
+    fp32 = onnx_export.onnx_scorer(directory / FP32_FILE, tokenizer, max_length)
     info["fp32_max_abs_diff_vs_torch"] = float(np.abs(fp32(sample) - expected).max())
     int8 = None
-    if config.export.int8:
-        int8 = onnx_export.onnx_scorer(directory / INT8_FILE, tokenizer, config.max_length)
+    if export.int8:
+        int8 = onnx_export.onnx_scorer(directory / INT8_FILE, tokenizer, max_length)
         info["int8_max_abs_diff_vs_torch"] = float(np.abs(int8(sample) - expected).max())
     return info, fp32, int8
 

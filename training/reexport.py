@@ -22,7 +22,7 @@ from training.config import build, to_dict
 from training.data import DataError, file_sha256
 from training.evaluate import torch_scorer
 from training.model_card import reward_model_card
-from training.packaging import export_onnx, int8_accuracy
+from training.packaging import export_onnx, int8_accuracy, validation_sample
 from training.reward_config import RewardConfig
 from training.reward_data import HeadData, find_moved_data, read_sources
 from training.reward_model import load_tokenizer
@@ -71,7 +71,8 @@ def reexport(directory: Path, int8: bool | None = None, skip_bad_rows: bool = Fa
                     staging / path.name).exists():
                 (shutil.copytree if path.is_dir() else shutil.copy2)(path, staging / path.name)
         torch_scores = torch_scorer(model, tokenizer, config.max_length, config.training.eval_batch_size)
-        info, fp32, int8_scorer = export_onnx(model, tokenizer, heads, names, config, staging, torch_scores)
+        info, fp32, int8_scorer = export_onnx(model, tokenizer, validation_sample(heads), config.export,
+                                              config.max_length, staging, torch_scores)
         if int8_scorer is not None:
             info["accuracy"] = int8_accuracy(fp32, int8_scorer, heads, names)
         manifest.onnx = info

@@ -65,7 +65,7 @@ class RewardFunction:
     def head_scores(self, conversations: Sequence[Conversation], responses: Sequence[str]) -> np.ndarray:
         conversations = [(*c, Message("assistant", r)) for c, r in zip(conversations, responses)]
         if self.runtime is not None:
-            return self.runtime.normalize(self.runtime.score([model_input(c) for c in conversations]))
+            return self.runtime.transform(self.runtime.score([model_input(c) for c in conversations]))
         return self._score_over_http(conversations)
 
     def __call__(self, conversations: Sequence[Conversation], responses: Sequence[str],

@@ -1,0 +1,280 @@
+"""Train a moderation model: a pretrained encoder with one sigmoid output per category (OpenAI's taxonomy),
+trained on labelled harm data whose sources each label only some categories.
+
+Read top to bottom: the masked loss -> model -> data -> training loop (checkpointed, resumable, best weights
+kept) -> thresholds on validation -> held-out metrics -> publishing (ONNX fp32 and int8, keel.json, model card).
+The model is Keel's RewardModel class (keel_core/reward_model.py) with categories as its heads, so it serves
+through the same runtime, batcher and model store as a reward model.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+from transformers import get_linear_schedule_with_warmup
+
+from keel_core.artifact import CategoryThreshold, ModerationManifest, staged, write_text_atomic
+from keel_core.moderation import flags
+from keel_core.reward_model import RewardModel, resolve_base_model
+from training import onnx_export
+from training.config import to_dict
+from training.evaluate import Scorer, average_precision, cached, collate, encode, operating_threshold, torch_scorer
+from training.hardware import make_accelerator
+from training.model_card import moderation_model_card
+from training.moderation_config import ModerationConfig
+from training.moderation_data import Labelled, data_provenance, label_matrix, load_moderation_data
+from training.packaging import export_onnx
+from training.plots import plot_curves
+from training.reward_model import freeze_lower_layers, load_tokenizer
+from training.runs import append_metrics, prepare_work_directory, read_metrics, resume_from, save_checkpoint
+from training.train_reward import make_batches, remember_if_best
+
+log = logging.getLogger(__name__)
+
+
+def masked_bce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Binary cross-entropy over the labelled (row, category) cells only; NaN marks a category the row's source
+    does not label, which then contributes no loss and no gradient:
+
+        L = sum_ic m_ic * BCE(s_ic, y_ic) / sum_ic m_ic,   m_ic = 1 where y_ic is labelled, else 0
+    """
+    mask = ~torch.isnan(labels)
+    losses = F.binary_cross_entropy_with_logits(logits, torch.nan_to_num(labels, nan=0.0), reduction="none")
+    return (losses * mask).sum() / mask.sum().clamp(min=1)
+
+
+def probabilities(scorer: Scorer, items: list[Labelled]) -> np.ndarray:
+    """[items, categories] sigmoid probabilities."""
+    return 1.0 / (1.0 + np.exp(-scorer([item.input for item in items]))) if items else np.zeros((0, 0))
+
+
+def category_auprc(scores: np.ndarray, labels: np.ndarray, categories: list[str], min_positives: int) -> dict[str, float]:
+    """AUPRC of every category with at least min_positives labelled positives among the labelled rows."""
+    out = {}
+    for c, name in enumerate(categories):
+        labelled = ~np.isnan(labels[:, c])
+        if labels[labelled, c].sum() >= min_positives:
+            out[name] = average_precision(scores[labelled, c], labels[labelled, c])
+    return out
+
+
+def validation_score(scorer: Scorer, items: list[Labelled], config: ModerationConfig) -> float:
+    """The mean validation AUPRC over categories with enough positives: what picks the weights to keep."""
+    auprc = category_auprc(probabilities(scorer, items), label_matrix(items), config.categories, config.min_positives)
+    return float(np.mean(list(auprc.values()))) if auprc else float("nan")
+
+
+def train_moderation(config: ModerationConfig, output: Path, resume: bool = False, overwrite: bool = False,
+                     skip_bad_rows: bool = False, progress: bool = True) -> dict[str, Any]:
+    from accelerate.utils import set_seed
+
+    output = Path(output).resolve()
+    work = prepare_work_directory(output, resume, overwrite)
+    metrics_path = work / "metrics.jsonl"
+    accelerator = make_accelerator(config.training.precision)
+    set_seed(config.training.seed)
+    t = config.training
+
+    # ---- model: a head per category, each starting at the prior probability -------------------------------
+    model = RewardModel.from_base(config.base_model, config.categories, problem_type="multi_label_classification")
+    torch.nn.init.constant_(model.heads.bias, math.log(config.prior / (1 - config.prior)))
+    if t.freeze_embeddings:
+        model.backbone.get_input_embeddings().requires_grad_(False)
+    if t.freeze_layers:
+        freeze_lower_layers(model.backbone, t.freeze_layers)
+
+    # ---- data -----------------------------------------------------------------------------------------------
+    data = load_moderation_data(config, skip_bad_rows)
+    train, validation = data["train"], data["validation"]
+    labels = torch.from_numpy(label_matrix(train))
+    tokenizer = load_tokenizer(config.base_model, config.max_length, config.truncation_side)
+    encoded = encode(tokenizer, [item.input for item in train], config.max_length)
+    lengths = [len(item["input_ids"]) for item in encoded]
+    batches_per_epoch = math.ceil(len(train) / t.batch_size) // accelerator.num_processes
+    total_steps = t.epochs * batches_per_epoch if t.max_steps is None else min(t.max_steps, t.epochs * batches_per_epoch)
+
+    # ---- optimiser ------------------------------------------------------------------------------------------
+    optimizer = torch.optim.AdamW(
+        [{"params": [p for p in model.backbone.parameters() if p.requires_grad], "lr": t.learning_rate},
+         {"params": model.heads.parameters(), "lr": t.head_learning_rate}], weight_decay=t.weight_decay)
+    scheduler = get_linear_schedule_with_warmup(optimizer, int(t.warmup_ratio * total_steps), total_steps)
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    start_step = resume_from(accelerator, work, metrics_path, resume)["step"]
+
+    # ---- training loop --------------------------------------------------------------------------------------
+    unwrapped = accelerator.unwrap_model(model)
+    scorer = torch_scorer(unwrapped, tokenizer, config.max_length, t.eval_batch_size)
+    bar = tqdm(total=total_steps, initial=start_step, desc="train moderation", unit="step",
+               disable=not (progress and accelerator.is_main_process))
+    started, window = time.time(), []
+    plan: tuple[int, list] = (-1, [])
+    model.train()
+    for step in range(start_step, total_steps):
+        epoch = step // batches_per_epoch
+        if plan[0] != epoch:
+            batches = make_batches([lengths], t.batch_size, t.seed + epoch)
+            plan = (epoch, batches[accelerator.process_index :: accelerator.num_processes])
+        indices = plan[1][step % batches_per_epoch][1]
+        batch = collate(tokenizer, [encoded[i] for i in indices])
+        logits = model(**{k: v.to(accelerator.device) for k, v in batch.items()}).logits.float()
+        loss = masked_bce(logits, labels[indices].to(logits.device))
+        accelerator.backward(loss)
+        accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad()
+
+        window.append(loss.item())
+        done = step + 1
+        bar.update(1)
+        bar.set_postfix(loss=f"{np.mean(window):.3f}", epoch=epoch)
+        row: dict[str, Any] = {}
+        if done % t.log_every == 0 or done == total_steps:
+            row = {"train_loss": float(np.mean(window)), "lr": scheduler.get_last_lr()[0]}
+            window = []
+        if t.eval_every and done % t.eval_every == 0 and done != total_steps and accelerator.is_main_process:
+            row["val_mean_auprc"] = validation_score(scorer, validation, config)
+            if t.keep_best:
+                remember_if_best(unwrapped, work, done, "val_mean_auprc", row["val_mean_auprc"])
+            model.train()
+        if row and accelerator.is_main_process:
+            append_metrics(metrics_path, {"step": done, "epoch": epoch, "elapsed_s": round(time.time() - started, 1),
+                                          **row})
+        if t.checkpoint_every and done % t.checkpoint_every == 0 and done != total_steps:
+            save_checkpoint(accelerator, work, done)
+    bar.close()
+    accelerator.wait_for_everyone()
+    train_seconds = time.time() - started
+
+    manifest: dict[str, Any] = {}
+    if accelerator.is_main_process:
+        unwrapped = accelerator.unwrap_model(model, keep_fp32_wrapper=False)
+        kept_step = keep_better(unwrapped, work, scorer, validation, config, total_steps) if t.keep_best else total_steps
+        manifest = publish(config, unwrapped, tokenizer, data, output, overwrite, metrics_path,
+                           {"train_seconds": round(train_seconds, 1), "steps": total_steps, "kept_step": kept_step,
+                            "precision": accelerator.mixed_precision, "train_examples": len(train)})
+        shutil.rmtree(work, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return manifest
+
+
+def keep_better(model: RewardModel, work: Path, scorer: Scorer, validation: list[Labelled], config: ModerationConfig,
+                final_step: int) -> int:
+    """Load the kept best weights if they beat the final ones on validation; return the step of those used."""
+    record = work / "best.json"
+    if not record.exists():
+        return final_step
+    best = json.loads(record.read_text())
+    if validation_score(scorer, validation, config) >= best["value"]:
+        return final_step
+    model.load_state_dict(torch.load(work / "best.pt", map_location="cpu", weights_only=True))
+    return best["step"]
+
+
+# ---- thresholds and held-out metrics --------------------------------------------------------------------------
+
+def choose_thresholds(scores: np.ndarray, labels: np.ndarray, config: ModerationConfig,
+                      trained: np.ndarray) -> dict[str, CategoryThreshold]:
+    """Per category, on validation: the lowest threshold with precision >= min_precision (most recall), else
+    the best F1; no threshold (never flagged) for a category without training labels or without enough
+    validation positives to choose one."""
+    out = {}
+    for c, name in enumerate(config.categories):
+        labelled = ~np.isnan(labels[:, c])
+        positives = int(labels[labelled, c].sum())
+        if not trained[c]:
+            out[name] = CategoryThreshold(threshold=None, rule="no training labels: scored, never flagged")
+        elif positives < config.min_positives:
+            out[name] = CategoryThreshold(threshold=None, positives=positives, examples=int(labelled.sum()),
+                                          rule=f"{positives} validation positives (< {config.min_positives}): "
+                                               "scored, never flagged")
+        else:
+            chosen = operating_threshold(scores[labelled, c], labels[labelled, c], config.min_precision)
+            out[name] = CategoryThreshold(threshold=chosen["threshold"], rule=chosen["rule"],
+                                          precision=chosen["precision"], recall=chosen["recall"], f1=chosen["f1"],
+                                          positives=positives, examples=int(labelled.sum()))
+    return out
+
+
+def held_out_metrics(scores: np.ndarray, items: list[Labelled], config: ModerationConfig,
+                     thresholds: dict[str, CategoryThreshold]) -> dict[str, Any]:
+    """Per category: AUPRC, and precision and recall at the served threshold. Per source: how many texts are
+    flagged, and the any-category AUPRC (positive = any labelled category is 1; score = the highest category
+    probability) where the source has both classes."""
+    labels = label_matrix(items)
+    limits = [thresholds[c].threshold for c in config.categories]
+    flagged = flags(scores, limits)
+    per_category = {}
+    for c, name in enumerate(config.categories):
+        labelled = ~np.isnan(labels[:, c])
+        positives = labels[labelled, c] == 1
+        entry: dict[str, Any] = {"examples": int(labelled.sum()), "positives": int(positives.sum())}
+        if positives.any() and not positives.all():
+            entry["auprc"] = average_precision(scores[labelled, c], positives)
+        if limits[c] is not None and positives.any():
+            hits = flagged[labelled, c]
+            entry["precision"] = float((hits & positives).sum() / max(hits.sum(), 1))
+            entry["recall"] = float((hits & positives).sum() / positives.sum())
+        per_category[name] = entry
+    per_source = {}
+    for source in dict.fromkeys(item.source for item in items):
+        rows = np.array([item.source == source for item in items])
+        any_harm = np.nanmax(np.nan_to_num(labels[rows], nan=-1.0), axis=1) == 1
+        entry = {"examples": int(rows.sum()), "positives": int(any_harm.sum()),
+                 "flagged": float(flagged[rows].any(axis=1).mean())}
+        if any_harm.any() and not any_harm.all():
+            entry["any_auprc"] = average_precision(scores[rows].max(axis=1), any_harm)
+            entry["flagged_positives"] = float(flagged[rows][any_harm].any(axis=1).mean())
+            entry["flagged_negatives"] = float(flagged[rows][~any_harm].any(axis=1).mean())
+        per_source[source] = entry
+    return {"categories": per_category, "sources": per_source}
+
+
+def publish(config: ModerationConfig, model: RewardModel, tokenizer: Any, data: dict[str, list[Labelled]],
+            output: Path, overwrite: bool, metrics_path: Path, run: dict[str, Any]) -> dict[str, Any]:
+    """Export ONNX, choose thresholds on validation, measure on test, and publish the model directory."""
+    t0 = time.time()
+    with staged(output, overwrite) as staging:
+        model.to("cpu").save(staging)
+        tokenizer.save_pretrained(staging)
+        scorer = torch_scorer(model, tokenizer, config.max_length, config.training.eval_batch_size)
+        onnx_info: dict[str, Any] = {}
+        if config.export.onnx:
+            sample = [item.input for item in data["validation"][:: max(1, len(data["validation"]) // 64)]]
+            onnx_info, scorer, int8 = export_onnx(model, tokenizer, sample, config.export, config.max_length,
+                                                  staging, scorer)
+        scorer = cached(scorer)  # the served fp32 graph, each text scored once
+        trained = (~np.isnan(label_matrix(data["train"]))).any(axis=0)
+        validation_scores = probabilities(scorer, data["validation"])
+        thresholds = choose_thresholds(validation_scores, label_matrix(data["validation"]), config, trained)
+        metrics: dict[str, Any] = {**run, "validation": held_out_metrics(validation_scores, data["validation"],
+                                                                         config, thresholds)}
+        if data["test"]:
+            test_scores = probabilities(scorer, data["test"])
+            metrics["test"] = held_out_metrics(test_scores, data["test"], config, thresholds)
+            if config.export.onnx and config.export.int8:
+                int8_scores = probabilities(int8, data["test"])
+                metrics["test_int8"] = held_out_metrics(int8_scores, data["test"], config, thresholds)
+        metrics["eval_seconds"] = round(time.time() - t0, 1)
+        rows = read_metrics(metrics_path)
+        (staging / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        plot_curves(rows, staging / "training_curves.png", "moderation model")
+        manifest = ModerationManifest(
+            base_model=config.base_model if config.base_model != "default" else "all-MiniLM-L6-v2",
+            base_model_path=resolve_base_model(config.base_model), categories=config.categories,
+            max_length=config.max_length, truncation_side=config.truncation_side,
+            input_names=onnx_export.onnx_input_names(tokenizer), thresholds=thresholds, onnx=onnx_info,
+            data=data_provenance(config), config=to_dict(config), metrics=metrics)
+        manifest.write(staging)
+        write_text_atomic(staging / "README.md", moderation_model_card(manifest, output))
+    return manifest.to_json()
