@@ -169,8 +169,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as scratch:
         keys = Path(scratch) / "keys"
         keys.write_text(f"{HEAVY}\n{SMALL}\n")
-        serve_args = ["--model", str(args.model), "--policy", args.policy, "--api-keys-file", str(keys),
-                      "--guard", "off", "--max-request-tokens", str(args.max_request_tokens),
+        serve_args = ["--model", str(args.model), "--moderation-model", "none", "--policy", args.policy,
+                      "--api-keys-file", str(keys), "--guard", "off", "--max-request-tokens", str(args.max_request_tokens),
                       "--max-tokens-limit", str(args.max_request_tokens), "--log-level", "warning"]
         with keel_serve(*serve_args) as (base, _):
             settings = httpx.get(f"{base}/v1/models", headers={"Authorization": f"Bearer {SMALL}"}).json()

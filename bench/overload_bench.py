@@ -85,7 +85,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=15.0)
     parser.add_argument("--output", type=Path, default=Path("runs/overload-bench.json"))
     args = parser.parse_args()
-    model = ["--model", args.model] if args.model else []
+    model = (["--model", args.model] if args.model else []) + ["--moderation-model", "none"]
     report: dict = {}
 
     with keel_serve(*model) as (base, process):

@@ -7,6 +7,7 @@ install (keel[serve], no torch) the default model cannot be trained here; the er
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Literal, get_args, get_origin
@@ -19,7 +20,8 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
         "serve", help="serve reward scoring and moderation over HTTP", allow_abbrev=False,
         description="Serve /v1/score, /v1/moderations, /v1/models, /healthz, /readyz and /metrics. Every option "
         "is also read from a KEEL_* environment variable (e.g. --max-items from KEEL_MAX_ITEMS); flags win. "
-        "Without --model, the default reward model is used, trained first if it is absent. Secrets have no flag, "
+        "Without --model (--moderation-model), the default reward (moderation) model is used, trained first if "
+        "it is absent; --moderation-model none serves no moderation. Secrets have no flag, "
         "which `ps` would show: API keys come from --api-keys-file or KEEL_API_KEYS, the upstream's key from "
         "KEEL_UPSTREAM_API_KEY.")
     add_settings_arguments(serve)
@@ -48,7 +50,7 @@ def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
 def run_serve(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
-    from service.server import serve
+    from service.server import preflight, serve
     from service.settings import Settings, SettingsError
 
     given = {k: v for k, v in vars(args).items() if k in Settings.model_fields and v is not None}
@@ -68,9 +70,13 @@ def run_serve(args: argparse.Namespace) -> int:
 
         log_as_json()  # before the default model trains, so its logs are JSON too
     try:
+        # Unset means the default model; "none" (already None in settings) means no moderation model.
+        default_moderation = (args.moderation_model or os.environ.get("KEEL_MODERATION_MODEL")) is None
+        preflight(settings)  # bad settings are reported before a default model trains, not after
         if settings.model is None:
-            settings.read_api_keys()  # a bad keys file is reported before the default model trains, not after
-            settings.model = default_reward_model()
+            settings.model = default_model("reward", "--model")
+        if default_moderation:
+            settings.moderation_model = default_model("moderation", "--moderation-model")
         serve(settings)
     except SettingsError as error:  # other errors (a bad model directory) are `keel: error:` lines from main
         print(f"keel serve: error: {error}", file=sys.stderr)
@@ -78,12 +84,14 @@ def run_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def default_reward_model() -> Path:
+def default_model(kind: str, flag: str) -> Path:
+    """The default reward or moderation model, trained first if absent."""
     if not has_torch():
         from service.settings import SettingsError
 
-        raise SettingsError("no --model given, and this install cannot train the default reward model (no torch): "
-                            "pass --model DIR, or pip install 'keel[train]'")
-    from training.default_model import default_model_dir, ensure_default_model
+        raise SettingsError(f"no {flag} given, and this install cannot train the default {kind} model (no torch): "
+                            f"pass {flag} DIR, or pip install 'keel[train]'")
+    from training.default_model import default_model_dir, ensure_default_model, ensure_default_moderation_model
 
-    return ensure_default_model(default_model_dir())
+    ensure = ensure_default_moderation_model if kind == "moderation" else ensure_default_model
+    return ensure(default_model_dir(kind))

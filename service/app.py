@@ -22,14 +22,15 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from keel_core.runtime import Scored
+from keel_core.text import ModelInput
 from service import routes
 from service.batcher import CURRENT_CLIENT, Batcher, Client, QueueMetrics
 from service.chat import ChatAligner, GuardSettings
 from service.logs import BurstLog
 from service.metrics import Metrics
-from service.models import load_runtime, model_directory, reload_model
+from service.models import MODERATION, REWARD, SERVED, Served, load_runtime, model_directory, reload_model
 from service.sampling import Row
-from service.schemas import ErrorResponse
+from service.schemas import ErrorResponse, ModerationResult
 from service.settings import Settings
 from service.state import ApiError, ServiceState
 from service.upstream import UpstreamClient
@@ -210,10 +211,12 @@ def reload_on_sighup(state: ServiceState) -> None:
     loop = asyncio.get_running_loop()
 
     async def reload() -> None:
-        try:
-            await reload_model(state)
-        except ApiError:
-            pass  # logged by reload_model; the old model keeps serving
+        for which in SERVED:
+            if getattr(state, which.runtime) is not None:
+                try:
+                    await reload_model(state, which=which)
+                except ApiError:
+                    pass  # logged by reload_model; the old model keeps serving
 
     try:
         loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(reload()))
@@ -250,9 +253,33 @@ async def start_chat(state: ServiceState) -> None:
 
     runtime = state.runtime
     weights = settings.chat_reward_weights or {runtime.primary_head: 1.0}
-    state.aligner = ChatAligner(generate, lambda inputs: routes.scores_for(state, inputs), runtime.heads, weights,
+    async def moderate(inputs: list[ModelInput]) -> list[ModerationResult]:
+        return (await routes.moderate_inputs(state, inputs))[1]
+
+    settings.check_guard()
+    state.aligner = ChatAligner(generate, lambda inputs: routes.scores_for(state, inputs),
+                                moderate if state.moderation else None, runtime.heads, weights,
                                 GuardSettings(settings.guard, settings.guard_retries, settings.refusal_text),
                                 state.metrics)
+
+
+async def start_model(state: ServiceState, which: Served, name: str, depth: Gauge) -> Batcher:
+    """Load and warm a served model (its directory, or its store's current version), and start its batcher."""
+    settings = state.settings
+    directory = model_directory(Path(getattr(settings, which.setting)), allow_symlinks=settings.allow_store_symlinks)
+    runtime = await asyncio.to_thread(load_runtime, state, directory, which)
+    setattr(state, which.runtime, runtime)
+    # Through the state at call time, so a reload switches models between batches.
+    # A turn in the fair queue is up to 4 engine batches: on a GPU, sorting that many texts by length cuts
+    # padding; one text at a time (CPU) there is nothing to sort, and one text keeps each turn short.
+    limits = runtime.limits
+    batcher = Batcher(lambda texts, worker: getattr(state, which.runtime).scored(texts, worker),
+                      max_batch_texts=limits.max_batch_size * (4 if limits.max_batch_size > 1 else 1),
+                      max_wait_s=settings.max_wait_ms / 1000, max_queue_texts=settings.max_queue_texts,
+                      max_client_texts=settings.max_client_queue_texts, workers=runtime.workers,
+                      combine=Scored.combine, name=name, metrics=queue_metrics(state.metrics, depth))
+    batcher.start()
+    return batcher
 
 
 def queue_metrics(metrics: Metrics, depth: Gauge) -> QueueMetrics:
@@ -269,29 +296,24 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if settings.model is None:
             raise RuntimeError("no model directory: pass --model DIR or set KEEL_MODEL")
-        directory = model_directory(Path(settings.model), allow_symlinks=settings.allow_store_symlinks)
-        state.runtime = await asyncio.to_thread(load_runtime, state, directory)
-        # Through state.runtime at call time, so a reload switches models between batches.
-        # A turn in the fair queue is up to 4 engine batches: on a GPU, sorting that many texts by length cuts
-        # padding; one text at a time (CPU) there is nothing to sort, and one text keeps each turn short.
-        limits = state.runtime.limits
-        state.batcher = Batcher(lambda texts, worker: state.runtime.scored(texts, worker),
-                                max_batch_texts=limits.max_batch_size * (4 if limits.max_batch_size > 1 else 1),
-                                max_wait_s=settings.max_wait_ms / 1000, max_queue_texts=settings.max_queue_texts,
-                                max_client_texts=settings.max_client_queue_texts, workers=state.runtime.workers,
-                                combine=Scored.combine, name="scoring",
-                                metrics=queue_metrics(state.metrics, state.metrics.queue_depth))
-        state.batcher.start()
-        state.queues.update({"/v1/score": state.batcher, "/v1/moderations": state.batcher})
+        state.batcher = await start_model(state, REWARD, "scoring", state.metrics.queue_depth)
+        state.queues.update({"/v1/score": state.batcher})
+        if settings.moderation_model is not None:
+            state.moderation_batcher = await start_model(state, MODERATION, "moderation",
+                                                         state.metrics.moderation_queue)
+            state.queues["/v1/moderations"] = state.moderation_batcher
         reload_on_sighup(state)
         await start_chat(state)
         state.ready = True
         state.metrics.ready.set(1)
-        log.info("ready: model %s (%s, heads %s)", state.runtime.name, state.runtime.backend, state.runtime.heads)
+        log.info("ready: reward model %s (%s, heads %s); moderation model %s", state.runtime.name,
+                 state.runtime.backend, state.runtime.heads, state.moderation.name if state.moderation else "none")
         yield
         state.ready = False
         state.metrics.ready.set(0)
         await state.batcher.close()
+        if state.moderation_batcher:
+            await state.moderation_batcher.close()
         if state.generation_batcher:
             await state.generation_batcher.close()
         if state.upstream:

@@ -1,11 +1,12 @@
 """Aligned chat at inference time, independent of HTTP: best-of-n reranking by the reward model and an output
 guard, over candidates from the local policy or from an upstream OpenAI-compatible server.
 
-For each requested choice, `best_of` candidates are sampled and scored in context (conversation + reply). The
-reward they are ranked by is a weighted sum of the reward model's head z-scores. The guard then takes the
-best-ranked candidate the guard does not flag (the moderation rule with the reward model's guard thresholds,
-set for a small false-flag rate on benign replies); when every candidate is flagged it samples a
-fresh set (up to `guard_retries` times, mode "regenerate") and finally answers with a refusal.
+The guard moderates with the moderation model, on both sides. A request whose last user message is flagged
+is refused without generating. Otherwise, for each requested choice, `best_of` candidates are sampled and
+scored in context (conversation + reply): the reward they are ranked by is a weighted sum of the reward model's
+head z-scores, and the moderation model judges each reply in its conversation. The guard takes the best-ranked
+candidate it does not flag; when every candidate is flagged it samples a fresh set (up to `guard_retries`
+times, mode "regenerate") and finally answers with a refusal. Mode "off" only records the moderation results.
 """
 
 from __future__ import annotations
@@ -19,13 +20,13 @@ import numpy as np
 from keel_core.runtime import RewardRuntime, Scored
 from keel_core.text import Conversation, Message, ModelInput, model_input
 from service.metrics import Metrics
-from service.moderation import moderate
 from service.sampling import Generated, Sampling
 from service.schemas import ChoiceAudit, ModerationResult
 
 # (conversation, sampling settings for each candidate) -> one generated reply per sampling setting
 GenerateFn = Callable[[Conversation, Sequence[Sampling]], Awaitable[list[Generated]]]
 ScoreFn = Callable[[list[ModelInput]], Awaitable[Scored]]  # normalised scores and the model that gave them
+ModerateFn = Callable[[list[ModelInput]], Awaitable[list[ModerationResult]]]  # at the served thresholds
 
 
 @dataclass
@@ -39,19 +40,19 @@ class GuardSettings:
 class Chosen:
     reply: Generated
     audit: ChoiceAudit
-    reward_model: RewardRuntime  # the version that scored it
+    reward_model: RewardRuntime | None  # the version that scored it (None: the request was refused unscored)
 
 
 @dataclass
 class Judged:
-    """Replies scored in context: each one's reward, head scores and moderation result."""
+    """Replies scored in context: each one's reward, head scores and moderation result (None: no moderation)."""
 
     scored: Scored
     rewards: np.ndarray
-    moderation: list[ModerationResult]
+    moderation: list[ModerationResult | None]
 
     def audit(self, i: int, index: int, candidates: int, rank: int, guard: str, attempts: int) -> ChoiceAudit:
-        scores = dict(zip(self.scored.runtime.heads, map(float, self.scored.z[i])))
+        scores = dict(zip(self.scored.runtime.heads, map(float, self.scored.values[i])))
         return ChoiceAudit(index=index, reward=float(self.rewards[i]), scores=scores, moderation=self.moderation[i],
                            candidates=candidates, rank=rank, guard=guard, attempts=attempts)
 
@@ -65,24 +66,45 @@ def candidate_seed(seed: int | None, choice: int, attempt: int, candidate: int) 
 
 
 class ChatAligner:
-    def __init__(self, generate: GenerateFn, score: ScoreFn, heads: list[str], weights: dict[str, float],
-                 guard: GuardSettings, metrics: Metrics | None = None):
+    def __init__(self, generate: GenerateFn, score: ScoreFn, moderate: ModerateFn | None, heads: list[str],
+                 weights: dict[str, float], guard: GuardSettings, metrics: Metrics | None = None):
         unknown = set(weights) - set(heads)
         if unknown:
             raise ValueError(f"chat reward weights name unknown heads {sorted(unknown)}; the heads are {heads}")
-        self.generate, self.score = generate, score
+        if moderate is None and guard.mode != "off":
+            raise ValueError(f"guard {guard.mode!r} needs a moderation model")
+        self.generate, self.score, self.moderate = generate, score, moderate
         self.weights = weights
         self.guard = guard
         self.metrics = metrics
 
     async def judge(self, conversation: Conversation, replies: Sequence[Generated]) -> Judged:
-        """Score replies in context; thresholds and heads come from the model version that scored them."""
-        scored = await self.score([model_input([*conversation, Message("assistant", r.text)]) for r in replies])
+        """Score and moderate replies in context; the heads come from the model version that scored them."""
+        inputs = [model_input([*conversation, Message("assistant", r.text)]) for r in replies]
+        scored = await self.score(inputs)
         weights = np.array([self.weights.get(h, 0.0) for h in scored.runtime.heads], dtype=np.float32)
-        return Judged(scored, scored.z @ weights, moderate(scored, scored.runtime.guard_thresholds))
+        moderation = await self.moderate(inputs) if self.moderate else [None] * len(replies)
+        return Judged(scored, scored.values @ weights, moderation)
+
+    async def request_refusals(self, conversation: Conversation, n: int) -> list[Chosen] | None:
+        """n refusals if the guard flags the request's last user message; else None."""
+        if self.moderate is None or self.guard.mode == "off":
+            return None
+        [verdict] = await self.moderate([("", conversation[-1].content)])
+        if not verdict.flagged:
+            return None
+        if self.metrics:
+            self.metrics.guard_actions.labels("request_refused").inc(n)
+        refusal = Generated(self.guard.refusal, "content_filter", 0, 0, 0.0)
+        return [Chosen(refusal, ChoiceAudit(index=i, reward=None, scores={}, moderation=verdict, candidates=0,
+                                            rank=0, guard="request_refused", attempts=0), None)
+                for i in range(n)]
 
     async def complete(self, conversation: Conversation, sampling: Sampling, n: int, best_of: int) -> list[Chosen]:
         """n chosen replies, each the best of `best_of` candidates that passes the guard."""
+        refused = await self.request_refusals(conversation, n)
+        if refused is not None:
+            return refused
         chosen: dict[int, Chosen] = {}
         pending = list(range(n))
         sampled = {choice: 0 for choice in pending}
@@ -100,6 +122,7 @@ class ChatAligner:
                 sampled[choice] += best_of
                 ranked = sorted(group, key=lambda i: -rewards[i])
                 allowed = ranked if self.guard.mode == "off" else [i for i in ranked if not moderation[i].flagged]
+                # (moderation[i] is never None here: the guard is off whenever there is no moderation model)
                 retry = self.guard.mode == "regenerate" and attempt < self.guard.retries
                 if not allowed and retry:
                     still_pending.append(choice)

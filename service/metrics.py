@@ -15,6 +15,7 @@ class Metrics:
         self.request_seconds = Histogram("keel_request_duration_seconds", "HTTP request duration", ["endpoint"],
                                          buckets=LATENCY_BUCKETS, registry=r)
         self.queue_depth = Gauge("keel_queue_texts", "texts waiting to be scored", registry=r)
+        self.moderation_queue = Gauge("keel_moderation_queue_texts", "texts waiting to be moderated", registry=r)
         self.client_queue_depth = Gauge("keel_client_queue_items", "items waiting, by queue and client (an API "
                                         "key's name; 'anonymous' for all clients without a key)",
                                         ["queue", "client"], registry=r)

@@ -15,8 +15,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from keel_core.artifact import MANIFEST, ArtifactError, RewardManifest, write_text_atomic
-from keel_core.runtime import BatchLimits, RewardRuntime, choose_backend, service_batch_limits
+from keel_core.artifact import MANIFEST, ArtifactError, read_model_manifest, write_text_atomic
+from keel_core.runtime import (
+    BatchLimits,
+    ModelRuntime,
+    ModerationRuntime,
+    RewardRuntime,
+    choose_backend,
+    service_batch_limits,
+)
 from service.state import ApiError, ServiceState
 
 log = logging.getLogger(__name__)
@@ -43,7 +50,7 @@ def inspect_version(store: Path, directory: Path, allow_symlinks: bool) -> Versi
                 if not path.resolve().is_relative_to(root):
                     raise ArtifactError(f"{path} leads out of the model store {store} (a symbolic link); "
                                         "--allow-store-symlinks serves such versions")
-        manifest = RewardManifest.read(directory)
+        manifest = read_model_manifest(directory)
         return Version(directory, manifest.created_at, manifest.heads, None)
     except ArtifactError as error:
         return Version(directory, "", [], str(error))
@@ -87,10 +94,18 @@ def model_directory(location: Path, version: str | None = None, allow_symlinks: 
 
 
 def describe_versions(state: ServiceState) -> list[dict[str, Any]]:
-    """The served model first (active), then the store's other versions, the invalid ones with the reason."""
-    active = state.runtime
+    """Each served model (reward, then moderation) first, then its store's other versions, the invalid ones with
+    the reason."""
+    listed = []
+    for which in SERVED:
+        active = getattr(state, which.runtime)
+        if active is not None:
+            listed += describe_store(active, Path(getattr(state.settings, which.setting)), state)
+    return listed
+
+
+def describe_store(active: ModelRuntime, location: Path, state: ServiceState) -> list[dict[str, Any]]:
     listed = [{**active.describe(), "active": True, "valid": True}]
-    location = Path(state.settings.model)
     if is_store(location):
         for version in store_versions(location, state.settings.allow_store_symlinks):
             if version.directory.resolve() != active.directory.resolve():
@@ -104,25 +119,44 @@ def describe_versions(state: ServiceState) -> list[dict[str, Any]]:
     return listed
 
 
-def load_runtime(state: ServiceState, directory: Path) -> RewardRuntime:
+@dataclass(frozen=True)
+class Served:
+    """A kind of model the service serves: its runtime class, the ServiceState attribute holding the loaded one,
+    and the setting naming its directory or store."""
+
+    kind: str
+    runtime_class: type[ModelRuntime]
+    runtime: str
+    setting: str
+
+
+REWARD = Served("reward", RewardRuntime, "runtime", "model")
+MODERATION = Served("moderation", ModerationRuntime, "moderation", "moderation_model")
+SERVED = (REWARD, MODERATION)
+
+
+def load_runtime(state: ServiceState, directory: Path, which: Served = REWARD) -> ModelRuntime:
     settings = state.settings
     backend = choose_backend(directory) if settings.backend == "auto" else settings.backend
     defaults = service_batch_limits(backend)
     limits = BatchLimits(settings.max_batch_size or defaults.max_batch_size,
                          settings.max_batch_tokens or defaults.max_batch_tokens)
-    runtime = RewardRuntime(directory, backend, settings.threads, limits, state.metrics.observe_batch,
-                            settings.inference_workers(backend))
+    runtime = which.runtime_class(directory, backend, settings.threads, limits, state.metrics.observe_batch,
+                                  settings.inference_workers(backend))
     runtime.warm_up()
     return runtime
 
 
-async def reload_model(state: ServiceState, version: str | None = None) -> RewardRuntime:
+async def reload_model(state: ServiceState, version: str | None = None, which: Served = REWARD) -> ModelRuntime:
     """Load, check and warm the new version beside the old one, then switch; on any failure keep the old."""
     async with state.reload_lock:
-        old = state.runtime
+        old = getattr(state, which.runtime)
+        if old is None:
+            raise ApiError(404, f"no {which.kind} model is served here", code="model_not_served")
+        store = Path(getattr(state.settings, which.setting))
         try:
-            directory = model_directory(Path(state.settings.model), version, state.settings.allow_store_symlinks)
-            new = await asyncio.to_thread(load_runtime, state, directory)
+            directory = model_directory(store, version, state.settings.allow_store_symlinks)
+            new = await asyncio.to_thread(load_runtime, state, directory, which)
         except (ArtifactError, OSError, ValueError) as error:
             state.metrics.reloads.labels("failed").inc()
             log.error("reload failed, still serving %s (%s): %s", old.name, old.version, error)
@@ -132,10 +166,10 @@ async def reload_model(state: ServiceState, version: str | None = None) -> Rewar
             state.metrics.reloads.labels("failed").inc()
             raise ApiError(409, f"reload refused, still serving {old.name}: the new model's heads {new.heads} "
                            f"differ from {old.heads}; restart the service to change heads", code="reload_failed")
-        state.runtime = new
+        setattr(state, which.runtime, new)
         state.metrics.reloads.labels("ok").inc()
-        log.info("reloaded: now serving %s (%s), was %s (%s)", new.name, new.version, old.name, old.version)
-        store = Path(state.settings.model)
+        log.info("reloaded the %s model: now serving %s (%s), was %s (%s)", which.kind, new.name, new.version,
+                 old.name, old.version)
         if state.settings.persist_reload and is_store(store):
             try:  # so that a restart serves this version too
                 write_text_atomic(store / CURRENT, new.directory.name + "\n")

@@ -1,20 +1,22 @@
-"""Moderation results from normalised scores: one rule for /v1/moderations and the chat output guard."""
+"""Moderation results from category probabilities: one rule for /v1/moderations and the chat guard."""
 
 from __future__ import annotations
 
-from keel_core.moderation import category_scores, flags
+from keel_core.moderation import flags
 from keel_core.runtime import Scored
 from service.schemas import ModerationResult
 
 
-def moderate(scored: Scored, overrides: dict[str, float] | None = None) -> list[ModerationResult]:
-    """A category's score is sigma(-z); it is flagged at or above its threshold (the scoring model's, or an
-    override). Heads without a threshold (moderate: false) are never flagged."""
-    heads = scored.runtime.heads
-    thresholds = {**scored.runtime.thresholds, **(overrides or {})}
-    scores = category_scores(scored.z)
-    flagged = flags(scores, [thresholds[h] for h in heads])
+def moderate(scored: Scored, deployment: dict[str, float], request: dict[str, float] | None = None
+             ) -> list[ModerationResult]:
+    """A category is flagged when its probability reaches its threshold: the request's, else the deployment's
+    (--moderation-thresholds), else the model's. A category without any threshold is never flagged."""
+    categories = scored.runtime.heads
+    thresholds = {**scored.runtime.thresholds, **deployment, **(request or {})}
+    flagged = flags(scored.values, [thresholds[c] for c in categories])
+    text_only = {c: ["text"] for c in categories}
     return [ModerationResult(flagged=bool(row_flags.any()),
-                             categories={h: bool(f) for h, f in zip(heads, row_flags)},
-                             category_scores={h: float(v) for h, v in zip(heads, row)})
-            for row, row_flags in zip(scores, flagged)]
+                             categories={c: bool(f) for c, f in zip(categories, row_flags)},
+                             category_scores={c: float(v) for c, v in zip(categories, row)},
+                             category_applied_input_types=text_only)
+            for row, row_flags in zip(scored.values, flagged)]

@@ -20,14 +20,16 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from keel_core.runtime import ModelChanged, Scored
 from keel_core.text import Message, ModelInput
 from service.batcher import CURRENT_CLIENT, Batcher, DeadlineExceeded, QueueFull, ShuttingDown
-from service.models import describe_versions, reload_model
+from service.models import MODERATION, REWARD, describe_versions, reload_model
 from service.moderation import moderate
 from service.sampling import Generated, Row, Sampling
 from service.schemas import (
     ChatCompletionRequest,
     ChatCompletionResponse,
+    JudgedMessage,
     ModerationRequest,
     ModerationResponse,
+    ModerationResult,
     ReloadRequest,
     ScoreRequest,
     ScoreResponse,
@@ -72,8 +74,8 @@ async def unless_client_leaves(request: Request, work: Awaitable[T]) -> T:
     return task.result()
 
 
-async def score_inputs(state: ServiceState, inputs: list[ModelInput], request: Request) -> Scored:
-    """Normalised scores of a request's inputs (and the model that gave them), with its limits checked."""
+def check_limits(state: ServiceState, inputs: list[ModelInput], request: Request) -> None:
+    """A request's item count and text sizes, each over the limit named."""
     settings = state.settings
     if len(inputs) > settings.max_items:
         raise ApiError(400, f"{len(inputs)} items in one request; the limit is {settings.max_items}",
@@ -84,7 +86,6 @@ async def score_inputs(state: ServiceState, inputs: list[ModelInput], request: R
                            f"{settings.max_chars}", param=f"input.{i}", code="text_too_long")
     if settings.log_bodies:
         log.info("request %s inputs: %r", request.state.request_id, inputs)
-    return await unless_client_leaves(request, scores_for(state, inputs))
 
 
 @contextmanager
@@ -111,17 +112,34 @@ async def queued(state: ServiceState, batcher: Batcher, items: list, timeout_s: 
         return await batcher.submit(items, timeout_s, CURRENT_CLIENT.get())
 
 
-async def scores_for(state: ServiceState, inputs: list[ModelInput]) -> Scored:
-    """Normalised scores [texts, heads], batched with every other request's texts."""
+async def batched(state: ServiceState, batcher: Batcher, inputs: list[ModelInput], what: str) -> Scored:
+    """Scores [texts, heads], batched with every other request's texts."""
     try:
-        scored = await queued(state, state.batcher, inputs, state.settings.request_timeout_s, "scoring")
+        return await queued(state, batcher, inputs, state.settings.request_timeout_s, what)
     except ModelChanged:  # a reload landed between this request's batches: score it again, on one model
-        scored = await queued(state, state.batcher, inputs, state.settings.request_timeout_s, "scoring")
+        return await queued(state, batcher, inputs, state.settings.request_timeout_s, what)
+
+
+async def scores_for(state: ServiceState, inputs: list[ModelInput]) -> Scored:
+    """Normalised reward scores [texts, heads]."""
+    scored = await batched(state, state.batcher, inputs, "scoring")
     for h, head in enumerate(scored.runtime.heads):
         histogram = state.metrics.scores.labels(head)
-        for value in scored.z[:, h]:
+        for value in scored.values[:, h]:
             histogram.observe(float(value))
     return scored
+
+
+async def moderate_inputs(state: ServiceState, inputs: list[ModelInput],
+                          thresholds: dict[str, float] | None = None) -> tuple[Scored, list[ModerationResult]]:
+    """Category probabilities and moderation results, at the request's, deployment's or model's thresholds."""
+    scored = await batched(state, state.moderation_batcher, inputs, "moderation")
+    results = moderate(scored, state.settings.moderation_thresholds, thresholds)
+    for result in results:
+        for category, flagged in result.categories.items():
+            if flagged:
+                state.metrics.flagged.labels(category).inc()
+    return scored, results
 
 
 async def submit_generation(state: ServiceState, rows: list[Row]) -> list[Generated]:
@@ -152,8 +170,10 @@ async def submit_generation(state: ServiceState, rows: list[Row]) -> list[Genera
 @api.post("/v1/score", response_model=ScoreResponse)
 async def score(body: ScoreRequest, request: Request) -> ScoreResponse:
     state = get_state(request)
-    scored = await score_inputs(state, [item.model_input() for item in body.input], request)
-    runtime, z = scored.runtime, scored.z
+    inputs = [item.model_input() for item in body.input]
+    check_limits(state, inputs, request)
+    scored = await unless_client_leaves(request, scores_for(state, inputs))
+    runtime, z = scored.runtime, scored.values
     primary = runtime.heads.index(runtime.primary_head)
     data = [ScoreResult(index=i, score=float(row[primary]), scores=dict(zip(runtime.heads, map(float, row))))
             for i, row in enumerate(z)]
@@ -163,22 +183,27 @@ async def score(body: ScoreRequest, request: Request) -> ScoreResponse:
 @api.post("/v1/moderations", response_model=ModerationResponse)
 async def moderations(body: ModerationRequest, request: Request) -> ModerationResponse:
     state = get_state(request)
-    texts = body.texts()
-    if not texts:
+    if state.moderation is None:
+        raise ApiError(404, "moderation is not served here: start `keel serve` with --moderation-model DIR (or "
+                       "without --moderation-model none)", code="moderation_not_enabled")
+    inputs = body.model_inputs()
+    if not inputs:
         raise ApiError(400, "input must be a string, a non-empty list of strings, or a list of text parts",
                        param="input", code="empty_input")
-    heads = state.runtime.heads  # a reload never changes the heads
-    for head in body.thresholds or {}:
-        if head not in heads:
-            raise ApiError(400, f"unknown category {head!r}; categories are {heads}", param="thresholds")
-    scored = await score_inputs(state, [("", text) for text in texts], request)
-    results = moderate(scored, body.thresholds)
-    for result in results:
-        for head, flagged in result.categories.items():
-            if flagged:
-                state.metrics.flagged.labels(head).inc()
+    categories = state.moderation.categories  # a reload never changes the categories
+    for category in body.thresholds or {}:
+        if category not in categories:
+            raise ApiError(400, f"unknown category {category!r}; categories are {list(categories)}",
+                           param="thresholds", code="unknown_category")
+    check_limits(state, inputs, request)
+    scored, results = await unless_client_leaves(request, moderate_inputs(state, inputs, body.thresholds))
+    judged = None
+    if body.messages is not None:
+        last = len(body.messages) - 1
+        judged = JudgedMessage(index=last, role=body.messages[last].role,
+                               in_context=body.messages[last].role == "assistant")
     return ModerationResponse(id=f"modr-{uuid.uuid4().hex}", model=scored.runtime.name,
-                              model_version=scored.runtime.version, results=results)
+                              model_version=scored.runtime.version, results=results, judged=judged)
 
 
 @api.get("/v1/models")
@@ -192,7 +217,8 @@ async def models(request: Request) -> dict:
 async def reload(request: Request, body: ReloadRequest | None = None) -> dict:
     """Switch to another model version (default: the store's CURRENT, else newest) without a restart."""
     state = get_state(request)
-    runtime = await reload_model(state, body.version if body else None)
+    body = body or ReloadRequest()
+    runtime = await reload_model(state, body.version, MODERATION if body.model == "moderation" else REWARD)
     return {"object": "reload", "model": runtime.name, "model_version": runtime.version}
 
 

@@ -92,10 +92,19 @@ class TextPart(BaseModel):
 
 
 class ModerationRequest(BaseModel):
-    input: str | list[str] | list[TextPart]
+    input: str | list[str] | list[TextPart] | None = None
+    messages: list[ChatMessage] | None = Field(
+        None, min_length=1, description="Keel extension, instead of `input`: a conversation whose last message "
+        "is judged, a user message on its own, an assistant reply in its conversation")
     model: str | None = None
     thresholds: dict[str, Annotated[float, Field(ge=0.0, le=1.0)]] | None = Field(
         None, description="per-category threshold overrides in [0, 1] (flag when category score >= threshold)")
+
+    @model_validator(mode="after")
+    def input_or_messages(self) -> ModerationRequest:
+        if (self.input is None) == (self.messages is None):
+            raise ValueError("give either `input` (texts) or `messages` (a conversation), not both")
+        return self
 
     @field_validator("input", mode="before")
     @classmethod
@@ -116,19 +125,32 @@ class ModerationRequest(BaseModel):
         lambda value: value if value and isinstance(value, list) and isinstance(value[0], TextPart)
         else encodable_texts(value))
 
-    def texts(self) -> list[str]:
-        """The inputs to moderate: a string, each string of a list, or one input joined from text parts."""
+    def model_inputs(self) -> list[ModelInput]:
+        """What the moderation model reads: each text on its own, ("", text); or the conversation's last message,
+        a user message on its own and an assistant reply after the conversation before it."""
+        if self.messages is not None:
+            last = self.messages[-1]
+            if last.role != "assistant":
+                return [("", last.content)]
+            return [model_input([Message(m.role, m.content) for m in self.messages])]
         if isinstance(self.input, str):
-            return [self.input]
+            return [("", self.input)]
         if self.input and isinstance(self.input[0], TextPart):
-            return ["\n".join(part.text for part in self.input)]
-        return list(self.input)
+            return [("", "\n".join(part.text for part in self.input))]
+        return [("", text) for text in self.input]
 
 
 class ModerationResult(BaseModel):
     flagged: bool
     categories: dict[str, bool]
     category_scores: dict[str, float]
+    category_applied_input_types: dict[str, list[Literal["text"]]]
+
+
+class JudgedMessage(BaseModel):
+    index: int = Field(description="position of the judged message in `messages`")
+    role: Literal["system", "user", "assistant"]
+    in_context: bool = Field(description="judged with the conversation before it (assistant replies)")
 
 
 class ModerationResponse(BaseModel):
@@ -136,6 +158,7 @@ class ModerationResponse(BaseModel):
     model: str
     model_version: str
     results: list[ModerationResult]
+    judged: JudgedMessage | None = Field(None, description="with `messages`: which message was judged")
 
 
 class ChatCompletionRequest(BaseModel):
@@ -175,12 +198,14 @@ class ChoiceAudit(BaseModel):
     """Why this reply was chosen and what the guard made of it."""
 
     index: int
-    reward: float = Field(description="the reward the candidates were ranked by (weighted head z-scores)")
+    reward: float | None = Field(description="the reward the candidates were ranked by (weighted head z-scores); "
+                                 "null when the request itself was refused")
     scores: dict[str, float] = Field(description="every head's z-score for the reply, in context")
-    moderation: ModerationResult
+    moderation: ModerationResult | None = Field(description="the moderation model's verdict on the reply in "
+                                                "context, or on the request when it was refused; null without one")
     candidates: int = Field(description="candidates sampled for this choice, over all guard attempts")
     rank: int = Field(description="rank by reward among the final attempt's candidates (0 = best)")
-    guard: Literal["off", "passed", "regenerated", "refused"]
+    guard: Literal["off", "passed", "regenerated", "refused", "request_refused"]
     attempts: int
 
 
@@ -221,6 +246,7 @@ class ChatCompletionResponse(BaseModel):
 class ReloadRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     version: str | None = Field(None, description="a version (directory) in the model store; default: CURRENT")
+    model: Literal["reward", "moderation"] = Field("reward", description="which served model to reload")
 
 
 class ErrorBody(BaseModel):

@@ -18,7 +18,7 @@ import uvicorn
 from fastapi import FastAPI
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from keel_core.artifact import RewardManifest
+from keel_core.artifact import ModerationManifest, RewardManifest
 from keel_core.hardware import has_torch
 from service.app import create_app
 from service.models import model_directory
@@ -96,17 +96,31 @@ def http_protocol(header_timeout_s: float) -> type[HeaderTimeoutProtocol]:
     return type("KeelHttpProtocol", (HeaderTimeoutProtocol,), {"header_timeout_s": header_timeout_s})
 
 
-def serve(settings: Settings) -> None:
-    """Run the service on settings.model (`keel serve` resolves the default model and sets JSON logging first)."""
-    app = create_app(settings)  # reads the API keys file (SettingsError) before the model loads
-    if settings.model is None:  # `keel serve` resolves (or trains) the default model before it gets here
-        raise SettingsError("no reward model: give --model DIR (or KEEL_MODEL)")
+def preflight(settings: Settings) -> None:
+    """One-line errors (SettingsError, ArtifactError) before anything loads or trains: a setting this install
+    cannot serve, an unreadable keys file, a model directory or store that cannot be served."""
     if settings.policy is not None and not has_torch():
         raise SettingsError("--policy generates with torch, which this install lacks: pip install 'keel[chat]', "
                             "or use --upstream")
-    # One-line errors now rather than a failed start: a bad store, or settings the model cannot serve.
+    settings.read_api_keys()
+    for given in (settings.model, settings.moderation_model):
+        if given is not None:
+            model_directory(given, allow_symlinks=settings.allow_store_symlinks)
+
+
+def serve(settings: Settings) -> None:
+    """Run the service on settings.model and settings.moderation_model (`keel serve` resolves the default models
+    and sets JSON logging first)."""
+    app = create_app(settings)  # reads the API keys file (SettingsError) before the model loads
+    if settings.model is None:  # `keel serve` resolves (or trains) the default model before it gets here
+        raise SettingsError("no reward model: give --model DIR (or KEEL_MODEL)")
+    preflight(settings)
     directory = model_directory(settings.model, allow_symlinks=settings.allow_store_symlinks)
     settings.check_heads(RewardManifest.read(directory).heads)
+    settings.check_guard()
+    if settings.moderation_model is not None:
+        moderation = model_directory(settings.moderation_model, allow_symlinks=settings.allow_store_symlinks)
+        settings.check_categories(ModerationManifest.read(moderation).categories)
     DrainingServer(uvicorn_config(app, settings), settings.drain_seconds).run()
 
 

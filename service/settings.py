@@ -19,7 +19,14 @@ class SettingsError(KeelError, ValueError):
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="KEEL_", extra="ignore")
 
-    model: Path | None = Field(None, description="reward-model directory (default: train/use the default model)")
+    model: Path | None = Field(None, description="reward-model directory or model store (keel serve's default: "
+                               "the default reward model, trained first if absent)")
+    moderation_model: Path | None = Field(
+        None, description="moderation-model directory or model store for /v1/moderations and the chat guard "
+        "(keel serve's default: the default moderation model, trained first if absent; `none`: no moderation)")
+    moderation_thresholds: Annotated[dict[str, float], NoDecode] = Field(
+        default_factory=dict, description="this deployment's category thresholds over the model's, e.g. "
+        "hate=0.5,violence=0.7 (a probability in [0, 1]; a request's `thresholds` override these)")
     host: str = Field("127.0.0.1", description="address to listen on")
     port: int = Field(8000, ge=0, le=65535, description="port to listen on")
     backend: Literal["auto", "onnx-int8", "onnx", "torch"] = Field(
@@ -116,15 +123,28 @@ class Settings(BaseSettings):
             return [key.strip() for key in value.split(",") if key.strip()]
         return value
 
-    @field_validator("chat_reward_weights", mode="before")
+    @field_validator("chat_reward_weights", "moderation_thresholds", mode="before")
     @classmethod
-    def parse_weights(cls, value: object) -> object:
+    def parse_pairs(cls, value: object) -> object:
         if isinstance(value, str):
             pairs = [item.split("=", 1) for item in value.split(",") if item.strip()]
             if any(len(pair) != 2 for pair in pairs):
-                raise ValueError("expected HEAD=WEIGHT pairs separated by commas, e.g. harmless=1,helpful=0.5")
-            return {head.strip(): float(weight) for head, weight in pairs}
+                raise ValueError("expected NAME=NUMBER pairs separated by commas, e.g. harmless=1,helpful=0.5")
+            return {name.strip(): float(number) for name, number in pairs}
         return value
+
+    @field_validator("moderation_thresholds")
+    @classmethod
+    def probabilities(cls, value: dict[str, float]) -> dict[str, float]:
+        outside = {name: number for name, number in value.items() if not 0.0 <= number <= 1.0}
+        if outside:
+            raise ValueError(f"thresholds are probabilities in [0, 1]; got {outside}")
+        return value
+
+    @field_validator("moderation_model", mode="before")
+    @classmethod
+    def none_means_none(cls, value: object) -> object:
+        return None if isinstance(value, str) and value.lower() == "none" else value
 
     @model_validator(mode="after")
     def client_shares(self) -> Settings:
@@ -143,6 +163,19 @@ class Settings(BaseSettings):
         if self.policy is not None and self.upstream is not None:
             raise ValueError("give --policy (generate locally) or --upstream (guard proxy), not both")
         return self
+
+    def check_guard(self) -> None:
+        """The chat guard moderates requests and replies with the moderation model."""
+        chat = self.policy is not None or self.upstream is not None
+        if chat and self.guard != "off" and self.moderation_model is None:
+            raise SettingsError(f"--guard {self.guard} moderates chat with a moderation model: give "
+                                "--moderation-model DIR, or --guard off")
+
+    def check_categories(self, categories: list[str]) -> None:
+        unknown = sorted(set(self.moderation_thresholds) - set(categories))
+        if unknown:
+            raise SettingsError(f"--moderation-thresholds names {unknown}, which the moderation model does not "
+                                f"have; its categories are {categories}")
 
     def check_heads(self, heads: list[str]) -> None:
         """Settings that name reward-model heads must name the served model's (checked before it loads)."""

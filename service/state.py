@@ -6,7 +6,7 @@ import asyncio
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from keel_core.runtime import RewardRuntime
+from keel_core.runtime import ModerationRuntime, RewardRuntime
 from service.batcher import Batcher
 from service.chat import ChatAligner
 from service.metrics import Metrics
@@ -33,6 +33,8 @@ class ServiceState:
     metrics: Metrics
     runtime: RewardRuntime | None = None
     batcher: Batcher | None = None
+    moderation: ModerationRuntime | None = None  # /v1/moderations and the chat guard (--moderation-model)
+    moderation_batcher: Batcher | None = None
     policy: PolicyRuntime | None = None  # local generation (--policy)
     generation_batcher: Batcher | None = None
     queues: dict[str, Batcher] = field(default_factory=dict)  # path -> the batcher its requests queue in

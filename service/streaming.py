@@ -27,7 +27,7 @@ def completion_id() -> str:
 
 def audit_of(state: ServiceState, chosen: list[Chosen]) -> ChatAudit:
     policy = state.policy.name if state.policy else f"upstream:{state.settings.upstream}"
-    reward_model = chosen[0].reward_model
+    reward_model = next((c.reward_model for c in chosen if c.reward_model is not None), state.runtime)
     return ChatAudit(reward_model=reward_model.name, reward_model_version=reward_model.version,
                      policy=policy, choices=[c.audit for c in chosen])
 

@@ -116,11 +116,13 @@ def free_port() -> int:
 
 @contextmanager
 def keel_server(model: Path, *args: str, python: str = sys.executable, cwd: Path | None = None,
-                **env: str) -> Iterator[tuple[str, subprocess.Popen]]:
-    """`keel serve` in a subprocess on a loopback port (with `python`'s environment); yields (base URL, process)."""
+                moderation: Path | None = None, **env: str) -> Iterator[tuple[str, subprocess.Popen]]:
+    """`keel serve` in a subprocess on a loopback port (with `python`'s environment), with a moderation model or
+    none; yields (base URL, process)."""
     port = free_port()
     process = subprocess.Popen(
-        [python, "-m", "keel", "serve", "--model", str(model), "--port", str(port), *args],
+        [python, "-m", "keel", "serve", "--model", str(model), "--port", str(port),
+         "--moderation-model", str(moderation) if moderation else "none", *args],
         env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=cwd)
     base = f"http://127.0.0.1:{port}"
     try:
@@ -143,17 +145,34 @@ def keel_server(model: Path, *args: str, python: str = sys.executable, cwd: Path
             process.wait(10)
 
 
-def test_openai_client_moderations_over_a_socket(tiny_reward_model: Path, tmp_path: Path):
+def test_openai_client_moderations_over_a_socket(tiny_reward_model: Path, tiny_moderation_model: Path,
+                                                 tmp_path: Path):
     import openai
+
+    from keel_core.moderation import CATEGORIES
 
     keys = tmp_path / "keys"
     keys.write_text("# one key a line\nother-key\ntest-key\n")
-    with keel_server(tiny_reward_model, "--api-keys-file", str(keys)) as (base, _):
+    with keel_server(tiny_reward_model, "--api-keys-file", str(keys), moderation=tiny_moderation_model) as (base, _):
         client = openai.OpenAI(base_url=f"{base}/v1", api_key="test-key", max_retries=0)
-        result = client.moderations.create(input=["hello there", "sure, here is how to build a bomb"])
+        result = client.moderations.create(input=["here is some recipe for bread thanks", "i will kill and hurt you"])
         assert len(result.results) == 2
-        assert set(result.results[0].category_scores.model_dump(exclude_none=True)) >= {"harmless", "quality"}
-        assert isinstance(result.results[0].flagged, bool)
+        for item in result.results:  # every typed field of the client's current taxonomy is filled
+            for block in (item.categories, item.category_scores, item.category_applied_input_types):
+                assert set(block.model_dump(by_alias=True, exclude_none=True)) == set(CATEGORIES)
+            assert isinstance(item.flagged, bool) and isinstance(item.categories.hate, bool)
+            assert 0.0 <= item.category_scores.self_harm_intent <= 1.0
+            assert item.category_applied_input_types.violence == ["text"]
+        benign, violent = result.results
+        assert violent.category_scores.violence > 4 * benign.category_scores.violence
+        served = next(m for m in httpx.get(f"{base}/v1/models", headers={"Authorization": "Bearer test-key"}).json()[
+            "data"] if m.get("kind") == "moderation-model")
+        for item in result.results:  # flagged exactly where a score reaches the served threshold
+            scores = item.category_scores.model_dump(by_alias=True)
+            expected = {c: rule["threshold"] is not None and scores[c] >= rule["threshold"]
+                        for c, rule in served["categories"].items()}
+            assert item.categories.model_dump(by_alias=True) == expected
+            assert item.flagged == any(expected.values())
         with pytest.raises(openai.AuthenticationError):
             openai.OpenAI(base_url=f"{base}/v1", api_key="wrong", max_retries=0).moderations.create(input="x")
         with pytest.raises(openai.BadRequestError):

@@ -16,6 +16,7 @@ from keel_core.text import Message
 from service.app import create_app
 from service.chat import ChatAligner, GuardSettings
 from service.generation import Generated, Sampling
+from service.schemas import ModerationResult
 from service.settings import Settings
 from tests.test_batcher_and_server import keel_server
 
@@ -32,21 +33,25 @@ def scripted_aligner(replies: list[str], scores: dict[str, tuple[float, float]],
         calls.append(len(samplings))
         return [Generated(next(script), "stop", 3, 2, 0.0) for _ in samplings]
 
-    # harmless is a moderation category; the guard flags at category score sigma(-z) >= 0.5, i.e. z <= 0 (its
-    # /v1/moderations threshold, 0.1, would flag every reply below z = 2.2); helpful is not a category.
-    reward_model = SimpleNamespace(heads=HEADS, thresholds={"harmless": 0.1, "helpful": None},
-                                   guard_thresholds={"harmless": 0.5, "helpful": None})
+    reward_model = SimpleNamespace(heads=HEADS)
 
     async def score(inputs):
         return Scored(np.array([scores[response] for _, response in inputs], dtype=np.float32), reward_model)
 
-    aligner = ChatAligner(generate, score, HEADS, {"harmless": 1.0, "helpful": 1.0},
+    # The scripted moderation model: a reply whose harmless score is at most 0 is violent; a request is violent
+    # when it says "bomb".
+    async def moderate(inputs):
+        flagged = [scores[text][0] <= 0 if context else "bomb" in text for context, text in inputs]
+        return [ModerationResult(flagged=f, categories={"violence": f}, category_scores={"violence": float(f)},
+                                 category_applied_input_types={"violence": ["text"]}) for f in flagged]
+
+    aligner = ChatAligner(generate, score, moderate, HEADS, {"harmless": 1.0, "helpful": 1.0},
                           GuardSettings(mode, retries, "I can't help with that."))
     return aligner, calls
 
 
-def complete(aligner: ChatAligner, n: int, best_of: int):
-    return asyncio.run(aligner.complete((Message("user", "hi"),), Sampling(max_tokens=4), n, best_of))
+def complete(aligner: ChatAligner, n: int, best_of: int, request: str = "hi"):
+    return asyncio.run(aligner.complete((Message("user", request),), Sampling(max_tokens=4), n, best_of))
 
 
 def test_best_of_n_picks_the_highest_reward():
@@ -87,6 +92,16 @@ def test_guard_modes_refuse_and_off():
     assert chosen.reply.text == "bad" and chosen.audit.guard == "off" and chosen.audit.moderation.flagged
 
 
+def test_guard_refuses_a_flagged_request_without_generating():
+    aligner, calls = scripted_aligner(["never"], {"never": (1, 0)})
+    chosen = complete(aligner, n=2, best_of=1, request="how do i build a bomb")
+    assert calls == [] and [c.reply.text for c in chosen] == ["I can't help with that."] * 2
+    assert chosen[0].reply.finish_reason == "content_filter" and chosen[0].audit.guard == "request_refused"
+    assert chosen[0].audit.moderation.flagged and chosen[0].audit.reward is None
+    aligner, calls = scripted_aligner(["fine"], {"fine": (1, 0)}, mode="off")  # off: audit only
+    assert complete(aligner, n=1, best_of=1, request="how do i build a bomb")[0].reply.text == "fine"
+
+
 def test_several_choices_share_one_generation_call():
     aligner, calls = scripted_aligner(["a", "b", "c", "d"], {"a": (1, 0), "b": (2, 0), "c": (3, 0), "d": (0.5, 0)})
     chosen = complete(aligner, n=2, best_of=2)
@@ -119,11 +134,12 @@ def test_openai_client_plain_and_streaming_over_a_socket(tiny_reward_model: Path
                 model="tiny", messages=messages, max_tokens=2)
 
 
-def test_guard_proxy_reranks_an_upstream(tiny_reward_model: Path, tiny_policy: str):
+def test_guard_proxy_reranks_an_upstream(tiny_reward_model: Path, tiny_moderation_model: Path, tiny_policy: str):
     import openai
 
     with keel_server(tiny_reward_model, "--policy", tiny_policy, "--guard", "off") as (upstream, _):
-        with keel_server(tiny_reward_model, "--upstream", upstream, "--best-of", "3") as (proxy, _):
+        with keel_server(tiny_reward_model, "--upstream", upstream, "--best-of", "3",
+                         moderation=tiny_moderation_model) as (proxy, _):
             client = openai.OpenAI(base_url=f"{proxy}/v1", api_key="none", max_retries=0)
             completion = client.chat.completions.create(
                 model="tiny", messages=[{"role": "user", "content": "help me hack code"}], max_tokens=4)
@@ -133,7 +149,8 @@ def test_guard_proxy_reranks_an_upstream(tiny_reward_model: Path, tiny_policy: s
             streamed = list(client.chat.completions.create(
                 model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=4, stream=True))
             assert "keel" in streamed[-1].model_extra
-        with keel_server(tiny_reward_model, "--upstream", "http://127.0.0.1:9") as (proxy, _):
+        with keel_server(tiny_reward_model, "--upstream", "http://127.0.0.1:9",
+                         moderation=tiny_moderation_model) as (proxy, _):
             response = openai.OpenAI(base_url=f"{proxy}/v1", api_key="none", max_retries=0)
             with pytest.raises(openai.APIStatusError) as error:
                 response.chat.completions.create(model="x", messages=[{"role": "user", "content": "hi"}])
@@ -141,8 +158,10 @@ def test_guard_proxy_reranks_an_upstream(tiny_reward_model: Path, tiny_policy: s
 
 
 @pytest.fixture(scope="module")
-def chat_client(tiny_reward_model: Path, tiny_policy: str):
-    with TestClient(create_app(Settings(model=tiny_reward_model, policy=tiny_policy, max_tokens_limit=16))) as client:
+def chat_client(tiny_reward_model: Path, tiny_moderation_model: Path, tiny_policy: str):
+    settings = Settings(model=tiny_reward_model, moderation_model=tiny_moderation_model, policy=tiny_policy,
+                        max_tokens_limit=16)
+    with TestClient(create_app(settings)) as client:
         yield client
 
 

@@ -14,7 +14,7 @@ def run_keel(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_help_explains_every_option():
-    commands = [["train", name] for name in ("reward", "sft", "reinforce", "rloo", "ppo", "dpo")]
+    commands = [["train", name] for name in ("reward", "moderation", "sft", "reinforce", "rloo", "ppo", "dpo")]
     for command in (*commands, ["eval", "reward"], ["eval", "policy"], ["serve"]):
         result = run_keel(*command, "--help")
         assert result.returncode == 0
@@ -104,13 +104,15 @@ def test_conflicting_serve_options_are_one_line_errors(tiny_reward_model: Path):
     assert both.returncode == 2 and both.stderr == ("keel serve: error: give --policy (generate locally) or "
                                                     "--upstream (guard proxy), not both\n")
     unknown = run_keel("serve", "--model", str(tiny_reward_model), "--upstream", "http://x",
-                       "--chat-reward-weights", "harmless=1,nope=2")
+                       "--moderation-model", "none", "--chat-reward-weights", "harmless=1,nope=2")
     assert unknown.returncode == 2 and unknown.stderr.count("\n") == 1
     assert "['nope']" in unknown.stderr and "['harmless', 'quality']" in unknown.stderr
 
 
-def test_serve_without_a_model_serves_the_default_one(tiny_reward_model: Path, tmp_path: Path, monkeypatch):
-    # The default model already in the cache (a copy of the tiny one), so nothing trains: the README's main command.
+def test_serve_without_a_model_serves_the_default_ones(tiny_reward_model: Path, tiny_moderation_model: Path,
+                                                      tmp_path: Path, monkeypatch):
+    # The default models already in the cache (copies of the tiny ones), so nothing trains: the README's main
+    # command.
     import shutil
 
     import httpx
@@ -121,6 +123,7 @@ def test_serve_without_a_model_serves_the_default_one(tiny_reward_model: Path, t
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     default = default_model_dir()
     shutil.copytree(tiny_reward_model, default)
+    shutil.copytree(tiny_moderation_model, default_model_dir("moderation"))
     port = free_port()
     process = subprocess.Popen([sys.executable, "-m", "keel", "serve", "--port", str(port)],
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -132,8 +135,8 @@ def test_serve_without_a_model_serves_the_default_one(tiny_reward_model: Path, t
                     break
             except httpx.HTTPError:
                 time.sleep(0.2)
-        served = httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=5).json()["data"][0]["id"]
-        assert served == default.name
+        served = [m["id"] for m in httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=5).json()["data"]]
+        assert served == [default.name, default_model_dir("moderation").name]
     finally:
         process.kill()
         process.wait(10)

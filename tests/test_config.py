@@ -108,12 +108,16 @@ def test_model_paths_that_exist_next_to_a_config_are_taken_from_it(tmp_path, mon
 def test_every_shipped_config_loads_and_its_data_exists(name: str):
     from training.config import CONFIGS
     from training.eval_policy import EvalPolicyConfig
+    from training.moderation_config import ModerationConfig
     from training.policy_config import PolicyConfig
 
-    kind = {"reward.yaml": RewardConfig, "eval_policy.yaml": EvalPolicyConfig}.get(name, PolicyConfig)
+    kind = {"reward.yaml": RewardConfig, "eval_policy.yaml": EvalPolicyConfig,
+            "moderation.yaml": ModerationConfig}.get(name, PolicyConfig)
     config = load_config(kind, CONFIGS / name)
     if kind is RewardConfig:
         sources = [source for head in config.heads for _, source in head.sources()]
+    elif kind is ModerationConfig:
+        sources = [source for _, source in config.sources()]
     elif kind is EvalPolicyConfig:
         sources = [*config.reward_prompts, *config.harmful.values(), *config.safe.values()]
     else:

@@ -16,11 +16,13 @@ from tests.test_batcher_and_server import keel_server
 
 
 @pytest.mark.parametrize("with_key", [True, False])
-def test_every_endpoint_survives_fuzzing(tiny_reward_model: Path, tiny_policy: str, with_key: bool, tmp_path: Path):
+def test_every_endpoint_survives_fuzzing(tiny_reward_model: Path, tiny_moderation_model: Path, tiny_policy: str,
+                                        with_key: bool, tmp_path: Path):
     schemathesis = shutil.which("schemathesis", path=os.path.dirname(sys.executable))
     assert schemathesis, "install the dev extra: pip install -e '.[dev]'"
     with keel_server(tiny_reward_model, "--policy", tiny_policy, "--max-tokens-limit", "8",
-                     "--max-generation-rows", "16", "--max-queue-rows", "32", KEEL_API_KEYS="fuzz-key") as (url, _):
+                     "--max-generation-rows", "16", "--max-queue-rows", "32", moderation=tiny_moderation_model,
+                     KEEL_API_KEYS="fuzz-key") as (url, _):
         headers = ["-H", "Authorization: Bearer fuzz-key"] if with_key else []
         result = subprocess.run(
             # Every check but positive-data acceptance: the schema cannot say which categories a model has, nor

