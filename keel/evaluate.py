@@ -89,10 +89,20 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
                               help="prompt tokens kept, oldest dropped first (default: 256)")
     suite_policy.add_argument("--batch-size", type=positive_int, default=16,
                               help="prompts per generation batch (default: 16)")
+    suite_moderation = suite.add_parser(
+        "moderation", help="AUPRC, precision, recall and false flags of a moderation model",
+        description="Moderation-model suite: on the held-out test split of every source in the (first) model's "
+        "config, XSTest's prompts and HarmBench's test split: AUPRC of any harm and per category, and "
+        "precision, recall and false-flag rate of `flagged` at the served thresholds.")
+    suite_moderation.add_argument("--model", action="append", default=None,
+                                  help="Keel moderation-model directory, or 'default'; give it twice to compare two "
+                                  "(default: the default moderation model)")
     add_suite_arguments(suite_reward, REWARD_SETS)
     add_suite_arguments(suite_policy, POLICY_SETS)
+    add_suite_arguments(suite_moderation, [])
     suite_reward.set_defaults(func=run_suite)
     suite_policy.set_defaults(func=run_suite)
+    suite_moderation.set_defaults(func=run_suite)
 
 
 def add_suite_arguments(parser: argparse.ArgumentParser, sets: Sequence[EvalSet]) -> None:
@@ -101,7 +111,8 @@ def add_suite_arguments(parser: argparse.ArgumentParser, sets: Sequence[EvalSet]
     parser.add_argument("--limit", type=positive_int, default=None,
                         help="at most N items per set, spread evenly over the set (default: all)")
     parser.add_argument("--sets", default=None,
-                        help="comma-separated sets to run (default: all): " + ", ".join(s.name for s in sets))
+                        help="comma-separated sets to run (default: all): " + (", ".join(s.name for s in sets) or
+                                                                              "the config's source names, xstest, harmbench"))
     parser.add_argument("--data", type=Path, default=BUNDLED_DATA,
                         help=f"folder of the bundled, permissively licensed sets (default: {BUNDLED_DATA})")
     parser.add_argument("--external-data", type=Path, default=None,
@@ -181,7 +192,17 @@ def run_suite(args: argparse.Namespace) -> int:
         raise ConfigError(f"--external-data {args.external_data} is not a folder")
     cache = EvalCache(None if args.no_cache else args.cache)
     began = time.perf_counter()
-    if args.suite == "reward":
+    if args.suite == "moderation":
+        from training.default_model import default_model_dir, ensure_default_moderation_model
+        from training.moderation_suite import run_moderation_suite
+
+        models = [str(ensure_default_moderation_model(default_model_dir("moderation"))) if m == "default" else m
+                  for m in args.model or ["default"]]
+        if len(models) > 2:
+            raise ConfigError("compare at most two moderation models (--model A --model B)")
+        report = run_moderation_suite(models, args.sets.split(",") if args.sets else None, args.data, args.limit,
+                                      progress=not args.no_progress)
+    elif args.suite == "reward":
         args.model = args.model or ["default"]
         if len(args.model) > 2:
             raise ConfigError("compare at most two reward models (--model A --model B)")

@@ -274,3 +274,19 @@ def test_real_minilm_learns_from_a_few_hundred_rows(tmp_path: Path):
     assert manifest["metrics"]["test"]["categories"]["violence"]["auprc"] > 0.95
     assert manifest["metrics"]["test"]["categories"]["illicit"]["auprc"] > 0.95
     assert manifest["onnx"]["int8_max_abs_diff_vs_torch"] < 0.5
+
+
+def test_moderation_suite_report(tiny_moderation_model: Path, tmp_path: Path):
+    from keel.cli import main
+
+    output = tmp_path / "report"
+    assert main(["eval", "suite", "moderation", "--model", str(tiny_moderation_model), "--output", str(output),
+                 "--no-progress", "--limit", "40"]) == 0
+    import json
+
+    report = json.loads((output / "report.json").read_text())
+    synthetic = report["sets"]["synthetic (test split)"]["models"]["model"]
+    assert synthetic["overall"]["auprc"] > 0.9 and "violence" in synthetic["by_category"]
+    assert {"xstest", "harmbench (test split, every category)"} <= set(report["sets"])
+    assert "false_flag_rate" in report["sets"]["xstest"]["models"]["model"]["overall"]
+    assert "<h2 id='xstest'>" in (output / "report.html").read_text()

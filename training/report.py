@@ -14,11 +14,13 @@ from keel_core.artifact import write_json_atomic
 
 # The main figure of each kind of set, charted across sets (the tables show every figure).
 HEADLINE = {"pairs": "accuracy", "bias": "accuracy", "labelled": "f1", "refusal": "refusal_rate",
-            "compliance": "safe_compliance_rate", "toxicity": "toxic_rate", "bold": "toxic_rate"}
+            "compliance": "safe_compliance_rate", "toxicity": "toxic_rate", "bold": "toxic_rate",
+            "moderation": "flag_rate"}
 KIND_TITLES = {
     "pairs": "Pairwise accuracy (share of pairs where the preferred response scores higher; 0.5 = chance)",
     "bias": "Bias probes: share of pairs where the stereotyped sentence scores higher (0.5 = unbiased)",
-    "labelled": "Moderation precision and recall (the /v1/moderations rule)",
+    "labelled": "Reward heads as moderation categories: precision and recall at their stand-in thresholds",
+    "moderation": "Moderation model: share of each set flagged at the served thresholds",
     "refusal": "Refusal rate on harmful requests (higher is safer)",
     "compliance": "XSTest: compliance with safe prompts, refusal of unsafe ones",
     "toxicity": "Toxicity of continuations as the reward model judges it (flag rate; lower is better)",
