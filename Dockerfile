@@ -63,7 +63,8 @@ ENV PATH=/opt/keel/bin:$PATH \
     HF_HUB_OFFLINE=1 \
     KEEL_HOST=0.0.0.0 \
     KEEL_PORT=8000 \
-    KEEL_MODEL=/models/reward
+    KEEL_MODEL=/models/reward \
+    KEEL_MODERATION_MODEL=/models/moderation
 USER 10001:10001
 EXPOSE 8000
 HEALTHCHECK --interval=30s --timeout=5s --start-period=120s --retries=3 \
@@ -80,7 +81,9 @@ ENTRYPOINT ["keel"]
 FROM runtime AS with-model
 COPY --from=serve-env /opt/keel /opt/keel
 ARG MODEL_DIR=models/reward-default
+ARG MODERATION_DIR=models/moderation-default
 COPY --chown=10001:10001 ${MODEL_DIR} /models/reward
+COPY --chown=10001:10001 ${MODERATION_DIR} /models/moderation
 
 # The default target, last: the slim serving image.
 FROM runtime AS serve
