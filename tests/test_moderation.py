@@ -290,3 +290,16 @@ def test_moderation_suite_report(tiny_moderation_model: Path, tmp_path: Path):
     assert {"xstest", "harmbench (test split, every category)"} <= set(report["sets"])
     assert "false_flag_rate" in report["sets"]["xstest"]["models"]["model"]["overall"]
     assert "<h2 id='xstest'>" in (output / "report.html").read_text()
+
+
+def test_repeat_oversamples_training_rows_only(tmp_path: Path):
+    from training.moderation_data import load_moderation_data
+
+    data = write_jsonl(tmp_path / "d.jsonl", moderation_rows(20))
+    plain = load_moderation_data(tiny_moderation_config("unused", data))
+    config = tiny_moderation_config("unused", data)
+    config.train[0].repeat = 3
+    repeated = load_moderation_data(config)
+    synthetic = sum(item.source == "synthetic" for item in plain["train"])
+    assert synthetic and len(repeated["train"]) == len(plain["train"]) + 2 * synthetic
+    assert repeated["validation"] == plain["validation"] and repeated["test"] == plain["test"]

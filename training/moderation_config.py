@@ -35,6 +35,7 @@ class ModerationSource(DataSource):
     labels: dict[str, LabelRule] = dataclasses.field(default_factory=dict)
     rest: float | None = None  # the label of every category `labels` does not name (None: unlabelled)
     fraction: float = 1.0  # keep this share of the rows (a deterministic hash sample)
+    repeat: int = 1  # training: each row this many times an epoch (oversampling a small source)
     # Split by `folds` hash folds instead of 80/10/10: test = fold `cross_validation.test_fold`, validation and
     # train from the other folds (for K-fold cross-validated evaluation, e.g. OpenAI's moderation samples)
     folds: bool = False
@@ -79,7 +80,8 @@ class ModerationConfig:
                     if (rule.value is None) == (rule.column is None):
                         raise ConfigError(f"{role} source {source.path}: labels.{category} needs exactly one of "
                                           "`value` or `column`")
-                check_numbers(f"{role} source {source.path}", source, up_to_1=["fraction"], positive=["fraction"])
+                check_numbers(f"{role} source {source.path}", source, up_to_1=["fraction"],
+                              positive=["fraction", "repeat"])
         check_precision(self.training.precision)
         check_numbers("", self, positive=["max_length", "min_positives"], below_1=["min_precision", "prior"])
         if not 0 <= self.cross_validation.test_fold < self.cross_validation.folds:

@@ -92,8 +92,9 @@ def load_labelled(source: ModerationSource, config: ModerationConfig, role: str,
 
 
 def load_moderation_data(config: ModerationConfig, skip_bad_rows: bool = False) -> dict[str, list[Labelled]]:
-    return {role: [item for source in getattr(config, role) for item in load_labelled(source, config, role,
-                                                                                         skip_bad_rows)]
+    """Each role's rows; a training source's rows `repeat` times (held-out rows are never repeated)."""
+    return {role: [item for source in getattr(config, role)
+                   for item in load_labelled(source, config, role, skip_bad_rows) * (source.repeat if role == "train" else 1)]
             for role in ("train", "validation", "test")}
 
 
