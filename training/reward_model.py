@@ -1,12 +1,33 @@
-"""Reward-model pieces only training needs: freezing lower layers, and the transformers tokenizer."""
+"""Pieces of training an encoder with heads (reward and moderation models) that only training needs: what to
+freeze, the optimiser and its schedule, and the transformers tokenizer."""
 
 from __future__ import annotations
 
+import torch
 from torch import nn
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from transformers import AutoTokenizer, PreTrainedTokenizerBase, get_linear_schedule_with_warmup
 
-from keel_core.reward_model import resolve_base_model
+from keel_core.reward_model import RewardModel, resolve_base_model
 from training.config import ConfigError
+from training.reward_config import TrainingConfig
+
+
+def freeze(model: RewardModel, training: TrainingConfig) -> None:
+    """Fix what the training config says: the word embeddings, and the lowest `freeze_layers` layers."""
+    if training.freeze_embeddings:
+        model.backbone.get_input_embeddings().requires_grad_(False)
+    if training.freeze_layers:
+        freeze_lower_layers(model.backbone, training.freeze_layers)
+
+
+def optimiser(model: RewardModel, training: TrainingConfig, total_steps: int
+              ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+    """AdamW with the backbone's trainable weights at learning_rate and the fresh heads at the faster
+    head_learning_rate, under linear warm-up and decay over total_steps."""
+    optimizer = torch.optim.AdamW(
+        [{"params": [p for p in model.backbone.parameters() if p.requires_grad], "lr": training.learning_rate},
+         {"params": model.heads.parameters(), "lr": training.head_learning_rate}], weight_decay=training.weight_decay)
+    return optimizer, get_linear_schedule_with_warmup(optimizer, int(training.warmup_ratio * total_steps), total_steps)
 
 
 def freeze_lower_layers(backbone: nn.Module, count: int) -> None:

@@ -21,7 +21,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
-from transformers import get_linear_schedule_with_warmup
 
 from keel_core.artifact import CategoryThreshold, ModerationManifest, staged, write_text_atomic
 from keel_core.moderation import flags
@@ -35,7 +34,7 @@ from training.moderation_config import ModerationConfig
 from training.moderation_data import Labelled, data_provenance, label_matrix, load_moderation_data
 from training.packaging import export_onnx
 from training.plots import plot_curves
-from training.reward_model import freeze_lower_layers, load_tokenizer
+from training.reward_model import freeze, load_tokenizer, optimiser
 from training.runs import append_metrics, prepare_work_directory, read_metrics, resume_from, save_checkpoint
 from training.train_reward import make_batches, remember_if_best
 
@@ -88,10 +87,7 @@ def train_moderation(config: ModerationConfig, output: Path, resume: bool = Fals
     # ---- model: a head per category, each starting at the prior probability -------------------------------
     model = RewardModel.from_base(config.base_model, config.categories, problem_type="multi_label_classification")
     torch.nn.init.constant_(model.heads.bias, math.log(config.prior / (1 - config.prior)))
-    if t.freeze_embeddings:
-        model.backbone.get_input_embeddings().requires_grad_(False)
-    if t.freeze_layers:
-        freeze_lower_layers(model.backbone, t.freeze_layers)
+    freeze(model, t)
 
     # ---- data -----------------------------------------------------------------------------------------------
     data = load_moderation_data(config, skip_bad_rows)
@@ -104,10 +100,7 @@ def train_moderation(config: ModerationConfig, output: Path, resume: bool = Fals
     total_steps = t.epochs * batches_per_epoch if t.max_steps is None else min(t.max_steps, t.epochs * batches_per_epoch)
 
     # ---- optimiser ------------------------------------------------------------------------------------------
-    optimizer = torch.optim.AdamW(
-        [{"params": [p for p in model.backbone.parameters() if p.requires_grad], "lr": t.learning_rate},
-         {"params": model.heads.parameters(), "lr": t.head_learning_rate}], weight_decay=t.weight_decay)
-    scheduler = get_linear_schedule_with_warmup(optimizer, int(t.warmup_ratio * total_steps), total_steps)
+    optimizer, scheduler = optimiser(model, t, total_steps)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     start_step = resume_from(accelerator, work, metrics_path, resume)["step"]
 

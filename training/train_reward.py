@@ -19,7 +19,6 @@ from typing import Any
 import numpy as np
 import torch
 from tqdm.auto import tqdm
-from transformers import get_linear_schedule_with_warmup
 
 from keel_core.artifact import (
     write_json_atomic,
@@ -32,7 +31,7 @@ from training.objectives import evaluate_examples, objective_of
 from training.packaging import build_artifact
 from training.reward_config import RewardConfig
 from training.reward_data import HeadData, load_head_data
-from training.reward_model import freeze_lower_layers, load_tokenizer
+from training.reward_model import freeze, load_tokenizer, optimiser
 from training.runs import append_metrics, prepare_work_directory, resume_from, save_checkpoint
 
 log = logging.getLogger(__name__)
@@ -131,10 +130,7 @@ def train_reward(config: RewardConfig, output: Path, resume: bool = False, overw
 
     # ---- model (first, so a config the backbone cannot take fails before the data is read) --------------
     model = RewardModel.from_base(config.base_model, names, config.attention_dropout)
-    if t.freeze_embeddings:
-        model.backbone.get_input_embeddings().requires_grad_(False)
-    if t.freeze_layers:
-        freeze_lower_layers(model.backbone, t.freeze_layers)
+    freeze(model, t)
 
     # ---- data -------------------------------------------------------------------------------------------
     heads = load_head_data(config, skip_bad_rows)
@@ -151,12 +147,7 @@ def train_reward(config: RewardConfig, output: Path, resume: bool = False, overw
         total_steps = min(total_steps, t.max_steps)
 
     # ---- optimiser --------------------------------------------------------------------------------------
-    backbone_params = [p for p in model.backbone.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(
-        [{"params": backbone_params, "lr": t.learning_rate}, {"params": model.heads.parameters(), "lr": t.head_learning_rate}],
-        weight_decay=t.weight_decay,
-    )
-    scheduler = get_linear_schedule_with_warmup(optimizer, int(t.warmup_ratio * total_steps), total_steps)
+    optimizer, scheduler = optimiser(model, t, total_steps)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     device = accelerator.device
 
