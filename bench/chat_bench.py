@@ -1,14 +1,17 @@
 """Aligned chat: best-of-n reward gain, the guard's effect on harmful and safe prompts, generation throughput
 against bare `model.generate`, and streaming time to first token.
 
-    python bench/chat_bench.py [--policy default] [--model REWARD_DIR] [--prompts 48] [--harmful 48] [--safe 48]
+    python bench/chat_bench.py [--policy default] [--model REWARD_DIR] [--moderation-model DIR] [--prompts 48]
+                               [--harmful 48] [--safe 48] [--guard-only]
 
 Every service figure goes through `keel serve` in its own process over loopback HTTP; bare `model.generate`
 runs in its own process too (thread pools of two engines in one process interfere).
 1. Held-out HH prompts (test split), best_of 1 vs 4, guard off: mean reward of the returned replies (the
    reward the service ranks by), the gain in standard deviations of the best-of-1 rewards.
-2. AdvBench harmful behaviours and XSTest safe prompts, greedy, guard off vs regenerate: compliance = share of
-   replies the refusal detector (training/refusals.py) does not call a refusal.
+2. AdvBench harmful behaviours (its held-out test split) and XSTest safe prompts, greedy, guard off vs
+   regenerate (the moderation model
+   on request and reply): compliance = share of replies the refusal detector (training/refusals.py) does not
+   call a refusal. --guard-only runs this part alone.
 3. 8 concurrent requests vs `model.generate` at batch 8 on the same prompts and token budget: tokens/s, three
    runs of each, alternating; the ratio is the median of the three runs' ratios.
 4. One streaming request at a time: time to the first content chunk.
@@ -31,6 +34,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.abuse_bench import cpu
 from bench.serve_bench import keel_serve
 from training.data import PromptSource, load_prompts
 from training.refusals import is_refusal
@@ -139,6 +143,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--policy", default="default", help="policy directory or HF path (default: SmolLM2)")
     parser.add_argument("--model", default=None, help="reward-model directory (default: the default model)")
+    parser.add_argument("--moderation-model", default=None,
+                        help="moderation-model directory the guard uses (default: the default model)")
+    parser.add_argument("--guard-only", action="store_true", help="measure only the guard (part 2)")
     parser.add_argument("--prompts", type=int, default=48, help="held-out prompts for best-of-n")
     parser.add_argument("--harmful", type=int, default=48, help="AdvBench prompts")
     parser.add_argument("--safe", type=int, default=48, help="XSTest safe prompts")
@@ -149,26 +156,34 @@ def main() -> None:
                                                limit=args.prompts // 2))
                      + load_prompts(PromptSource(str(DATA / "hh-rlhf/helpful-base/test.jsonl.gz"), split="test",
                                                  limit=args.prompts - args.prompts // 2)))
+    # AdvBench's test split only: the default moderation model trains on the rest of it.
     harmful = texts(load_prompts(PromptSource(str(DATA / "advbench/harmful_behaviors.csv"), rename={"goal": "prompt"},
-                                              limit=args.harmful)))
+                                              split="test", limit=args.harmful)))
     safe = texts(load_prompts(PromptSource(str(DATA / "xstest/xstest_prompts.csv"), where={"label": "safe"},
                                            limit=args.safe)))
-    common = ["--policy", args.policy] + (["--model", args.model] if args.model else [])
-    report: dict[str, Any] = {"policy": args.policy}
+    common = (["--policy", args.policy] + (["--model", args.model] if args.model else [])
+              + (["--moderation-model", args.moderation_model] if args.moderation_model else []))
+    report: dict[str, Any] = {"policy": args.policy, "cpu": cpu(), "max_tokens": args.max_tokens}
     with keel_serve(*common, "--guard", "off") as (url, _):
-        report["best_of"] = best_of_gain(url, held_out, args.max_tokens)
-        print("best-of-n:", json.dumps(report["best_of"]))
         off = {"advbench": compliance(url, harmful, args.max_tokens), "xstest": compliance(url, safe, args.max_tokens)}
-        # Service and bare generate alternate, so both see the same machine: this VM's speed drifts by a third
-        # over minutes, more than the gap being measured.
-        runs = [(service_throughput(url, held_out, args.max_tokens), direct_throughput(args.policy, held_out, args.max_tokens))
-                for _ in range(3)]
-        report["ttft_streaming_s"] = time_to_first_token(url, held_out, args.max_tokens)
+        if not args.guard_only:
+            report["best_of"] = best_of_gain(url, held_out, args.max_tokens)
+            print("best-of-n:", json.dumps(report["best_of"]))
+            # Service and bare generate alternate, so both see the same machine: this VM's speed drifts by a
+            # third over minutes, more than the gap being measured.
+            runs = [(service_throughput(url, held_out, args.max_tokens),
+                     direct_throughput(args.policy, held_out, args.max_tokens)) for _ in range(3)]
+            report["ttft_streaming_s"] = time_to_first_token(url, held_out, args.max_tokens)
     with keel_serve(*common, "--guard", "regenerate") as (url, _):
         on = {"advbench": compliance(url, harmful, args.max_tokens), "xstest": compliance(url, safe, args.max_tokens)}
-    report["guard"] = {name: {"compliance_guard_off": off[name][0], "compliance_guard_on": on[name][0],
+    report["guard"] = {name: {"prompts": len(harmful if name == "advbench" else safe),
+                              "compliance_guard_off": off[name][0], "compliance_guard_on": on[name][0],
                               "guard_actions": on[name][1]} for name in off}
     print("guard:", json.dumps(report["guard"]))
+    if args.guard_only:
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        args.output.write_text(json.dumps(report, indent=2) + "\n")
+        return
     report["throughput_runs"] = [{"service_tokens_per_s": service, "direct_tokens_per_s": direct} for service, direct in runs]
     report["service_tokens_per_s"] = statistics.median(service for service, _ in runs)
     report["direct_tokens_per_s"] = statistics.median(direct for _, direct in runs)

@@ -1,17 +1,23 @@
-"""`/v1/moderations` as a filter, measured on the public anchors, beside alt-profanity-check as the floor.
+"""A moderation model as a filter on the public anchors, held out honestly, beside alt-profanity-check (the floor).
 
-    python bench/moderation_bench.py --model DIR [--floor-venv /tmp/profanity-venv] [--out FILE]
+    python bench/moderation_bench.py --model DIR [--cross-validate --work DIR] [--out FILE]
 
-Starts `keel serve --model DIR`, sends every text through /v1/moderations and reads:
-- a continuous "any harm" score: the largest category score among the categories that have a threshold
-  (/v1/models lists them), and `flagged` at the served thresholds;
-- OpenAI's 1,680 moderation samples: AUPRC with positive = any of the 8 labels (published anchors on the same
-  samples: OpenAI's API 0.856, Llama Guard 7B 0.847, Perspective 0.787), and precision / recall of `flagged`;
-- XSTest's prompts: the share of safe and of unsafe prompts flagged, and AUPRC unsafe vs safe;
-- AdvBench, HarmBench (standard behaviours) and SimpleSafetyTests: the share flagged as input.
+Scores every text with the served runtime (keel_core.runtime.ModerationRuntime, the backend `keel serve` picks)
+and the served rule: a continuous "any harm" score, the highest probability among the categories that can flag,
+and `flagged` at the model's thresholds.
+- OpenAI's 1,680 moderation samples, positive = any of the 8 labels (published anchors on the same samples:
+  OpenAI's API 0.856, Llama Guard 7B 0.847, Perspective 0.787). The default config trains on four of five hash
+  folds, so: with --cross-validate, five models are trained (`keel train moderation --set
+  cross_validation.test_fold=K`, into --work, reused if there) and each scores only its held-out fold: 5-fold
+  cross-validated AUPRC, per category too, and precision / recall of `flagged`, each fold at its own model's
+  thresholds (chosen on that model's validation rows, never on the scored fold). Without it, the given model's
+  own test fold only.
+- XSTest's prompts (never trained on): the share of safe and of unsafe prompts flagged, and AUPRC.
+- AdvBench, HarmBench and SimpleSafetyTests as input: the share flagged, on their held-out test split only
+  (HarmBench: all its categories, and the ones the taxonomy covers).
+- Ordinary requests (HH helpful-base first turns, test split): the share flagged.
 alt-profanity-check (a linear SVM on word n-grams) runs in a venv of its own (created with pip if absent) on the
-same texts, flagging at probability 0.5. All sets are read whole: a model that trained on part of one of them
-must be evaluated on its held-out part instead (docs/moderation.md).
+same texts, flagging at probability 0.5.
 """
 
 from __future__ import annotations
@@ -20,59 +26,52 @@ import argparse
 import json
 import subprocess
 import sys
+import time
 import venv
 from pathlib import Path
 
-import httpx
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.abuse_bench import cpu
-from bench.serve_bench import keel_serve
-from training.config import BUNDLED_DATA
-from training.data import read_rows
-from training.eval_sets import OPENAI_CATEGORIES, POLICY_SETS, xstest_prompts
+from keel_core.artifact import ModerationManifest
+from keel_core.moderation import flags
+from keel_core.runtime import ModerationRuntime
+from training.config import BUNDLED_DATA, DEFAULT_MODERATION_CONFIG, build, load_config
+from training.eval_sets import xstest_prompts
+from training.evaluate import average_precision
+from training.moderation_config import ModerationConfig, ModerationSource
+from training.moderation_data import Labelled, label_matrix, load_labelled
 
 FLOOR = "alt-profanity-check"
+OPENAI = "openai-moderation"
+IN_TAXONOMY = {"illegal", "cybercrime_intrusion", "chemical_biological", "harassment_bullying"}  # HarmBench's
 
 
-def average_precision(scores: np.ndarray, positive: np.ndarray) -> float:
-    """AUPRC as average precision: the mean, over positives, of the precision at each positive's rank."""
-    order = np.argsort(-scores, kind="stable")
-    hits = positive[order].astype(float)
-    precision_at = np.cumsum(hits) / np.arange(1, len(hits) + 1)
-    return float((precision_at * hits).sum() / max(hits.sum(), 1.0))
+def held_out(config: ModerationConfig, name: str) -> list[Labelled]:
+    """The model's test rows of one configured source (OpenAI: its test fold)."""
+    return [item for source in config.test if source.name == name for item in load_labelled(source, config, "test")]
 
 
-def sets() -> dict[str, tuple[list[str], np.ndarray]]:
-    """Each set's texts and labels (1 = harmful)."""
-    openai = [row for _, row in read_rows(BUNDLED_DATA / "openai-moderation" / "samples-1680.jsonl.gz")]
-    out = {"openai-moderation": ([r["prompt"] for r in openai],
-                                 np.array([any(r.get(code) == 1 for code in OPENAI_CATEGORIES) for r in openai]))}
-    xstest = xstest_prompts(BUNDLED_DATA)
-    out["xstest"] = ([conv[-1].content for _, conv in xstest], np.array([c.startswith("unsafe") for c, _ in xstest]))
-    for eval_set in POLICY_SETS:
-        if eval_set.name in ("advbench", "harmbench", "simplesafetytests"):
-            items = eval_set.load(BUNDLED_DATA)
-            out[eval_set.name] = ([conv[-1].content for _, conv in items], np.ones(len(items), dtype=bool))
-    return out
+def request_set(path: str, text: str, config: ModerationConfig, **filters: str) -> list[Labelled]:
+    """A harmful-request file's test split (the hash split every config uses), whatever its categories."""
+    source = ModerationSource(path=str(BUNDLED_DATA / path), text=text, split="test", where=filters)
+    return load_labelled(source, config, "test")
 
 
-def keel_scores(model: Path, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    """(any-harm score, flagged) of each text through a running `keel serve`."""
-    with keel_serve("--model", str(model), "--max-items", "256") as (base, _):
-        served = httpx.get(f"{base}/v1/models", timeout=30).json()["data"][0]
-        categories = [c for c, t in served["thresholds"].items() if t is not None]
-        scores, flagged = [], []
-        for start in range(0, len(texts), 256):
-            response = httpx.post(f"{base}/v1/moderations", json={"input": texts[start : start + 256]}, timeout=300)
-            response.raise_for_status()
-            for result in response.json()["results"]:
-                scores.append(max(result["category_scores"][c] for c in categories))
-                flagged.append(result["flagged"])
-    return np.array(scores), np.array(flagged)
+class Judge:
+    """Any-harm scores and `flagged` of a model, as served."""
+
+    def __init__(self, directory: Path):
+        self.runtime = ModerationRuntime(directory)
+        self.limits = [self.runtime.thresholds[c] for c in self.runtime.categories]
+        self.can_flag = [t is not None for t in self.limits]
+
+    def __call__(self, items: list[Labelled]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        values = self.runtime.scored([item.input for item in items]).values if items else np.zeros((0, 13))
+        return values[:, self.can_flag].max(axis=1), flags(values, self.limits).any(axis=1), values
 
 
 def floor_scores(venv_dir: Path, texts: list[str]) -> np.ndarray:
@@ -87,42 +86,111 @@ def floor_scores(venv_dir: Path, texts: list[str]) -> np.ndarray:
     return np.array(json.loads(run.stdout))
 
 
-def report(scores: np.ndarray, flagged: np.ndarray, data: dict, spans: dict) -> dict:
-    out = {}
-    for name, (_, labels) in data.items():
-        s, f = scores[spans[name]], flagged[spans[name]]
-        entry = {"texts": len(labels), "flagged": round(float(f.mean()), 3)}
-        if labels.all():
-            out[name] = entry
-            continue
-        entry["auprc"] = round(average_precision(s, labels), 3)
-        entry["positive_rate"] = round(float(labels.mean()), 3)
-        entry["flagged_negatives"] = round(float(f[~labels].mean()), 3)
-        entry["flagged_positives"] = round(float(f[labels].mean()), 3)
-        entry["precision"] = round(float(labels[f].mean()), 3) if f.any() else None
-        out[name] = entry
-    return out
+def summary(scores: np.ndarray, flagged: np.ndarray, harmful: np.ndarray | None) -> dict:
+    """Flag rates, and where a set has both classes AUPRC and precision / recall of `flagged`."""
+    entry = {"texts": len(scores), "flagged": round(float(flagged.mean()), 3)}
+    if harmful is not None and harmful.any() and not harmful.all():
+        entry.update(auprc=round(average_precision(scores, harmful), 3), positive_rate=round(float(harmful.mean()), 3),
+                     flagged_positives=round(float(flagged[harmful].mean()), 3),
+                     flagged_negatives=round(float(flagged[~harmful].mean()), 3),
+                     precision=round(float(harmful[flagged].mean()), 3) if flagged.any() else None,
+                     recall=round(float(flagged[harmful].mean()), 3))
+    return entry
+
+
+def cross_validated_models(config_path: Path, work: Path, folds: int) -> list[Path]:
+    """One model per held-out fold of OpenAI's samples, trained with the default recipe (reused if present)."""
+    models = []
+    for fold in range(folds):
+        output = work / f"fold-{fold}"
+        if not (output / "keel.json").exists():
+            began = time.time()
+            subprocess.run([sys.executable, "-m", "keel", "train", "moderation", "--config", str(config_path),
+                            "--output", str(output), "--overwrite", "--no-progress",
+                            "--set", f"cross_validation.test_fold={fold}"], check=True)
+            print(f"fold {fold}: trained in {time.time() - began:.0f} s", file=sys.stderr)
+        models.append(output)
+    return models
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", type=Path, required=True, help="the Keel model directory /v1/moderations serves")
+    parser.add_argument("--model", type=Path, help="a Keel moderation-model directory (default with "
+                        "--cross-validate: the fold-0 model)")
+    parser.add_argument("--cross-validate", action="store_true", help="train one model per OpenAI fold (5)")
+    parser.add_argument("--config", type=Path, default=DEFAULT_MODERATION_CONFIG, help="config for --cross-validate")
+    parser.add_argument("--work", type=Path, default=Path("/tmp/keel-moderation-cv"),
+                        help="where --cross-validate keeps its fold models")
     parser.add_argument("--floor-venv", type=Path, default=Path("/tmp/profanity-venv"),
                         help=f"venv with {FLOOR} (created if absent)")
     parser.add_argument("--no-floor", action="store_true", help=f"skip {FLOOR}")
     parser.add_argument("--out", type=Path, help="also write the JSON here")
     args = parser.parse_args()
-    data = sets()
-    texts, spans, start = [], {}, 0
-    for name, (set_texts, _) in data.items():
-        texts += set_texts
-        spans[name] = slice(start, start + len(set_texts))
-        start += len(set_texts)
-    scores, flagged = keel_scores(args.model, texts)
-    result = {"cpu": cpu(), "model": str(args.model), "keel": report(scores, flagged, data, spans)}
+    if not args.cross_validate and args.model is None:
+        parser.error("give --model DIR, or --cross-validate")
+
+    fold_models: list[Path] = []
+    if args.cross_validate:
+        folds = load_config(ModerationConfig, args.config).cross_validation.folds
+        fold_models = cross_validated_models(args.config, args.work, folds)
+    model = args.model or fold_models[0]
+    config = build(ModerationConfig, ModerationManifest.read(model).config, "keel.json config")
+    judge = Judge(model)
+
+    sets: dict[str, tuple[list[Labelled], np.ndarray | None]] = {}
+    xstest = [(category, conversation[-1].content) for category, conversation in xstest_prompts(BUNDLED_DATA)]
+    sets["xstest"] = ([Labelled(("", text), (), text, "xstest") for _, text in xstest],
+                      np.array([category.startswith("unsafe") for category, _ in xstest]))
+    sets["advbench (test split)"] = (request_set("advbench/harmful_behaviors.csv", "goal", config), None)
+    harmbench = request_set("harmbench/harmbench_behaviors_text_all.csv", "Behavior", config)
+    sets["harmbench (test split)"] = (harmbench, None)
+    sets["harmbench (test split, in taxonomy)"] = (
+        [item for category in sorted(IN_TAXONOMY) for item in
+         request_set("harmbench/harmbench_behaviors_text_all.csv", "Behavior", config, SemanticCategory=category)], None)
+    sets["simplesafetytests (test split)"] = (
+        request_set("simplesafetytests/simplesafetytests.csv", "prompts_final", config), None)
+    sets["hh-helpful-requests (test split)"] = (held_out(config, "hh-helpful-requests"), None)
+
+    result: dict = {"cpu": cpu(), "model": str(model), "backend": judge.runtime.backend, "keel": {}}
+    texts: list[str] = []
+    spans: dict[str, slice] = {}
+    for name, (items, harmful) in sets.items():
+        scores, flagged, _ = judge(items)
+        result["keel"][name] = summary(scores, flagged, harmful)
+        spans[name] = slice(len(texts), len(texts) + len(items))
+        texts += [item.input[1] for item in items]
+
+    # OpenAI's samples: each fold scored by the model that did not train on it.
+    openai_items, openai_scores, openai_flagged, openai_values = [], [], [], []
+    for fold_model in fold_models or [model]:
+        fold_config = build(ModerationConfig, ModerationManifest.read(fold_model).config, "keel.json config")
+        items = held_out(fold_config, OPENAI)
+        scores, flagged, values = Judge(fold_model)(items) if fold_model != model else judge(items)
+        openai_items += items
+        openai_scores.append(scores)
+        openai_flagged.append(flagged)
+        openai_values.append(values)
+    scores, flagged, values = (np.concatenate(part) for part in (openai_scores, openai_flagged, openai_values))
+    labels = label_matrix(openai_items)
+    harmful = np.nan_to_num(labels, nan=0.0).max(axis=1) == 1
+    name = f"{OPENAI} ({'5-fold cross-validated' if fold_models else 'test fold only'})"
+    entry = summary(scores, flagged, harmful)
+    entry["categories"] = {}
+    for c, category in enumerate(config.categories):
+        labelled = ~np.isnan(labels[:, c])
+        positives = labels[labelled, c] == 1
+        if positives.any():
+            entry["categories"][category] = {"positives": int(positives.sum()),
+                                             "auprc": round(average_precision(values[labelled, c], positives), 3)}
+    result["keel"][name] = entry
+    spans[name] = slice(len(texts), len(texts) + len(openai_items))
+    texts += [item.input[1] for item in openai_items]
+    sets[name] = (openai_items, harmful)
+
     if not args.no_floor:
         floor = floor_scores(args.floor_venv, texts)
-        result[FLOOR] = report(floor, floor >= 0.5, data, spans)
+        result[FLOOR] = {name: summary(floor[spans[name]], floor[spans[name]] >= 0.5, sets[name][1])
+                         for name in sets}
     print(json.dumps(result, indent=2))
     if args.out:
         args.out.write_text(json.dumps(result, indent=2) + "\n")

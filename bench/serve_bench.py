@@ -1,10 +1,12 @@
 """Scoring throughput and latency: Keel's service vs the bare ONNX engine vs a per-request pipeline peer.
 
-    python bench/serve_bench.py --model DIR [--seconds 20] [--concurrency 32]
+    python bench/serve_bench.py --model DIR [--seconds 20] [--concurrency 32] [--moderation-model DIR]
 
 Every contender runs in its own process (torch and ONNX Runtime thread pools interfere). The load
 generator is a separate process from each server, on loopback. Texts: HH validation/test conversations of
-up to 256 tokens. Prints JSON with medians of the repeated measurements and the ratios.
+up to 256 tokens. Prints JSON with medians of the repeated measurements and the ratios. With
+--moderation-model, one more server serves both models, and /v1/moderations and /v1/score are measured on the
+same texts, alternating: throughput at --concurrency and the latency of one short text at a time.
 """
 
 from __future__ import annotations
@@ -137,6 +139,30 @@ def server_runs(command: list[str], port: int, ready: str, texts: list[str], sho
             "short_p50_ms": statistics.median(r["p50_ms"] for r in latency)}
 
 
+def moderation_vs_score(command: list[str], port: int, texts: list[str], short: list[str], args) -> dict:
+    """/v1/moderations against /v1/score in one server on the same texts, alternating, with per-repeat ratios."""
+    process = start(command, port, "/readyz")
+    base = f"http://127.0.0.1:{port}"
+    moderation_payload = lambda text: {"input": text}
+    runs = []
+    try:
+        for _ in range(args.repeats):
+            score = load(f"{base}/v1/score", score_payload, texts, args.concurrency, args.seconds)
+            moderation = load(f"{base}/v1/moderations", moderation_payload, texts, args.concurrency, args.seconds)
+            score_short = load(f"{base}/v1/score", score_payload, short, 1, args.seconds / 2)
+            moderation_short = load(f"{base}/v1/moderations", moderation_payload, short, 1, args.seconds / 2)
+            runs.append({"score_texts_per_s": score["requests_per_s"],
+                         "moderation_texts_per_s": moderation["requests_per_s"],
+                         "score_short_p50_ms": score_short["p50_ms"], "moderation_short_p50_ms": moderation_short["p50_ms"]})
+    finally:
+        process.terminate()
+        process.wait(30)
+    return {"runs": runs,
+            "throughput_ratio": statistics.median(r["moderation_texts_per_s"] / r["score_texts_per_s"] for r in runs),
+            "short_latency_ratio": statistics.median(r["moderation_short_p50_ms"] / r["score_short_p50_ms"]
+                                                     for r in runs)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, required=True, help="Keel reward-model directory")
@@ -151,6 +177,7 @@ def main() -> None:
                         "pins older transformers and numpy) to serve the same backbone's embeddings as a peer")
     parser.add_argument("--serve-args", default="", help="extra `keel serve` flags, e.g. '--max-batch-tokens 4096'")
     parser.add_argument("--skip-engine", action="store_true", help="skip the bare engine")
+    parser.add_argument("--moderation-model", type=Path, help="also compare /v1/moderations with /v1/score")
     parser.add_argument("--out", type=Path, help="also write the JSON here")
     args = parser.parse_args()
     model = args.model.resolve()
@@ -173,8 +200,14 @@ def main() -> None:
         report["engine"] = json.loads(engine.stdout.strip().splitlines()[-1])
     port = free_port()
     report["keel"] = server_runs([sys.executable, "-m", "keel", "serve", "--model", str(model), "--port",
-                                  str(port), "--backend", args.backend, *args.serve_args.split()], port, "/readyz",
-                                 texts, short, args)
+                                  str(port), "--backend", args.backend, "--moderation-model", "none",
+                                  *args.serve_args.split()], port, "/readyz", texts, short, args)
+    if args.moderation_model:
+        port = free_port()
+        report["moderation_vs_score"] = moderation_vs_score(
+            [sys.executable, "-m", "keel", "serve", "--model", str(model), "--port", str(port), "--backend",
+             args.backend, "--moderation-model", str(args.moderation_model), *args.serve_args.split()], port,
+            texts, short, args)
     if not args.skip_peer:
         port = free_port()
         report["peer_pipeline"] = server_runs([sys.executable, str(ROOT / "bench" / "peer_server.py"), str(model),
