@@ -22,6 +22,20 @@ def prepare_work_directory(output: Path, resume: bool, overwrite: bool) -> Path:
     return work
 
 
+def start_run(output: Path, resume: bool, overwrite: bool, precision: str, seed: int) -> tuple[Path, Path, Any]:
+    """A training run's absolute output path, its work directory (prepare_work_directory) and its Accelerator,
+    with every random generator seeded."""
+    from accelerate.utils import set_seed
+
+    from training.hardware import make_accelerator
+
+    output = Path(output).resolve()
+    work = prepare_work_directory(output, resume, overwrite)
+    accelerator = make_accelerator(precision)
+    set_seed(seed)
+    return output, work, accelerator
+
+
 def discard_work_without_checkpoints(output: Path) -> None:
     work = output.parent / f"{output.name}.work"
     if work.is_dir() and latest_checkpoint(work) is None:

@@ -23,20 +23,19 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from keel_core.artifact import CategoryThreshold, ModerationManifest, staged, write_text_atomic
-from keel_core.moderation import flags
+from keel_core.moderation import flags, probabilities
 from keel_core.reward_model import RewardModel, resolve_base_model
 from training import onnx_export
 from training.config import to_dict
 from training.evaluate import Scorer, average_precision, cached, collate, encode, operating_threshold, torch_scorer
-from training.hardware import make_accelerator
 from training.model_card import moderation_model_card
 from training.moderation_config import ModerationConfig
 from training.moderation_data import Labelled, data_provenance, label_matrix, load_moderation_data
 from training.packaging import export_onnx
 from training.plots import plot_curves
 from training.reward_model import freeze, load_tokenizer, optimiser
-from training.runs import append_metrics, prepare_work_directory, read_metrics, resume_from, save_checkpoint
-from training.train_reward import make_batches, remember_if_best
+from training.runs import append_metrics, read_metrics, resume_from, save_checkpoint, start_run
+from training.train_reward import make_batches, remember_if_best, restore_best
 
 log = logging.getLogger(__name__)
 
@@ -52,9 +51,9 @@ def masked_bce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return (losses * mask).sum() / mask.sum().clamp(min=1)
 
 
-def probabilities(scorer: Scorer, items: list[Labelled]) -> np.ndarray:
+def category_probabilities(scorer: Scorer, items: list[Labelled]) -> np.ndarray:
     """[items, categories] sigmoid probabilities."""
-    return 1.0 / (1.0 + np.exp(-scorer([item.input for item in items]))) if items else np.zeros((0, 0))
+    return probabilities(scorer([item.input for item in items])) if items else np.zeros((0, 0))
 
 
 def category_auprc(scores: np.ndarray, labels: np.ndarray, categories: list[str], min_positives: int) -> dict[str, float]:
@@ -69,20 +68,15 @@ def category_auprc(scores: np.ndarray, labels: np.ndarray, categories: list[str]
 
 def validation_score(scorer: Scorer, items: list[Labelled], config: ModerationConfig) -> float:
     """The mean validation AUPRC over categories with enough positives: what picks the weights to keep."""
-    auprc = category_auprc(probabilities(scorer, items), label_matrix(items), config.categories, config.min_positives)
+    auprc = category_auprc(category_probabilities(scorer, items), label_matrix(items), config.categories, config.min_positives)
     return float(np.mean(list(auprc.values()))) if auprc else float("nan")
 
 
 def train_moderation(config: ModerationConfig, output: Path, resume: bool = False, overwrite: bool = False,
                      skip_bad_rows: bool = False, progress: bool = True) -> dict[str, Any]:
-    from accelerate.utils import set_seed
-
-    output = Path(output).resolve()
-    work = prepare_work_directory(output, resume, overwrite)
-    metrics_path = work / "metrics.jsonl"
-    accelerator = make_accelerator(config.training.precision)
-    set_seed(config.training.seed)
     t = config.training
+    output, work, accelerator = start_run(output, resume, overwrite, t.precision, t.seed)
+    metrics_path = work / "metrics.jsonl"
 
     # ---- model: a head per category, each starting at the prior probability -------------------------------
     model = RewardModel.from_base(config.base_model, config.categories, problem_type="multi_label_classification")
@@ -152,26 +146,14 @@ def train_moderation(config: ModerationConfig, output: Path, resume: bool = Fals
     manifest: dict[str, Any] = {}
     if accelerator.is_main_process:
         unwrapped = accelerator.unwrap_model(model, keep_fp32_wrapper=False)
-        kept_step = keep_better(unwrapped, work, scorer, validation, config, total_steps) if t.keep_best else total_steps
+        kept_step = (restore_best(unwrapped, work, lambda _: validation_score(scorer, validation, config), total_steps)
+                     if t.keep_best else total_steps)
         manifest = publish(config, unwrapped, tokenizer, data, output, overwrite, metrics_path,
                            {"train_seconds": round(train_seconds, 1), "steps": total_steps, "kept_step": kept_step,
                             "precision": accelerator.mixed_precision, "train_examples": len(train)})
         shutil.rmtree(work, ignore_errors=True)
     accelerator.wait_for_everyone()
     return manifest
-
-
-def keep_better(model: RewardModel, work: Path, scorer: Scorer, validation: list[Labelled], config: ModerationConfig,
-                final_step: int) -> int:
-    """Load the kept best weights if they beat the final ones on validation; return the step of those used."""
-    record = work / "best.json"
-    if not record.exists():
-        return final_step
-    best = json.loads(record.read_text())
-    if validation_score(scorer, validation, config) >= best["value"]:
-        return final_step
-    model.load_state_dict(torch.load(work / "best.pt", map_location="cpu", weights_only=True))
-    return best["step"]
 
 
 # ---- thresholds and held-out metrics --------------------------------------------------------------------------
@@ -248,15 +230,15 @@ def publish(config: ModerationConfig, model: RewardModel, tokenizer: Any, data: 
                                                   staging, scorer)
         scorer = cached(scorer)  # the served fp32 graph, each text scored once
         trained = (~np.isnan(label_matrix(data["train"]))).any(axis=0)
-        validation_scores = probabilities(scorer, data["validation"])
+        validation_scores = category_probabilities(scorer, data["validation"])
         thresholds = choose_thresholds(validation_scores, label_matrix(data["validation"]), config, trained)
         metrics: dict[str, Any] = {**run, "validation": held_out_metrics(validation_scores, data["validation"],
                                                                          config, thresholds)}
         if data["test"]:
-            test_scores = probabilities(scorer, data["test"])
+            test_scores = category_probabilities(scorer, data["test"])
             metrics["test"] = held_out_metrics(test_scores, data["test"], config, thresholds)
             if config.export.onnx and config.export.int8:
-                int8_scores = probabilities(int8, data["test"])
+                int8_scores = category_probabilities(int8, data["test"])
                 metrics["test_int8"] = held_out_metrics(int8_scores, data["test"], config, thresholds)
         metrics["eval_seconds"] = round(time.time() - t0, 1)
         rows = read_metrics(metrics_path)

@@ -13,6 +13,7 @@ import logging
 import math
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,13 +27,12 @@ from keel_core.artifact import (
 from keel_core.reward_model import RewardModel
 from training.data import Example
 from training.evaluate import Scorer, collate, encode, torch_scorer
-from training.hardware import make_accelerator
 from training.objectives import evaluate_examples, objective_of
 from training.packaging import build_artifact
 from training.reward_config import RewardConfig
 from training.reward_data import HeadData, load_head_data
 from training.reward_model import freeze, load_tokenizer, optimiser
-from training.runs import append_metrics, prepare_work_directory, resume_from, save_checkpoint
+from training.runs import append_metrics, resume_from, save_checkpoint, start_run
 
 log = logging.getLogger(__name__)
 
@@ -117,15 +117,9 @@ def validation_accuracy(scorer: Scorer, heads: list[HeadData], names: list[str])
 
 def train_reward(config: RewardConfig, output: Path, resume: bool = False, overwrite: bool = False,
                  skip_bad_rows: bool = False, progress: bool = True) -> dict[str, Any]:
-    from accelerate.utils import set_seed
-
-    output = Path(output).resolve()
-    work = prepare_work_directory(output, resume, overwrite)
-    metrics_path = work / "metrics.jsonl"
-
-    accelerator = make_accelerator(config.training.precision)
-    set_seed(config.training.seed)
     t = config.training
+    output, work, accelerator = start_run(output, resume, overwrite, t.precision, t.seed)
+    metrics_path = work / "metrics.jsonl"
     names = [h.name for h in config.heads]
 
     # ---- model (first, so a config the backbone cannot take fails before the data is read) --------------
@@ -209,7 +203,8 @@ def train_reward(config: RewardConfig, output: Path, resume: bool = False, overw
     if accelerator.is_main_process:
         # Without the mixed-precision wrapper: evaluation and export run in fp32.
         unwrapped = accelerator.unwrap_model(model, keep_fp32_wrapper=False)
-        kept_step = restore_best(unwrapped, work, scorer, trained, names, total_steps) if t.keep_best else total_steps
+        kept_step = (restore_best(unwrapped, work, lambda metric: validation_accuracy(scorer, trained, names)[metric],
+                                  total_steps) if t.keep_best else total_steps)
         fit_detached_heads(unwrapped, tokenizer, heads, config)
         manifest = build_artifact(config, unwrapped, tokenizer, heads, output, overwrite, work, metrics_path,
                                   train_seconds, total_steps, kept_step, accelerator.mixed_precision)
@@ -232,15 +227,15 @@ def is_better(metric: str, value: float, than: float) -> bool:
     return value < than if metric.endswith("mse") else value > than
 
 
-def restore_best(model: RewardModel, work: Path, scorer: Scorer, heads: list[HeadData], names: list[str],
-                 final_step: int) -> int:
-    """Compare the final weights with the best kept ones on validation, load the better; return its step."""
+def restore_best(model: RewardModel, work: Path, final_metric: Callable[[str], float], final_step: int) -> int:
+    """Compare the final weights with the best kept ones (remember_if_best) on the same validation metric, given
+    by final_metric(name), and load the better; return its step."""
     record = work / "best.json"
     if not record.exists():
         return final_step
     best = json.loads(record.read_text())
     metric = best["metric"]
-    final_value = validation_accuracy(scorer, heads, names)[metric]
+    final_value = final_metric(metric)
     if not is_better(metric, best["value"], final_value):
         return final_step
     log.info("keeping the weights of step %d (%s %.4f) over the final ones (%.4f)", best["step"], metric,
