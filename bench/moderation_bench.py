@@ -37,7 +37,6 @@ sys.path.insert(0, str(ROOT))
 
 from bench.abuse_bench import cpu
 from keel_core.artifact import ModerationManifest
-from keel_core.moderation import flags
 from keel_core.runtime import ModerationRuntime
 from training.config import BUNDLED_DATA, DEFAULT_MODERATION_CONFIG, build, load_config
 from training.eval_sets import xstest_prompts
@@ -66,12 +65,10 @@ class Judge:
 
     def __init__(self, directory: Path):
         self.runtime = ModerationRuntime(directory)
-        self.limits = [self.runtime.thresholds[c] for c in self.runtime.categories]
-        self.can_flag = [t is not None for t in self.limits]
 
     def __call__(self, items: list[Labelled]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        values = self.runtime.scored([item.input for item in items]).values if items else np.zeros((0, 13))
-        return values[:, self.can_flag].max(axis=1), flags(values, self.limits).any(axis=1), values
+        values = self.runtime.scored([item.input for item in items]).values
+        return self.runtime.any_harm(values), self.runtime.flagged(values).any(axis=1), values
 
 
 def floor_scores(venv_dir: Path, texts: list[str]) -> np.ndarray:

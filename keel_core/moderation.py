@@ -13,6 +13,11 @@ CATEGORIES = (
 )
 
 
+def probabilities(raw: np.ndarray) -> np.ndarray:
+    """A moderation model's category probabilities from its raw outputs (logits): sigma(raw)."""
+    return 1.0 / (1.0 + np.exp(-raw))
+
+
 def category_scores(z: np.ndarray) -> np.ndarray:
     """A reward head's stand-in moderation score from its normalised score z: sigma(-z), near 1 when a text
     scores far below the validation mean (used to evaluate reward heads as filters, not served)."""

@@ -21,6 +21,7 @@ import numpy as np
 
 from keel_core.artifact import ArtifactError, ModerationManifest, RewardManifest
 from keel_core.hardware import has_cuda, int8_is_fast
+from keel_core.moderation import flags, probabilities
 from keel_core.onnx_engine import FP32_FILE, INT8_FILE, OnnxEngine, int8_outdated, pad_batch
 from keel_core.text import ModelInput
 from keel_core.tokenizer import PairTokenizer
@@ -225,7 +226,15 @@ class ModerationRuntime(ModelRuntime):
 
     def transform(self, raw: np.ndarray) -> np.ndarray:
         """Each category's probability, sigma(raw)."""
-        return 1.0 / (1.0 + np.exp(-raw))
+        return probabilities(raw)
+
+    def flagged(self, values: np.ndarray) -> np.ndarray:
+        """[texts, categories]: which probabilities reach the model's thresholds."""
+        return flags(values, [self.thresholds[c] for c in self.categories])
+
+    def any_harm(self, values: np.ndarray) -> np.ndarray:
+        """A continuous score of harm at all: the highest probability among the categories that can flag."""
+        return values[:, [self.thresholds[c] is not None for c in self.categories]].max(axis=1)
 
     def describe(self) -> dict[str, Any]:
         """The categories with their thresholds and how good each is (held-out AUPRC, precision, recall)."""

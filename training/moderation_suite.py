@@ -15,7 +15,6 @@ from typing import Any
 import numpy as np
 
 from keel_core.artifact import ModerationManifest
-from keel_core.moderation import flags
 from keel_core.runtime import ModerationRuntime
 from training.config import ConfigError, build
 from training.data import filtered_rows
@@ -70,9 +69,9 @@ def set_result(runtime: ModerationRuntime, items: list[Item]) -> dict[str, Any]:
     labelled = [item for _, item, _ in items]
     values = runtime.scored([item.input for item in labelled]).values
     limits = [runtime.thresholds[c] for c in runtime.categories]
-    flagged_by_category = flags(values, limits)
+    flagged_by_category = runtime.flagged(values)
     flagged = flagged_by_category.any(axis=1)
-    any_score = values[:, [t is not None for t in limits]].max(axis=1)
+    any_score = runtime.any_harm(values)
     truth = np.array([is_harmful for _, _, is_harmful in items])
     overall: dict[str, Any] = {"examples": len(items), "positives": int(truth.sum()),
                                "flag_rate": float(flagged.mean())}
