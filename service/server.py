@@ -98,14 +98,18 @@ def http_protocol(header_timeout_s: float) -> type[HeaderTimeoutProtocol]:
 
 def preflight(settings: Settings) -> None:
     """One-line errors (SettingsError, ArtifactError) before anything loads or trains: a setting this install
-    cannot serve, an unreadable keys file, a model directory or store that cannot be served."""
+    cannot serve, an unreadable keys file, a model directory or store that cannot be served, or settings that
+    name heads or categories the given models lack."""
     if settings.policy is not None and not has_torch():
         raise SettingsError("--policy generates with torch, which this install lacks: pip install 'keel[chat]', "
                             "or use --upstream")
     settings.read_api_keys()
-    for given in (settings.model, settings.moderation_model):
-        if given is not None:
-            model_directory(given, allow_symlinks=settings.allow_store_symlinks)
+    if settings.model is not None:
+        directory = model_directory(settings.model, allow_symlinks=settings.allow_store_symlinks)
+        settings.check_heads(RewardManifest.read(directory).heads)
+    if settings.moderation_model is not None:
+        directory = model_directory(settings.moderation_model, allow_symlinks=settings.allow_store_symlinks)
+        settings.check_categories(ModerationManifest.read(directory).categories)
 
 
 def serve(settings: Settings) -> None:
@@ -115,12 +119,7 @@ def serve(settings: Settings) -> None:
     if settings.model is None:  # `keel serve` resolves (or trains) the default model before it gets here
         raise SettingsError("no reward model: give --model DIR (or KEEL_MODEL)")
     preflight(settings)
-    directory = model_directory(settings.model, allow_symlinks=settings.allow_store_symlinks)
-    settings.check_heads(RewardManifest.read(directory).heads)
     settings.check_guard()
-    if settings.moderation_model is not None:
-        moderation = model_directory(settings.moderation_model, allow_symlinks=settings.allow_store_symlinks)
-        settings.check_categories(ModerationManifest.read(moderation).categories)
     DrainingServer(uvicorn_config(app, settings), settings.drain_seconds).run()
 
 
