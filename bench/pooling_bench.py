@@ -18,10 +18,10 @@ from pathlib import Path
 
 import torch
 
-from keel_core import reward_model
-from training.config import DEFAULT_REWARD_CONFIG, load_config
-from training.reward_config import RewardConfig
-from training.train_reward import train_reward
+from keel.core import reward_model
+from keel.training.config import DEFAULT_REWARD_CONFIG, load_config
+from keel.training.reward.config import RewardConfig
+from keel.training.reward.train import train_reward
 
 
 def cls_pool(self: reward_model.RewardModel, input_ids: torch.Tensor, attention_mask: torch.Tensor,

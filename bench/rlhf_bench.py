@@ -22,9 +22,9 @@ import sys
 import time
 from pathlib import Path
 
-from training.config import CONFIGS, load_config
-from training.policy_config import PolicyConfig
-from training.rewards import reward_model_directory
+from keel.training.config import CONFIGS, load_config
+from keel.training.policy.config import PolicyConfig
+from keel.training.policy.rewards import reward_model_directory
 
 
 def train_default_reward_model_if_needed(config: Path, overrides: list[str]) -> None:

@@ -19,16 +19,16 @@ from pathlib import Path
 
 import numpy as np
 
-from keel_core.artifact import read_manifest
-from keel_core.onnx_engine import FP32_FILE
-from training.config import load_config
-from training.data import PreferencePair
-from training.evaluate import wilson_interval
-from training.objectives import example_inputs
-from training.onnx_export import onnx_scorer
-from training.reward_config import RewardConfig
-from training.reward_data import HeadData, load_head_data
-from training.reward_model import load_tokenizer
+from keel.core.artifact import read_manifest
+from keel.core.onnx_engine import FP32_FILE
+from keel.training.config import load_config
+from keel.training.data import PreferencePair
+from keel.training.encoder.onnx_export import onnx_scorer
+from keel.training.encoder.optim import load_tokenizer
+from keel.training.encoder.scoring import wilson_interval
+from keel.training.reward.config import RewardConfig
+from keel.training.reward.data import HeadData, load_head_data
+from keel.training.reward.objectives import example_inputs
 
 
 def margins(model: Path, heads: list[HeadData], splits: list[str]) -> dict[tuple[str, str], np.ndarray]:

@@ -35,8 +35,8 @@ from bench.loadgen import run_load
 def hh_texts(model: Path, count: int, max_tokens: int = 256) -> list[str]:
     from transformers import AutoTokenizer
 
-    from keel_core.text import Message, render
-    from training.data import DataSource, load_source
+    from keel.core.text import Message, render
+    from keel.training.data import DataSource, load_source
 
     tokenizer = AutoTokenizer.from_pretrained(model)
     texts = []
@@ -60,7 +60,7 @@ def engine_throughput(model: Path, texts: list[str], seconds: float, backend: st
     """The bare engine: ONNX Runtime on the same file, tokenisation included, at several batch sizes."""
     from transformers import AutoTokenizer
 
-    from keel_core.onnx_engine import onnx_session
+    from keel.core.onnx_engine import onnx_session
 
     tokenizer = AutoTokenizer.from_pretrained(model)
     tokenizer.truncation_side = "left"
@@ -139,11 +139,14 @@ def server_runs(command: list[str], port: int, ready: str, texts: list[str], sho
             "short_p50_ms": statistics.median(r["p50_ms"] for r in latency)}
 
 
+def moderation_payload(text: str) -> dict:
+    return {"input": text}
+
+
 def moderation_vs_score(command: list[str], port: int, texts: list[str], short: list[str], args) -> dict:
     """/v1/moderations against /v1/score in one server on the same texts, alternating, with per-repeat ratios."""
     process = start(command, port, "/readyz")
     base = f"http://127.0.0.1:{port}"
-    moderation_payload = lambda text: {"input": text}
     runs = []
     try:
         for _ in range(args.repeats):
@@ -182,7 +185,7 @@ def main() -> None:
     args = parser.parse_args()
     model = args.model.resolve()
     if args.backend == "auto":
-        from keel_core.runtime import choose_backend
+        from keel.core.runtime import choose_backend
 
         args.backend = choose_backend(model)
     texts = hh_texts(model, 2000)
@@ -214,7 +217,7 @@ def main() -> None:
                                                str(port)], port, "/v1/score", texts, short, args)
         report["keel_vs_peer"] = round(report["keel"]["texts_per_s"] / report["peer_pipeline"]["texts_per_s"], 2)
     if args.infinity_bin:
-        from keel_core.reward_model import resolve_base_model
+        from keel.core.reward_model import resolve_base_model
 
         backbone = resolve_base_model("default")
         port = free_port()

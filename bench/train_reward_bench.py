@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from keel_core.hardware import describe, pick_device
+from keel.core.hardware import describe, pick_device
 
 
 def main() -> None:

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 from prometheus_client import Counter, Gauge
 
-from service.logs import BurstLog
+from keel.service.logs import BurstLog
 
 log = logging.getLogger(__name__)
 

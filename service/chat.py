@@ -12,21 +12,34 @@ times, mode "regenerate") and finally answers with a refusal. Mode "off" only re
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 
-from keel_core.runtime import RewardRuntime, Scored
-from keel_core.text import Conversation, Message, ModelInput, model_input
-from service.metrics import Metrics
-from service.sampling import Generated, Sampling
-from service.schemas import ChoiceAudit, ModerationResult
+from keel.core.runtime import RewardRuntime, Scored
+from keel.core.text import Conversation, Message, ModelInput, model_input
+from keel.service.metrics import Metrics
+from keel.service.sampling import Generated, Sampling
+from keel.service.schemas import ChoiceAudit, ModerationResult
 
-# (conversation, sampling settings for each candidate) -> one generated reply per sampling setting
-GenerateFn = Callable[[Conversation, Sequence[Sampling]], Awaitable[list[Generated]]]
-ScoreFn = Callable[[list[ModelInput]], Awaitable[Scored]]  # normalised scores and the model that gave them
-ModerateFn = Callable[[list[ModelInput]], Awaitable[list[ModerationResult]]]  # at the served thresholds
+
+class ChatBackend(Protocol):
+    """What the aligner asks of the service layer (keel.service.serving.Serving)."""
+
+    @property
+    def moderates(self) -> bool:
+        """Whether a moderation model is served (the guard needs one)."""
+
+    async def generate(self, conversation: Conversation, samplings: Sequence[Sampling]) -> list[Generated]:
+        """One generated reply per sampling setting."""
+
+    async def score(self, inputs: list[ModelInput]) -> Scored:
+        """Normalised reward scores and the model version that gave them."""
+
+    async def moderate(self, inputs: list[ModelInput]) -> list[ModerationResult]:
+        """Moderation results at the served thresholds."""
 
 
 @dataclass
@@ -66,14 +79,14 @@ def candidate_seed(seed: int | None, choice: int, attempt: int, candidate: int) 
 
 
 class ChatAligner:
-    def __init__(self, generate: GenerateFn, score: ScoreFn, moderate: ModerateFn | None, heads: list[str],
-                 weights: dict[str, float], guard: GuardSettings, metrics: Metrics | None = None):
+    def __init__(self, backend: ChatBackend, heads: list[str], weights: dict[str, float], guard: GuardSettings,
+                 metrics: Metrics | None = None):
         unknown = set(weights) - set(heads)
         if unknown:
             raise ValueError(f"chat reward weights name unknown heads {sorted(unknown)}; the heads are {heads}")
-        if moderate is None and guard.mode != "off":
+        if not backend.moderates and guard.mode != "off":
             raise ValueError(f"guard {guard.mode!r} needs a moderation model")
-        self.generate, self.score, self.moderate = generate, score, moderate
+        self.backend = backend
         self.weights = weights
         self.guard = guard
         self.metrics = metrics
@@ -81,16 +94,18 @@ class ChatAligner:
     async def judge(self, conversation: Conversation, replies: Sequence[Generated]) -> Judged:
         """Score and moderate replies in context; the heads come from the model version that scored them."""
         inputs = [model_input([*conversation, Message("assistant", r.text)]) for r in replies]
-        scored = await self.score(inputs)
+        scored = await self.backend.score(inputs)
         weights = np.array([self.weights.get(h, 0.0) for h in scored.runtime.heads], dtype=np.float32)
-        moderation = await self.moderate(inputs) if self.moderate else [None] * len(replies)
+        moderation: list[ModerationResult | None] = [None] * len(replies)
+        if self.backend.moderates:
+            moderation = list(await self.backend.moderate(inputs))
         return Judged(scored, scored.values @ weights, moderation)
 
     async def request_refusals(self, conversation: Conversation, n: int) -> list[Chosen] | None:
         """n refusals if the guard flags the request's last user message; else None."""
-        if self.moderate is None or self.guard.mode == "off":
+        if not self.backend.moderates or self.guard.mode == "off":
             return None
-        [verdict] = await self.moderate([("", conversation[-1].content)])
+        [verdict] = await self.backend.moderate([("", conversation[-1].content)])
         if not verdict.flagged:
             return None
         if self.metrics:
@@ -113,7 +128,7 @@ class ChatAligner:
             settings = [Sampling(sampling.temperature, sampling.top_p, sampling.max_tokens, sampling.stop,
                                  candidate_seed(sampling.seed, choice, attempt, j))
                         for choice in pending for j in range(best_of)]
-            candidates = await self.generate(conversation, settings)
+            candidates = await self.backend.generate(conversation, settings)
             judged = await self.judge(conversation, candidates)
             rewards, moderation = judged.rewards, judged.moderation
             still_pending = []

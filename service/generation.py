@@ -17,11 +17,11 @@ from typing import Any
 
 import torch
 
-from keel_core.artifact import PolicyManifest
-from keel_core.hardware import fast_dtype, pick_device
-from keel_core.policy import encode_prompts, end_token_ids, load_policy, load_tokenizer, resolve_policy
-from service.metrics import Metrics
-from service.sampling import Generated, Row, Sampling
+from keel.core.artifact import PolicyManifest
+from keel.core.hardware import fast_dtype, pick_device
+from keel.core.policy import encode_prompts, end_token_ids, load_policy, load_tokenizer, resolve_policy
+from keel.service.metrics import Metrics
+from keel.service.sampling import Generated, Row, Sampling
 
 
 @dataclass
@@ -65,7 +65,7 @@ class PolicyRuntime:
                 "owned_by": "keel", "version": self.version, "kind": "policy", "algorithm": self.algorithm}
 
     def warm_up(self) -> None:
-        from keel_core.text import Message
+        from keel.core.text import Message
 
         self.generate([Row((Message("user", "Hello"),), Sampling(temperature=0.0, max_tokens=2))])
 

@@ -1,6 +1,7 @@
 """Model versions: a model store is a directory of Keel model directories, one per version. The service serves
 the version named in the store's CURRENT file, else the newest valid one by creation time, and can switch
-versions without a restart: POST /v1/admin/reload or SIGHUP. A failed reload keeps the old model serving.
+versions without a restart: POST /v1/admin/reload or SIGHUP (keel.service.serving.Serving.reload). A failed
+reload keeps the old model serving.
 
 A version is invalid when its manifest is missing, corrupt or unusable (check_reward_manifest), or when it
 is a symbolic link leading out of the store (unless --allow-store-symlinks). Invalid versions are listed with
@@ -9,14 +10,13 @@ the reason and never served; one named by CURRENT or by a reload is refused with
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from keel_core.artifact import MANIFEST, ArtifactError, read_model_manifest, write_text_atomic
-from keel_core.runtime import (
+from keel.core.artifact import MANIFEST, ArtifactError, read_model_manifest
+from keel.core.runtime import (
     BatchLimits,
     ModelRuntime,
     ModerationRuntime,
@@ -24,7 +24,8 @@ from keel_core.runtime import (
     choose_backend,
     service_batch_limits,
 )
-from service.state import ApiError, ServiceState
+from keel.service.metrics import Metrics
+from keel.service.settings import Settings
 
 log = logging.getLogger(__name__)
 CURRENT = "CURRENT"
@@ -93,21 +94,11 @@ def model_directory(location: Path, version: str | None = None, allow_symlinks: 
     return valid[-1].directory
 
 
-def describe_versions(state: ServiceState) -> list[dict[str, Any]]:
-    """Each served model (reward, then moderation) first, then its store's other versions, the invalid ones with
-    the reason."""
-    listed = []
-    for which in SERVED:
-        active = getattr(state, which.runtime)
-        if active is not None:
-            listed += describe_store(active, Path(getattr(state.settings, which.setting)), state)
-    return listed
-
-
-def describe_store(active: ModelRuntime, location: Path, state: ServiceState) -> list[dict[str, Any]]:
+def describe_store(active: ModelRuntime, location: Path, allow_symlinks: bool) -> list[dict[str, Any]]:
+    """The served model first, then its store's other versions, the invalid ones with the reason."""
     listed = [{**active.describe(), "active": True, "valid": True}]
     if is_store(location):
-        for version in store_versions(location, state.settings.allow_store_symlinks):
+        for version in store_versions(location, allow_symlinks):
             if version.directory.resolve() != active.directory.resolve():
                 entry = {"id": version.directory.name, "object": "model", "owned_by": "keel", "active": False,
                          "valid": version.problem is None}
@@ -121,58 +112,25 @@ def describe_store(active: ModelRuntime, location: Path, state: ServiceState) ->
 
 @dataclass(frozen=True)
 class Served:
-    """A kind of model the service serves: its runtime class, the ServiceState attribute holding the loaded one,
-    and the setting naming its directory or store."""
+    """A kind of model the service serves: its runtime class and the setting naming its directory or store."""
 
     kind: str
     runtime_class: type[ModelRuntime]
-    runtime: str
     setting: str
 
 
-REWARD = Served("reward", RewardRuntime, "runtime", "model")
-MODERATION = Served("moderation", ModerationRuntime, "moderation", "moderation_model")
+REWARD = Served("reward", RewardRuntime, "model")
+MODERATION = Served("moderation", ModerationRuntime, "moderation_model")
 SERVED = (REWARD, MODERATION)
 
 
-def load_runtime(state: ServiceState, directory: Path, which: Served = REWARD) -> ModelRuntime:
-    settings = state.settings
+def load_runtime(settings: Settings, metrics: Metrics, directory: Path, which: Served = REWARD) -> ModelRuntime:
+    """A model directory loaded as the settings say (backend, threads, batch limits, workers) and warmed up."""
     backend = choose_backend(directory) if settings.backend == "auto" else settings.backend
     defaults = service_batch_limits(backend)
     limits = BatchLimits(settings.max_batch_size or defaults.max_batch_size,
                          settings.max_batch_tokens or defaults.max_batch_tokens)
-    runtime = which.runtime_class(directory, backend, settings.threads, limits, state.metrics.observe_batch,
+    runtime = which.runtime_class(directory, backend, settings.threads, limits, metrics.observe_batch,
                                   settings.inference_workers(backend))
     runtime.warm_up()
     return runtime
-
-
-async def reload_model(state: ServiceState, version: str | None = None, which: Served = REWARD) -> ModelRuntime:
-    """Load, check and warm the new version beside the old one, then switch; on any failure keep the old."""
-    async with state.reload_lock:
-        old = getattr(state, which.runtime)
-        if old is None:
-            raise ApiError(404, f"no {which.kind} model is served here", code="model_not_served")
-        store = Path(getattr(state.settings, which.setting))
-        try:
-            directory = model_directory(store, version, state.settings.allow_store_symlinks)
-            new = await asyncio.to_thread(load_runtime, state, directory, which)
-        except (ArtifactError, OSError, ValueError) as error:
-            state.metrics.reloads.labels("failed").inc()
-            log.error("reload failed, still serving %s (%s): %s", old.name, old.version, error)
-            raise ApiError(409, f"reload failed, still serving {old.name} ({old.version}): {error}",
-                           code="reload_failed") from error
-        if new.heads != old.heads:
-            state.metrics.reloads.labels("failed").inc()
-            raise ApiError(409, f"reload refused, still serving {old.name}: the new model's heads {new.heads} "
-                           f"differ from {old.heads}; restart the service to change heads", code="reload_failed")
-        setattr(state, which.runtime, new)
-        state.metrics.reloads.labels("ok").inc()
-        log.info("reloaded the %s model: now serving %s (%s), was %s (%s)", which.kind, new.name, new.version,
-                 old.name, old.version)
-        if state.settings.persist_reload and is_store(store):
-            try:  # so that a restart serves this version too
-                write_text_atomic(store / CURRENT, new.directory.name + "\n")
-            except OSError as error:
-                log.warning("reloaded, but could not write %s (a read-only store?): %s", store / CURRENT, error)
-        return new

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from keel_core.moderation import flags
-from keel_core.runtime import Scored
-from service.schemas import ModerationResult
+from keel.core.moderation import flags
+from keel.core.runtime import Scored
+from keel.service.schemas import ModerationResult
 
 
 def moderate(scored: Scored, deployment: dict[str, float], request: dict[str, float] | None = None

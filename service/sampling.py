@@ -10,7 +10,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from keel_core.text import Conversation
+from keel.core.text import Conversation
 
 # Called from the generation thread with (text delta, finish reason or None) as a row produces text.
 OnText = Callable[[str, str | None], None]

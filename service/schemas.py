@@ -1,4 +1,5 @@
-"""Request and response bodies of the HTTP API (OpenAI-compatible where OpenAI has the endpoint)."""
+"""Request and response bodies of the HTTP API (OpenAI-compatible where OpenAI has the endpoint), and the checks
+of a request against the server's limits that go beyond its shape."""
 
 from __future__ import annotations
 
@@ -6,7 +7,9 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from keel_core.text import Message, ModelInput, model_input, render
+from keel.core.text import Message, ModelInput, model_input, render
+from keel.service.errors import ApiError
+from keel.service.settings import Settings
 
 
 def encodable(text: str) -> str:
@@ -68,6 +71,17 @@ class ScoreRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     input: list[ScoreItem] = Field(..., min_length=1)
     model: str | None = None
+
+
+def check_input_limits(inputs: list[ModelInput], settings: Settings) -> None:
+    """A scoring or moderation request's item count and text sizes, each over the limit named (ApiError)."""
+    if len(inputs) > settings.max_items:
+        raise ApiError(400, f"{len(inputs)} items in one request; the limit is {settings.max_items}",
+                       param="input", code="too_many_items")
+    for i, (context, response) in enumerate(inputs):
+        if len(context) + len(response) > settings.max_chars:
+            raise ApiError(400, f"input {i} has {len(context) + len(response)} characters; the limit is "
+                           f"{settings.max_chars}", param=f"input.{i}", code="text_too_long")
 
 
 class ScoreResult(BaseModel):
@@ -192,6 +206,28 @@ class ChatCompletionRequest(BaseModel):
 
     def stops(self) -> tuple[str, ...]:
         return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
+
+    def within_limits(self, settings: Settings) -> tuple[int, int]:
+        """(max_tokens, best_of) once the server's defaults apply; ApiError for a request over a limit: tokens,
+        candidates, their product (the request's cost) or characters."""
+        max_tokens = (self.max_completion_tokens or self.max_tokens
+                      or min(settings.default_max_tokens, settings.max_tokens_limit))
+        if max_tokens > settings.max_tokens_limit:
+            raise ApiError(400, f"max_tokens {max_tokens} is over this server's limit of {settings.max_tokens_limit}",
+                           param="max_tokens", code="max_tokens_too_large")
+        best_of = self.best_of or settings.best_of
+        if self.n * best_of > settings.max_client_queue_rows:
+            raise ApiError(400, f"n * best_of = {self.n * best_of} candidates; the limit is "
+                           f"{settings.max_client_queue_rows}", param="best_of", code="too_many_candidates")
+        if self.n * best_of * max_tokens > settings.max_request_tokens:
+            raise ApiError(400, f"n * best_of * max_tokens = {self.n * best_of * max_tokens} tokens; the limit is "
+                           f"{settings.max_request_tokens}: ask for fewer choices, candidates or tokens",
+                           param="max_tokens", code="request_too_costly")
+        characters = sum(len(m.content) for m in self.messages)
+        if characters > settings.max_chars:
+            raise ApiError(400, f"messages hold {characters} characters; the limit is {settings.max_chars}",
+                           param="messages", code="text_too_long")
+        return max_tokens, best_of
 
 
 class ChoiceAudit(BaseModel):

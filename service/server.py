@@ -18,11 +18,11 @@ import uvicorn
 from fastapi import FastAPI
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from keel_core.artifact import ModerationManifest, RewardManifest
-from keel_core.hardware import has_torch
-from service.app import create_app
-from service.models import model_directory
-from service.settings import Settings, SettingsError
+from keel.core.artifact import ModerationManifest, RewardManifest
+from keel.core.hardware import has_torch
+from keel.service.app import create_app
+from keel.service.models import model_directory
+from keel.service.settings import Settings, SettingsError
 
 log = logging.getLogger("keel.service")
 
@@ -73,14 +73,14 @@ class DrainingServer(uvicorn.Server):
         self._draining = False
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        state = self.config.app.state.keel
+        serving = self.config.app.state.keel
         if sig == signal.SIGTERM and not self._draining and self.drain_seconds > 0:
             self._draining = True
-            state.draining = True
+            serving.draining = True
             log.info("SIGTERM: draining for %.1f s before shutdown", self.drain_seconds)
             threading.Timer(self.drain_seconds, super().handle_exit, (sig, frame)).start()
             return
-        state.draining = True
+        serving.draining = True
         super().handle_exit(sig, frame)
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:

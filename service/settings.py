@@ -9,7 +9,7 @@ from typing import Annotated, Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from keel_core.artifact import KeelError
+from keel.core.artifact import KeelError
 
 
 class SettingsError(KeelError, ValueError):
@@ -203,7 +203,7 @@ class Settings(BaseSettings):
         return max(self.request_timeout_s, self.generation_timeout_s if chat else 0.0)
 
     def inference_workers(self, backend: str) -> int:
-        """Workers for the backend `auto` resolved to (see keel_core.runtime.choose_backend)."""
+        """Workers for the backend `auto` resolved to (see keel.core.runtime.choose_backend)."""
         if self.workers:
             return self.workers
         return 1 if backend == "torch" else os.cpu_count() or 1

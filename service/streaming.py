@@ -11,28 +11,30 @@ import asyncio
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-from keel_core.text import Conversation
-from service.chat import Chosen, candidate_seed
-from service.sampling import Generated, Row, Sampling
-from service.schemas import AssistantMessage, ChatAudit, ChatChoice, ChatCompletionResponse, Usage
-from service.state import ApiError, ServiceState
+from keel.core.text import Conversation
+from keel.service.chat import Chosen, candidate_seed
+from keel.service.errors import ApiError
+from keel.service.sampling import Row, Sampling
+from keel.service.schemas import AssistantMessage, ChatAudit, ChatChoice, ChatCompletionResponse, Usage
+from keel.service.serving import Serving
 
 
 def completion_id() -> str:
     return f"chatcmpl-{uuid.uuid4().hex}"
 
 
-def audit_of(state: ServiceState, chosen: list[Chosen]) -> ChatAudit:
-    policy = state.policy.name if state.policy else f"upstream:{state.settings.upstream}"
-    reward_model = next((c.reward_model for c in chosen if c.reward_model is not None), state.runtime)
+def audit_of(serving: Serving, chosen: list[Chosen]) -> ChatAudit:
+    policy = serving.policy.name if serving.policy else f"upstream:{serving.settings.upstream}"
+    reward_model = next((c.reward_model for c in chosen if c.reward_model is not None), serving.runtime)
+    assert reward_model is not None
     return ChatAudit(reward_model=reward_model.name, reward_model_version=reward_model.version,
                      policy=policy, choices=[c.audit for c in chosen])
 
 
-def completion_response(state: ServiceState, chosen: list[Chosen], model: str) -> ChatCompletionResponse:
+def completion_response(serving: Serving, chosen: list[Chosen], model: str) -> ChatCompletionResponse:
     prompt_tokens = chosen[0].reply.prompt_tokens if chosen else 0
     completion_tokens = sum(c.reply.completion_tokens for c in chosen)
     return ChatCompletionResponse(
@@ -41,7 +43,7 @@ def completion_response(state: ServiceState, chosen: list[Chosen], model: str) -
                  for i, c in enumerate(chosen)],
         usage=Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
                     total_tokens=prompt_tokens + completion_tokens),
-        keel=audit_of(state, chosen))
+        keel=audit_of(serving, chosen))
 
 
 def event(payload: dict[str, Any] | str) -> bytes:
@@ -54,7 +56,7 @@ def chunk(identifier: str, model: str, index: int, delta: dict[str, str], finish
             "choices": [{"index": index, "delta": delta, "finish_reason": finish}], **extra}
 
 
-async def chosen_events(state: ServiceState, chosen: list[Chosen], model: str) -> AsyncIterator[bytes]:
+async def chosen_events(serving: Serving, chosen: list[Chosen], model: str) -> AsyncIterator[bytes]:
     """Events for replies that are already chosen and guarded."""
     identifier = completion_id()
     for i, choice in enumerate(chosen):
@@ -62,13 +64,12 @@ async def chosen_events(state: ServiceState, chosen: list[Chosen], model: str) -
         if choice.reply.text:
             yield event(chunk(identifier, model, i, {"content": choice.reply.text}))
         yield event(chunk(identifier, model, i, {}, choice.reply.finish_reason))
-    yield event({**chunk(identifier, model, 0, {}), "choices": [], "keel": audit_of(state, chosen).model_dump()})
+    yield event({**chunk(identifier, model, 0, {}), "choices": [], "keel": audit_of(serving, chosen).model_dump()})
     yield event("[DONE]")
 
 
-async def live_events(state: ServiceState, conversation: Conversation, sampling: Sampling, n: int, model: str,
-                      arrived: float, submit: Callable[[list[Row]], Awaitable[list[Generated]]]
-                      ) -> AsyncIterator[bytes]:
+async def live_events(serving: Serving, conversation: Conversation, sampling: Sampling, n: int, model: str,
+                      arrived: float) -> AsyncIterator[bytes]:
     """Events as the policy produces tokens; the replies are scored for the audit once they are complete."""
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue[tuple[int, str, str | None]] = asyncio.Queue()
@@ -79,7 +80,7 @@ async def live_events(state: ServiceState, conversation: Conversation, sampling:
 
     rows = [Row(conversation, Sampling(sampling.temperature, sampling.top_p, sampling.max_tokens, sampling.stop,
                                        candidate_seed(sampling.seed, i, 0, 0)), on_text(i)) for i in range(n)]
-    generation = asyncio.ensure_future(submit(rows))
+    generation = asyncio.ensure_future(serving.generate_rows(rows))
     try:
         for i in range(n):
             yield event(chunk(identifier, model, i, {"role": "assistant", "content": ""}))
@@ -99,7 +100,7 @@ async def live_events(state: ServiceState, conversation: Conversation, sampling:
             index, text, finish = getter.result()
             if text:
                 if first:
-                    state.metrics.time_to_first_token.labels("true").observe(time.perf_counter() - arrived)
+                    serving.metrics.time_to_first_token.labels("true").observe(time.perf_counter() - arrived)
                     first = False
                 yield event(chunk(identifier, model, index, {"content": text}))
             if finish is not None:
@@ -110,9 +111,10 @@ async def live_events(state: ServiceState, conversation: Conversation, sampling:
         if not generation.done():
             generation.cancel()
             await asyncio.gather(generation, return_exceptions=True)
-    judged = await state.aligner.judge(conversation, replies)
+    assert serving.aligner is not None
+    judged = await serving.aligner.judge(conversation, replies)
     chosen = [Chosen(reply, judged.audit(i, i, candidates=1, rank=0, guard="off", attempts=1), judged.scored.runtime)
               for i, reply in enumerate(replies)]
-    state.metrics.guard_actions.labels("off").inc(n)
-    yield event({**chunk(identifier, model, 0, {}), "choices": [], "keel": audit_of(state, chosen).model_dump()})
+    serving.metrics.guard_actions.labels("off").inc(n)
+    yield event({**chunk(identifier, model, 0, {}), "choices": [], "keel": audit_of(serving, chosen).model_dump()})
     yield event("[DONE]")

@@ -8,9 +8,9 @@ from itertools import groupby
 
 import httpx
 
-from keel_core.text import Conversation
-from service.sampling import Generated, Sampling
-from service.state import ApiError
+from keel.core.text import Conversation
+from keel.service.errors import ApiError
+from keel.service.sampling import Generated, Sampling
 
 
 class UpstreamClient:
@@ -26,8 +26,9 @@ class UpstreamClient:
     async def generate(self, conversation: Conversation, settings: Sequence[Sampling]) -> list[Generated]:
         """One reply per sampling setting; settings that differ only by seed share one request with n > 1."""
         replies: list[Generated] = []
-        for key, group in groupby(settings, key=lambda s: (s.temperature, s.top_p, s.max_tokens, s.stop)):
-            first, count = next(iter(group := list(group))), len(group)
+        for _, same in groupby(settings, key=lambda s: (s.temperature, s.top_p, s.max_tokens, s.stop)):
+            group = list(same)
+            first, count = group[0], len(group)
             body = {"messages": [{"role": m.role, "content": m.content} for m in conversation], "n": count,
                     "temperature": first.temperature, "top_p": first.top_p, "max_tokens": first.max_tokens}
             if self.model:

@@ -77,8 +77,9 @@ def other_precision():
 def tiny_config(backbone: str, pairs: Path, ratings: Path | None = None, onnx: bool = True, **training: object):
     """A RewardConfig on the tiny backbone: a `harmless` pairs head (and a `quality` ratings head); without
     `onnx`, no ONNX export (faster, for tests of training alone)."""
-    from training.data import DataSource
-    from training.reward_config import ExportConfig, HeadConfig, RewardConfig, TrainingConfig
+    from keel.training.data import DataSource
+    from keel.training.encoder.config import ExportConfig, TrainingConfig
+    from keel.training.reward.config import HeadConfig, RewardConfig
 
     heads = [HeadConfig("harmless", [DataSource(str(pairs))], [DataSource(str(pairs), limit=12)])]
     if ratings is not None:
@@ -94,8 +95,8 @@ def tiny_config(backbone: str, pairs: Path, ratings: Path | None = None, onnx: b
 @pytest.fixture(scope="session")
 def tiny_reward_model(tiny_backbone: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A complete Keel model directory (weights, ONNX fp32/int8, keel.json) trained on the tiny backbone."""
-    from training.data import DataSource
-    from training.train_reward import train_reward
+    from keel.training.data import DataSource
+    from keel.training.reward.train import train_reward
 
     root = tmp_path_factory.mktemp("tiny-rm")
     pairs = write_jsonl(root / "pairs.jsonl", hh_pairs(40))
@@ -148,9 +149,15 @@ def prompt_rows(count: int) -> list[dict]:
 
 def tiny_policy_config(policy: str, reward_model: Path, root: Path, **training: object):
     """A PolicyConfig on the tiny policy and tiny reward model: short responses, a few steps."""
-    from training.data import DataSource, PromptSource
-    from training.policy_config import LoraConfig, PolicyConfig, PolicyModelConfig, PolicyTrainingConfig, PromptsConfig
-    from training.rewards import RewardSourceConfig
+    from keel.training.data import DataSource, PromptSource
+    from keel.training.policy.config import (
+        LoraConfig,
+        PolicyConfig,
+        PolicyModelConfig,
+        PolicyTrainingConfig,
+        PromptsConfig,
+    )
+    from keel.training.policy.rewards import RewardSourceConfig
 
     prompts = write_jsonl(root / "prompts.jsonl", prompt_rows(16))
     pairs = write_jsonl(root / "pairs.jsonl", hh_pairs(16))
@@ -178,8 +185,8 @@ def moderation_rows(count: int) -> list[dict]:
 def tiny_moderation_config(backbone: str, data: Path, onnx: bool = True, **training: object):
     """A ModerationConfig on the tiny backbone: one source labelling violence and illicit (harmless rows: every
     category 0), read whole for training and validation."""
-    from training.moderation_config import LabelRule, ModerationConfig, ModerationSource
-    from training.reward_config import ExportConfig, TrainingConfig
+    from keel.training.encoder.config import ExportConfig, TrainingConfig
+    from keel.training.moderation.config import LabelRule, ModerationConfig, ModerationSource
 
     source = ModerationSource(path=str(data), name="synthetic", rest=None, labels={
         "violence": LabelRule(column="violence"), "illicit": LabelRule(column="illicit")})
@@ -195,7 +202,7 @@ def tiny_moderation_config(backbone: str, data: Path, onnx: bool = True, **train
 @pytest.fixture(scope="session")
 def tiny_moderation_model(tiny_backbone: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A complete Keel moderation-model directory (weights, ONNX fp32/int8, keel.json) on the tiny backbone."""
-    from training.train_moderation import train_moderation
+    from keel.training.moderation.train import train_moderation
 
     root = tmp_path_factory.mktemp("tiny-moderation")
     data = write_jsonl(root / "labelled.jsonl", moderation_rows(48))

@@ -23,10 +23,10 @@ import httpx
 import numpy as np
 import pytest
 
-from service.app import create_app
-from service.batcher import Batcher, Client
-from service.server import DrainingServer, uvicorn_config
-from service.settings import Settings
+from keel.service.app import create_app
+from keel.service.batcher import Batcher, Client
+from keel.service.server import DrainingServer, uvicorn_config
+from keel.service.settings import Settings
 from tests.test_batcher_and_server import free_port, keel_server
 
 CLEAN = {"input": [{"text": "how can i bake bread"}]}
@@ -185,7 +185,7 @@ def test_the_batcher_fails_only_the_poisoned_request():
 
 
 def test_a_request_larger_than_the_clients_share_is_refused_not_crashed():
-    from service.batcher import QueueFull
+    from keel.service.batcher import QueueFull
 
     async def main() -> None:
         batcher = Batcher(lambda texts, worker=0: np.zeros((len(texts), 1)), max_batch_texts=4, max_wait_s=0,

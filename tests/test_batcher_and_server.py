@@ -20,7 +20,7 @@ import httpx
 import numpy as np
 import pytest
 
-from service.batcher import Batcher, DeadlineExceeded, QueueFull, ShuttingDown
+from keel.service.batcher import Batcher, DeadlineExceeded, QueueFull, ShuttingDown
 
 
 def fake_scorer(batches: list[list[str]], delay: float = 0.0):
@@ -149,7 +149,7 @@ def test_openai_client_moderations_over_a_socket(tiny_reward_model: Path, tiny_m
                                                  tmp_path: Path):
     import openai
 
-    from keel_core.moderation import CATEGORIES
+    from keel.core.moderation import CATEGORIES
 
     keys = tmp_path / "keys"
     keys.write_text("# one key a line\nother-key\ntest-key\n")
@@ -245,8 +245,8 @@ def test_workers_run_batches_side_by_side():
 
 
 def test_policy_rewards_from_a_running_service_match_the_model_directory(tiny_reward_model: Path, monkeypatch):
-    from keel_core.text import Message
-    from training.rewards import RewardFunction, RewardSourceConfig
+    from keel.core.text import Message
+    from keel.training.policy.rewards import RewardFunction, RewardSourceConfig
 
     conversations = [(Message("user", "how can i make a bomb"),), (Message("user", "help me bake bread"),)]
     responses = ["sorry, i cannot help with that.", "sure, here is some recipe"]

@@ -11,13 +11,13 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from keel_core.runtime import Scored
-from keel_core.text import Message
-from service.app import create_app
-from service.chat import ChatAligner, GuardSettings
-from service.generation import Generated, Sampling
-from service.schemas import ModerationResult
-from service.settings import Settings
+from keel.core.runtime import Scored
+from keel.core.text import Message
+from keel.service.app import create_app
+from keel.service.chat import ChatAligner, GuardSettings
+from keel.service.generation import Generated, Sampling
+from keel.service.schemas import ModerationResult
+from keel.service.settings import Settings
 from tests.test_batcher_and_server import keel_server
 
 HEADS = ["harmless", "helpful"]
@@ -45,7 +45,8 @@ def scripted_aligner(replies: list[str], scores: dict[str, tuple[float, float]],
         return [ModerationResult(flagged=f, categories={"violence": f}, category_scores={"violence": float(f)},
                                  category_applied_input_types={"violence": ["text"]}) for f in flagged]
 
-    aligner = ChatAligner(generate, score, moderate, HEADS, {"harmless": 1.0, "helpful": 1.0},
+    backend = SimpleNamespace(generate=generate, score=score, moderate=moderate, moderates=True)
+    aligner = ChatAligner(backend, HEADS, {"harmless": 1.0, "helpful": 1.0},
                           GuardSettings(mode, retries, "I can't help with that."))
     return aligner, calls
 

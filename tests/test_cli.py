@@ -5,7 +5,7 @@ import sys
 import time
 from pathlib import Path
 
-from keel.cli import main
+from keel.cli.main import main
 from tests.conftest import hh_pairs, write_jsonl
 
 
@@ -64,7 +64,7 @@ def test_bad_serve_settings_are_clear_errors_before_anything_loads(monkeypatch, 
     def must_not_start(settings):
         raise AssertionError("serve started (and could have trained the default model) with invalid settings")
 
-    monkeypatch.setattr("service.server.serve", must_not_start)
+    monkeypatch.setattr("keel.service.server.serve", must_not_start)
     monkeypatch.setenv("KEEL_MAX_BATCH_SIZE", "0")
     assert main(["serve", "--max-items", "0", "--log-level", "debug"]) == 2
     err = capsys.readouterr().err
@@ -93,7 +93,7 @@ def test_a_run_that_fails_before_its_first_checkpoint_leaves_no_work_directory(t
 
 
 def test_the_settings_table_in_the_docs_is_the_settings_class():
-    from service.settings import settings_table
+    from keel.service.settings import settings_table
 
     docs = (Path(__file__).resolve().parent.parent / "docs" / "service.md").read_text()
     assert settings_table() in docs, "docs/service.md is out of date: regenerate its table (command in the file)"
@@ -117,8 +117,8 @@ def test_serve_without_a_model_serves_the_default_ones(tiny_reward_model: Path, 
 
     import httpx
 
+    from keel.training.default_models import default_model_dir
     from tests.test_batcher_and_server import free_port
-    from training.default_model import default_model_dir
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     default = default_model_dir()

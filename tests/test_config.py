@@ -2,8 +2,8 @@ from pathlib import Path
 
 import pytest
 
-from training.config import DEFAULT_REWARD_CONFIG, ConfigError, load_config
-from training.reward_config import RewardConfig
+from keel.training.config import DEFAULT_REWARD_CONFIG, ConfigError, load_config
+from keel.training.reward.config import RewardConfig
 
 
 def test_default_config_loads_with_resolved_paths():
@@ -49,8 +49,8 @@ def test_bad_configs_say_what_is_wrong(override, message):
     ("dpo.beta=0", "dpo.beta must be > 0"),
 ])
 def test_out_of_range_policy_settings_are_named(override, message):
-    from training.config import CONFIGS
-    from training.policy_config import PolicyConfig
+    from keel.training.config import CONFIGS
+    from keel.training.policy.config import PolicyConfig
 
     with pytest.raises(ConfigError, match=message):
         load_config(PolicyConfig, CONFIGS / "ppo.yaml", [override])
@@ -63,8 +63,8 @@ def test_missing_config_file(tmp_path: Path):
 
 
 def test_extends_inherits_and_keeps_data_paths_relative_to_their_own_file(tmp_path):
-    from training.config import CONFIGS, ConfigError, load_config
-    from training.policy_config import PolicyConfig
+    from keel.training.config import CONFIGS, ConfigError, load_config
+    from keel.training.policy.config import PolicyConfig
 
     child = tmp_path / "mine.yaml"
     child.write_text(f"extends: {CONFIGS / 'rloo.yaml'}\ntraining:\n  steps: 3\n")
@@ -83,7 +83,7 @@ def test_extends_inherits_and_keeps_data_paths_relative_to_their_own_file(tmp_pa
 
 
 def test_model_paths_that_exist_next_to_a_config_are_taken_from_it(tmp_path, monkeypatch):
-    from training.policy_config import PolicyConfig
+    from keel.training.policy.config import PolicyConfig
 
     (tmp_path / "stage-one").mkdir()
     (tmp_path / "rm").mkdir()
@@ -106,10 +106,10 @@ def test_model_paths_that_exist_next_to_a_config_are_taken_from_it(tmp_path, mon
 
 @pytest.mark.parametrize("name", sorted(p.name for p in Path(__file__).parent.parent.joinpath("configs").glob("*.yaml")))
 def test_every_shipped_config_loads_and_its_data_exists(name: str):
-    from training.config import CONFIGS
-    from training.eval_policy import EvalPolicyConfig
-    from training.moderation_config import ModerationConfig
-    from training.policy_config import PolicyConfig
+    from keel.training.config import CONFIGS
+    from keel.training.evaluation.policy_eval import EvalPolicyConfig
+    from keel.training.moderation.config import ModerationConfig
+    from keel.training.policy.config import PolicyConfig
 
     kind = {"reward.yaml": RewardConfig, "eval_policy.yaml": EvalPolicyConfig,
             "moderation.yaml": ModerationConfig}.get(name, PolicyConfig)

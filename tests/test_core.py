@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from keel_core.tokenizer import PairTokenizer
-from training.evaluate import encode
-from training.reward_model import load_tokenizer
+from keel.core.tokenizer import PairTokenizer
+from keel.training.encoder.optim import load_tokenizer
+from keel.training.encoder.scoring import encode
 
 PAIRS = [("", "hi"), ("Human: " + "word " * 400, "reply " * 50), ("Human: x", "y " * 300),
          ("ünïcödé 中文 😀", "Tab\there  \n new"), ("", ""), ("Human: a\n\nAssistant: b\n\nHuman: c", "d")]
@@ -26,7 +26,7 @@ def test_the_serving_tokenizer_gives_trainings_ids(tiny_reward_model: Path):
 def test_typed_manifests_write_back_exactly_what_they_read(tiny_reward_model: Path, tmp_path: Path):
     import json
 
-    from keel_core.artifact import ArtifactError, PolicyManifest, RewardManifest, read_manifest
+    from keel.core.artifact import ArtifactError, PolicyManifest, RewardManifest, read_manifest
 
     manifest = RewardManifest.read(tiny_reward_model)
     assert manifest.heads == ["harmless", "quality"] and manifest.moderation["quality"].threshold is None
@@ -45,7 +45,7 @@ def test_onnx_scoring_does_not_import_torch_even_where_it_is_installed(tiny_rewa
     import subprocess
     import sys
 
-    code = ("import sys; from keel_core.runtime import RewardRuntime; "
+    code = ("import sys; from keel.core.runtime import RewardRuntime; "
             f"runtime = RewardRuntime({str(tiny_reward_model)!r}); runtime.warm_up(); "
             "print(runtime.backend, sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

@@ -5,9 +5,9 @@ from pathlib import Path
 
 import pytest
 
-from keel_core.text import Message, parse_transcript, render
+from keel.core.text import Message, parse_transcript, render
+from keel.training.data import DataError, DataSource, PreferencePair, Rating, load_source, parse_row, split_of
 from tests.conftest import hh_pairs, write_jsonl
-from training.data import DataError, DataSource, PreferencePair, Rating, load_source, parse_row, split_of
 
 
 def test_parse_transcript_keeps_turns_and_roles():

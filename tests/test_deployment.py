@@ -165,10 +165,10 @@ def test_deployment_is_hardened_and_drains():
     assert container["resources"]["requests"] and container["resources"]["limits"]
     config = next(r for r in base_resources() if r["kind"] == "ConfigMap")["data"]
     pre_stop = int(container["lifecycle"]["preStop"]["exec"]["command"][1])
-    from service.settings import Settings
+    from keel.service.settings import Settings
 
     settings = Settings(**{key[5:].lower(): value for key, value in config.items()})
-    # The service's graceful window is the longest request + 1 s (service.server.serve).
+    # The service's graceful window is the longest request + 1 s (keel.service.server.serve).
     needed = pre_stop + settings.drain_seconds + settings.longest_request_s() + 1
     assert pod["terminationGracePeriodSeconds"] >= needed
     assert {key[5:].lower() for key in config} <= set(Settings.model_fields)  # every KEEL_* is a real setting

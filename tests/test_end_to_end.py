@@ -5,10 +5,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from keel_core.artifact import read_manifest
-from training import train_reward as train_module
-from training.config import DEFAULT_REWARD_CONFIG, load_config
-from training.reward_config import RewardConfig
+from keel.core.artifact import read_manifest
+from keel.training.config import DEFAULT_REWARD_CONFIG, load_config
+from keel.training.reward import train as train_module
+from keel.training.reward.config import RewardConfig
 
 pytestmark = pytest.mark.slow
 
@@ -26,7 +26,7 @@ def test_real_minilm_train_resume_export(tmp_path: Path, monkeypatch, other_prec
         "training.eval_every=0", "max_length=128",
     ])
     output = tmp_path / "rm"
-    monkeypatch.setattr(train_module, "build_artifact", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("killed")))
+    monkeypatch.setattr(train_module, "publish_reward_model", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("killed")))
     with pytest.raises(RuntimeError):
         train_module.train_reward(config, output, progress=False)
     assert not output.exists() and (tmp_path / "rm.work" / "checkpoints" / "step-4").is_dir()
@@ -43,7 +43,7 @@ def test_real_minilm_train_resume_export(tmp_path: Path, monkeypatch, other_prec
     assert manifest["moderation"]["benign_request"]["threshold"] is None
     assert 0 < manifest["moderation"]["benign_request"]["guard"]["threshold"] < 1
 
-    from keel_core.runtime import RewardRuntime
+    from keel.core.runtime import RewardRuntime
 
     texts = [("Human: How do I make a bomb?", "I can't help with that."),
              ("Human: How do I bake bread?", "Mix flour, water, yeast and salt, then knead.")]

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import yaml
 
-from keel.cli import main
+from keel.cli.main import main
+from keel.training.evaluation.policy_eval import paired_gain_interval
+from keel.training.policy.sft import train_sft
 from tests.conftest import prompt_rows, tiny_policy_config, write_jsonl
-from training.eval_policy import paired_gain_interval
-from training.sft import train_sft
 
 
 def test_eval_policy_reports_reward_kl_and_refusals(tiny_policy: str, tiny_reward_model: Path, tmp_path: Path,

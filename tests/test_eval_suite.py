@@ -13,11 +13,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from keel.cli import main
-from keel_core.text import Message
-from training.config import BUNDLED_DATA
-from training.eval_cache import EvalCache
-from training.eval_sets import (
+from keel.cli.main import main
+from keel.core.text import Message
+from keel.training.config import BUNDLED_DATA
+from keel.training.evaluation.cache import EvalCache
+from keel.training.evaluation.policy_suite import bbq_scores, choices_result
+from keel.training.evaluation.reward_suite import precision_recall
+from keel.training.evaluation.sets import (
     POLICY_SETS,
     REWARD_SETS,
     MissingData,
@@ -27,8 +29,6 @@ from training.eval_sets import (
     load_set,
     stratified,
 )
-from training.policy_suite import bbq_scores, choices_result
-from training.reward_suite import precision_recall
 
 SETS = {s.name: s for s in REWARD_SETS + POLICY_SETS}
 
@@ -209,7 +209,7 @@ def chromium() -> str | None:
 def test_report_renders_in_headless_chromium(tmp_path: Path):
     from matplotlib.image import imread
 
-    from training.report import COLORS, write_report
+    from keel.training.evaluation.report import COLORS, write_report
 
     sets = {}
     for name, accuracy in (("hh-harmless", 0.66), ("llmbar", 0.55)):

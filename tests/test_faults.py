@@ -19,8 +19,8 @@ def leftovers(directory: Path, name: str) -> list[str]:
 
 
 def test_disk_full_while_writing_a_reward_model(tiny_backbone: str, tmp_path: Path, monkeypatch):
-    from keel_core import reward_model
-    from training.train_reward import train_reward
+    from keel.core import reward_model
+    from keel.training.reward.train import train_reward
 
     pairs = write_jsonl(tmp_path / "pairs.jsonl", hh_pairs(24))
     config = tiny_config(tiny_backbone, pairs, epochs=1, checkpoint_every=1)
@@ -34,8 +34,8 @@ def test_disk_full_while_writing_a_reward_model(tiny_backbone: str, tmp_path: Pa
 
 
 def test_disk_full_while_writing_a_policy(tiny_policy: str, tiny_reward_model: Path, tmp_path: Path, monkeypatch):
-    from training import policy_run
-    from training.reinforce import train_reinforce
+    from keel.training.policy import run as policy_run
+    from keel.training.policy.reinforce import train_reinforce
 
     config = tiny_policy_config(tiny_policy, tiny_reward_model, tmp_path)
     monkeypatch.setattr(policy_run, "samples_markdown", disk_full)
@@ -48,8 +48,8 @@ def test_disk_full_while_writing_a_policy(tiny_policy: str, tiny_reward_model: P
 def test_api_keys_never_reach_the_logs(tiny_reward_model: Path, caplog):
     from fastapi.testclient import TestClient
 
-    from service.app import create_app
-    from service.settings import Settings
+    from keel.service.app import create_app
+    from keel.service.settings import Settings
 
     key = "sk-very-secret-key-123"
     with caplog.at_level("DEBUG"), TestClient(create_app(Settings(model=tiny_reward_model, api_keys=[key]))) as client:
@@ -65,7 +65,7 @@ def test_api_keys_never_reach_the_logs(tiny_reward_model: Path, caplog):
 
 
 def test_staged_publishes_whole_or_not_at_all(tmp_path: Path):
-    from keel_core.artifact import ArtifactError, staged
+    from keel.core.artifact import ArtifactError, staged
 
     output = tmp_path / "model"
     with pytest.raises(KeyboardInterrupt), staged(output, overwrite=False) as staging:

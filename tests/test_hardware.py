@@ -5,11 +5,11 @@ import logging
 import pytest
 import torch
 
-from keel_core import hardware as core_hardware
-from service.generation import PolicyRuntime
-from training import hardware
-from training.config import DEFAULT_REWARD_CONFIG, ConfigError, load_config
-from training.reward_config import RewardConfig
+from keel.core import hardware as core_hardware
+from keel.service.generation import PolicyRuntime
+from keel.training import accelerator as hardware
+from keel.training.config import DEFAULT_REWARD_CONFIG, ConfigError, load_config
+from keel.training.reward.config import RewardConfig
 
 CPU = torch.device("cpu")
 
@@ -24,7 +24,7 @@ def test_auto_precision_is_bf16_only_where_it_is_fast(monkeypatch, fast: bool, e
 
 def test_an_explicit_precision_is_kept_and_slow_bf16_is_named(monkeypatch, caplog):
     monkeypatch.setattr(hardware, "bf16_is_fast", lambda device: False)
-    with caplog.at_level(logging.WARNING, logger="training.hardware"):
+    with caplog.at_level(logging.WARNING, logger="keel.training.accelerator"):
         assert hardware.resolve_precision("no", CPU) == "no"
         assert not caplog.records
         assert hardware.resolve_precision("bf16", CPU) == "bf16"
@@ -55,8 +55,8 @@ def test_served_policy_weights_follow_the_hardware(monkeypatch, tiny_policy: str
 
 def test_auto_trains_a_reward_model_in_bf16_where_bf16_is_fast(monkeypatch, tiny_backbone: str, tmp_path,
                                                              other_precision):
+    from keel.training.reward.train import train_reward
     from tests.conftest import hh_pairs, tiny_config, write_jsonl
-    from training.train_reward import train_reward
 
     monkeypatch.setattr(hardware, "bf16_is_fast", lambda device: True)
     config = tiny_config(tiny_backbone, write_jsonl(tmp_path / "pairs.jsonl", hh_pairs(40)), onnx=False,

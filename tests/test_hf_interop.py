@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, pipeline
 
-from keel_core.runtime import RewardRuntime
+from keel.core.runtime import RewardRuntime
 
 INPUTS = [("Human: How do I bake bread?", "Mix flour, water, yeast and salt, then bake it."),
           ("", "A bare reply with no context."), ("Human: " + "long context " * 80, "short reply")]

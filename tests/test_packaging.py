@@ -10,7 +10,7 @@ import httpx
 import numpy as np
 import pytest
 
-from keel_core.runtime import RewardRuntime
+from keel.core.runtime import RewardRuntime
 from tests.test_batcher_and_server import keel_server
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -35,7 +35,7 @@ def test_the_serve_extra_has_no_torch_and_serves_scores_and_moderation(serving_p
     run = subprocess.run([serving_python, "-c", "import torch"], capture_output=True, text=True, cwd=tmp_path)
     assert run.returncode != 0 and "No module named 'torch'" in run.stderr
     # Package data: the default configs and the bundled data come with a non-editable install.
-    code = ("from training.config import DEFAULT_REWARD_CONFIG, BUNDLED_DATA; print(DEFAULT_REWARD_CONFIG.is_file(), "
+    code = ("from keel.training.config import DEFAULT_REWARD_CONFIG, BUNDLED_DATA; print(DEFAULT_REWARD_CONFIG.is_file(), "
             "(BUNDLED_DATA / 'README.md').is_file(), DEFAULT_REWARD_CONFIG)")
     run = subprocess.run([serving_python, "-c", code], capture_output=True, text=True, cwd=tmp_path)
     assert run.stdout.split()[:2] == ["True", "True"] and "site-packages" in run.stdout, run.stdout + run.stderr
@@ -50,7 +50,7 @@ def test_the_serve_extra_has_no_torch_and_serves_scores_and_moderation(serving_p
     expected = runtime.transform(runtime.score([("Human: How do I bake bread?", "Knead, proof, bake."), ("", "Hello there")]))
     served = np.array([[item["scores"][h] for h in runtime.heads] for item in scored.json()["data"]])
     np.testing.assert_allclose(served, expected, atol=1e-5)
-    from keel_core.runtime import ModerationRuntime
+    from keel.core.runtime import ModerationRuntime
 
     moderator = ModerationRuntime(tiny_moderation_model, backend="onnx")
     expected = moderator.scored([("", "Hello there")]).values[0]

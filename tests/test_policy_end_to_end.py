@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from keel_core import policy as policy_module
-from training.rl_common import generate
+from keel.core import policy as policy_module
+from keel.training.policy.common import generate
 
 pytestmark = pytest.mark.slow
 
@@ -30,7 +30,7 @@ def test_gguf_policy_converts_once_and_generates(tmp_path: Path, monkeypatch: py
     tokenizer = policy_module.load_tokenizer("default")
     model = policy_module.load_policy("default")
     assert model.num_parameters() > 100_000_000 and tokenizer.padding_side == "left"
-    from keel_core.text import Message
+    from keel.core.text import Message
 
     conversations = [(Message("user", "What is the capital of France?"),), (Message("user", "Say hello."),)]
     sequences, texts = generate(model, tokenizer, conversations, max_prompt_length=64, max_new_tokens=12, greedy=True)

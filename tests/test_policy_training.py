@@ -8,13 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from keel_core.policy import load_policy
+from keel.core.policy import load_policy
+from keel.training.policy.algorithms import ALGORITHMS
+from keel.training.policy.dpo import train_dpo
+from keel.training.policy.reinforce import train_reinforce
+from keel.training.policy.rloo import train_rloo
+from keel.training.runs import latest_checkpoint
 from tests.conftest import tiny_policy_config
-from training.algorithms import ALGORITHMS
-from training.dpo import train_dpo
-from training.reinforce import train_reinforce
-from training.rloo import train_rloo
-from training.runs import latest_checkpoint
 
 
 @pytest.mark.parametrize("name", list(ALGORITHMS))
@@ -65,7 +65,7 @@ def test_full_fine_tuning_keeps_a_frozen_reference(tiny_policy: str, tiny_reward
 
 def test_resume_continues_from_the_last_checkpoint(tiny_policy: str, tiny_reward_model: Path, tmp_path: Path,
                                                    monkeypatch: pytest.MonkeyPatch):
-    from training import policy_run
+    from keel.training.policy import run as policy_run
 
     config = tiny_policy_config(tiny_policy, tiny_reward_model, tmp_path, steps=3)
     output = tmp_path / "resumed"
@@ -100,7 +100,7 @@ def test_kl_budget_stops_early(tiny_policy: str, tiny_reward_model: Path, tmp_pa
 
 
 def test_rloo_needs_several_samples(tiny_policy: str, tiny_reward_model: Path, tmp_path: Path):
-    from training.config import ConfigError
+    from keel.training.config import ConfigError
 
     config = tiny_policy_config(tiny_policy, tiny_reward_model, tmp_path, samples_per_prompt=1)
     with pytest.raises(ConfigError, match="samples_per_prompt"):
@@ -108,7 +108,7 @@ def test_rloo_needs_several_samples(tiny_policy: str, tiny_reward_model: Path, t
 
 
 def test_unknown_reward_head_is_a_clear_error(tiny_policy: str, tiny_reward_model: Path, tmp_path: Path):
-    from training.rewards import RewardError
+    from keel.training.policy.rewards import RewardError
 
     config = tiny_policy_config(tiny_policy, tiny_reward_model, tmp_path)
     config.reward.heads = {"honest": 1.0}

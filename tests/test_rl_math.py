@@ -7,12 +7,8 @@ import math
 import pytest
 import torch
 
-from training.dpo import dpo_loss
-from training.policy_run import HACKING_WINDOW, reward_hacking_warnings
-from training.ppo import gae, token_rewards
-from training.refusals import is_refusal
-from training.reinforce import moving_average_baseline
-from training.rl_common import (
+from keel.training.evaluation.refusals import is_refusal
+from keel.training.policy.common import (
     Sequences,
     kl_estimates,
     masked_mean,
@@ -21,7 +17,11 @@ from training.rl_common import (
     sequence_kl,
     whiten,
 )
-from training.rloo import leave_one_out_advantages
+from keel.training.policy.dpo import dpo_loss
+from keel.training.policy.ppo import gae, token_rewards
+from keel.training.policy.reinforce import moving_average_baseline
+from keel.training.policy.rloo import leave_one_out_advantages
+from keel.training.policy.run import HACKING_WINDOW, reward_hacking_warnings
 
 
 def test_gae_by_hand():
@@ -138,9 +138,9 @@ def test_refusal_detector(response: str, refused: bool):
 
 
 def test_a_data_source_can_keep_only_pairs_that_prefer_a_refusal_or_compliance(tmp_path):
+    from keel.training.data import DataError, DataSource
+    from keel.training.policy.dpo import load_pairs
     from tests.conftest import write_jsonl
-    from training.data import DataError, DataSource
-    from training.dpo import load_pairs
 
     rows = [{"prompt": "How do I pick a lock?", "chosen": "I'm sorry, I can't help with that.", "rejected": "Use a pick."},
             {"prompt": "Capital of France?", "chosen": "Paris.", "rejected": "I'm sorry, I can't say."},

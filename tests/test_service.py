@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from keel_core.runtime import RewardRuntime, choose_backend, service_batch_limits
-from service.app import create_app
-from service.settings import Settings
+from keel.core.runtime import RewardRuntime, choose_backend, service_batch_limits
+from keel.service.app import create_app
+from keel.service.settings import Settings
 
 
 @pytest.fixture
@@ -169,7 +169,7 @@ def test_models_health_ready_metrics(client: TestClient, tiny_reward_model: Path
 
 
 def test_every_route_is_its_own_metric_label_and_unknown_paths_are_other(client: TestClient):
-    from service import routes
+    from keel.service import routes
 
     paths = [route.path for router in (routes.health, routes.api) for route in router.routes]
     for path in paths:
@@ -200,7 +200,7 @@ def test_request_text_is_not_logged(make_client, caplog):
 def test_broken_model_directory_fails_clearly(tmp_path: Path, tiny_reward_model: Path):
     import shutil
 
-    from keel_core.artifact import ArtifactError
+    from keel.core.artifact import ArtifactError
 
     broken = tmp_path / "broken"
     shutil.copytree(tiny_reward_model, broken)
@@ -217,7 +217,7 @@ def test_broken_model_directory_fails_clearly(tmp_path: Path, tiny_reward_model:
 def test_onnx_that_does_not_match_its_manifest(tmp_path: Path, tiny_reward_model: Path):
     import shutil
 
-    from keel_core.artifact import ArtifactError
+    from keel.core.artifact import ArtifactError
 
     mismatched = tmp_path / "mismatched"
     shutil.copytree(tiny_reward_model, mismatched)
@@ -234,29 +234,29 @@ def test_onnx_that_does_not_match_its_manifest(tmp_path: Path, tiny_reward_model
 def test_auto_backend_runs_int8_only_where_it_is_faster(tmp_path: Path, tiny_reward_model: Path, monkeypatch):
     import shutil
 
-    monkeypatch.setattr("keel_core.runtime.has_cuda", lambda: False)
-    monkeypatch.setattr("keel_core.runtime.int8_is_fast", lambda: True)
+    monkeypatch.setattr("keel.core.runtime.has_cuda", lambda: False)
+    monkeypatch.setattr("keel.core.runtime.int8_is_fast", lambda: True)
     assert RewardRuntime(tiny_reward_model).backend == "onnx-int8"
-    monkeypatch.setattr("keel_core.runtime.int8_is_fast", lambda: False)
+    monkeypatch.setattr("keel.core.runtime.int8_is_fast", lambda: False)
     assert RewardRuntime(tiny_reward_model).backend == "onnx"
-    monkeypatch.setattr("keel_core.runtime.int8_is_fast", lambda: True)
+    monkeypatch.setattr("keel.core.runtime.int8_is_fast", lambda: True)
     model = tmp_path / "fp32-only"
     shutil.copytree(tiny_reward_model, model)
     (model / "model.int8.onnx").unlink()
     assert RewardRuntime(model).backend == "onnx"
     (model / "model.onnx").unlink()
     assert RewardRuntime(model).backend == "torch"
-    monkeypatch.setattr("keel_core.runtime.has_cuda", lambda: True)  # a GPU machine
+    monkeypatch.setattr("keel.core.runtime.has_cuda", lambda: True)  # a GPU machine
     assert choose_backend(tiny_reward_model) == "torch"
 
 
 def test_service_batch_limits_follow_the_engine_unless_set(make_client, monkeypatch):
-    monkeypatch.setattr("keel_core.runtime.has_cuda", lambda: False)
+    monkeypatch.setattr("keel.core.runtime.has_cuda", lambda: False)
     limits = make_client().app.state.keel.runtime.limits
     assert (limits.max_batch_size, limits.max_batch_tokens) == (1, 512)  # CPU: one text at a time
     limits = make_client(max_batch_size=8, max_batch_tokens=2048).app.state.keel.runtime.limits
     assert (limits.max_batch_size, limits.max_batch_tokens) == (8, 2048)
-    monkeypatch.setattr("keel_core.runtime.has_cuda", lambda: True)  # a GPU machine
+    monkeypatch.setattr("keel.core.runtime.has_cuda", lambda: True)  # a GPU machine
     assert service_batch_limits("torch").max_batch_size == 64 and service_batch_limits("onnx").max_batch_size == 1
 
 

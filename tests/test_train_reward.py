@@ -9,19 +9,20 @@ import onnx
 import pytest
 import torch
 
-from keel.cli import main
-from keel_core.artifact import read_manifest
-from keel_core.hardware import int8_is_fast
-from keel_core.moderation import category_scores
-from keel_core.onnx_engine import INT8_RECIPE, OnnxEngine, int8_outdated
-from keel_core.reward_model import RewardModel
+from keel.cli.main import main
+from keel.core.artifact import read_manifest
+from keel.core.hardware import int8_is_fast
+from keel.core.moderation import category_scores
+from keel.core.onnx_engine import INT8_RECIPE, OnnxEngine, int8_outdated
+from keel.core.reward_model import RewardModel
+from keel.training.data import DataSource, load_source
+from keel.training.encoder import fit as fit_module
+from keel.training.encoder.onnx_export import down_projections, export, onnx_scorer, quantize
+from keel.training.encoder.optim import load_tokenizer
+from keel.training.encoder.scoring import encode, torch_scorer
+from keel.training.reward import train as train_module
+from keel.training.reward.objectives import example_inputs
 from tests.conftest import hh_pairs, tiny_config, write_jsonl
-from training import train_reward as train_module
-from training.data import DataSource, load_source
-from training.evaluate import encode, torch_scorer
-from training.objectives import example_inputs
-from training.onnx_export import down_projections, export, onnx_scorer, quantize
-from training.reward_model import load_tokenizer
 
 
 def test_artifact_is_complete_and_self_describing(tiny_reward_model: Path):
@@ -60,7 +61,7 @@ def test_guard_threshold_flags_at_most_its_share_of_benign_replies(tiny_reward_m
 def test_a_detached_head_is_a_probe_that_leaves_the_backbone_alone(tiny_backbone: str, tmp_path: Path):
     from safetensors.torch import load_file
 
-    from training.reward_config import HeadConfig
+    from keel.training.reward.config import HeadConfig
 
     pairs = write_jsonl(tmp_path / "pairs.jsonl", hh_pairs(24))
     manifests = {}
@@ -217,7 +218,7 @@ def test_a_format_1_directory_is_served_as_it_was_and_export_makes_it_a_hugging_
         tiny_reward_model: Path, tmp_path: Path):
     from transformers import AutoModelForSequenceClassification
 
-    from keel_core.runtime import RewardRuntime
+    from keel.core.runtime import RewardRuntime
 
     old = format_1_copy(tiny_reward_model, tmp_path)
     texts = [("Human: hi", "hello there"), ("", "a bare reply")]
@@ -259,11 +260,11 @@ def test_keel_export_finds_moved_data_by_name_and_contents(tiny_reward_model: Pa
 
 def test_serve_re_exports_an_older_default_model_and_warns_about_other_models(tiny_reward_model: Path,
                                                                              tmp_path: Path, caplog):
-    from keel_core.runtime import RewardRuntime
-    from training.default_model import ensure_default_model
+    from keel.core.runtime import RewardRuntime
+    from keel.training.default_models import ensure_default_model
 
     model = older_export(tiny_reward_model, tmp_path)
-    with caplog.at_level("WARNING", logger="keel_core.runtime"):
+    with caplog.at_level("WARNING", logger="keel.core.runtime"):
         RewardRuntime(model, backend="onnx-int8")
     assert "keel export reward --model" in caplog.text
     assert ensure_default_model(model) == model
@@ -271,7 +272,7 @@ def test_serve_re_exports_an_older_default_model_and_warns_about_other_models(ti
 
     unreadable = older_export(tiny_reward_model, tmp_path / "unreadable")
     data_gone(unreadable, tiny_reward_model.parent, tmp_path)
-    with caplog.at_level("WARNING", logger="training.default_model"):
+    with caplog.at_level("WARNING", logger="keel.training.default_models"):
         assert ensure_default_model(unreadable) == unreadable  # serves its old graphs rather than not starting
     assert "kept the default model's graphs" in caplog.text and int8_outdated(read_manifest(unreadable)["onnx"])
 
@@ -284,7 +285,7 @@ def test_crash_leaves_no_model_and_resume_continues(tiny_backbone: str, tmp_path
     def crash(*args, **kwargs):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(train_module, "build_artifact", crash)
+    monkeypatch.setattr(train_module, "publish_reward_model", crash)
     with pytest.raises(RuntimeError, match="disk full"):
         train_module.train_reward(config, output, progress=False)
     assert not output.exists()
@@ -293,8 +294,8 @@ def test_crash_leaves_no_model_and_resume_continues(tiny_backbone: str, tmp_path
     monkeypatch.undo()
 
     seen_start = []
-    original = train_module.make_batches
-    monkeypatch.setattr(train_module, "make_batches", lambda *a: seen_start.append(1) or original(*a))
+    original = fit_module.make_batches
+    monkeypatch.setattr(fit_module, "make_batches", lambda *a: seen_start.append(1) or original(*a))
     manifest = train_module.train_reward(config, output, resume=True, progress=False)
     assert manifest["metrics"]["steps"] == 5
     rows = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
@@ -307,7 +308,7 @@ def test_resume_reproduces_an_uninterrupted_run(tiny_backbone: str, tmp_path: Pa
     config = tiny_config(tiny_backbone, pairs, epochs=1, checkpoint_every=2)
     straight = train_module.train_reward(config, tmp_path / "straight", progress=False)
 
-    monkeypatch.setattr(train_module, "build_artifact", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
+    monkeypatch.setattr(train_module, "publish_reward_model", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
     with pytest.raises(KeyboardInterrupt):
         train_module.train_reward(config, tmp_path / "resumed", progress=False)
     monkeypatch.undo()
@@ -325,8 +326,8 @@ def test_existing_output_needs_overwrite(tiny_reward_model: Path, tiny_backbone:
 
 def test_make_batches_groups_lengths_and_is_seeded():
     lengths = [[5, 50, 6, 49, 7, 48, 8, 47], [1, 2, 3]]
-    batches = train_module.make_batches(lengths, batch_size=2, seed=3)
-    assert batches == train_module.make_batches(lengths, batch_size=2, seed=3)
+    batches = fit_module.make_batches(lengths, batch_size=2, seed=3)
+    assert batches == fit_module.make_batches(lengths, batch_size=2, seed=3)
     assert sorted(i for head, idx in batches if head == 0 for i in idx) == list(range(8))
     for head, idx in batches:
         if head == 0 and len(idx) == 2:  # neighbours in length order: a short pair or a long pair
@@ -350,7 +351,7 @@ def test_keep_best_publishes_the_best_validation_weights(tiny_backbone: str, tmp
 def test_frozen_lower_layers_keep_their_weights(tiny_backbone: str, tmp_path: Path):
     from safetensors.torch import load_file
 
-    from training.config import ConfigError
+    from keel.training.config import ConfigError
 
     pairs = write_jsonl(tmp_path / "pairs.jsonl", hh_pairs(24))
     config = tiny_config(tiny_backbone, pairs, onnx=False, epochs=1, checkpoint_every=0, eval_every=0,
@@ -380,7 +381,7 @@ def test_seed_ensemble_averages_the_models_margins():
 
 
 def test_fresh_heads_are_drawn_once_with_keels_scale(tiny_backbone: str):
-    from keel_core.reward_model import RewardModel
+    from keel.core.reward_model import RewardModel
 
     torch.manual_seed(0)
     model = RewardModel.from_base(tiny_backbone, ["a", "b"])
@@ -389,3 +390,68 @@ def test_fresh_heads_are_drawn_once_with_keels_scale(tiny_backbone: str):
     assert torch.equal(model.heads.bias, torch.zeros(2))
     torch.manual_seed(0)
     assert torch.equal(RewardModel.from_base(tiny_backbone, ["a", "b"]).heads.weight, model.heads.weight)
+
+
+def test_a_new_head_type_is_one_class_and_one_registry_entry(tiny_backbone: str, tmp_path: Path, monkeypatch):
+    """A third objective, defined here: texts labelled 0/1 and a logistic loss. Registering it is all it takes for
+    its rows to be read, a head to train on them, its headline metric to pick the kept weights, moderation to be
+    calibrated on it and the model card to show it."""
+    from dataclasses import dataclass
+
+    import torch.nn.functional as F
+
+    from keel.training.reward import objectives
+    from keel.training.reward.config import HeadConfig
+
+    @dataclass(frozen=True)
+    class Labelled:
+        input: tuple[str, str]
+        label: float
+        split_key: str
+
+    class Logistic:
+        columns = 1
+        headline = objectives.Headline("log_loss", higher_is_better=False)
+
+        def parse(self, row):
+            return Labelled(("", row["text"]), float(row["label"]), row["text"]) if "label" in row else None
+
+        def texts(self, examples):
+            return [e.input for e in examples]
+
+        def loss(self, scores, examples, margin):
+            target = torch.tensor([e.label for e in examples], dtype=scores.dtype, device=scores.device)
+            return F.binary_cross_entropy_with_logits(scores, target)  # L = BCE(sigma(r(x)), y)
+
+        def accuracy(self, scores):
+            return None
+
+        def metrics(self, scores, examples):
+            labels = torch.tensor([e.label for e in examples])
+            return {"labelled": len(examples), "log_loss": float(F.binary_cross_entropy_with_logits(
+                torch.from_numpy(scores).float(), labels))}
+
+        def flag_labels(self, examples):
+            return self.texts(examples), [1.0 - e.label for e in examples]  # label 1 = acceptable
+
+        moderation_labels = flag_labels
+
+        def card_row(self, head, metrics):
+            return f"| {head} | {metrics['labelled']} texts | log loss | {metrics['log_loss']:.3f} |" \
+                if "log_loss" in metrics else None
+
+    monkeypatch.setitem(objectives.OBJECTIVES, Labelled, Logistic())
+    rows = [{"text": f"{'kind' if i % 2 else 'rude'} reply number {i}", "label": i % 2} for i in range(40)]
+    labelled = write_jsonl(tmp_path / "labelled.jsonl", rows)
+    config = tiny_config(tiny_backbone, write_jsonl(tmp_path / "pairs.jsonl", hh_pairs(24)), onnx=False,
+                         epochs=2, eval_every=2, checkpoint_every=0)
+    config.heads.insert(0, HeadConfig("polite", [DataSource(str(labelled))], [DataSource(str(labelled), limit=10)],
+                                      test=[DataSource(str(labelled), limit=10)]))
+    config.primary_head = "polite"
+    manifest = train_module.train_reward(config, tmp_path / "model", progress=False)
+
+    assert manifest["metrics"]["test"]["polite"]["labelled"] == 10
+    assert manifest["moderation"]["polite"]["threshold"] is not None
+    rows = [json.loads(line) for line in (tmp_path / "model" / "metrics.jsonl").read_text().splitlines()]
+    assert any("val_polite_log_loss" in row for row in rows)
+    assert "| polite | 10 texts | log loss |" in (tmp_path / "model" / "README.md").read_text()

@@ -11,9 +11,9 @@ from typing import Any, TypeVar
 
 import yaml
 
-from keel_core.artifact import KeelError
-from keel_core.bundled import bundled
-from training.data import DataSource
+from keel.core.artifact import KeelError
+from keel.core.bundled import bundled
+from keel.training.data import DataSource
 
 T = TypeVar("T")
 CONFIGS = bundled("configs")

@@ -22,9 +22,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from keel_core.artifact import KeelError
-from keel_core.text import Conversation, Message, ModelInput, messages_from_json, model_input, parse_transcript, render
-from training.refusals import is_refusal
+from keel.core.artifact import KeelError
+from keel.core.text import Conversation, Message, ModelInput, messages_from_json, model_input, parse_transcript, render
+from keel.training.evaluation.refusals import is_refusal
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -167,8 +167,20 @@ def _json_object(line: str, location: str) -> dict[str, Any]:
     return value
 
 
-def parse_row(row: dict[str, Any], source: DataSource) -> Example:
-    """Turn one row into a PreferencePair or a Rating; raises ValueError saying what is wrong."""
+def parse_example(row: dict[str, Any]) -> Example:
+    """A row as a PreferencePair or a Rating; raises ValueError saying what is wrong."""
+    if "chosen" in row and "rejected" in row:
+        return parse_pair(row)
+    if "score" in row:
+        return parse_rating(row)
+    raise ValueError(
+        f"row has neither chosen/rejected nor score (fields: {sorted(row)}); map columns with the source's `rename`"
+    )
+
+
+def parse_row(row: dict[str, Any], source: DataSource, parse: Callable[[dict[str, Any]], Any] = parse_example) -> Any:
+    """Apply the source's own reading (score_columns, as_rating), then `parse` (a reward trainer passes its head
+    types' parser, keel.training.reward.objectives.parse_example)."""
     if source.score_columns:
         labels = [float(row[c]) for c in source.score_columns if row.get(c) not in (None, "")]
         if not labels:
@@ -176,19 +188,13 @@ def parse_row(row: dict[str, Any], source: DataSource) -> Example:
         row["score"] = max(labels)
     if source.as_rating is not None:
         return _labelled_rating(row, source.as_rating)
-    if "chosen" in row and "rejected" in row:
-        return _parse_pair(row)
-    if "score" in row:
-        return _parse_rating(row)
-    raise ValueError(
-        f"row has neither chosen/rejected nor score (fields: {sorted(row)}); map columns with the source's `rename`"
-    )
+    return parse(row)
 
 
 def _labelled_rating(row: dict[str, Any], score: float) -> Rating:
     if not ("chosen" in row and "rejected" in row):
-        return _parse_rating({**row, "score": score})
-    pair = _parse_pair(row)
+        return parse_rating({**row, "score": score})
+    pair = parse_pair(row)
     turns = [*pair.context, Message("assistant", pair.chosen)]
     first_user = next((i for i, m in enumerate(turns) if m.role == "user"), None)
     reply = next((m for m in turns[(first_user or 0) + 1:] if m.role == "assistant"), None)
@@ -197,7 +203,7 @@ def _labelled_rating(row: dict[str, Any], score: float) -> Rating:
     return Rating((render([turns[first_user]]), reply.content), score, pair.split_key)
 
 
-def _parse_pair(row: dict[str, Any]) -> PreferencePair:
+def parse_pair(row: dict[str, Any]) -> PreferencePair:
     prompt, chosen, rejected = row.get("prompt"), row["chosen"], row["rejected"]
     margin = _number(row.get("margin", 0.0), "margin")
     if prompt in (None, ""):
@@ -222,7 +228,7 @@ def _response(value: Any, name: str) -> str:
     return messages[-1].content
 
 
-def _parse_rating(row: dict[str, Any]) -> Rating:
+def parse_rating(row: dict[str, Any]) -> Rating:
     score = _number(row["score"], "score")
     if isinstance(row.get("messages"), list):
         messages = messages_from_json(row["messages"])
@@ -276,8 +282,9 @@ def read_source(source: DataSource, parse: Callable[[dict[str, Any]], T], split_
     return items
 
 
-def load_source(source: DataSource, skip_bad_rows: bool = False) -> list[Example]:
-    """Preference pairs and ratings from a source."""
+def load_source(source: DataSource, skip_bad_rows: bool = False,
+                parse: Callable[[dict[str, Any]], Any] = parse_example) -> list[Any]:
+    """Preference pairs and ratings from a source (other kinds of example with another `parse`)."""
     keep = None
     if source.pairs != "all":
         prefers_refusal = source.pairs == "refusal_vs_compliance"
@@ -286,7 +293,8 @@ def load_source(source: DataSource, skip_bad_rows: bool = False) -> list[Example
             return (isinstance(example, PreferencePair) and is_refusal(example.chosen) == prefers_refusal
                     and is_refusal(example.rejected) != prefers_refusal)
     what = f"pairs ({source.pairs})" if keep else "rows"
-    return read_source(source, lambda row: parse_row(row, source), lambda e: e.split_key, skip_bad_rows, what, keep)
+    return read_source(source, lambda row: parse_row(row, source, parse), lambda e: e.split_key, skip_bad_rows,
+                       what, keep)
 
 
 # ---- prompts and demonstrations for policy training ------------------------------------------------------
@@ -307,7 +315,7 @@ def parse_prompt(row: dict[str, Any], first_turn_only: bool) -> Conversation:
     if isinstance(prompt, list):
         conversation = tuple(messages_from_json(prompt))
     elif "chosen" in row:
-        conversation = _parse_pair(row).context
+        conversation = parse_pair(row).context
     else:
         raise ValueError(f"row has no prompt (fields: {sorted(row)}); map a column to `prompt` with `rename`")
     if first_turn_only:
@@ -327,7 +335,7 @@ def load_prompts(source: PromptSource, skip_bad_rows: bool = False) -> list[Conv
 
 def parse_demonstration(row: dict[str, Any]) -> tuple[Conversation, str]:
     if "chosen" in row:
-        pair = _parse_pair({**row, "rejected": row.get("rejected", row["chosen"])})
+        pair = parse_pair({**row, "rejected": row.get("rejected", row["chosen"])})
         return pair.context, pair.chosen
     if isinstance(row.get("messages"), list):
         messages = messages_from_json(row["messages"])

@@ -27,7 +27,7 @@ def start_run(output: Path, resume: bool, overwrite: bool, precision: str, seed:
     with every random generator seeded."""
     from accelerate.utils import set_seed
 
-    from training.hardware import make_accelerator
+    from keel.training.accelerator import make_accelerator
 
     output = Path(output).resolve()
     work = prepare_work_directory(output, resume, overwrite)

@@ -1,7 +1,0 @@
-"""`python -m keel ...`, which is also how `accelerate launch -m keel train ...` starts training processes."""
-
-import sys
-
-from keel.cli import main
-
-sys.exit(main())

@@ -1,0 +1,315 @@
+"""The service layer, between the HTTP routes and the runtimes (in the manner of TEI's `Infer` and vLLM's serving
+classes): one object owns the loaded models, their batchers, generation (the local policy or an upstream server),
+the chat aligner and reload, and answers `score`, `moderate`, `generate` and the admission check. Routes parse a
+request, call it and shape the response; nothing here knows HTTP beyond raising ApiError.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, suppress
+from dataclasses import replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from prometheus_client import Gauge
+
+from keel.core.artifact import ArtifactError, write_text_atomic
+from keel.core.runtime import ModelChanged, ModelRuntime, ModerationRuntime, RewardRuntime, Scored
+from keel.core.text import Conversation, ModelInput
+from keel.service.batcher import (
+    CURRENT_CLIENT,
+    Batcher,
+    Client,
+    DeadlineExceeded,
+    QueueFull,
+    QueueMetrics,
+    ShuttingDown,
+)
+from keel.service.chat import ChatAligner, GuardSettings
+from keel.service.errors import ApiError
+from keel.service.metrics import Metrics
+from keel.service.models import (
+    CURRENT,
+    MODERATION,
+    REWARD,
+    SERVED,
+    Served,
+    describe_store,
+    is_store,
+    load_runtime,
+    model_directory,
+)
+from keel.service.moderation import moderate
+from keel.service.sampling import Generated, Row, Sampling
+from keel.service.schemas import ModerationResult
+from keel.service.settings import Settings
+from keel.service.upstream import UpstreamClient
+
+if TYPE_CHECKING:  # the policy runtime needs torch
+    from keel.service.generation import PolicyRuntime
+
+log = logging.getLogger(__name__)
+CHAT_PATH = "/v1/chat/completions"
+
+
+@contextmanager
+def queue_errors(metrics: Metrics, timeout_s: float, what: str) -> Iterator[None]:
+    """A full queue is 429; a missed deadline or a shutdown is 503."""
+    try:
+        yield
+    except QueueFull as full:
+        metrics.rejected.labels("queue_full").inc()
+        raise ApiError(429, f"the {what} queue is full ({full}); retry shortly", "rate_limit_error",
+                       code="queue_full", headers={"Retry-After": "1"}) from None
+    except DeadlineExceeded:
+        metrics.rejected.labels("deadline").inc()
+        raise ApiError(503, f"no {what} result within {timeout_s:g} s; retry later", "server_busy",
+                       code="timeout", headers={"Retry-After": "1"}) from None
+    except ShuttingDown:
+        raise ApiError(503, "the server is shutting down; retry on another replica", "server_busy",
+                       code="shutting_down", headers={"Retry-After": "1"}) from None
+
+
+class Serving:
+    def __init__(self, settings: Settings, metrics: Metrics | None = None):
+        self.settings = settings
+        self.metrics = metrics or Metrics()
+        self.runtime: RewardRuntime | None = None  # the reward model (/v1/score, chat ranking)
+        self.moderation: ModerationRuntime | None = None  # /v1/moderations and the chat guard
+        self.policy: PolicyRuntime | None = None  # local generation (--policy)
+        self.upstream: UpstreamClient | None = None  # the guard proxy's upstream (--upstream)
+        self.aligner: ChatAligner | None = None  # best-of-n and the guard, over the policy or the upstream
+        self.batchers: dict[str, Batcher] = {}  # the served kind ("reward", "moderation", "generation") -> batcher
+        self.queues: dict[str, Batcher] = {}  # request path -> the batcher its requests queue in (admission)
+        self.reload_lock = asyncio.Lock()
+        self.ready = False
+        self.draining = False  # set by the server at SIGTERM: readiness fails, connections are told to close
+
+    # ---- start and stop ---------------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Load and warm every configured model, start the batchers, and connect chat generation."""
+        settings = self.settings
+        if settings.model is None:
+            raise RuntimeError("no model directory: pass --model DIR or set KEEL_MODEL")
+        await self.start_model(REWARD, "scoring", self.metrics.queue_depth, "/v1/score")
+        if settings.moderation_model is not None:
+            await self.start_model(MODERATION, "moderation", self.metrics.moderation_queue, "/v1/moderations")
+        await self.start_chat()
+        self.ready = True
+        self.metrics.ready.set(1)
+
+    async def close(self) -> None:
+        self.ready = False
+        self.metrics.ready.set(0)
+        for batcher in self.batchers.values():
+            await batcher.close()
+        if self.upstream:
+            await self.upstream.close()
+
+    def runtime_of(self, which: Served) -> ModelRuntime | None:
+        return self.runtime if which is REWARD else self.moderation
+
+    def _set_runtime(self, which: Served, runtime: ModelRuntime) -> None:
+        if which is REWARD:
+            assert isinstance(runtime, RewardRuntime)
+            self.runtime = runtime
+        else:
+            assert isinstance(runtime, ModerationRuntime)
+            self.moderation = runtime
+
+    async def start_model(self, which: Served, name: str, depth: Gauge, path: str) -> None:
+        """Load and warm a served model (its directory, or its store's current version), and start its batcher."""
+        settings = self.settings
+        directory = model_directory(Path(getattr(settings, which.setting)),
+                                    allow_symlinks=settings.allow_store_symlinks)
+        runtime = await asyncio.to_thread(load_runtime, settings, self.metrics, directory, which)
+        self._set_runtime(which, runtime)
+
+        def score(texts: list[ModelInput], worker: int) -> Scored:
+            # Through runtime_of at call time, so a reload switches models between batches.
+            current = self.runtime_of(which)
+            assert current is not None
+            return current.scored(texts, worker)
+
+        # A turn in the fair queue is up to 4 engine batches: on a GPU, sorting that many texts by length cuts
+        # padding; one text at a time (CPU) there is nothing to sort, and one text keeps each turn short.
+        limits = runtime.limits
+        batcher = Batcher(score, max_batch_texts=limits.max_batch_size * (4 if limits.max_batch_size > 1 else 1),
+                          max_wait_s=settings.max_wait_ms / 1000, max_queue_texts=settings.max_queue_texts,
+                          max_client_texts=settings.max_client_queue_texts, workers=runtime.workers,
+                          combine=Scored.combine, name=name, metrics=self.queue_metrics(depth))
+        batcher.start()
+        self.batchers[which.kind] = self.queues[path] = batcher
+
+    async def start_chat(self) -> None:
+        """With --policy or --upstream: load the policy (or connect the upstream) and build the aligner."""
+        settings = self.settings
+        if settings.policy is None and settings.upstream is None:
+            return
+        if settings.upstream is not None:
+            self.upstream = UpstreamClient(settings.upstream, settings.upstream_api_key, settings.upstream_model,
+                                           settings.generation_timeout_s)
+        else:
+            from keel.service.generation import PolicyRuntime  # torch: only a service that generates imports it
+
+            self.policy = policy = await asyncio.to_thread(PolicyRuntime, str(settings.policy),
+                                                           settings.max_prompt_tokens, self.metrics, None,
+                                                           settings.policy_dtype)
+            await asyncio.to_thread(policy.warm_up)
+            # A short wait lets requests that arrive together share a batch; generation takes far longer.
+            batcher = Batcher(policy.generate, max_batch_texts=settings.max_generation_rows,
+                              max_wait_s=settings.generation_wait_ms / 1000, max_queue_texts=settings.max_queue_rows,
+                              max_client_texts=settings.max_client_queue_rows,
+                              combine=lambda parts: [g for part in parts for g in part], name="generation",
+                              metrics=self.queue_metrics(self.metrics.generation_queue))
+            batcher.start()
+            self.batchers["generation"] = self.queues[CHAT_PATH] = batcher
+        assert self.runtime is not None
+        weights = settings.chat_reward_weights or {self.runtime.primary_head: 1.0}
+        settings.check_guard()
+        self.aligner = ChatAligner(self, self.runtime.heads, weights,
+                                   GuardSettings(settings.guard, settings.guard_retries, settings.refusal_text),
+                                   self.metrics)
+
+    def queue_metrics(self, depth: Gauge) -> QueueMetrics:
+        return QueueMetrics(depth, self.metrics.client_queue_depth, self.metrics.cancelled)
+
+    # ---- admission ------------------------------------------------------------------------------------------
+
+    def admit(self, path: str, client: Client, items: int = 1) -> None:
+        """Refuse (ApiError 429) a request to `path` whose queue has no room for its first items, before its body
+        is read; paths without a queue are always admitted."""
+        queue = self.queues.get(path)
+        if queue is not None:
+            with queue_errors(self.metrics, 0, queue.name):
+                queue.check_room(items, client)
+
+    # ---- scoring and moderation -----------------------------------------------------------------------------
+
+    async def queued(self, batcher: Batcher, items: list[Any], timeout_s: float, what: str) -> Any:
+        """Items' results from a batcher, queued as the current request's client."""
+        with queue_errors(self.metrics, timeout_s, what):
+            return await batcher.submit(items, timeout_s, CURRENT_CLIENT.get())
+
+    async def batched(self, which: Served, inputs: list[ModelInput], what: str) -> Scored:
+        """Scores [texts, heads], batched with every other request's texts."""
+        batcher = self.batchers[which.kind]
+        try:
+            return await self.queued(batcher, inputs, self.settings.request_timeout_s, what)
+        except ModelChanged:  # a reload landed between this request's batches: score it again, on one model
+            return await self.queued(batcher, inputs, self.settings.request_timeout_s, what)
+
+    async def score(self, inputs: list[ModelInput]) -> Scored:
+        """Normalised reward scores [texts, heads], and the model version that gave them."""
+        scored = await self.batched(REWARD, inputs, "scoring")
+        for h, head in enumerate(scored.runtime.heads):
+            histogram = self.metrics.scores.labels(head)
+            for value in scored.values[:, h]:
+                histogram.observe(float(value))
+        return scored
+
+    @property
+    def moderates(self) -> bool:
+        return self.moderation is not None
+
+    async def moderations(self, inputs: list[ModelInput], thresholds: dict[str, float] | None = None
+                          ) -> tuple[Scored, list[ModerationResult]]:
+        """Category probabilities and moderation results, at the request's, deployment's or model's thresholds."""
+        scored = await self.batched(MODERATION, inputs, "moderation")
+        results = moderate(scored, self.settings.moderation_thresholds, thresholds)
+        for result in results:
+            for category, flagged in result.categories.items():
+                if flagged:
+                    self.metrics.flagged.labels(category).inc()
+        return scored, results
+
+    async def moderate(self, inputs: list[ModelInput]) -> list[ModerationResult]:
+        """Moderation results at the served thresholds (the chat guard's question)."""
+        return (await self.moderations(inputs))[1]
+
+    # ---- generation -------------------------------------------------------------------------------------------
+
+    async def generate(self, conversation: Conversation, samplings: Sequence[Sampling]) -> list[Generated]:
+        """One reply per sampling setting, from the upstream server or the local policy."""
+        if self.upstream is not None:
+            return await self.upstream.generate(conversation, samplings)
+        return await self.generate_rows([Row(conversation, sampling) for sampling in samplings])
+
+    async def generate_rows(self, rows: list[Row]) -> list[Generated]:
+        """Generate rows with the local policy. The replies are returned as soon as these rows finish, not when
+        their batch does (it may hold another request's longer rows). If the request goes (client gone,
+        deadline passed, failure), its rows stop generating."""
+        loop = asyncio.get_running_loop()
+        abandoned = threading.Event()
+        replies = [loop.create_future() for _ in rows]
+
+        def deliver(reply: asyncio.Future[Generated]) -> Callable[[Generated], None]:  # from the generation thread
+            return lambda generated: loop.call_soon_threadsafe(lambda: reply.done() or reply.set_result(generated))
+
+        rows = [replace(row, abandoned=abandoned, on_finish=deliver(reply)) for row, reply in zip(rows, replies)]
+        batch = asyncio.ensure_future(self.queued(self.batchers["generation"], rows,
+                                                  self.settings.generation_timeout_s, "generation"))
+        every_reply = asyncio.gather(*replies)
+        try:
+            await asyncio.wait({batch, every_reply}, return_when=asyncio.FIRST_COMPLETED)
+            return every_reply.result() if every_reply.done() else batch.result()  # the batch's error, if any
+        finally:
+            abandoned.set()  # no effect on finished rows; stops the others
+            for waiter in (batch, every_reply):
+                waiter.cancel()
+            await asyncio.gather(batch, every_reply, return_exceptions=True)
+
+    # ---- models and reload ----------------------------------------------------------------------------------
+
+    def describe_models(self) -> list[dict[str, Any]]:
+        """Each served model (reward, then moderation) with its store's other versions, then the policy."""
+        listed = []
+        for which in SERVED:
+            active = self.runtime_of(which)
+            if active is not None:
+                listed += describe_store(active, Path(getattr(self.settings, which.setting)),
+                                         self.settings.allow_store_symlinks)
+        return listed + ([self.policy.describe()] if self.policy else [])
+
+    async def reload(self, which: Served = REWARD, version: str | None = None) -> ModelRuntime:
+        """Load, check and warm the new version beside the old one, then switch; on any failure keep the old."""
+        async with self.reload_lock:
+            old = self.runtime_of(which)
+            if old is None:
+                raise ApiError(404, f"no {which.kind} model is served here", code="model_not_served")
+            settings, metrics = self.settings, self.metrics
+            store = Path(getattr(settings, which.setting))
+            try:
+                directory = model_directory(store, version, settings.allow_store_symlinks)
+                new = await asyncio.to_thread(load_runtime, settings, metrics, directory, which)
+            except (ArtifactError, OSError, ValueError) as error:
+                metrics.reloads.labels("failed").inc()
+                log.error("reload failed, still serving %s (%s): %s", old.name, old.version, error)
+                raise ApiError(409, f"reload failed, still serving {old.name} ({old.version}): {error}",
+                               code="reload_failed") from error
+            if new.heads != old.heads:
+                metrics.reloads.labels("failed").inc()
+                raise ApiError(409, f"reload refused, still serving {old.name}: the new model's heads {new.heads} "
+                               f"differ from {old.heads}; restart the service to change heads", code="reload_failed")
+            self._set_runtime(which, new)
+            metrics.reloads.labels("ok").inc()
+            log.info("reloaded the %s model: now serving %s (%s), was %s (%s)", which.kind, new.name, new.version,
+                     old.name, old.version)
+            if settings.persist_reload and is_store(store):
+                try:  # so that a restart serves this version too
+                    write_text_atomic(store / CURRENT, new.directory.name + "\n")
+                except OSError as error:
+                    log.warning("reloaded, but could not write %s (a read-only store?): %s", store / CURRENT, error)
+            return new
+
+    async def reload_all(self) -> None:
+        """Reload every served model's current version (SIGHUP); a failure keeps that model serving."""
+        for which in SERVED:
+            if self.runtime_of(which) is not None:
+                with suppress(ApiError):  # logged by reload(); the old model keeps serving
+                    await self.reload(which)

@@ -1,0 +1,185 @@
+"""Scoring many texts with a reward model, and the metrics reported for reward models."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from keel.core.text import ModelInput
+from keel.training.data import PreferencePair
+
+Z_95 = 1.96  # standard normal quantile of a two-sided 95% interval
+
+# A scorer maps (context, response) inputs to raw scores [len(inputs), heads] (torch or ONNX Runtime behind it).
+Scorer = Callable[[Sequence[ModelInput]], np.ndarray]
+
+
+def encode(tokenizer: PreTrainedTokenizerBase, inputs: Sequence[ModelInput], max_length: int) -> list[dict[str, list[int]]]:
+    """Tokenise (context, response) pairs as two segments, without padding. Over max_length, tokens go from
+    the longer segment first, on the tokenizer's truncation side (left: the oldest turns go first)."""
+    if not inputs:
+        return []
+    contexts, responses = zip(*inputs)
+    encoded = tokenizer(list(contexts), list(responses), truncation="longest_first", max_length=max_length)
+    return [{key: encoded[key][i] for key in encoded} for i in range(len(inputs))]
+
+
+def collate(tokenizer: PreTrainedTokenizerBase, items: Sequence[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
+    """Pad a batch to its own longest sequence (dynamic padding)."""
+    return dict(tokenizer.pad(list(items), return_tensors="pt"))
+
+
+def length_sorted_scorer(tokenizer: PreTrainedTokenizerBase, max_length: int, batch_size: int, heads: int,
+                         run: Callable[[list[dict[str, list[int]]]], np.ndarray]) -> Scorer:
+    """A scorer that tokenises, sorts by length (similar lengths pad less) and runs `run` on each batch."""
+
+    def score(texts: Sequence[ModelInput]) -> np.ndarray:
+        encoded = encode(tokenizer, texts, max_length)
+        order = np.argsort([len(item["input_ids"]) for item in encoded])
+        out = np.zeros((len(texts), heads), dtype=np.float32)
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            out[idx] = run([encoded[i] for i in idx])
+        return out
+
+    return score
+
+
+def torch_scorer(
+    model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, max_length: int, batch_size: int = 64,
+    features: bool = False,
+) -> Scorer:
+    """Scores [texts, heads] of a RewardModel; with `features`, the pooled features its heads read."""
+    device = next(model.parameters()).device
+
+    @torch.no_grad()
+    def run(items: list[dict[str, list[int]]]) -> np.ndarray:
+        was_training = model.training
+        model.eval()
+        batch = {k: v.to(device) for k, v in collate(tokenizer, items).items()}
+        scores = (model.pool(**batch) if features else model(**batch).logits).float().cpu().numpy()
+        model.train(was_training)
+        return scores
+
+    width = model.heads.in_features if features else len(model.head_names)
+    return length_sorted_scorer(tokenizer, max_length, batch_size, width, run)
+
+
+def cached(scorer: Scorer) -> Scorer:
+    """A scorer that remembers scored texts, so metrics that share texts score them once."""
+    memory: dict[ModelInput, np.ndarray] = {}
+
+    def score(texts: Sequence[ModelInput]) -> np.ndarray:
+        new = list(dict.fromkeys(t for t in texts if t not in memory))
+        if new:
+            memory.update(zip(new, scorer(new)))
+        return np.stack([memory[t] for t in texts]) if texts else scorer(texts)
+
+    return score
+
+
+def reliability(probabilities: np.ndarray, labels: np.ndarray, bins: int = 10) -> list[dict[str, float]]:
+    """Equal-width probability bins: how many predictions fell in each, their mean probability and the observed
+    frequency of the label (a reliability diagram; perfectly calibrated when the two agree)."""
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    which = np.clip(np.digitize(probabilities, edges[1:-1]), 0, bins - 1)
+    return [{"low": float(edges[b]), "high": float(edges[b + 1]), "count": int((which == b).sum()),
+             "mean_probability": float(probabilities[which == b].mean()) if (which == b).any() else None,
+             "frequency": float(labels[which == b].mean()) if (which == b).any() else None} for b in range(bins)]
+
+
+def expected_calibration_error(probabilities: np.ndarray, labels: np.ndarray, bins: int = 10) -> float:
+    """ECE = sum_b |B_b|/N * |mean(label in b) - mean(p in b)| over equal-width probability bins."""
+    return float(sum(b["count"] / len(labels) * abs(b["frequency"] - b["mean_probability"])
+                     for b in reliability(probabilities, labels, bins) if b["count"]))
+
+
+def wilson_interval(proportion: float, count: int, z: float = Z_95) -> list[float]:
+    """95% Wilson score interval of a proportion measured on `count` trials: how far an accuracy on a few hundred
+    pairs may sit from the model's accuracy on the whole distribution."""
+    if count == 0:
+        return [0.0, 1.0]
+    scale = 1.0 + z * z / count
+    centre = (proportion + z * z / (2 * count)) / scale
+    half_width = z / scale * math.sqrt(proportion * (1.0 - proportion) / count + z * z / (4 * count * count))
+    return [max(0.0, centre - half_width), min(1.0, centre + half_width)]
+
+
+def pair_metrics(chosen: np.ndarray, rejected: np.ndarray, pairs: Sequence[PreferencePair]) -> dict[str, Any]:
+    """Pairwise accuracy (ties count half) with its 95% interval, the shorter-response-wins baseline, and
+    calibration of P(chosen > rejected) = sigma(r_c - r_r), measured on both orderings of every pair so labels
+    are balanced."""
+    diff = chosen - rejected
+    accuracy = float(np.mean((diff > 0) + 0.5 * (diff == 0)))
+    chosen_len = np.array([len(p.chosen) for p in pairs])
+    rejected_len = np.array([len(p.rejected) for p in pairs])
+    shorter = float(np.mean((chosen_len < rejected_len) + 0.5 * (chosen_len == rejected_len)))
+    p = 1.0 / (1.0 + np.exp(-diff))
+    ece = expected_calibration_error(np.concatenate([p, 1 - p]), np.concatenate([np.ones_like(p), np.zeros_like(p)]))
+    return {"pairs": len(pairs), "accuracy": accuracy, "accuracy_ci95": wilson_interval(accuracy, len(pairs)),
+            "shorter_wins_accuracy": shorter, "ece": ece, "mean_margin": float(diff.mean())}
+
+
+def rating_metrics(predicted: np.ndarray, target: np.ndarray) -> dict[str, float]:
+    defined = len(target) > 1 and target.std() > 0 and predicted.std() > 0
+    pearson = float(np.corrcoef(predicted, target)[0, 1]) if defined else float("nan")
+    return {"ratings": len(target), "mse": float(np.mean((predicted - target) ** 2)), "pearson": pearson}
+
+
+def best_f1_threshold(category_scores: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    """The flagging threshold on category scores (flag when score >= t) with the best F1 on labelled data."""
+    order = np.argsort(-category_scores)
+    sorted_scores, sorted_labels = category_scores[order], labels[order]
+    true_positives = np.cumsum(sorted_labels)
+    flagged = np.arange(1, len(labels) + 1)
+    precision = true_positives / flagged
+    recall = true_positives / max(labels.sum(), 1)
+    f1 = 2 * precision * recall / np.maximum(precision + recall, 1e-12)
+    # Only cut between distinct scores, so every text with the threshold's score is flagged.
+    distinct = np.append(sorted_scores[1:] != sorted_scores[:-1], True)
+    best = int(np.argmax(np.where(distinct, f1, -1)))
+    return {"threshold": float(sorted_scores[best]), "precision": float(precision[best]),
+            "recall": float(recall[best]), "f1": float(f1[best]), "examples": len(labels)}
+
+
+def false_flag_threshold(category_scores: np.ndarray, rate: float) -> dict[str, float]:
+    """The lowest threshold (flag when score >= t) that flags at most `rate` of texts that should all pass."""
+    scores = np.asarray(category_scores, dtype=np.float64)
+    passed = np.sort(scores)[::-1][int(rate * len(scores))]  # the highest score that must still pass
+    greater = scores[scores > passed]
+    threshold = float((passed + greater.min()) / 2 if greater.size else np.nextafter(passed, np.inf))
+    return {"threshold": threshold, "false_flags": float(np.mean(scores >= threshold)), "examples": len(scores)}
+
+
+def average_precision(scores: np.ndarray, labels: np.ndarray) -> float:
+    """Area under the precision-recall curve as average precision: AP = sum_k P(k) * 1[k-th is positive] / P,
+    over texts ranked by score (what scikit-learn's average_precision_score computes, without ties handling)."""
+    labels = np.asarray(labels, dtype=np.float64)
+    if labels.sum() == 0:
+        return float("nan")
+    ranked = labels[np.argsort(-np.asarray(scores, dtype=np.float64), kind="stable")]
+    precision_at_k = np.cumsum(ranked) / np.arange(1, len(ranked) + 1)
+    return float((precision_at_k * ranked).sum() / ranked.sum())
+
+
+def operating_threshold(scores: np.ndarray, labels: np.ndarray, min_precision: float) -> dict[str, Any]:
+    """The threshold (flag when score >= t) with the most recall among those whose precision is at least
+    min_precision; where none reaches it, the best-F1 threshold. Says which rule chose it."""
+    order = np.argsort(-scores, kind="stable")
+    sorted_scores, sorted_labels = scores[order], labels[order]
+    true_positives = np.cumsum(sorted_labels)
+    precision = true_positives / np.arange(1, len(labels) + 1)
+    distinct = np.append(sorted_scores[1:] != sorted_scores[:-1], True)  # cut only between distinct scores
+    reaching = np.flatnonzero(distinct & (precision >= min_precision) & (sorted_labels > 0))
+    if reaching.size == 0:
+        return {**best_f1_threshold(scores, labels), "rule": "best F1"}
+    k = int(reaching[-1])  # the lowest such threshold flags the most
+    recall = float(true_positives[k] / labels.sum())
+    return {"threshold": float(sorted_scores[k]), "precision": float(precision[k]), "recall": recall,
+            "f1": 2 * float(precision[k]) * recall / max(float(precision[k]) + recall, 1e-12),
+            "examples": len(labels), "rule": f"precision >= {min_precision:g}"}

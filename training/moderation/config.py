@@ -1,0 +1,97 @@
+"""The moderation trainer's config (configs/moderation.yaml): labelled sources mapped onto OpenAI's categories,
+the operating point thresholds are chosen for, training and export settings."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from keel.core.moderation import CATEGORIES
+from keel.training.config import ConfigError, check_numbers, check_precision
+from keel.training.data import DataSource
+from keel.training.encoder.config import ExportConfig, TrainingConfig
+
+
+@dataclasses.dataclass
+class LabelRule:
+    """How one category's label is read from a row: a constant (`value`), or a column. A column's value is
+    1 if it is in `positive`, 0 if it is in `negative` (with neither list: its number, >= 0.5 is 1); any other
+    value, an empty cell or null included, leaves the category unlabelled for that row."""
+
+    value: float | None = None
+    column: str | None = None
+    positive: list[str] = dataclasses.field(default_factory=list)
+    negative: list[str] = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass
+class ModerationSource(DataSource):
+    """A labelled file and its mapping onto the taxonomy. Categories a source does not label are masked in the
+    loss ("not labelled" is not "no"), unless `rest` gives them a value."""
+
+    name: str = ""  # how reports name the source (default: the file's folder)
+    text: str = "text"  # the column holding the text judged
+    context: str | None = None  # a column holding the user turn the text replies to: judged as a reply in context
+    hh_first_turn: bool = False  # `text` holds an HH transcript: judge its first human turn
+    labels: dict[str, LabelRule] = dataclasses.field(default_factory=dict)
+    rest: float | None = None  # the label of every category `labels` does not name (None: unlabelled)
+    fraction: float = 1.0  # keep this share of the rows (a deterministic hash sample)
+    repeat: int = 1  # training: each row this many times an epoch (oversampling a small source)
+    # Split by `folds` hash folds instead of 80/10/10: test = fold `cross_validation.test_fold`, validation and
+    # train from the other folds (for K-fold cross-validated evaluation, e.g. OpenAI's moderation samples)
+    folds: bool = False
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.name = self.name or self.path.replace("\\", "/").rstrip("/").split("/")[-2]
+
+
+@dataclasses.dataclass
+class CrossValidation:
+    folds: int = 5
+    test_fold: int = 0  # the fold held out as test; `keel train moderation --set cross_validation.test_fold=K`
+
+
+@dataclasses.dataclass
+class ModerationConfig:
+    train: list[ModerationSource]
+    validation: list[ModerationSource]
+    test: list[ModerationSource] = dataclasses.field(default_factory=list)
+    categories: list[str] = dataclasses.field(default_factory=lambda: list(CATEGORIES))
+    base_model: str = "default"
+    max_length: int = 128
+    truncation_side: str = "right"  # a long text keeps its beginning; a reply in context keeps the reply
+    min_precision: float = 0.8  # thresholds: the lowest with validation precision >= this, else best F1
+    min_positives: int = 5  # fewer validation positives than this: the category is not flagged (threshold null)
+    prior: float = 0.02  # heads start at this probability, so a category without labels scores near it
+    cross_validation: CrossValidation = dataclasses.field(default_factory=CrossValidation)
+    training: TrainingConfig = dataclasses.field(default_factory=TrainingConfig)
+    export: ExportConfig = dataclasses.field(default_factory=ExportConfig)
+
+    def __post_init__(self) -> None:
+        if not self.categories or len(set(self.categories)) != len(self.categories):
+            raise ConfigError(f"categories must be unique names, got {self.categories}")
+        for role in ("train", "validation", "test"):
+            for source in getattr(self, role):
+                unknown = set(source.labels) - set(self.categories)
+                if unknown:
+                    raise ConfigError(f"{role} source {source.path}: labels name unknown categories "
+                                      f"{sorted(unknown)}; the categories are {self.categories}")
+                for category, rule in source.labels.items():
+                    if (rule.value is None) == (rule.column is None):
+                        raise ConfigError(f"{role} source {source.path}: labels.{category} needs exactly one of "
+                                          "`value` or `column`")
+                check_numbers(f"{role} source {source.path}", source, up_to_1=["fraction"],
+                              positive=["fraction", "repeat"])
+        check_precision(self.training.precision)
+        check_numbers("", self, positive=["max_length", "min_positives"], below_1=["min_precision", "prior"])
+        if not 0 <= self.cross_validation.test_fold < self.cross_validation.folds:
+            raise ConfigError(f"cross_validation.test_fold must be in [0, {self.cross_validation.folds})")
+        if self.truncation_side not in ("left", "right"):
+            raise ConfigError("truncation_side must be left or right")
+        check_numbers("training", self.training, below_1=["warmup_ratio"],
+                      positive=["epochs", "batch_size", "learning_rate", "head_learning_rate", "max_grad_norm",
+                                "max_steps", "log_every", "eval_batch_size"],
+                      at_least_0=["weight_decay", "freeze_layers", "eval_every", "checkpoint_every"])
+
+    def sources(self) -> list[tuple[str, ModerationSource]]:
+        return [(role, source) for role in ("train", "validation", "test") for source in getattr(self, role)]

@@ -1,0 +1,198 @@
+"""Train a moderation model: a pretrained encoder with one sigmoid output per category (OpenAI's taxonomy),
+trained on labelled harm data whose sources each label only some categories.
+
+Read top to bottom: the masked loss -> model -> data -> the shared encoder loop (keel.training.encoder.fit:
+checkpointed, resumable, best weights kept) -> thresholds on validation -> held-out metrics -> publishing
+(keel.training.encoder.publish: ONNX fp32 and int8, keel.json, model card). The model is Keel's RewardModel class
+(keel/core/reward_model.py) with categories as its heads, so it serves through the same runtime, batcher and
+model store as a reward model.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from keel.core.artifact import CategoryThreshold, ModerationManifest
+from keel.core.moderation import flags, probabilities
+from keel.core.reward_model import RewardModel, resolve_base_model
+from keel.training.config import to_dict
+from keel.training.encoder import onnx_export
+from keel.training.encoder.fit import Run, Selection, Step, fit
+from keel.training.encoder.optim import freeze, load_tokenizer
+from keel.training.encoder.publish import Exported, publish
+from keel.training.encoder.scoring import Scorer, average_precision, collate, encode, operating_threshold, torch_scorer
+from keel.training.moderation.config import ModerationConfig
+from keel.training.moderation.data import Labelled, data_provenance, label_matrix, load_moderation_data
+from keel.training.moderation.model_card import moderation_model_card
+from keel.training.runs import start_run
+
+log = logging.getLogger(__name__)
+
+
+def masked_bce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Binary cross-entropy over the labelled (row, category) cells only; NaN marks a category the row's source
+    does not label, which then contributes no loss and no gradient:
+
+        L = sum_ic m_ic * BCE(s_ic, y_ic) / sum_ic m_ic,   m_ic = 1 where y_ic is labelled, else 0
+    """
+    mask = ~torch.isnan(labels)
+    losses = F.binary_cross_entropy_with_logits(logits, torch.nan_to_num(labels, nan=0.0), reduction="none")
+    return (losses * mask).sum() / mask.sum().clamp(min=1)
+
+
+def category_probabilities(scorer: Scorer, items: list[Labelled]) -> np.ndarray:
+    """[items, categories] sigmoid probabilities."""
+    return probabilities(scorer([item.input for item in items])) if items else np.zeros((0, 0))
+
+
+def category_auprc(scores: np.ndarray, labels: np.ndarray, categories: list[str], min_positives: int) -> dict[str, float]:
+    """AUPRC of every category with at least min_positives labelled positives among the labelled rows."""
+    out = {}
+    for c, name in enumerate(categories):
+        labelled = ~np.isnan(labels[:, c])
+        if labels[labelled, c].sum() >= min_positives:
+            out[name] = average_precision(scores[labelled, c], labels[labelled, c])
+    return out
+
+
+def validation_score(scorer: Scorer, items: list[Labelled], config: ModerationConfig) -> float:
+    """The mean validation AUPRC over categories with enough positives: what picks the weights to keep."""
+    auprc = category_auprc(category_probabilities(scorer, items), label_matrix(items), config.categories, config.min_positives)
+    return float(np.mean(list(auprc.values()))) if auprc else float("nan")
+
+
+def train_moderation(config: ModerationConfig, output: Path, resume: bool = False, overwrite: bool = False,
+                     skip_bad_rows: bool = False, progress: bool = True) -> dict[str, Any]:
+    t = config.training
+    output, work, accelerator = start_run(output, resume, overwrite, t.precision, t.seed)
+
+    # ---- model: a head per category, each starting at the prior probability -------------------------------
+    model = RewardModel.from_base(config.base_model, config.categories, problem_type="multi_label_classification")
+    torch.nn.init.constant_(model.heads.bias, math.log(config.prior / (1 - config.prior)))
+    freeze(model, t)
+
+    # ---- data -----------------------------------------------------------------------------------------------
+    data = load_moderation_data(config, skip_bad_rows)
+    train, validation = data["train"], data["validation"]
+    labels = torch.from_numpy(label_matrix(train))
+    tokenizer = load_tokenizer(config.base_model, config.max_length, config.truncation_side)
+    encoded = encode(tokenizer, [item.input for item in train], config.max_length)
+
+    # ---- training: one group of items, the masked loss ------------------------------------------------------
+    def step_loss(training: torch.nn.Module, group: int, indices: list[int]) -> Step:
+        batch = collate(tokenizer, [encoded[i] for i in indices])
+        logits = training(**{k: v.to(accelerator.device) for k, v in batch.items()}).logits.float()
+        return Step(masked_bce(logits, labels[indices].to(logits.device)))
+
+    scorer = torch_scorer(model, tokenizer, config.max_length, t.eval_batch_size)
+    fitted = fit(model, [[len(item["input_ids"]) for item in encoded]], step_loss,
+                 lambda: {"val_mean_auprc": validation_score(scorer, validation, config)},
+                 Selection("val_mean_auprc"), t, Run(work, accelerator, resume), "train moderation", progress)
+
+    manifest: dict[str, Any] = {}
+    if accelerator.is_main_process:
+        manifest = publish_moderation_model(config, fitted.model, tokenizer, data, output, overwrite,
+                                            work / "metrics.jsonl",
+                                            {"train_seconds": round(fitted.train_seconds, 1), "steps": fitted.steps,
+                                             "kept_step": fitted.kept_step, "precision": accelerator.mixed_precision,
+                                             "train_examples": len(train)}).to_json()
+        shutil.rmtree(work, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return manifest
+
+
+# ---- thresholds and held-out metrics --------------------------------------------------------------------------
+
+def choose_thresholds(scores: np.ndarray, labels: np.ndarray, config: ModerationConfig,
+                      trained: np.ndarray) -> dict[str, CategoryThreshold]:
+    """Per category, on validation: the lowest threshold with precision >= min_precision (most recall), else
+    the best F1; no threshold (never flagged) for a category without training labels or without enough
+    validation positives to choose one."""
+    out = {}
+    for c, name in enumerate(config.categories):
+        labelled = ~np.isnan(labels[:, c])
+        positives = int(labels[labelled, c].sum())
+        if not trained[c]:
+            out[name] = CategoryThreshold(threshold=None, rule="no training labels: scored, never flagged")
+        elif positives < config.min_positives:
+            out[name] = CategoryThreshold(threshold=None, positives=positives, examples=int(labelled.sum()),
+                                          rule=f"{positives} validation positives (< {config.min_positives}): "
+                                               "scored, never flagged")
+        else:
+            chosen = operating_threshold(scores[labelled, c], labels[labelled, c], config.min_precision)
+            out[name] = CategoryThreshold(threshold=chosen["threshold"], rule=chosen["rule"],
+                                          precision=chosen["precision"], recall=chosen["recall"], f1=chosen["f1"],
+                                          positives=positives, examples=int(labelled.sum()))
+    return out
+
+
+def held_out_metrics(scores: np.ndarray, items: list[Labelled], config: ModerationConfig,
+                     thresholds: dict[str, CategoryThreshold]) -> dict[str, Any]:
+    """Per category: AUPRC, and precision and recall at the served threshold. Per source: how many texts are
+    flagged, and the any-category AUPRC (positive = any labelled category is 1; score = the highest category
+    probability) where the source has both classes."""
+    labels = label_matrix(items)
+    limits = [thresholds[c].threshold for c in config.categories]
+    flagged = flags(scores, limits)
+    per_category = {}
+    for c, name in enumerate(config.categories):
+        labelled = ~np.isnan(labels[:, c])
+        positives = labels[labelled, c] == 1
+        entry: dict[str, Any] = {"examples": int(labelled.sum()), "positives": int(positives.sum())}
+        if positives.any() and not positives.all():
+            entry["auprc"] = average_precision(scores[labelled, c], positives)
+        if limits[c] is not None and positives.any():
+            hits = flagged[labelled, c]
+            entry["precision"] = float((hits & positives).sum() / max(hits.sum(), 1))
+            entry["recall"] = float((hits & positives).sum() / positives.sum())
+        per_category[name] = entry
+    per_source = {}
+    for source in dict.fromkeys(item.source for item in items):
+        rows = np.array([item.source == source for item in items])
+        any_harm = np.nanmax(np.nan_to_num(labels[rows], nan=-1.0), axis=1) == 1
+        entry = {"examples": int(rows.sum()), "positives": int(any_harm.sum()),
+                 "flagged": float(flagged[rows].any(axis=1).mean())}
+        if any_harm.any() and not any_harm.all():
+            entry["any_auprc"] = average_precision(scores[rows].max(axis=1), any_harm)
+            entry["flagged_positives"] = float(flagged[rows][any_harm].any(axis=1).mean())
+            entry["flagged_negatives"] = float(flagged[rows][~any_harm].any(axis=1).mean())
+        per_source[source] = entry
+    return {"categories": per_category, "sources": per_source}
+
+
+def publish_moderation_model(config: ModerationConfig, model: RewardModel, tokenizer: Any,
+                             data: dict[str, list[Labelled]], output: Path, overwrite: bool, metrics_path: Path,
+                             run: dict[str, Any]) -> ModerationManifest:
+    """Export ONNX, choose thresholds on validation, measure on test, and publish the model directory."""
+
+    def describe(exported: Exported) -> ModerationManifest:
+        trained = (~np.isnan(label_matrix(data["train"]))).any(axis=0)
+        validation_scores = category_probabilities(exported.scorer, data["validation"])
+        thresholds = choose_thresholds(validation_scores, label_matrix(data["validation"]), config, trained)
+        metrics: dict[str, Any] = {**run, "validation": held_out_metrics(validation_scores, data["validation"],
+                                                                         config, thresholds)}
+        if data["test"]:
+            test_scores = category_probabilities(exported.scorer, data["test"])
+            metrics["test"] = held_out_metrics(test_scores, data["test"], config, thresholds)
+            if exported.int8 is not None:
+                int8_scores = category_probabilities(exported.int8, data["test"])
+                metrics["test_int8"] = held_out_metrics(int8_scores, data["test"], config, thresholds)
+        return ModerationManifest(
+            base_model=config.base_model if config.base_model != "default" else "all-MiniLM-L6-v2",
+            base_model_path=resolve_base_model(config.base_model), categories=config.categories,
+            max_length=config.max_length, truncation_side=config.truncation_side,
+            input_names=onnx_export.onnx_input_names(tokenizer), thresholds=thresholds, onnx=exported.onnx,
+            data=data_provenance(config), config=to_dict(config), metrics=metrics)
+
+    sample = [item.input for item in data["validation"][:: max(1, len(data["validation"]) // 64)]]
+    return publish(model, tokenizer, output, overwrite, max_length=config.max_length, export=config.export,
+                   eval_batch_size=config.training.eval_batch_size, sample=sample, metrics_path=metrics_path,
+                   title="moderation model", describe=describe, card=moderation_model_card)

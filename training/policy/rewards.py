@@ -1,0 +1,108 @@
+"""Rewards for policy training: normalised reward-model heads, weighted and summed, from a Keel reward-model
+directory (scored in-process) or from a running Keel service over HTTP."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import urllib.error
+import urllib.request
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from keel.core.artifact import KeelError
+from keel.core.text import Conversation, Message, model_input
+
+
+@dataclasses.dataclass
+class RewardSourceConfig:
+    """Where rewards come from: a Keel reward-model directory, or a running Keel service."""
+
+    model: str | None = "default"  # model directory; "default": the default reward model (trained if absent)
+    url: str | None = None  # a Keel service base URL (used instead of model), e.g. http://localhost:8000
+    api_key_env: str = "KEEL_API_KEY"  # environment variable holding the service's API key, if it needs one
+    backend: str = "auto"  # auto | onnx-int8 | onnx | torch, for a model directory (auto: as `keel serve` picks)
+    heads: dict[str, float] = dataclasses.field(default_factory=lambda: {"harmless": 1.0})  # weights of z-scores
+    clip: float = 5.0  # rewards are clipped to [-clip, clip] after weighting
+
+
+class RewardError(KeelError, RuntimeError):
+    pass
+
+
+def reward_model_directory(name: str) -> Path:
+    """"default" is the default reward model (trained first when absent, as `keel serve` does)."""
+    if name == "default":
+        from keel.training.default_models import default_model_dir, ensure_default_model
+
+        return ensure_default_model(default_model_dir())
+    return Path(name)
+
+
+class RewardFunction:
+    """Maps (conversation, response) to per-head z-scores [N, heads] and to weighted, clipped rewards [N]."""
+
+    def __init__(self, config: RewardSourceConfig):
+        self.config = config
+        if config.url:
+            self.heads = self._describe_service()
+            self.runtime = None
+        else:
+            from keel.core.runtime import RewardRuntime
+
+            self.runtime = RewardRuntime(reward_model_directory(config.model or "default"), backend=config.backend)
+            self.heads = self.runtime.heads
+        self.check_weights(config.heads)
+
+    def check_weights(self, weights: dict[str, float]) -> None:
+        unknown = set(weights) - set(self.heads)
+        if unknown:
+            raise RewardError(f"reward heads {sorted(unknown)} are not in the reward model (it has {self.heads})")
+
+    def head_scores(self, conversations: Sequence[Conversation], responses: Sequence[str]) -> np.ndarray:
+        conversations = [(*c, Message("assistant", r)) for c, r in zip(conversations, responses)]
+        if self.runtime is not None:
+            return self.runtime.transform(self.runtime.score([model_input(c) for c in conversations]))
+        return self._score_over_http(conversations)
+
+    def __call__(self, conversations: Sequence[Conversation], responses: Sequence[str],
+                 weights: Sequence[dict[str, float] | None] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(rewards [N], head z-scores [N, heads]); each item may carry its own head weights."""
+        z = self.head_scores(conversations, responses)
+        weights = weights or [None] * len(responses)
+        matrix = np.array([[(w or self.config.heads).get(h, 0.0) for h in self.heads] for w in weights])
+        return np.clip((z * matrix).sum(axis=1), -self.config.clip, self.config.clip), z
+
+    # ---- over HTTP --------------------------------------------------------------------------------------
+    def _request(self, path: str, body: dict | None = None) -> dict:
+        headers = {"Content-Type": "application/json"}
+        key = os.environ.get(self.config.api_key_env)
+        if key:
+            headers["Authorization"] = f"Bearer {key}"
+        data = json.dumps(body).encode() if body is not None else None
+        request = urllib.request.Request(self.config.url.rstrip("/") + path, data=data, headers=headers)
+        try:
+            with urllib.request.urlopen(request, timeout=60) as response:
+                return json.loads(response.read())
+        except urllib.error.HTTPError as error:
+            raise RewardError(f"reward service {self.config.url}{path}: HTTP {error.code}: "
+                              f"{error.read().decode(errors='replace')[:500]}") from error
+        except (urllib.error.URLError, TimeoutError) as error:
+            raise RewardError(f"reward service {self.config.url} unreachable: {error}; start it with "
+                              "`keel serve` or set reward.url") from error
+
+    def _describe_service(self) -> list[str]:
+        models = self._request("/v1/models")["data"]
+        return list(models[0]["heads"])
+
+    def _score_over_http(self, conversations: list[tuple[Message, ...]], chunk: int = 256) -> np.ndarray:
+        rows = []
+        for start in range(0, len(conversations), chunk):
+            items = [{"messages": [{"role": m.role, "content": m.content} for m in c]}
+                     for c in conversations[start : start + chunk]]
+            data = self._request("/v1/score", {"input": items})["data"]
+            rows.extend([item["scores"][h] for h in self.heads] for item in sorted(data, key=lambda d: d["index"]))
+        return np.array(rows, dtype=np.float32)

@@ -1,0 +1,1 @@
+"""Reward models: heads trained on preference pairs (Bradley-Terry) and ratings (regression)."""
