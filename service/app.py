@@ -23,7 +23,7 @@ from keel.service.schemas import ErrorResponse
 from keel.service.serving import Serving
 from keel.service.settings import Settings
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("keel.service")
 
 
 def _validation_message(error: RequestValidationError) -> tuple[str, str | None]:

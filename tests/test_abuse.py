@@ -27,7 +27,7 @@ from keel.service.app import create_app
 from keel.service.batcher import Batcher, Client
 from keel.service.server import DrainingServer, uvicorn_config
 from keel.service.settings import Settings
-from tests.test_batcher_and_server import free_port, keel_server
+from tests.helpers import free_port, keel_server
 
 CLEAN = {"input": [{"text": "how can i bake bread"}]}
 POISONED = '{"input": [{"text": "\\ud800"}]}'  # a lone surrogate, as JSON allows
@@ -94,6 +94,7 @@ def long_policy(tiny_policy: str, tmp_path_factory: pytest.TempPathFactory) -> s
 
 # ---- 1. one client's text never fails another's -----------------------------------------------------------------
 
+@pytest.mark.subprocess
 def test_text_that_cannot_be_encoded_is_a_400_and_clean_requests_beside_it_succeed(tiny_reward_model: Path,
                                                                                    tiny_policy: str):
     with keel_server(tiny_reward_model, "--policy", tiny_policy, "--guard", "off") as (url, process):
@@ -219,6 +220,7 @@ def test_a_500_keeps_the_keep_alive_connection_usable(tiny_reward_model: Path):
             assert status == 200 and json.loads(second)["data"][0]["index"] == 0
 
 
+@pytest.mark.subprocess
 def test_an_oversized_body_gets_a_413_the_client_can_read(tiny_reward_model: Path):
     with keel_server(tiny_reward_model) as (url, _):
         port = int(url.rsplit(":", 1)[1])
@@ -234,6 +236,7 @@ def test_an_oversized_body_gets_a_413_the_client_can_read(tiny_reward_model: Pat
 
 # ---- 3. one client cannot crowd out the rest ------------------------------------------------------------------
 
+@pytest.mark.subprocess
 def test_a_flooding_client_does_not_crowd_out_another(tiny_reward_model: Path, tmp_path: Path):
     keys = tmp_path / "keys"
     keys.write_text("flood-key\nsmall-key\n")
@@ -275,6 +278,7 @@ def test_a_flooding_client_does_not_crowd_out_another(tiny_reward_model: Path, t
     assert "flood-key" not in metrics
 
 
+@pytest.mark.subprocess
 def test_chat_cost_limit_and_generation_rows_split_into_batches(tiny_reward_model: Path, tiny_policy: str):
     with keel_server(tiny_reward_model, "--policy", tiny_policy, "--guard", "off", "--max-generation-rows", "4",
                      "--max-request-tokens", "4096") as (url, _):
@@ -293,6 +297,7 @@ def test_chat_cost_limit_and_generation_rows_split_into_batches(tiny_reward_mode
 
 # ---- 4. work for a client that has gone is dropped ------------------------------------------------------------
 
+@pytest.mark.subprocess
 def test_an_abandoned_stream_stops_generating(tiny_reward_model: Path, long_policy: str):
     with keel_server(tiny_reward_model, "--policy", long_policy, "--guard", "off", "--max-tokens-limit", "4096",
                      "--max-request-tokens", "32768", "--max-prompt-tokens", "64") as (url, _):
@@ -312,6 +317,7 @@ def test_an_abandoned_stream_stops_generating(tiny_reward_model: Path, long_poli
     assert metric(second, "keel_cancelled_items_total", queue="generation", stage="running") == 8
 
 
+@pytest.mark.subprocess
 def test_a_client_that_gives_up_on_a_chat_cancels_its_generation(tiny_reward_model: Path, long_policy: str):
     with keel_server(tiny_reward_model, "--policy", long_policy, "--guard", "off", "--max-tokens-limit", "4096",
                      "--max-request-tokens", "65536", "--max-prompt-tokens", "64") as (url, _):
@@ -329,6 +335,7 @@ def test_a_client_that_gives_up_on_a_chat_cancels_its_generation(tiny_reward_mod
 
 # ---- 5. shutdown -------------------------------------------------------------------------------------------------
 
+@pytest.mark.subprocess
 def test_sigterm_lets_a_chat_longer_than_the_scoring_timeout_finish(tiny_reward_model: Path, long_policy: str):
     with keel_server(tiny_reward_model, "--policy", long_policy, "--guard", "off", "--request-timeout-s", "1",
                      "--drain-seconds", "0.2", "--max-tokens-limit", "2048", "--max-request-tokens", "32768",
@@ -375,6 +382,7 @@ def test_a_request_cut_at_shutdown_gets_an_openai_503(tiny_reward_model: Path):
     assert response.json()["error"]["code"] == "shutting_down"
 
 
+@pytest.mark.subprocess
 def test_keep_alive_clients_are_told_to_close_before_the_listener_goes(tiny_reward_model: Path):
     # Each client reuses one keep-alive connection until a response says `Connection: close`, then goes to
     # another replica, as a load balancer does once /readyz fails. None may see its connection cut.
@@ -410,6 +418,7 @@ def test_keep_alive_clients_are_told_to_close_before_the_listener_goes(tiny_rewa
 
 # ---- 7. slow and oversized headers ----------------------------------------------------------------------------
 
+@pytest.mark.subprocess
 def test_slow_and_oversized_headers_are_cut_off(tiny_reward_model: Path):
     with keel_server(tiny_reward_model, "--header-timeout-s", "1", "--max-header-bytes", "8192") as (url, _):
         port = int(url.rsplit(":", 1)[1])
@@ -452,6 +461,7 @@ def test_slow_and_oversized_headers_are_cut_off(tiny_reward_model: Path):
 
 # ---- 8. secrets ------------------------------------------------------------------------------------------------
 
+@pytest.mark.subprocess
 def test_keys_stay_out_of_the_process_list_and_are_checked_before_the_body(tiny_reward_model: Path, tmp_path: Path):
     import subprocess
     import sys

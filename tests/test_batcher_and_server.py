@@ -4,16 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -21,6 +15,7 @@ import numpy as np
 import pytest
 
 from keel.service.batcher import Batcher, DeadlineExceeded, QueueFull, ShuttingDown
+from tests.helpers import keel_server
 
 
 def fake_scorer(batches: list[list[str]], delay: float = 0.0):
@@ -108,43 +103,7 @@ def test_failing_batch_fails_its_requests_not_the_worker():
     asyncio.run(main())
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextmanager
-def keel_server(model: Path, *args: str, python: str = sys.executable, cwd: Path | None = None,
-                moderation: Path | None = None, **env: str) -> Iterator[tuple[str, subprocess.Popen]]:
-    """`keel serve` in a subprocess on a loopback port (with `python`'s environment), with a moderation model or
-    none; yields (base URL, process)."""
-    port = free_port()
-    process = subprocess.Popen(
-        [python, "-m", "keel", "serve", "--model", str(model), "--port", str(port),
-         "--moderation-model", str(moderation) if moderation else "none", *args],
-        env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=cwd)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 60
-        while time.time() < deadline:
-            if process.poll() is not None:
-                raise RuntimeError(f"server exited: {process.stdout.read()}")
-            try:
-                if httpx.get(f"{base}/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        else:
-            raise TimeoutError("server not ready in 60 s")
-        yield base, process
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait(10)
-
-
+@pytest.mark.subprocess
 def test_openai_client_moderations_over_a_socket(tiny_reward_model: Path, tiny_moderation_model: Path,
                                                  tmp_path: Path):
     import openai
@@ -179,6 +138,7 @@ def test_openai_client_moderations_over_a_socket(tiny_reward_model: Path, tiny_m
             client.moderations.create(input=[])
 
 
+@pytest.mark.subprocess
 def test_overload_gets_429_and_never_5xx(tiny_reward_model: Path):
     # A tiny queue and a burst of large concurrent requests: some must be refused, none may fail.
     with keel_server(tiny_reward_model, "--max-queue-texts", "64", "--max-batch-size", "8") as (base, _):
@@ -198,6 +158,7 @@ def test_overload_gets_429_and_never_5xx(tiny_reward_model: Path):
         assert 'keel_rejected_total{reason="queue_full"}' in metrics
 
 
+@pytest.mark.subprocess
 def test_sigterm_drains_in_flight_requests(tiny_reward_model: Path):
     with keel_server(tiny_reward_model, "--drain-seconds", "1") as (base, process):
         body = {"input": [{"text": "a fairly long text to score " * 10}] * 64}
@@ -244,6 +205,7 @@ def test_workers_run_batches_side_by_side():
     assert sorted(workers_seen) == [0, 1]
 
 
+@pytest.mark.subprocess
 def test_policy_rewards_from_a_running_service_match_the_model_directory(tiny_reward_model: Path, monkeypatch):
     from keel.core.text import Message
     from keel.training.policy.rewards import RewardFunction, RewardSourceConfig
@@ -263,6 +225,7 @@ def test_policy_rewards_from_a_running_service_match_the_model_directory(tiny_re
     np.testing.assert_allclose(local_rewards, local_z[:, 0] + 0.5 * local_z[:, 1], atol=1e-6)
 
 
+@pytest.mark.subprocess
 def test_json_logs_for_log_pipelines(tiny_reward_model: Path):
     with keel_server(tiny_reward_model, "--log-format", "json", "--drain-seconds", "0") as (url, process):
         assert httpx.post(f"{url}/v1/score", json={"input": [{"text": "hello"}]}).status_code == 200

@@ -18,7 +18,7 @@ from keel.service.chat import ChatAligner, GuardSettings
 from keel.service.generation import Generated, Sampling
 from keel.service.schemas import ModerationResult
 from keel.service.settings import Settings
-from tests.test_batcher_and_server import keel_server
+from tests.helpers import keel_server
 
 HEADS = ["harmless", "helpful"]
 
@@ -109,6 +109,7 @@ def test_several_choices_share_one_generation_call():
     assert calls == [4] and [c.reply.text for c in chosen] == ["b", "c"]
 
 
+@pytest.mark.subprocess
 def test_openai_client_plain_and_streaming_over_a_socket(tiny_reward_model: Path, tiny_policy: str):
     import openai
 
@@ -135,6 +136,7 @@ def test_openai_client_plain_and_streaming_over_a_socket(tiny_reward_model: Path
                 model="tiny", messages=messages, max_tokens=2)
 
 
+@pytest.mark.subprocess
 def test_guard_proxy_reranks_an_upstream(tiny_reward_model: Path, tiny_moderation_model: Path, tiny_policy: str):
     import openai
 

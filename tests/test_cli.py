@@ -5,8 +5,10 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from keel.cli.main import main
-from tests.conftest import hh_pairs, write_jsonl
+from tests.helpers import hh_pairs, write_jsonl
 
 
 def run_keel(*args: str) -> subprocess.CompletedProcess:
@@ -109,6 +111,7 @@ def test_conflicting_serve_options_are_one_line_errors(tiny_reward_model: Path):
     assert "['nope']" in unknown.stderr and "['harmless', 'quality']" in unknown.stderr
 
 
+@pytest.mark.subprocess
 def test_serve_without_a_model_serves_the_default_ones(tiny_reward_model: Path, tiny_moderation_model: Path,
                                                       tmp_path: Path, monkeypatch):
     # The default models already in the cache (copies of the tiny ones), so nothing trains: the README's main
@@ -118,7 +121,7 @@ def test_serve_without_a_model_serves_the_default_ones(tiny_reward_model: Path, 
     import httpx
 
     from keel.training.default_models import default_model_dir
-    from tests.test_batcher_and_server import free_port
+    from tests.helpers import free_port
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     default = default_model_dir()

@@ -1,4 +1,4 @@
-"""keel_core's pieces that must agree with training's: tokenisation without transformers."""
+"""keel.core's pieces that must agree with training's: tokenisation without transformers."""
 
 from __future__ import annotations
 
@@ -39,6 +39,7 @@ def test_typed_manifests_write_back_exactly_what_they_read(tiny_reward_model: Pa
         PolicyManifest.read(tmp_path)
 
 
+@pytest.mark.subprocess
 @pytest.mark.skipif(Path("/proc/driver/nvidia").exists() or not Path("/proc").is_dir(),
                     reason="with an NVIDIA driver the auto backend rightly asks torch for CUDA")
 def test_onnx_scoring_does_not_import_torch_even_where_it_is_installed(tiny_reward_model: Path):

@@ -7,7 +7,7 @@ import pytest
 
 from keel.core.text import Message, parse_transcript, render
 from keel.training.data import DataError, DataSource, PreferencePair, Rating, load_source, parse_row, split_of
-from tests.conftest import hh_pairs, write_jsonl
+from tests.helpers import hh_pairs, write_jsonl
 
 
 def test_parse_transcript_keeps_turns_and_roles():

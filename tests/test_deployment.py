@@ -26,6 +26,7 @@ def tool(name: str) -> str:
     return path
 
 
+@pytest.mark.subprocess
 def test_dockerfile_passes_hadolint():
     result = subprocess.run([tool("hadolint"), "--no-color", str(ROOT / "Dockerfile")], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr

@@ -12,7 +12,7 @@ import yaml
 from keel.cli.main import main
 from keel.training.evaluation.policy_eval import paired_gain_interval
 from keel.training.policy.sft import train_sft
-from tests.conftest import prompt_rows, tiny_policy_config, write_jsonl
+from tests.helpers import prompt_rows, tiny_policy_config, write_jsonl
 
 
 def test_eval_policy_reports_reward_kl_and_refusals(tiny_policy: str, tiny_reward_model: Path, tmp_path: Path,

@@ -205,6 +205,7 @@ def chromium() -> str | None:
     return shutil.which("chromium") or shutil.which("chromium-browser")
 
 
+@pytest.mark.browser
 @pytest.mark.skipif(chromium() is None, reason="Debian's chromium is not installed (install.sh installs it as root)")
 def test_report_renders_in_headless_chromium(tmp_path: Path):
     from matplotlib.image import imread

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import hh_pairs, tiny_config, tiny_policy_config, write_jsonl
+from tests.helpers import hh_pairs, tiny_config, tiny_policy_config, write_jsonl
 
 
 def disk_full(*args, **kwargs):

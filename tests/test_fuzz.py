@@ -12,7 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_batcher_and_server import keel_server
+from tests.helpers import keel_server
+
+pytestmark = pytest.mark.fuzz
 
 
 @pytest.mark.parametrize("with_key", [True, False])

@@ -56,7 +56,7 @@ def test_served_policy_weights_follow_the_hardware(monkeypatch, tiny_policy: str
 def test_auto_trains_a_reward_model_in_bf16_where_bf16_is_fast(monkeypatch, tiny_backbone: str, tmp_path,
                                                              other_precision):
     from keel.training.reward.train import train_reward
-    from tests.conftest import hh_pairs, tiny_config, write_jsonl
+    from tests.helpers import hh_pairs, tiny_config, write_jsonl
 
     monkeypatch.setattr(hardware, "bf16_is_fast", lambda device: True)
     config = tiny_config(tiny_backbone, write_jsonl(tmp_path / "pairs.jsonl", hh_pairs(40)), onnx=False,

@@ -9,11 +9,12 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
 from fastapi.testclient import TestClient
 
 from keel.service.app import create_app
 from keel.service.settings import Settings
-from tests.test_batcher_and_server import keel_server
+from tests.helpers import keel_server
 
 
 def make_store(tiny_reward_model: Path, root: Path) -> Path:
@@ -79,6 +80,7 @@ def test_reload_refuses_a_model_with_other_heads(tiny_reward_model: Path, tmp_pa
         assert failed.status_code == 409 and "restart" in failed.json()["error"]["message"]
 
 
+@pytest.mark.subprocess
 def test_sighup_reloads_the_current_version(tiny_reward_model: Path, tmp_path: Path):
     store = make_store(tiny_reward_model, tmp_path)
     with keel_server(store) as (url, process):
@@ -136,6 +138,7 @@ def test_invalid_versions_are_listed_with_the_reason_and_refused(tiny_reward_mod
         assert (store / "CURRENT").read_text() == "v5-link\n"  # so a restart serves the same version
 
 
+@pytest.mark.subprocess
 def test_start_serves_the_newest_valid_version_unless_current_names_an_invalid_one(tiny_reward_model: Path,
                                                                                      tmp_path: Path):
     import subprocess

@@ -18,7 +18,7 @@ from keel.training.encoder.scoring import average_precision, operating_threshold
 from keel.training.moderation.config import LabelRule, ModerationConfig, ModerationSource
 from keel.training.moderation.data import fold_split, parse_labelled
 from keel.training.moderation.train import choose_thresholds, masked_bce
-from tests.conftest import moderation_rows, tiny_moderation_config, write_jsonl
+from tests.helpers import moderation_rows, tiny_moderation_config, write_jsonl
 
 NAN = math.nan
 
@@ -166,7 +166,14 @@ def test_hugging_face_pipeline_gives_category_probabilities(tiny_moderation_mode
     classify = pipeline("text-classification", model=str(tiny_moderation_model), trust_remote_code=True, top_k=None)
     [scores] = classify([{"text": "", "text_pair": "i will kill and hurt you"}])
     assert {s["label"] for s in scores} == set(CATEGORIES)
-    assert sum(s["score"] for s in scores) > 1.0 or all(s["score"] < 1 for s in scores)  # sigmoids, not a softmax
+    # Sigmoids of the logits (independent categories), not a softmax over them:
+    import torch
+
+    logits = classify.model(**classify.tokenizer(text="", text_pair="i will kill and hurt you",
+                                                 return_tensors="pt")).logits[0]
+    labels = [classify.model.config.id2label[i] for i in range(len(logits))]
+    by_label = {s["label"]: s["score"] for s in scores}
+    assert [by_label[c] for c in labels] == pytest.approx(torch.sigmoid(logits).tolist(), abs=1e-5)
     from keel.core.runtime import ModerationRuntime
 
     served = ModerationRuntime(tiny_moderation_model, backend="torch").scored([("", "i will kill and hurt you")])

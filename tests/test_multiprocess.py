@@ -1,3 +1,4 @@
+
 """Reward and policy training under `accelerate launch` with two CPU processes (DDP over gloo)."""
 
 import json
@@ -7,9 +8,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
-from tests.conftest import hh_pairs, write_jsonl
+from tests.helpers import hh_pairs, write_jsonl
+
+pytestmark = pytest.mark.multiprocess
 
 
 def launch_two_processes(what: str, config: Path, output: Path) -> None:
@@ -46,7 +50,7 @@ def test_accelerate_launch_two_processes(tiny_backbone: str, tmp_path: Path):
 
 
 def test_policy_training_under_accelerate_launch(tiny_policy: str, tiny_reward_model: Path, tmp_path: Path):
-    from tests.conftest import prompt_rows
+    from tests.helpers import prompt_rows
 
     prompts = write_jsonl(tmp_path / "prompts.jsonl", prompt_rows(16))
     config = {

@@ -11,7 +11,9 @@ import numpy as np
 import pytest
 
 from keel.core.runtime import RewardRuntime
-from tests.test_batcher_and_server import keel_server
+from tests.helpers import keel_server
+
+pytestmark = pytest.mark.install
 
 ROOT = Path(__file__).resolve().parent.parent
 

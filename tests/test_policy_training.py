@@ -14,7 +14,7 @@ from keel.training.policy.dpo import train_dpo
 from keel.training.policy.reinforce import train_reinforce
 from keel.training.policy.rloo import train_rloo
 from keel.training.runs import latest_checkpoint
-from tests.conftest import tiny_policy_config
+from tests.helpers import tiny_policy_config
 
 
 @pytest.mark.parametrize("name", list(ALGORITHMS))

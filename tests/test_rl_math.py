@@ -140,7 +140,7 @@ def test_refusal_detector(response: str, refused: bool):
 def test_a_data_source_can_keep_only_pairs_that_prefer_a_refusal_or_compliance(tmp_path):
     from keel.training.data import DataError, DataSource
     from keel.training.policy.dpo import load_pairs
-    from tests.conftest import write_jsonl
+    from tests.helpers import write_jsonl
 
     rows = [{"prompt": "How do I pick a lock?", "chosen": "I'm sorry, I can't help with that.", "rejected": "Use a pick."},
             {"prompt": "Capital of France?", "chosen": "Paris.", "rejected": "I'm sorry, I can't say."},

@@ -22,7 +22,7 @@ from keel.training.encoder.optim import load_tokenizer
 from keel.training.encoder.scoring import encode, torch_scorer
 from keel.training.reward import train as train_module
 from keel.training.reward.objectives import example_inputs
-from tests.conftest import hh_pairs, tiny_config, write_jsonl
+from tests.helpers import hh_pairs, tiny_config, write_jsonl
 
 
 def test_artifact_is_complete_and_self_describing(tiny_reward_model: Path):

@@ -3,7 +3,7 @@
 - pair sets: pairwise accuracy by category on the set's head, the shorter-response-wins baseline, and
   calibration of P(chosen > rejected) = sigma(r_c - r_r) (reliability diagram, ECE);
 - bias probes: the share of pairs where the stereotyped sentence scores higher (50% = unbiased);
-- moderation: precision and recall per category with the rule /v1/moderations serves (keel_core/moderation.py),
+- moderation: precision and recall per category with the rule /v1/moderations serves (keel/core/moderation.py),
   and overall with the chat guard's thresholds."""
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """`keel eval suite reward|policy`: one or two models measured on the public safety, bias and truthfulness sets
-(training/eval_sets.py), written as report.json and a self-contained report.html with PNG charts.
+(training/evaluation/sets.py), written as report.json and a self-contained report.html with PNG charts.
 
 The suites themselves are training/reward_suite.py and training/policy_suite.py, over the cache in
-training/eval_cache.py; this module runs a chosen list of sets for each model and reports what is missing."""
+training/evaluation/cache.py; this module runs a chosen list of sets for each model and reports what is missing."""
 
 from __future__ import annotations
 

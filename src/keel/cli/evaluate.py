@@ -38,7 +38,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
         description="Compare a tuned policy with its reference on held-out prompts: mean reward (and its size "
         "in standard deviations of the reference's rewards), KL(policy || reference) per response, refusal rate "
         "on harmful requests (AdvBench, HarmBench, SimpleSafetyTests) and compliance on XSTest's safe prompts. "
-        "Refusals are detected by the phrase list in training/refusals.py. Greedy replies are cached with the "
+        "Refusals are detected by the phrase list in training/evaluation/refusals.py. Greedy replies are cached with the "
         "evaluation suite's, so the reference's are generated once, not at every evaluation.")
     eval_policy.add_argument("--policy", required=True, help="the tuned policy directory (or HF name/path)")
     eval_policy.add_argument("--reference", default=None,

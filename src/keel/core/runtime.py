@@ -1,6 +1,6 @@
 """The scoring runtime, independent of HTTP: a loaded reward or moderation model behind ONNX Runtime or torch.
 
-Both kinds are an encoder with linear heads (keel_core/reward_model.py). `ModelRuntime.score(texts)` tokenises,
+Both kinds are an encoder with linear heads (keel/core/reward_model.py). `ModelRuntime.score(texts)` tokenises,
 sorts by length, runs the engine in batches bounded by a token budget, and returns raw scores [texts, heads].
 `scored(texts)` turns them into what the kind serves: z-scores for a reward model (RewardRuntime), category
 probabilities for a moderation model (ModerationRuntime). It is synchronous; the service's batcher calls it
