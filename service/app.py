@@ -49,7 +49,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the app; the API keys file is read here (SettingsError if it cannot be). The models are loaded and
     warmed up during startup."""
     settings = settings or Settings()
-    api_keys = settings.read_api_keys()
+    api_keys, admin_keys = settings.read_api_keys(), settings.read_admin_keys()
     serving = Serving(settings, Metrics())
 
     @asynccontextmanager
@@ -64,7 +64,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         await serving.close()
 
     errors: dict[int | str, dict[str, Any]] = {status: {"model": ErrorResponse}
-                                               for status in (400, 401, 404, 409, 413, 429, 502, 503)}
+                                               for status in (400, 401, 403, 404, 409, 413, 429, 502, 503)}
     app = FastAPI(title="Keel", version="0.1.0", lifespan=lifespan, responses=errors,
                   description="Reward scoring and moderation with Keel reward models.")
     app.state.keel = serving
@@ -73,7 +73,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.include_router(router)
     endpoints = frozenset(getattr(route, "path", "") for router in routers for route in router.routes)
     # Added innermost first: a request meets RequestContext, then BodyLimits, then Admission.
-    app.add_middleware(Admission, serving=serving, api_keys=api_keys)
+    app.add_middleware(Admission, serving=serving, api_keys=api_keys, admin_keys=admin_keys)
     app.add_middleware(BodyLimits, max_header_bytes=settings.max_header_bytes, max_body_bytes=settings.max_body_bytes)
     app.add_middleware(RequestContext, serving=serving, endpoints=endpoints)
 

@@ -28,6 +28,7 @@ from keel.service.serving import Serving
 
 log = logging.getLogger(__name__)
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+ADMIN_PREFIX = "/v1/admin/"
 PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/openapi.json", "/docs", "/docs/oauth2-redirect",
                           "/redoc"})
 
@@ -60,8 +61,9 @@ async def refuse(error: ApiError, scope: Scope, receive: Receive, send: Send, ca
     await error.response()(scope, receive, send)
 
 
-def authenticate(keys: list[str], headers: dict[bytes, bytes]) -> Client | None:
-    """The client a bearer token belongs to (named by the key's position), or None for a wrong or missing key."""
+def authenticate(keys: list[str], headers: dict[bytes, bytes], name: str = "key") -> Client | None:
+    """The client a bearer token belongs to (named by the key's position: key-1, admin-2), or None for a wrong
+    or missing key."""
     scheme, _, token = headers.get(b"authorization", b"").decode("latin-1").partition(" ")
     # Compare against every key so the time taken does not reveal which key nearly matched.
     matched = None
@@ -70,7 +72,7 @@ def authenticate(keys: list[str], headers: dict[bytes, bytes]) -> Client | None:
             matched = i
     if scheme.lower() != "bearer" or matched is None:
         return None
-    return Client(key=f"key-{matched + 1}", label=f"key-{matched + 1}")
+    return Client(key=f"{name}-{matched + 1}", label=f"{name}-{matched + 1}")
 
 
 class RequestContext:
@@ -186,18 +188,39 @@ class BodyLimits:
 
 
 class Admission:
-    def __init__(self, app: ASGIApp, serving: Serving, api_keys: list[str]):
-        self.app, self.serving, self.api_keys = app, serving, api_keys  # no keys: none needed
+    """Authentication (client keys; admin keys, the only ones allowed on /v1/admin/*) and the fair-queue
+    admission check, before the body is read."""
+
+    def __init__(self, app: ASGIApp, serving: Serving, api_keys: list[str], admin_keys: list[str] | None = None):
+        self.app, self.serving, self.api_keys = app, serving, api_keys  # no keys at all: none needed
+        self.admin_keys = admin_keys or []
         self.cap = discard_cap(serving.settings.max_body_bytes)
+
+    def check_key(self, path: str, headers: dict[bytes, bytes]) -> Client | None:
+        """The authenticated client (None where no key is needed), or ApiError: 401 for a missing or wrong key,
+        403 for a client key on an admin route."""
+        admin_route = path.startswith(ADMIN_PREFIX)
+        if not (self.api_keys or (self.admin_keys and admin_route)):
+            return None  # no keys, or admin keys only: the other routes are open
+        admin = authenticate(self.admin_keys, headers, "admin") if self.admin_keys else None
+        client = admin or authenticate(self.api_keys, headers)
+        if client is None:
+            raise ApiError(401, "missing or invalid API key: send `Authorization: Bearer <key>`",
+                           "authentication_error", code="invalid_api_key")
+        if admin_route and admin is None:
+            raise ApiError(403, "this key may not use /v1/admin/*: admin routes need a key from --admin-keys-file"
+                           + ("" if self.admin_keys else ", and none is configured"),
+                           "permission_error", code="insufficient_permissions")
+        return client
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"] in PUBLIC_PATHS:
             await self.app(scope, receive, send)
             return
-        client = authenticate(self.api_keys, dict(scope["headers"])) if self.api_keys else None
-        if self.api_keys and client is None:
-            await refuse(ApiError(401, "missing or invalid API key: send `Authorization: Bearer <key>`",
-                                  "authentication_error", code="invalid_api_key"), scope, receive, send, self.cap)
+        try:
+            client = self.check_key(scope["path"], dict(scope["headers"]))
+        except ApiError as refused:
+            await refuse(refused, scope, receive, send, self.cap)
             return
         # Without keys each connection is a client of its own.
         client = client or Client(key=f"connection:{scope.get('client')}")

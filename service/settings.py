@@ -54,6 +54,10 @@ class Settings(BaseSettings):
     api_keys_file: Path | None = Field(
         None, description="file of API keys, one a line (# comments allowed); when set, every endpoint but "
         "health and metrics needs `Authorization: Bearer KEY`. Clients are named key-1, key-2, ... by line")
+    admin_keys_file: Path | None = Field(
+        None, description="file of admin keys, one a line: only these may call /v1/admin/* (a client key gets "
+        "403). With client keys and no admin keys, the admin routes are refused to everyone; with no keys at all, "
+        "they are open like every route. Admin keys are valid client keys too; admins are named admin-1, ...")
     api_keys: Annotated[list[str], NoDecode] = Field(
         default_factory=list, json_schema_extra={"env_only": True},
         description="comma-separated API keys, from the environment only (a flag would show them in the process "
@@ -186,16 +190,11 @@ class Settings(BaseSettings):
 
     def read_api_keys(self) -> list[str]:
         """The keys from --api-keys-file (one a line) and KEEL_API_KEYS, in that order."""
-        keys: list[str] = []
-        if self.api_keys_file is not None:
-            try:
-                lines = self.api_keys_file.read_text().splitlines()
-            except OSError as error:
-                raise SettingsError(f"--api-keys-file: cannot read {self.api_keys_file}: {error.strerror}") from None
-            keys = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
-            if not keys:
-                raise SettingsError(f"--api-keys-file: {self.api_keys_file} holds no keys (one key a line)")
-        return keys + self.api_keys
+        return read_keys(self.api_keys_file, "--api-keys-file") + self.api_keys
+
+    def read_admin_keys(self) -> list[str]:
+        """The keys from --admin-keys-file (one a line)."""
+        return read_keys(self.admin_keys_file, "--admin-keys-file")
 
     def longest_request_s(self) -> float:
         """The longest a request may run under these settings: what a graceful shutdown waits for."""
@@ -220,3 +219,17 @@ def settings_table() -> str:
         description = (field.description or "").replace("|", "\\|")
         rows.append(f"| {flag} | `KEEL_{name.upper()}` | {default} | {description} |")
     return "\n".join(rows) + "\n"
+
+
+def read_keys(path: Path | None, flag: str) -> list[str]:
+    """A keys file's keys, one a line, # comments allowed; none for no file."""
+    if path is None:
+        return []
+    try:
+        lines = path.read_text().splitlines()
+    except OSError as error:
+        raise SettingsError(f"{flag}: cannot read {path}: {error.strerror}") from None
+    keys = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+    if not keys:
+        raise SettingsError(f"{flag}: {path} holds no keys (one key a line)")
+    return keys

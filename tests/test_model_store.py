@@ -42,7 +42,11 @@ def test_store_lists_versions_and_reloads_without_restart(tiny_reward_model: Pat
     for graph in ("model.onnx", "model.int8.onnx"):  # whichever the `auto` backend picks on this CPU
         (broken / graph).write_bytes(b"truncated")
     auth = {"Authorization": "Bearer k"}
-    with TestClient(create_app(Settings(model=store, moderation_model=moderation_store, api_keys=["k"]))) as client:
+    admin_keys = tmp_path / "admin-keys"
+    admin_keys.write_text("# operators\nadmin-secret\n")
+    admin = {"Authorization": "Bearer admin-secret"}
+    with TestClient(create_app(Settings(model=store, moderation_model=moderation_store, api_keys=["k"],
+                                        admin_keys_file=admin_keys))) as client:
         listed = client.get("/v1/models", headers=auth).json()["data"]
         assert [(m["id"], m["active"]) for m in listed][:1] == [("v1", True)]
         assert {m["id"] for m in listed} >= {"v1", "v2"}
@@ -51,24 +55,42 @@ def test_store_lists_versions_and_reloads_without_restart(tiny_reward_model: Pat
         assert score_version(client, auth) == "2026-01-01T00:00:00Z"
 
         assert client.post("/v1/admin/reload", json={"version": "v2"}).status_code == 401
-        reloaded = client.post("/v1/admin/reload", json={"version": "v2"}, headers=auth)
+        refused = client.post("/v1/admin/reload", json={"version": "v2"}, headers=auth)  # a client key
+        assert refused.status_code == 403 and refused.json()["error"]["type"] == "permission_error"
+        assert score_version(client, admin) == "2026-01-01T00:00:00Z"  # an admin key is a client key too
+        reloaded = client.post("/v1/admin/reload", json={"version": "v2"}, headers=admin)
         assert reloaded.status_code == 200 and reloaded.json()["model"] == "v2"
         assert score_version(client, auth) == "2026-02-01T00:00:00Z"
         moderation = client.post("/v1/moderations", json={"input": "hi"}, headers=auth).json()
         assert moderation["model"] == "v1" and moderation["model_version"] == "2026-01-01T00:00:00Z"
-        reloaded = client.post("/v1/admin/reload", json={"version": "v2", "model": "moderation"}, headers=auth)
+        reloaded = client.post("/v1/admin/reload", json={"version": "v2", "model": "moderation"}, headers=admin)
         assert reloaded.status_code == 200 and reloaded.json()["model"] == "v2"
         moderation = client.post("/v1/moderations", json={"input": "hi"}, headers=auth).json()
         assert moderation["model_version"] == "2026-02-01T00:00:00Z"
         assert score_version(client, auth) == "2026-02-01T00:00:00Z"  # the reward model is untouched
 
         for version, reason in (("v3-broken", "cannot load"), ("nope", "no version"), ("../v1", "bad version")):
-            failed = client.post("/v1/admin/reload", json={"version": version}, headers=auth)
+            failed = client.post("/v1/admin/reload", json={"version": version}, headers=admin)
             assert failed.status_code == 409 and reason in failed.json()["error"]["message"]
             assert "still serving v2" in failed.json()["error"]["message"]
             assert score_version(client, auth) == "2026-02-01T00:00:00Z"  # the old model keeps serving
         metrics = client.get("/metrics").text
         assert 'keel_model_reloads_total{outcome="failed"} 3.0' in metrics
+
+
+def test_admin_routes_need_an_admin_key(tiny_reward_model: Path, tmp_path: Path):
+    store = make_store(tiny_reward_model, tmp_path)
+    # Client keys and no admin keys: the admin routes are refused to every key, not open.
+    with TestClient(create_app(Settings(model=store, api_keys=["k"]))) as client:
+        refused = client.post("/v1/admin/reload", headers={"Authorization": "Bearer k"})
+        assert refused.status_code == 403 and "none is configured" in refused.json()["error"]["message"]
+    # Admin keys only: the other routes stay open, the admin routes need one of them.
+    admin_keys = tmp_path / "admin-keys"
+    admin_keys.write_text("a1\n")
+    with TestClient(create_app(Settings(model=store, admin_keys_file=admin_keys))) as client:
+        assert score_version(client)
+        assert client.post("/v1/admin/reload").status_code == 401
+        assert client.post("/v1/admin/reload", headers={"Authorization": "Bearer a1"}).status_code == 200
 
 
 def test_reload_refuses_a_model_with_other_heads(tiny_reward_model: Path, tmp_path: Path):
