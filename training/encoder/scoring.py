@@ -54,13 +54,14 @@ def torch_scorer(
     model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, max_length: int, batch_size: int = 64,
     features: bool = False,
 ) -> Scorer:
-    """Scores [texts, heads] of a RewardModel; with `features`, the pooled features its heads read."""
-    device = next(model.parameters()).device
+    """Scores [texts, heads] of a RewardModel; with `features`, the pooled features its heads read. The device
+    is read at each call: training moves the model (to the GPU) after the scorer is made."""
 
     @torch.no_grad()
     def run(items: list[dict[str, list[int]]]) -> np.ndarray:
         was_training = model.training
         model.eval()
+        device = next(model.parameters()).device
         batch = {k: v.to(device) for k, v in collate(tokenizer, items).items()}
         scores = (model.pool(**batch) if features else model(**batch).logits).float().cpu().numpy()
         model.train(was_training)

@@ -89,7 +89,9 @@ class RewardModel(PreTrainedModel):
         for key in ("attention_probs_dropout_prob", "attention_dropout"):
             if hasattr(config, key):
                 setattr(config, key, attention_dropout)
-        backbone = AutoModel.from_pretrained(path, config=config)
+        # fp32 master weights whatever the checkpoint's dtype (an fp16 checkpoint would otherwise load as fp16
+        # beside fp32 heads); mixed precision is the accelerator's job.
+        backbone = AutoModel.from_pretrained(path, config=config, dtype=torch.float32)
         return cls(label_config(backbone.config, head_names, problem_type), backbone)
 
     @classmethod
