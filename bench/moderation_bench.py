@@ -16,6 +16,10 @@ and `flagged` at the model's thresholds.
 - AdvBench, HarmBench and SimpleSafetyTests as input: the share flagged, on their held-out test split only
   (HarmBench: all its categories, and the ones the taxonomy covers).
 - Ordinary requests (HH helpful-base first turns, test split): the share flagged.
+- Harmful questions (CatQA, DangerousQA, GPTFuzz, HarmfulQA, CoCoNot test splits): the share flagged; CoCoNot's
+  benign look-alikes (test split): the share flagged; GPTFuzz's replies in context: AUPRC of "complies".
+- Long text: held-out harmful requests alone and after 1,500-3,000 characters of HH conversation.
+- Cost: median time of a short text, a one-window text and a 2,000-character text (windows counted).
 alt-profanity-check (a linear SVM on word n-grams) runs in a venv of its own (created with pip if absent) on the
 same texts, flagging at probability 0.5.
 """
@@ -37,12 +41,14 @@ sys.path.insert(0, str(ROOT))
 
 from bench.abuse_bench import cpu
 from keel.core.artifact import ModerationManifest
-from keel.core.runtime import ModerationRuntime
+from keel.core.runtime import WINDOW_OVERLAP, ModerationRuntime
+from keel.core.text import parse_transcript
 from keel.training.config import BUNDLED_DATA, DEFAULT_MODERATION_CONFIG, build, load_config
+from keel.training.data import read_rows, split_of
 from keel.training.encoder.scoring import average_precision
 from keel.training.evaluation.sets import xstest_prompts
 from keel.training.moderation.config import ModerationConfig, ModerationSource
-from keel.training.moderation.data import Labelled, label_matrix, load_labelled
+from keel.training.moderation.data import Labelled, any_harm_labels, label_matrix, load_labelled
 
 FLOOR = "alt-profanity-check"
 OPENAI = "openai-moderation"
@@ -95,6 +101,52 @@ def summary(scores: np.ndarray, flagged: np.ndarray, harmful: np.ndarray | None)
     return entry
 
 
+def long_text(judge: Judge, config: ModerationConfig) -> dict:
+    """Held-out harmful requests (AdvBench, CatQA, DangerousQA, SimpleSafetyTests test splits) alone, and each
+    placed after 1,500-3,000 characters of an ordinary HH helpful-base conversation (test split): the share
+    flagged in both, and the difference in points."""
+    harmful = [item.input[1] for name in ("advbench", "catqa", "dangerousqa", "simplesafetytests")
+               for item in held_out(config, name)]
+    benign = [item.input[1] for item in held_out(config, "hh-helpful-requests")]
+    conversations = [row["chosen"].strip() for _, row in read_rows(BUNDLED_DATA / "hh-rlhf/helpful-base/test.jsonl.gz")
+                     if split_of(parse_transcript(row["chosen"])[0].content) == "test"]
+    rng = np.random.default_rng(0)
+    prefixes = []
+    for _ in harmful:
+        text = ""
+        while len(text) < 1500:
+            text += conversations[int(rng.integers(len(conversations)))]
+        prefixes.append(text[: int(rng.integers(1500, 3001))])
+    alone = judge([Labelled(("", text), (), text, "x") for text in harmful])[1]
+    late = judge([Labelled(("", prefix + "\n\n" + text), (), text, "x") for prefix, text in zip(prefixes, harmful)])[1]
+    padded_benign = judge([Labelled(("", prefix + "\n\n" + text), (), text, "x")
+                           for prefix, text in zip(prefixes, benign)])[1]
+    return {"harmful texts": len(harmful), "flagged alone": round(float(alone.mean()), 3),
+            "flagged after 1,500-3,000 characters": round(float(late.mean()), 3),
+            "difference (points)": round(100 * float(alone.mean() - late.mean()), 1),
+            "benign requests after the same text, flagged": round(float(padded_benign.mean()), 3)}
+
+
+def cost(runtime: ModerationRuntime, repeats: int = 30) -> dict:
+    """Median seconds to judge a short text (9 words), a text that fills one window, and a 2,000-character
+    text, and the 2,000-character text's window count."""
+    sentence = "Can you help me plan a birthday party for my daughter next weekend? "
+    texts = {"short": "How do I bake bread at home?", "one window": (sentence * 8)[:480],
+             "2,000 characters": (sentence * 40)[:2000]}
+    out = {}
+    for name, text in texts.items():
+        runtime.scored([("", text)])
+        times = []
+        for _ in range(repeats):
+            began = time.perf_counter()
+            runtime.scored([("", text)])
+            times.append(time.perf_counter() - began)
+        out[f"{name} (ms)"] = round(1000 * float(np.median(times)), 2)
+    out["windows of 2,000 characters"] = len(runtime.tokenizer.encode_windows([("", texts["2,000 characters"])],
+                                                                              WINDOW_OVERLAP)[0])
+    return out
+
+
 def cross_validated_models(config_path: Path, work: Path, folds: int) -> list[Path]:
     """One model per held-out fold of OpenAI's samples, trained with the default recipe (reused if present)."""
     models = []
@@ -115,7 +167,8 @@ def main() -> None:
     parser.add_argument("--model", type=Path, help="a Keel moderation-model directory (default with "
                         "--cross-validate: the fold-0 model)")
     parser.add_argument("--cross-validate", action="store_true", help="train one model per OpenAI fold (5)")
-    parser.add_argument("--config", type=Path, default=DEFAULT_MODERATION_CONFIG, help="config for --cross-validate")
+    parser.add_argument("--config", type=Path, default=DEFAULT_MODERATION_CONFIG,
+                        help="config for --cross-validate, and whose test splits are the held-out sets")
     parser.add_argument("--work", type=Path, default=Path("/tmp/keel-moderation-cv"),
                         help="where --cross-validate keeps its fold models")
     parser.add_argument("--floor-venv", type=Path, default=Path("/tmp/profanity-venv"),
@@ -131,7 +184,9 @@ def main() -> None:
         folds = load_config(ModerationConfig, args.config).cross_validation.folds
         fold_models = cross_validated_models(args.config, args.work, folds)
     model = args.model or fold_models[0]
-    config = build(ModerationConfig, ModerationManifest.read(model).config, "keel.json config")
+    # The held-out sets come from --config (test splits are by hash, the same in every config), so a model
+    # trained on an older recipe is measured on the same texts; OpenAI's fold from each model's own config.
+    config = load_config(ModerationConfig, args.config)
     judge = Judge(model)
 
     sets: dict[str, tuple[list[Labelled], np.ndarray | None]] = {}
@@ -147,6 +202,10 @@ def main() -> None:
     sets["simplesafetytests (test split)"] = (
         request_set("simplesafetytests/simplesafetytests.csv", "prompts_final", config), None)
     sets["hh-helpful-requests (test split)"] = (held_out(config, "hh-helpful-requests"), None)
+    for source in ("catqa", "dangerousqa", "gptfuzz", "harmfulqa", "coconot", "coconot-contrast"):
+        sets[f"{source} (test split)"] = (held_out(config, source), None)
+    replies = held_out(config, "gptfuzz-replies")
+    sets["gptfuzz-replies (test split, in context)"] = (replies, any_harm_labels(replies) == 1)
 
     result: dict = {"cpu": cpu(), "model": str(model), "backend": judge.runtime.backend, "keel": {}}
     texts: list[str] = []
@@ -183,6 +242,9 @@ def main() -> None:
     spans[name] = slice(len(texts), len(texts) + len(openai_items))
     texts += [item.input[1] for item in openai_items]
     sets[name] = (openai_items, harmful)
+
+    result["long text"] = long_text(judge, config)
+    result["cost"] = cost(judge.runtime)
 
     if not args.no_floor:
         floor = floor_scores(args.floor_venv, texts)

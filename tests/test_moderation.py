@@ -13,10 +13,12 @@ from fastapi.testclient import TestClient
 
 from keel.core.artifact import ArtifactError, ModerationManifest, RewardManifest
 from keel.core.moderation import CATEGORIES
+from keel.core.runtime import WINDOW_OVERLAP, ModerationRuntime
+from keel.service.moderation import moderate
 from keel.training.config import DEFAULT_MODERATION_CONFIG, ConfigError, load_config
 from keel.training.encoder.scoring import average_precision, operating_threshold
 from keel.training.moderation.config import LabelRule, ModerationConfig, ModerationSource
-from keel.training.moderation.data import fold_split, parse_labelled
+from keel.training.moderation.data import Labelled, fold_split, load_labelled, parse_labelled
 from keel.training.moderation.train import choose_thresholds, masked_bce
 from tests.helpers import moderation_rows, tiny_moderation_config, write_jsonl
 
@@ -65,10 +67,51 @@ def test_default_config_maps_every_source_onto_the_taxonomy_and_keeps_xstest_out
     config = load_config(ModerationConfig, DEFAULT_MODERATION_CONFIG)
     assert config.categories == list(CATEGORIES)
     sources = [source for _, source in config.sources()]
-    assert all(source.labels or source.rest is not None for source in sources)
+    assert all(source.labels or source.rest is not None or source.any_of or source.by for source in sources)
     assert not any("xstest" in source.path for source in sources)
     openai = [source for source in sources if "openai-moderation" in source.path]
     assert openai and all(source.folds for source in openai)  # cross-validation folds, never 80/10/10
+
+
+def category_view(item: Labelled) -> tuple[set[str], set[str], set[str]]:
+    """(categories labelled 1, labelled 0, in the "at least one of" group)."""
+    named = dict(zip(CATEGORIES, item.labels))
+    return ({c for c, v in named.items() if v == 1}, {c for c, v in named.items() if v == 0},
+            {CATEGORIES[i] for i in item.any_of})
+
+
+def test_harmful_question_sources_map_onto_the_taxonomy():
+    config = load_config(ModerationConfig, DEFAULT_MODERATION_CONFIG)
+    train = {source.name: source for source in config.train}
+
+    def catqa(category: str, sub_category: str) -> Labelled | None:
+        row = {"key1": category, "key2": sub_category, "text": "a question"}
+        return parse_labelled(row, train["catqa"], list(CATEGORIES))
+
+    ones, zeros, group = category_view(catqa("Illegal Activity", "Weapon:"))
+    assert ones == {"illicit", "illicit/violent"} and "sexual/minors" in zeros and "violence" not in zeros
+    assert category_view(catqa("Hate/Harass/Violence", "Gender-based violence"))[2] == {"hate", "harassment", "violence"}
+    ones, zeros, group = category_view(catqa("Hate/Harass/Violence", "Racial or ethnic hate"))
+    assert ones == {"hate"} and not group  # a sub-category that names one category satisfies the group
+    assert "self-harm" in category_view(catqa("Physical Harm", "Self-harm"))[0]
+    assert catqa("Political Campaigning", "Lobbying") is None  # not in the taxonomy: left out
+    assert len(load_labelled(train["catqa"], config, "train")) > 300
+
+    dangerous = load_labelled(train["dangerousqa"], config, "train")
+    assert all(category_view(item)[2] == {"harassment", "hate", "illicit", "self-harm", "sexual", "violence"}
+               for item in dangerous)
+    every_split = [item.input[1] for role in ("train", "validation", "test")
+                   for source in getattr(config, role) if source.name == "dangerousqa"
+                   for item in load_labelled(source, config, role)]
+    assert "How do I commit suicide?" not in every_split and len(every_split) == 194  # 6 XSTest copies left out
+
+    contrast = load_labelled(train["coconot-contrast"], config, "train")
+    assert all(category_view(item)[1] == set(CATEGORIES) for item in contrast)  # benign look-alikes: every 0
+    replies = load_labelled(train["gptfuzz-replies"], config, "train")
+    complying = [item for item in replies if item.any_of]
+    refusing = [item for item in replies if not item.any_of]
+    assert complying and refusing and all(category_view(item)[1] == set(CATEGORIES) for item in refusing)
+    assert all(item.input[0].startswith("Human: ") and len(item.input[0]) > 20 for item in replies)  # its question
 
 
 def test_unknown_categories_and_half_rules_are_config_errors(tmp_path: Path):
@@ -109,6 +152,23 @@ def test_masked_loss_by_hand_and_zero_gradient_for_unlabelled_categories():
     assert torch.count_nonzero(heads.weight.grad[hate]) > 0
 
 
+def test_at_least_one_of_loss_by_hand():
+    # Row 0: at least one of columns 0 and 1 applies; column 2 is labelled 0. Row 1: only cells (column 0 is 1).
+    logits = torch.tensor([[0.0, math.log(3.0), 0.0], [2.0, 0.0, 0.0]])
+    labels = torch.tensor([[NAN, NAN, 0.0], [1.0, NAN, NAN]])
+    groups = torch.tensor([[1.0, 1.0, 0.0], [0.0, 0.0, 0.0]])
+    # P(none of the group) = (1 - 1/2) * (1 - 3/4) = 1/8, so the group's loss is -log(7/8); the cells' losses are
+    # -log(1 - sigma(0)) = log 2 and -log sigma(2); three terms in all.
+    expected = (-math.log(7 / 8) + math.log(2) + math.log(1 + math.exp(-2))) / 3
+    assert masked_bce(logits, labels, groups).item() == pytest.approx(expected, rel=1e-5)
+    # The group raises every head in it, each in proportion to its probability (the likeliest gets the credit):
+    # d/ds_c = -P(none) / (1 - P(none)) * sigma(s_c) / 3 = -(1/7) * sigma(s_c) / 3.
+    leaf = logits.clone().requires_grad_()
+    masked_bce(leaf, labels, groups).backward()
+    assert leaf.grad[0, 0].item() == pytest.approx(-0.5 / 21, rel=1e-4)
+    assert leaf.grad[0, 1].item() == pytest.approx(-0.75 / 21, rel=1e-4)
+
+
 # ---- thresholds ----------------------------------------------------------------------------------------------
 
 def test_average_precision_by_hand():
@@ -127,7 +187,7 @@ def test_operating_threshold_prefers_precision_then_falls_back_to_best_f1():
     assert hard["rule"] == "best F1" and hard["threshold"] == 0.6  # no cut reaches 0.8: flag all, F1 2/3
 
 
-def test_categories_without_labels_or_enough_positives_are_never_flagged(tmp_path: Path):
+def test_few_positives_borrow_the_shared_threshold_and_untrained_categories_never_flag(tmp_path: Path):
     data = write_jsonl(tmp_path / "d.jsonl", moderation_rows(4))
     config = tiny_moderation_config("unused", data)
     labels = np.full((6, len(CATEGORIES)), NAN)
@@ -138,9 +198,37 @@ def test_categories_without_labels_or_enough_positives_are_never_flagged(tmp_pat
     trained = np.zeros(len(CATEGORIES), dtype=bool)
     trained[[violence, illicit]] = True
     thresholds = choose_thresholds(scores, labels, config, trained)
-    assert thresholds["violence"].threshold == 0.7 and thresholds["violence"].precision == 1.0
-    assert thresholds["illicit"].threshold is None and "1 validation positives" in thresholds["illicit"].rule
-    assert thresholds["hate"].threshold is None and "no training labels" in thresholds["hate"].rule
+    # Any harm: rows 0-2 positive (a labelled 1), 3-5 negative; the lowest cut with precision >= 0.8 is 0.7.
+    # Violence's own threshold is also 0.7 (3 positives >= min_positives 2), so the blend is 0.7.
+    assert thresholds["violence"].threshold == pytest.approx(0.7) and thresholds["violence"].precision == 1.0
+    # Illicit has 1 validation positive (< 2): it takes the shared threshold instead of never flagging.
+    assert thresholds["illicit"].threshold == pytest.approx(0.7) and "shared" in thresholds["illicit"].rule
+    assert thresholds["hate"].threshold is None and "no positive training labels" in thresholds["hate"].rule
+
+
+def test_a_dozen_positives_cannot_push_a_threshold_to_the_top():
+    """The rule issue 31 replaced set violence at 0.994 on 12 validation positives (recall 0.1): one high-scoring
+    negative was enough. Shrinkage keeps it near the shared any-harm threshold."""
+    rng = np.random.default_rng(0)
+    config = ModerationConfig(train=[], validation=[], min_positives=5, threshold_shrinkage=30)
+    violence = CATEGORIES.index("violence")
+    # 400 rows labelled on harm at all (any-harm positives score 0.6-1, negatives 0-0.5), 12 of them on violence.
+    harmful = np.r_[np.ones(200), np.zeros(200)]
+    scores = np.zeros((400, len(CATEGORIES)))
+    scores[:, 0] = np.where(harmful == 1, rng.uniform(0.6, 1.0, 400), rng.uniform(0.0, 0.5, 400))
+    labels = np.full((400, len(CATEGORIES)), NAN)
+    labels[:, 0] = harmful
+    # Violence: 12 positives at 0.55-0.99, and two negatives scoring 0.98 and 0.97, so its own rule picks 0.99.
+    labels[:14, violence] = [1] * 12 + [0, 0]
+    scores[:14, violence] = [*np.linspace(0.55, 0.99, 11), 0.995, 0.98, 0.97]
+    trained = np.zeros(len(CATEGORIES), dtype=bool)
+    trained[[0, violence]] = True
+    thresholds = choose_thresholds(scores, labels, config, trained, harmful.astype(np.float32))
+    shared = thresholds["harassment"].threshold  # 200 positives: mostly its own, near the any-harm cut 0.6
+    assert 0.55 < shared < 0.65
+    chosen = thresholds["violence"]
+    assert chosen.positives == 12 and chosen.threshold < 0.9 and chosen.recall >= 0.5
+    assert "weight 0.29 on own" in chosen.rule  # 12 / (12 + 30)
 
 
 # ---- the whole path on tiny models ---------------------------------------------------------------------------
@@ -160,6 +248,30 @@ def test_tiny_moderation_model_directory(tiny_moderation_model: Path):
         RewardManifest.read(tiny_moderation_model)
 
 
+def test_harm_late_in_a_long_text_is_flagged_through_windows(tiny_moderation_model: Path):
+    """The tiny model reads 32 tokens at a time and learned "i will kill and hurt you" as violence. Placed after
+    150 tokens of harmless text, the sentence is beyond the first window. Judged in overlapping windows, a text's
+    score is exactly its best window's, and the text is flagged; cut at the first window, it is not. (A tiny
+    random backbone dilutes the sentence among the filler in its window, so the flag is checked at a deployment
+    threshold of 0.15; the real model learns the surrounded case, `surroundings` in configs/moderation.yaml.)"""
+    runtime = ModerationRuntime(tiny_moderation_model, backend="onnx")  # int8's dynamic scales vary by batch
+    violence = runtime.categories.index("violence")
+    harm, filler = "i will kill and hurt you 7", " ".join(["here is some recipe for bread thanks"] * 25)
+    texts = [("", harm), ("", filler), ("", filler + " " + harm), ("", filler + " " + harm + " " + filler)]
+    windows, owners = runtime.tokenizer.encode_windows(texts, WINDOW_OVERLAP)
+    assert owners.count(0) == 1 and owners.count(2) > 4 and max(len(w["input_ids"]) for w in windows) <= 32
+    per_window = runtime.transform(runtime.run_batches(windows))[:, violence]
+    whole = runtime.scored(texts).values[:, violence]
+    for text in range(len(texts)):
+        assert whole[text] == pytest.approx(max(p for p, o in zip(per_window, owners) if o == text), abs=1e-4)
+    assert whole[0] > 0.5 and whole[1] < 0.05 and whole[2] > 3 * whole[1] and whole[3] > 3 * whole[1]
+    flagged = moderate(runtime.scored(texts), {"violence": 0.15})
+    assert [result.categories["violence"] for result in flagged] == [True, False, True, True]
+    runtime.windowed = False  # the old reading: the first max_length tokens only
+    cut = moderate(runtime.scored(texts), {"violence": 0.15})
+    assert [result.categories["violence"] for result in cut] == [True, False, False, False]
+
+
 def test_hugging_face_pipeline_gives_category_probabilities(tiny_moderation_model: Path):
     from transformers import pipeline
 
@@ -174,8 +286,6 @@ def test_hugging_face_pipeline_gives_category_probabilities(tiny_moderation_mode
     labels = [classify.model.config.id2label[i] for i in range(len(logits))]
     by_label = {s["label"]: s["score"] for s in scores}
     assert [by_label[c] for c in labels] == pytest.approx(torch.sigmoid(logits).tolist(), abs=1e-5)
-    from keel.core.runtime import ModerationRuntime
-
     served = ModerationRuntime(tiny_moderation_model, backend="torch").scored([("", "i will kill and hurt you")])
     by_label = {s["label"]: s["score"] for s in scores}
     assert [by_label[c] for c in CATEGORIES] == pytest.approx(served.values[0].tolist(), abs=1e-5)

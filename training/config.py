@@ -180,10 +180,9 @@ def build(cls: Any, value: Any, where: str) -> Any:
 
 def _resolve_paths(config: Any, base: Path) -> None:
     """Make every data path relative to the config file absolute, and model paths that exist there."""
-    if isinstance(config, DataSource):
-        if not Path(config.path).is_absolute():
-            config.path = _from_config_folder(config.path, base)
-    elif isinstance(config, (list, dict)):
+    if isinstance(config, DataSource) and not Path(config.path).is_absolute():
+        config.path = _from_config_folder(config.path, base)
+    if isinstance(config, (list, dict)):
         for item in config.values() if isinstance(config, dict) else config:
             _resolve_paths(item, base)
     elif dataclasses.is_dataclass(config):

@@ -131,13 +131,9 @@ def read_rows(path: str | Path) -> Iterator[tuple[str, dict[str, Any]]]:
                         yield f"{path}:{line_no}", _json_object(line, f"{path}:{line_no}")
             elif suffix == ".json":
                 document = json.loads(text.read())
-                items = document.get("data") if isinstance(document, dict) else document
-                if not isinstance(items, list):
-                    raise DataError(f"{path}: expected a JSON list of rows (or {{'data': [...]}})")
-                for index, item in enumerate(items, start=1):
-                    if not isinstance(item, dict):
-                        raise DataError(f"{path}: item {index}: expected a JSON object")
-                    yield f"{path}: item {index}", item
+                if isinstance(document, dict) and isinstance(document.get("data"), list):
+                    document = document["data"]
+                yield from _json_rows(document, str(path), {})
             else:
                 reader = csv.DictReader(text)
                 for row in reader:
@@ -148,6 +144,23 @@ def read_rows(path: str | Path) -> Iterator[tuple[str, dict[str, Any]]]:
             raise DataError(f"{path}: invalid JSON ({error})") from error
         except (OSError, EOFError, csv.Error) as error:
             raise DataError(f"{path}: unreadable ({error})") from error
+
+
+def _json_rows(document: Any, location: str, keys: dict[str, str]) -> Iterator[tuple[str, dict[str, Any]]]:
+    """Rows of a JSON document: a list of objects; a list of strings (each the row's `text`); or objects of such
+    lists, nested, whose keys become the columns key1, key2, ... (CatQA: category -> sub-category -> questions)."""
+    if isinstance(document, dict) and document and all(isinstance(v, (dict, list)) for v in document.values()):
+        for key, value in document.items():
+            yield from _json_rows(value, f"{location} / {key}", {**keys, f"key{len(keys) + 1}": key})
+        return
+    if not isinstance(document, list):
+        raise DataError(f"{location}: expected a JSON list of rows (or {{'data': [...]}})")
+    for index, item in enumerate(document, start=1):
+        if isinstance(item, str):
+            item = {"text": item}
+        if not isinstance(item, dict):
+            raise DataError(f"{location}: item {index}: expected a JSON object or a string")
+        yield f"{location}: item {index}", {**keys, **item}
 
 
 def filtered_rows(source: DataSource) -> Iterator[tuple[str, dict[str, Any]]]:

@@ -4,6 +4,7 @@ the operating point thresholds are chosen for, training and export settings."""
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 from keel.core.moderation import CATEGORIES
 from keel.training.config import ConfigError, check_numbers, check_precision
@@ -23,6 +24,39 @@ class LabelRule:
     negative: list[str] = dataclasses.field(default_factory=list)
 
 
+ANY = "any"  # in a `by` mapping: at least one of the categories marked so applies
+
+
+@dataclasses.dataclass
+class LabelsBy:
+    """Labels that depend on a column's value (CatQA's category, then its sub-category): `values` maps a value to
+    {category: 1 | 0 | null | any}. 1 and 0 label the category; null leaves it unlabelled; `any` marks it as one
+    of a group of which at least one applies (the loss: keel.training.moderation.train.masked_bce). Applied in
+    order after `labels` and `rest`; a value mapped to null leaves its rows out, a value not named changes
+    nothing."""
+
+    column: str
+    values: dict[str, dict[str, Any] | None]  # a value mapped to null: its rows are left out
+
+
+@dataclasses.dataclass
+class ContextFile(DataSource):
+    """The file a `context` column points into: the context is this file's `text` in the row whose `key` column
+    equals the value (GPTFuzz's replies name their question by index)."""
+
+    key: str = "index"
+    text: str = "text"
+
+
+@dataclasses.dataclass
+class NearCopies(DataSource):
+    """A test set to keep out of training: rows whose text shares at least `jaccard` of its word set with one of
+    this file's `text` column are dropped (DangerousQA holds XSTest prompts)."""
+
+    text: str = "text"
+    jaccard: float = 0.7
+
+
 @dataclasses.dataclass
 class ModerationSource(DataSource):
     """A labelled file and its mapping onto the taxonomy. Categories a source does not label are masked in the
@@ -34,6 +68,10 @@ class ModerationSource(DataSource):
     hh_first_turn: bool = False  # `text` holds an HH transcript: judge its first human turn
     labels: dict[str, LabelRule] = dataclasses.field(default_factory=dict)
     rest: float | None = None  # the label of every category `labels` does not name (None: unlabelled)
+    any_of: list[str] = dataclasses.field(default_factory=list)  # at least one of these applies to every row
+    by: list[LabelsBy] = dataclasses.field(default_factory=list)  # labels by a column's value, applied in order
+    context_file: ContextFile | None = None  # `context` holds a key into this file
+    exclude: list[NearCopies] = dataclasses.field(default_factory=list)  # drop near copies of these texts
     fraction: float = 1.0  # keep this share of the rows (a deterministic hash sample)
     repeat: int = 1  # training: each row this many times an epoch (oversampling a small source)
     # Split by `folds` hash folds instead of 80/10/10: test = fold `cross_validation.test_fold`, validation and
@@ -43,6 +81,17 @@ class ModerationSource(DataSource):
     def __post_init__(self) -> None:
         super().__post_init__()
         self.name = self.name or self.path.replace("\\", "/").rstrip("/").split("/")[-2]
+
+
+@dataclasses.dataclass
+class Surroundings(DataSource):
+    """Long texts in training: a hash `fraction` of the training texts judged on their own also train inside
+    ordinary conversation from this file (its train split, column `text`): `chars` = [low, high] characters
+    before the text, up to `low` after it (keel.training.moderation.data.surrounded)."""
+
+    text: str = "chosen"
+    fraction: float = 0.15
+    chars: list[int] = dataclasses.field(default_factory=lambda: [100, 400])
 
 
 @dataclasses.dataclass
@@ -60,10 +109,12 @@ class ModerationConfig:
     base_model: str = "default"
     max_length: int = 128
     truncation_side: str = "right"  # a long text keeps its beginning; a reply in context keeps the reply
-    min_precision: float = 0.8  # thresholds: the lowest with validation precision >= this, else best F1
-    min_positives: int = 5  # fewer validation positives than this: the category is not flagged (threshold null)
+    min_precision: float = 0.8  # thresholds: the lowest with validation precision >= this, else best F1 (train.py)
+    min_positives: int = 5  # fewer validation positives than this: the category takes the shared threshold
+    threshold_shrinkage: float = 30.0  # pseudo-positives pulling a category's threshold toward the shared one
     prior: float = 0.02  # heads start at this probability, so a category without labels scores near it
     cross_validation: CrossValidation = dataclasses.field(default_factory=CrossValidation)
+    surroundings: Surroundings | None = None  # also train texts inside ordinary conversation (long texts)
     training: TrainingConfig = dataclasses.field(default_factory=TrainingConfig)
     export: ExportConfig = dataclasses.field(default_factory=ExportConfig)
 
@@ -76,6 +127,16 @@ class ModerationConfig:
                 if unknown:
                     raise ConfigError(f"{role} source {source.path}: labels name unknown categories "
                                       f"{sorted(unknown)}; the categories are {self.categories}")
+                named = set(source.any_of) | {c for by in source.by for labels in by.values.values()
+                                              for c in labels or {}}
+                if named - set(self.categories):
+                    raise ConfigError(f"{role} source {source.path}: any_of or by names unknown categories "
+                                      f"{sorted(named - set(self.categories))}; the categories are {self.categories}")
+                for by in source.by:
+                    for value, labels in by.values.items():
+                        if labels is not None and any(label not in (0, 1, None, ANY) for label in labels.values()):
+                            raise ConfigError(f"{role} source {source.path}: by {by.column} = {value!r}: each "
+                                              f"label is 1, 0, null or {ANY}, got {labels}")
                 for category, rule in source.labels.items():
                     if (rule.value is None) == (rule.column is None):
                         raise ConfigError(f"{role} source {source.path}: labels.{category} needs exactly one of "
@@ -83,9 +144,15 @@ class ModerationConfig:
                 check_numbers(f"{role} source {source.path}", source, up_to_1=["fraction"],
                               positive=["fraction", "repeat"])
         check_precision(self.training.precision)
-        check_numbers("", self, positive=["max_length", "min_positives"], below_1=["min_precision", "prior"])
+        check_numbers("", self, positive=["max_length", "min_positives"], at_least_0=["threshold_shrinkage"], below_1=["min_precision", "prior"])
         if not 0 <= self.cross_validation.test_fold < self.cross_validation.folds:
             raise ConfigError(f"cross_validation.test_fold must be in [0, {self.cross_validation.folds})")
+        if self.surroundings is not None:
+            check_numbers("surroundings", self.surroundings, up_to_1=["fraction"], positive=["fraction"])
+            low, high = (self.surroundings.chars + [0, 0])[:2]
+            if len(self.surroundings.chars) != 2 or not 0 <= low <= high:
+                raise ConfigError(f"surroundings.chars must be [low, high] with 0 <= low <= high, got "
+                                  f"{self.surroundings.chars}")
         if self.truncation_side not in ("left", "right"):
             raise ConfigError("truncation_side must be left or right")
         check_numbers("training", self.training, below_1=["warmup_ratio"],

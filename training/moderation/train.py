@@ -28,24 +28,47 @@ from keel.training.encoder import onnx_export
 from keel.training.encoder.fit import Run, Selection, Step, fit
 from keel.training.encoder.optim import freeze, load_tokenizer
 from keel.training.encoder.publish import Exported, publish
-from keel.training.encoder.scoring import Scorer, average_precision, collate, encode, operating_threshold, torch_scorer
+from keel.training.encoder.scoring import (
+    Scorer,
+    average_precision,
+    collate,
+    encode,
+    expected_calibration_error,
+    operating_threshold,
+    torch_scorer,
+)
 from keel.training.moderation.config import ModerationConfig
-from keel.training.moderation.data import Labelled, data_provenance, label_matrix, load_moderation_data
+from keel.training.moderation.data import (
+    Labelled,
+    any_harm_labels,
+    any_of_matrix,
+    data_provenance,
+    label_matrix,
+    load_moderation_data,
+)
 from keel.training.moderation.model_card import moderation_model_card
 from keel.training.runs import start_run
 
 log = logging.getLogger(__name__)
 
 
-def masked_bce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Binary cross-entropy over the labelled (row, category) cells only; NaN marks a category the row's source
-    does not label, which then contributes no loss and no gradient:
+def masked_bce(logits: torch.Tensor, labels: torch.Tensor, groups: torch.Tensor | None = None) -> torch.Tensor:
+    """Binary cross-entropy over the labelled (row, category) cells, plus one term per "at least one of" group.
+    NaN marks a category the row's source does not label: it contributes no loss and no gradient. A group G is
+    a set of categories of which at least one applies (CatQA's "hate, harassment or violence", a reply that
+    complies with a harmful request); with the heads independent, P(at least one) = 1 - prod_G (1 - sigma(s_c)),
+    and 1 - sigma(s) = exp(-softplus(s)), so
 
-        L = sum_ic m_ic * BCE(s_ic, y_ic) / sum_ic m_ic,   m_ic = 1 where y_ic is labelled, else 0
+        L = [ sum_ic m_ic * BCE(s_ic, y_ic) + sum_i -log(1 - exp(-sum_{c in G_i} softplus(s_ic))) ]
+            / (sum_ic m_ic + number of groups),   m_ic = 1 where y_ic is labelled, else 0
     """
+    groups = torch.zeros_like(logits) if groups is None else groups
     mask = ~torch.isnan(labels)
-    losses = F.binary_cross_entropy_with_logits(logits, torch.nan_to_num(labels, nan=0.0), reduction="none")
-    return (losses * mask).sum() / mask.sum().clamp(min=1)
+    cells = F.binary_cross_entropy_with_logits(logits, torch.nan_to_num(labels, nan=0.0), reduction="none")
+    has_group = groups.sum(dim=1) > 0
+    none_apply = (F.softplus(logits) * groups).sum(dim=1)  # -log P(no category of the group applies)
+    group_losses = -torch.log((-torch.expm1(-none_apply[has_group])).clamp(min=1e-7))
+    return ((cells * mask).sum() + group_losses.sum()) / (mask.sum() + has_group.sum()).clamp(min=1)
 
 
 def category_probabilities(scorer: Scorer, items: list[Labelled]) -> np.ndarray:
@@ -64,9 +87,15 @@ def category_auprc(scores: np.ndarray, labels: np.ndarray, categories: list[str]
 
 
 def validation_score(scorer: Scorer, items: list[Labelled], config: ModerationConfig) -> float:
-    """The mean validation AUPRC over categories with enough positives: what picks the weights to keep."""
-    auprc = category_auprc(category_probabilities(scorer, items), label_matrix(items), config.categories, config.min_positives)
-    return float(np.mean(list(auprc.values()))) if auprc else float("nan")
+    """What picks the weights to keep: the mean validation AUPRC over the categories with enough positives and
+    harm at all (any category; the highest probability), which "at least one of" rows label."""
+    scores = category_probabilities(scorer, items)
+    auprc = list(category_auprc(scores, label_matrix(items), config.categories, config.min_positives).values())
+    harmful = any_harm_labels(items)
+    known = ~np.isnan(harmful)
+    if harmful[known].sum() >= config.min_positives and not harmful[known].all():
+        auprc.append(average_precision(scores[known].max(axis=1), harmful[known]))
+    return float(np.mean(auprc)) if auprc else float("nan")
 
 
 def train_moderation(config: ModerationConfig, output: Path, resume: bool = False, overwrite: bool = False,
@@ -83,6 +112,7 @@ def train_moderation(config: ModerationConfig, output: Path, resume: bool = Fals
     data = load_moderation_data(config, skip_bad_rows)
     train, validation = data["train"], data["validation"]
     labels = torch.from_numpy(label_matrix(train))
+    groups = torch.from_numpy(any_of_matrix(train, len(config.categories)))
     tokenizer = load_tokenizer(config.base_model, config.max_length, config.truncation_side)
     encoded = encode(tokenizer, [item.input for item in train], config.max_length)
 
@@ -90,7 +120,7 @@ def train_moderation(config: ModerationConfig, output: Path, resume: bool = Fals
     def step_loss(training: torch.nn.Module, group: int, indices: list[int]) -> Step:
         batch = collate(tokenizer, [encoded[i] for i in indices])
         logits = training(**{k: v.to(accelerator.device) for k, v in batch.items()}).logits.float()
-        return Step(masked_bce(logits, labels[indices].to(logits.device)))
+        return Step(masked_bce(logits, labels[indices].to(logits.device), groups[indices].to(logits.device)))
 
     scorer = torch_scorer(model, tokenizer, config.max_length, t.eval_batch_size)
     fitted = fit(model, [[len(item["input_ids"]) for item in encoded]], step_loss,
@@ -111,34 +141,71 @@ def train_moderation(config: ModerationConfig, output: Path, resume: bool = Fals
 
 # ---- thresholds and held-out metrics --------------------------------------------------------------------------
 
-def choose_thresholds(scores: np.ndarray, labels: np.ndarray, config: ModerationConfig,
-                      trained: np.ndarray) -> dict[str, CategoryThreshold]:
-    """Per category, on validation: the lowest threshold with precision >= min_precision (most recall), else
-    the best F1; no threshold (never flagged) for a category without training labels or without enough
-    validation positives to choose one."""
+def logit(p: float) -> float:
+    p = min(max(p, 1e-6), 1 - 1e-6)
+    return math.log(p / (1 - p))
+
+
+def choose_thresholds(scores: np.ndarray, labels: np.ndarray, config: ModerationConfig, trained: np.ndarray,
+                      any_harm: np.ndarray | None = None) -> dict[str, CategoryThreshold]:
+    """Per category, on validation, a threshold that a dozen positives cannot push to 0.99:
+
+    1. a shared any-harm threshold t*: over the rows known to be harmful or not (`any_harm`: 1, 0, NaN; by
+       default, any labelled category 1 against all labelled 0), score = the highest probability among the
+       trained categories, the lowest threshold with precision >= min_precision (else the best F1);
+    2. each category's own threshold t_c by the same rule on its labelled rows, if it has min_positives;
+    3. the two averaged in log-odds by the category's evidence, n_c validation positives:
+
+           logit t = w logit t_c + (1 - w) logit t*,   w = n_c / (n_c + threshold_shrinkage)
+
+    A category without positive training labels is scored, never flagged (its rule says so)."""
+    flaggable = np.flatnonzero(trained)
+    if any_harm is None:
+        positive = np.nan_to_num(labels, nan=0.0).max(axis=1) == 1
+        any_harm = np.where(positive, 1.0, np.where((~np.isnan(labels)).any(axis=1), 0.0, np.nan))
+    known = ~np.isnan(any_harm)
+    shared = None
+    if flaggable.size and any_harm[known].sum() >= config.min_positives:
+        shared = operating_threshold(scores[known][:, flaggable].max(axis=1), any_harm[known], config.min_precision)
     out = {}
     for c, name in enumerate(config.categories):
         labelled = ~np.isnan(labels[:, c])
         positives = int(labels[labelled, c].sum())
+        counts = {"positives": positives, "examples": int(labelled.sum())}
         if not trained[c]:
-            out[name] = CategoryThreshold(threshold=None, rule="no training labels: scored, never flagged")
-        elif positives < config.min_positives:
-            out[name] = CategoryThreshold(threshold=None, positives=positives, examples=int(labelled.sum()),
-                                          rule=f"{positives} validation positives (< {config.min_positives}): "
-                                               "scored, never flagged")
+            out[name] = CategoryThreshold(threshold=None, rule="no positive training labels: scored, never flagged")
+            continue
+        own = (operating_threshold(scores[labelled, c], labels[labelled, c], config.min_precision)
+               if positives >= config.min_positives and positives < labelled.sum() else None)
+        if shared is None and own is None:
+            out[name] = CategoryThreshold(threshold=None, **counts,
+                                          rule=f"{positives} validation positives (< {config.min_positives}) and "
+                                               "no shared any-harm threshold: scored, never flagged")
+            continue
+        if own is None or shared is None:
+            threshold = (own or shared)["threshold"]  # type: ignore[index]
+            rule = (f"shared any-harm threshold ({shared['rule']}); {positives} validation positives"
+                    if own is None else f"own threshold ({own['rule']}); no shared threshold")
         else:
-            chosen = operating_threshold(scores[labelled, c], labels[labelled, c], config.min_precision)
-            out[name] = CategoryThreshold(threshold=chosen["threshold"], rule=chosen["rule"],
-                                          precision=chosen["precision"], recall=chosen["recall"], f1=chosen["f1"],
-                                          positives=positives, examples=int(labelled.sum()))
+            weight = positives / (positives + config.threshold_shrinkage)
+            threshold = 1 / (1 + math.exp(-(weight * logit(own["threshold"])
+                                            + (1 - weight) * logit(shared["threshold"]))))
+            rule = (f"own ({own['rule']}, {own['threshold']:.3f}) and shared any-harm ({shared['threshold']:.3f}) "
+                    f"thresholds in log-odds, weight {weight:.2f} on own ({positives} validation positives)")
+        hits = scores[labelled, c] >= threshold
+        truth = labels[labelled, c] == 1
+        precision = float((hits & truth).sum() / max(hits.sum(), 1))
+        recall = float((hits & truth).sum() / max(truth.sum(), 1))
+        out[name] = CategoryThreshold(threshold=float(threshold), rule=rule, precision=precision, recall=recall,
+                                      f1=2 * precision * recall / max(precision + recall, 1e-12), **counts)
     return out
 
 
 def held_out_metrics(scores: np.ndarray, items: list[Labelled], config: ModerationConfig,
                      thresholds: dict[str, CategoryThreshold]) -> dict[str, Any]:
-    """Per category: AUPRC, and precision and recall at the served threshold. Per source: how many texts are
-    flagged, and the any-category AUPRC (positive = any labelled category is 1; score = the highest category
-    probability) where the source has both classes."""
+    """Per category: AUPRC, calibration error (ECE), and precision and recall at the served threshold. Per
+    source: how many texts are flagged, and the any-category AUPRC (positive = any category applies, a labelled
+    1 or an "at least one of" group; score = the highest category probability) where the source has both."""
     labels = label_matrix(items)
     limits = [thresholds[c].threshold for c in config.categories]
     flagged = flags(scores, limits)
@@ -149,15 +216,17 @@ def held_out_metrics(scores: np.ndarray, items: list[Labelled], config: Moderati
         entry: dict[str, Any] = {"examples": int(labelled.sum()), "positives": int(positives.sum())}
         if positives.any() and not positives.all():
             entry["auprc"] = average_precision(scores[labelled, c], positives)
+            entry["ece"] = expected_calibration_error(scores[labelled, c], positives.astype(np.float64))
         if limits[c] is not None and positives.any():
             hits = flagged[labelled, c]
             entry["precision"] = float((hits & positives).sum() / max(hits.sum(), 1))
             entry["recall"] = float((hits & positives).sum() / positives.sum())
         per_category[name] = entry
     per_source = {}
+    harmful = any_harm_labels(items)
     for source in dict.fromkeys(item.source for item in items):
         rows = np.array([item.source == source for item in items])
-        any_harm = np.nanmax(np.nan_to_num(labels[rows], nan=-1.0), axis=1) == 1
+        any_harm = harmful[rows] == 1
         entry = {"examples": int(rows.sum()), "positives": int(any_harm.sum()),
                  "flagged": float(flagged[rows].any(axis=1).mean())}
         if any_harm.any() and not any_harm.all():
@@ -174,9 +243,11 @@ def publish_moderation_model(config: ModerationConfig, model: RewardModel, token
     """Export ONNX, choose thresholds on validation, measure on test, and publish the model directory."""
 
     def describe(exported: Exported) -> ModerationManifest:
-        trained = (~np.isnan(label_matrix(data["train"]))).any(axis=0)
+        train = data["train"]
+        trained = (label_matrix(train) == 1).any(axis=0) | (any_of_matrix(train, len(config.categories)) == 1).any(axis=0)
         validation_scores = category_probabilities(exported.scorer, data["validation"])
-        thresholds = choose_thresholds(validation_scores, label_matrix(data["validation"]), config, trained)
+        thresholds = choose_thresholds(validation_scores, label_matrix(data["validation"]), config, trained,
+                                       any_harm_labels(data["validation"]))
         metrics: dict[str, Any] = {**run, "validation": held_out_metrics(validation_scores, data["validation"],
                                                                          config, thresholds)}
         if data["test"]:

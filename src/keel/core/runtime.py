@@ -28,6 +28,9 @@ from keel.core.tokenizer import PairTokenizer
 
 log = logging.getLogger(__name__)
 
+# Consecutive windows of a long text share this many tokens, so a sentence cut by one window is whole in the next.
+WINDOW_OVERLAP = 32
+
 # Called after each engine batch with (seconds, texts, padded tokens): the service's Prometheus histograms.
 BatchObserver = Callable[[float, int, int], None]
 
@@ -105,9 +108,10 @@ class ModelChanged(Exception):
 
 class ModelRuntime:
     """What both kinds share: the manifest, tokenizer and engines. A subclass reads its kind's manifest and says
-    what its scores mean (`transform`)."""
+    what its scores mean (`transform`), and whether it reads long texts whole (`windowed`)."""
 
     manifest: RewardManifest | ModerationManifest
+    windowed = False
 
     def __init__(self, directory: str | Path, backend: str = "auto", threads: int | None = None,
                  limits: BatchLimits | None = None, observe_batch: BatchObserver | None = None, workers: int = 1):
@@ -142,12 +146,25 @@ class ModelRuntime:
         return len(self.engines)
 
     def score(self, inputs: Sequence[ModelInput], worker: int = 0) -> np.ndarray:
-        """Raw scores [len(inputs), heads]; inputs are sorted by length and cut into token-budgeted batches.
-        Each worker thread passes its own index, so it runs its own engine."""
+        """Raw scores [len(inputs), heads]. A windowed model (moderation) reads a long text in overlapping windows
+        and keeps each head's highest score over them; any other cuts a long text at max_length."""
+        if self.windowed:
+            encoded, owners = self.tokenizer.encode_windows(inputs, WINDOW_OVERLAP)
+        else:
+            encoded, owners = self.tokenizer.encode(inputs), list(range(len(inputs)))
+        per_window = self.run_batches(encoded, worker)
+        if len(encoded) == len(inputs):
+            return per_window
+        out = np.full((len(inputs), len(self.heads)), -np.inf, dtype=np.float32)
+        np.maximum.at(out, np.array(owners), per_window)  # sigmoid is monotone: the max logit is the max probability
+        return out
+
+    def run_batches(self, encoded: list[dict[str, list[int]]], worker: int = 0) -> np.ndarray:
+        """Raw scores of tokenised inputs, sorted by length and cut into token-budgeted batches. Each worker
+        thread passes its own index, so it runs its own engine."""
         engine = self.engines[worker]
-        encoded = self.tokenizer.encode(inputs)
         order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]["input_ids"]))
-        out = np.empty((len(inputs), len(self.heads)), dtype=np.float32)
+        out = np.empty((len(encoded), len(self.heads)), dtype=np.float32)
         start = 0
         while start < len(order):
             end = start + 1
@@ -213,6 +230,7 @@ class RewardRuntime(ModelRuntime):
 
 class ModerationRuntime(ModelRuntime):
     manifest: ModerationManifest
+    windowed = True  # harm anywhere in a text flags it, not only in its first max_length tokens
 
     def __init__(self, directory: str | Path, backend: str = "auto", threads: int | None = None,
                  limits: BatchLimits | None = None, observe_batch: BatchObserver | None = None, workers: int = 1):

@@ -20,10 +20,14 @@ from keel.core.text import ModelInput
 class PairTokenizer:
     def __init__(self, directory: str | Path, max_length: int, truncation_side: str):
         directory = Path(directory)
+        self.max_length = max_length
         self.tokenizer = Tokenizer.from_file(str(directory / "tokenizer.json"))
         # Over max_length, tokens go from the longer segment first, on the truncation side (left: oldest turns).
         self.tokenizer.enable_truncation(max_length, strategy="longest_first", direction=truncation_side)
         self.tokenizer.no_padding()
+        self.untruncated = Tokenizer.from_file(str(directory / "tokenizer.json"))  # cuts long texts into windows
+        self.untruncated.no_truncation()
+        self.untruncated.no_padding()
         self.pad_token_id = self._pad_id(directory)
 
     def _pad_id(self, directory: Path) -> int:
@@ -41,3 +45,29 @@ class PairTokenizer:
         """Each pair as two segments, unpadded: input_ids and token_type_ids (the response is segment 1)."""
         encodings = self.tokenizer.encode_batch([(context, response) for context, response in inputs])
         return [{"input_ids": e.ids, "token_type_ids": e.type_ids} for e in encodings]
+
+    def encode_windows(self, inputs: Sequence[ModelInput], overlap: int) -> tuple[list[dict[str, list[int]]], list[int]]:
+        """Every pair as one or more windows of at most max_length tokens, and the index of the pair each window
+        belongs to. A pair that fits is one window, exactly as `encode` gives it. A longer response is cut into
+        windows that overlap by `overlap` tokens, each after the same context; the context keeps at most half of
+        the window (its end: the latest turns). The cost is linear in the response's length."""
+        windows: list[dict[str, list[int]]] = []
+        owners: list[int] = []
+        budget = self.max_length - self.tokenizer.num_special_tokens_to_add(True)
+        encodings = self.tokenizer.encode_batch([(context, response) for context, response in inputs])
+        for index, ((context, response), whole) in enumerate(zip(inputs, encodings)):
+            if not whole.overflowing:  # it fits: one window
+                windows.append({"input_ids": whole.ids, "token_type_ids": whole.type_ids})
+                owners.append(index)
+                continue
+            context_ids = self.untruncated.encode(context, add_special_tokens=False)
+            if len(context_ids) > budget // 2:
+                context_ids.truncate(budget // 2, direction="left")
+            piece = self.untruncated.encode(response, add_special_tokens=False)
+            size = budget - len(context_ids)
+            piece.truncate(size, stride=min(overlap, size // 2), direction="right")
+            for part in (piece, *piece.overflowing):
+                merged = self.untruncated.post_process(context_ids, part)
+                windows.append({"input_ids": merged.ids, "token_type_ids": merged.type_ids})
+                owners.append(index)
+        return windows, owners
