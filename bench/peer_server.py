@@ -1,31 +1,28 @@
-"""The peer a user would otherwise write: a FastAPI endpoint that runs a transformers `pipeline` per request
-(feature extraction, mean pooling, then the Keel heads), no batching across requests. Same model files."""
+"""The peer a user would otherwise write: a FastAPI endpoint that runs the model directory through a transformers
+`pipeline("text-classification", model=DIR, trust_remote_code=True, top_k=None)` per request, one text at a
+time, no batching across requests. Same model files as Keel serves."""
 
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 import torch
 import uvicorn
 from fastapi import FastAPI
-from safetensors.torch import load_file
 from transformers import pipeline
 
 
 def build(model_dir: str) -> FastAPI:
-    extractor = pipeline("feature-extraction", model=model_dir, tokenizer=model_dir, device=-1)
-    heads = load_file(Path(model_dir) / "reward_heads.safetensors")
+    classify = pipeline("text-classification", model=model_dir, trust_remote_code=True, top_k=None, device=-1)
+    primary = classify.model.config.id2label[0]
     app = FastAPI()
 
     @app.post("/v1/score")
     def score(body: dict) -> dict:
         data = []
         for i, item in enumerate(body["input"]):
-            hidden = extractor(item["text"], return_tensors=True, tokenize_kwargs={"truncation": True, "max_length": 256})
-            pooled = hidden[0].mean(0)
-            scores = (heads["weight"] @ pooled + heads["bias"]).tolist()
-            data.append({"index": i, "score": scores[0]})
+            [labels] = classify([{"text": "", "text_pair": item["text"]}], truncation=True)
+            data.append({"index": i, "score": next(label["score"] for label in labels if label["label"] == primary)})
         return {"data": data}
 
     return app

@@ -62,6 +62,9 @@ def engine_throughput(model: Path, texts: list[str], seconds: float, backend: st
 
     from keel.core.onnx_engine import onnx_session
 
+    from keel.core.artifact import RewardManifest
+
+    max_length = RewardManifest.read(model).max_length
     tokenizer = AutoTokenizer.from_pretrained(model)
     tokenizer.truncation_side = "left"
     session = onnx_session(model / ("model.int8.onnx" if backend == "onnx-int8" else "model.onnx"))
@@ -73,8 +76,8 @@ def engine_throughput(model: Path, texts: list[str], seconds: float, backend: st
             batch = [texts[(i + k) % len(texts)] for k in range(batch_size)]
             i += batch_size
             # The service scores a bare {"text"} as the pair ("", text): tokenise the same way.
-            encoded = tokenizer([""] * len(batch), batch, padding=True, truncation="longest_first", max_length=256,
-                                return_tensors="np")
+            encoded = tokenizer([""] * len(batch), batch, padding=True, truncation="longest_first",
+                                max_length=max_length, return_tensors="np")
             session.run(["scores"], {n: encoded[n].astype("int64") for n in names})
             done += batch_size
         results[batch_size] = done / (time.perf_counter() - began)
