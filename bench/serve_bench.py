@@ -60,9 +60,8 @@ def engine_throughput(model: Path, texts: list[str], seconds: float, backend: st
     """The bare engine: ONNX Runtime on the same file, tokenisation included, at several batch sizes."""
     from transformers import AutoTokenizer
 
-    from keel.core.onnx_engine import onnx_session
-
     from keel.core.artifact import RewardManifest
+    from keel.core.onnx_engine import onnx_session
 
     max_length = RewardManifest.read(model).max_length
     tokenizer = AutoTokenizer.from_pretrained(model)

@@ -49,8 +49,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the app; the API keys file is read here (SettingsError if it cannot be). The models are loaded and
     warmed up during startup."""
     settings = settings or Settings()
-    api_keys, admin_keys = settings.read_api_keys(), settings.read_admin_keys()
+    api_keys, admin_keys, annotators = settings.read_api_keys(), settings.read_admin_keys(), settings.read_annotators()
     serving = Serving(settings, Metrics())
+    serving.keys_on = bool(api_keys or admin_keys or annotators)
+    serving.annotator_names = frozenset(annotators)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -73,7 +75,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.include_router(router)
     endpoints = frozenset(getattr(route, "path", "") for router in routers for route in router.routes)
     # Added innermost first: a request meets RequestContext, then BodyLimits, then Admission.
-    app.add_middleware(Admission, serving=serving, api_keys=api_keys, admin_keys=admin_keys)
+    app.add_middleware(Admission, serving=serving, api_keys=api_keys, admin_keys=admin_keys, annotators=annotators)
     app.add_middleware(BodyLimits, max_header_bytes=settings.max_header_bytes, max_body_bytes=settings.max_body_bytes)
     app.add_middleware(RequestContext, serving=serving, endpoints=endpoints)
 

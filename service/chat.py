@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
@@ -50,10 +50,21 @@ class GuardSettings:
 
 
 @dataclass
+class Candidate:
+    """A best-of-n candidate as judged: kept for the feedback store's comparison pairs."""
+
+    text: str
+    reward: float
+    flagged: bool | None
+    chosen: bool
+
+
+@dataclass
 class Chosen:
     reply: Generated
     audit: ChoiceAudit
     reward_model: RewardRuntime | None  # the version that scored it (None: the request was refused unscored)
+    candidates: list[Candidate] = field(default_factory=list)  # every candidate this choice was picked from
 
 
 @dataclass
@@ -151,7 +162,10 @@ class ChatAligner:
                     reply = Generated(self.guard.refusal, "content_filter", candidates[pick].prompt_tokens,
                                       0, candidates[pick].first_token_seconds)
                 audit = judged.audit(pick, choice, sampled[choice], ranked.index(pick), action, attempt + 1)
-                chosen[choice] = Chosen(reply, audit, judged.scored.runtime)
+                verdicts = [None if moderation[i] is None else moderation[i].flagged for i in group]  # type: ignore[union-attr]
+                chosen[choice] = Chosen(reply, audit, judged.scored.runtime,
+                                        [Candidate(candidates[i].text, float(rewards[i]), verdict, i == pick and bool(allowed))
+                                         for i, verdict in zip(group, verdicts)])
                 if self.metrics:
                     self.metrics.best_of_rank.observe(ranked.index(pick))
                     self.metrics.guard_actions.labels(action).inc()

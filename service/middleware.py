@@ -29,7 +29,7 @@ from keel.service.serving import Serving
 log = logging.getLogger(__name__)
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 ADMIN_PREFIX = "/v1/admin/"
-PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/openapi.json", "/docs", "/docs/oauth2-redirect",
+PUBLIC_PATHS = frozenset({"/label", "/healthz", "/readyz", "/metrics", "/openapi.json", "/docs", "/docs/oauth2-redirect",
                           "/redoc"})
 
 
@@ -61,9 +61,10 @@ async def refuse(error: ApiError, scope: Scope, receive: Receive, send: Send, ca
     await error.response()(scope, receive, send)
 
 
-def authenticate(keys: list[str], headers: dict[bytes, bytes], name: str = "key") -> Client | None:
-    """The client a bearer token belongs to (named by the key's position: key-1, admin-2), or None for a wrong
-    or missing key."""
+def authenticate(keys: list[str], headers: dict[bytes, bytes], name: str = "key",
+                 names: list[str] | None = None) -> Client | None:
+    """The client a bearer token belongs to (named by the key's position: key-1, admin-2; or by `names`), or
+    None for a wrong or missing key."""
     scheme, _, token = headers.get(b"authorization", b"").decode("latin-1").partition(" ")
     # Compare against every key so the time taken does not reveal which key nearly matched.
     matched = None
@@ -72,7 +73,8 @@ def authenticate(keys: list[str], headers: dict[bytes, bytes], name: str = "key"
             matched = i
     if scheme.lower() != "bearer" or matched is None:
         return None
-    return Client(key=f"{name}-{matched + 1}", label=f"{name}-{matched + 1}")
+    label = names[matched] if names else f"{name}-{matched + 1}"
+    return Client(key=f"{name}-{label}" if names else label, label=label)
 
 
 class RequestContext:
@@ -191,19 +193,23 @@ class Admission:
     """Authentication (client keys; admin keys, the only ones allowed on /v1/admin/*) and the fair-queue
     admission check, before the body is read."""
 
-    def __init__(self, app: ASGIApp, serving: Serving, api_keys: list[str], admin_keys: list[str] | None = None):
+    def __init__(self, app: ASGIApp, serving: Serving, api_keys: list[str], admin_keys: list[str] | None = None,
+                 annotators: dict[str, str] | None = None):
         self.app, self.serving, self.api_keys = app, serving, api_keys  # no keys at all: none needed
         self.admin_keys = admin_keys or []
+        self.annotators = annotators or {}
         self.cap = discard_cap(serving.settings.max_body_bytes)
 
     def check_key(self, path: str, headers: dict[bytes, bytes]) -> Client | None:
         """The authenticated client (None where no key is needed), or ApiError: 401 for a missing or wrong key,
         403 for a client key on an admin route."""
         admin_route = path.startswith(ADMIN_PREFIX)
-        if not (self.api_keys or (self.admin_keys and admin_route)):
+        if not (self.api_keys or self.annotators or (self.admin_keys and admin_route)):
             return None  # no keys, or admin keys only: the other routes are open
         admin = authenticate(self.admin_keys, headers, "admin") if self.admin_keys else None
-        client = admin or authenticate(self.api_keys, headers)
+        annotator = (authenticate(list(self.annotators.values()), headers, "annotator", list(self.annotators))
+                     if self.annotators and not admin else None)
+        client = admin or annotator or authenticate(self.api_keys, headers)
         if client is None:
             raise ApiError(401, "missing or invalid API key: send `Authorization: Bearer <key>`",
                            "authentication_error", code="invalid_api_key")

@@ -5,25 +5,32 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import time
 import uuid
 from collections.abc import Awaitable
+from pathlib import Path
 from typing import Any, TypeVar
 
 from fastapi import APIRouter, Request, Response, Security
-from fastapi.responses import StreamingResponse
+from fastapi.responses import HTMLResponse, StreamingResponse
 from fastapi.security import HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from keel.core.text import Message
 from keel.service.batcher import CURRENT_CLIENT
+from keel.service.capture import moderation_item
 from keel.service.errors import ApiError
 from keel.service.models import MODERATION, REWARD
 from keel.service.sampling import Sampling
 from keel.service.schemas import (
+    LABEL_TASKS,
     ChatCompletionRequest,
     ChatCompletionResponse,
+    FeedbackRequest,
+    FeedbackResponse,
     JudgedMessage,
+    LabelAnswer,
     ModerationRequest,
     ModerationResponse,
     ReloadRequest,
@@ -37,6 +44,7 @@ from keel.service.streaming import chosen_events, completion_response, live_even
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+LABEL_PAGE = Path(__file__).resolve().parent / "label.html"
 
 
 def get_serving(request: Request) -> Serving:
@@ -115,8 +123,46 @@ async def moderations(body: ModerationRequest, request: Request) -> ModerationRe
         last = len(body.messages) - 1
         judged = JudgedMessage(index=last, role=body.messages[last].role,
                                in_context=body.messages[last].role == "assistant")
-    return ModerationResponse(id=f"modr-{uuid.uuid4().hex}", model=scored.runtime.name,
-                              model_version=scored.runtime.version, results=results, judged=judged)
+    response = ModerationResponse(id=f"modr-{uuid.uuid4().hex}", model=scored.runtime.name,
+                                  model_version=scored.runtime.version, results=results, judged=judged)
+    serving.capture(moderation_item(response, inputs, scored, CURRENT_CLIENT.get().label))
+    return response
+
+
+@api.post("/v1/feedback", response_model=FeedbackResponse, status_code=201)
+async def feedback(body: FeedbackRequest, request: Request) -> FeedbackResponse:
+    """Feedback on a response Keel returned (docs/feedback.md)."""
+    serving = get_serving(request)
+    return FeedbackResponse(id=await serving.give_feedback(body, CURRENT_CLIENT.get(), serving.keys_on))
+
+
+@health.get("/label", response_class=HTMLResponse, include_in_schema=False)
+async def label_page() -> HTMLResponse:
+    """The labelling page: one HTML file with its script and style inside (no CDN, no build step). It asks for
+    an annotator key and talks to /v1/label/* with it."""
+    nonce = secrets.token_urlsafe(16)  # only the page's own script runs, whatever text it shows
+    return HTMLResponse(LABEL_PAGE.read_text().replace("{{nonce}}", nonce), headers={
+        "Content-Security-Policy": f"default-src 'none'; script-src 'nonce-{nonce}'; style-src 'unsafe-inline'; "
+        "connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'",
+        "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer", "Cache-Control": "no-store"})
+
+
+@api.get("/v1/label/next")
+async def label_next(request: Request, task: str = "moderation") -> dict:
+    if task not in LABEL_TASKS:
+        raise ApiError(400, f"task must be one of {', '.join(LABEL_TASKS)}", param="task")
+    return await get_serving(request).label_next(CURRENT_CLIENT.get(), task)
+
+
+@api.post("/v1/label/answers", response_model=FeedbackResponse, status_code=201)
+async def label_answer(body: LabelAnswer, request: Request) -> FeedbackResponse:
+    return FeedbackResponse(id=await get_serving(request).label_answer(CURRENT_CLIENT.get(), body))
+
+
+@api.delete("/v1/label/answers/{answer_id}", status_code=204)
+async def label_undo(answer_id: str, request: Request) -> Response:
+    await get_serving(request).label_undo(CURRENT_CLIENT.get(), answer_id)
+    return Response(status_code=204)
 
 
 @api.get("/v1/models")
@@ -173,5 +219,5 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
     chosen = await unless_client_leaves(request, serving.aligner.complete(conversation, sampling, body.n, best_of))
     serving.metrics.time_to_first_token.labels(str(body.stream).lower()).observe(time.perf_counter() - arrived)
     if body.stream:
-        return StreamingResponse(chosen_events(serving, chosen, model), media_type="text/event-stream")
-    return completion_response(serving, chosen, model)
+        return StreamingResponse(chosen_events(serving, chosen, model, conversation), media_type="text/event-stream")
+    return completion_response(serving, chosen, model, conversation)

@@ -279,6 +279,74 @@ class ChatCompletionResponse(BaseModel):
     keel: ChatAudit
 
 
+class FeedbackRequest(BaseModel):
+    """Feedback on one response Keel returned (its `id`): thumbs or a 1-7 rating of a chat completion, or a
+    correction of one moderation result (`index`) in some categories. Categories not named are not labelled."""
+
+    model_config = ConfigDict(extra="forbid")
+    id: str = Field(min_length=1, max_length=64)
+    thumbs: Literal["up", "down"] | None = None
+    rating: int | None = Field(None, ge=1, le=7)
+    categories: dict[str, bool] | None = Field(None, min_length=1)
+    index: int = Field(0, ge=0)
+    comment: str | None = Field(None, max_length=4000)
+
+    @model_validator(mode="after")
+    def one_answer(self) -> FeedbackRequest:
+        given = [name for name in ("thumbs", "rating", "categories") if getattr(self, name) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of thumbs, rating or categories (got {given or 'none'})")
+        return self
+
+    def answer(self) -> tuple[str, dict[str, object], int]:
+        """(kind, value, position) as the store keeps them."""
+        if self.thumbs is not None:
+            return "thumbs", {"thumbs": self.thumbs}, 0
+        if self.rating is not None:
+            return "rating", {"rating": self.rating}, 0
+        return "moderation", {"categories": dict(self.categories or {})}, self.index
+
+
+class FeedbackResponse(BaseModel):
+    id: str
+    object: Literal["feedback"] = "feedback"
+
+
+LABEL_TASKS = ("moderation", "rating", "pairwise")
+
+
+class LabelAnswer(BaseModel):
+    """An annotator's answer on the labelling page: categories for a moderation result (each true or false, the
+    ones not named left unlabelled), 1-7 on each principle for a reply, or the better of two candidates."""
+
+    model_config = ConfigDict(extra="forbid")
+    task: Literal["moderation", "rating", "pairwise"]
+    item_id: str = Field(min_length=1, max_length=64)
+    index: int = Field(0, ge=0)
+    categories: dict[str, bool] | None = None
+    ratings: dict[Literal["harmless", "helpful"], Annotated[int, Field(ge=1, le=7)]] | None = None
+    first: int | None = None  # pairwise: the two candidates' ids as shown, and the winner
+    second: int | None = None
+    winner: Literal[1, 2, "tie", "skip"] | None = None
+
+    @model_validator(mode="after")
+    def answer_fits_task(self) -> LabelAnswer:
+        needed = {"moderation": ("categories",), "rating": ("ratings",),
+                  "pairwise": ("first", "second", "winner")}[self.task]
+        missing = [name for name in needed if getattr(self, name) is None]
+        if missing:
+            raise ValueError(f"a {self.task} answer needs {', '.join(missing)}")
+        return self
+
+    def stored(self) -> tuple[str, dict[str, object]]:
+        """(kind, value) as the feedback store keeps them."""
+        if self.task == "moderation":
+            return "moderation", {"categories": dict(self.categories or {})}
+        if self.task == "rating":
+            return "rating", {"ratings": dict(self.ratings or {})}
+        return "pairwise", {"preference": {"first": self.first, "second": self.second, "winner": self.winner}}
+
+
 class ReloadRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     version: str | None = Field(None, description="a version (directory) in the model store; default: CURRENT")

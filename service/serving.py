@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import replace
+from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -31,6 +33,7 @@ from keel.service.batcher import (
 )
 from keel.service.chat import ChatAligner, GuardSettings
 from keel.service.errors import ApiError
+from keel.service.feedback import FeedbackError, FeedbackStore, Recorder, ServedItem
 from keel.service.metrics import Metrics
 from keel.service.models import (
     CURRENT,
@@ -45,7 +48,7 @@ from keel.service.models import (
 )
 from keel.service.moderation import moderate
 from keel.service.sampling import Generated, Row, Sampling
-from keel.service.schemas import ModerationResult
+from keel.service.schemas import FeedbackRequest, LabelAnswer, ModerationResult
 from keel.service.settings import Settings
 from keel.service.upstream import UpstreamClient
 
@@ -86,6 +89,12 @@ class Serving:
         self.batchers: dict[str, Batcher] = {}  # the served kind ("reward", "moderation", "generation") -> batcher
         self.queues: dict[str, Batcher] = {}  # request path -> the batcher its requests queue in (admission)
         self.reload_lock = asyncio.Lock()
+        self.feedback: FeedbackStore | None = None  # --feedback-db: what was served, and what people said of it
+        self.recorder: Recorder | None = None
+        self.purger: asyncio.Future[None] | None = None
+        self.keys_on = False  # API keys configured: feedback is then tied to the key that made the request
+        self.annotator_names: frozenset[str] = frozenset()  # --annotator-keys-file's names
+        self.label_rng = random.Random()
         self.ready = False
         self.draining = False  # set by the server at SIGTERM: readiness fails, connections are told to close
 
@@ -100,6 +109,8 @@ class Serving:
         if settings.moderation_model is not None:
             await self.start_model(MODERATION, "moderation", self.metrics.moderation_queue, "/v1/moderations")
         await self.start_chat()
+        if settings.feedback_db is not None:
+            await self.start_feedback(settings.feedback_db)
         self.ready = True
         self.metrics.ready.set(1)
 
@@ -110,6 +121,138 @@ class Serving:
             await batcher.close()
         if self.upstream:
             await self.upstream.close()
+        if self.purger:
+            self.purger.cancel()
+        if self.recorder:
+            await asyncio.to_thread(self.recorder.close)
+
+    # ---- feedback ---------------------------------------------------------------------------------------------
+
+    async def start_feedback(self, url: str) -> None:
+        """Open (and migrate) the feedback store, start the recorder, and purge old items (at start, then daily)."""
+        try:
+            self.feedback = store = await asyncio.to_thread(FeedbackStore, url)
+        except FeedbackError as error:
+            raise RuntimeError(str(error)) from None
+        metrics = self.metrics
+        self.recorder = Recorder(store, self.settings.feedback_sample_rate,
+                                 on_failure=metrics.feedback_failures.inc,
+                                 on_drop=metrics.feedback_recorded.labels("dropped").inc)
+        if self.settings.feedback_retention_days is not None:
+            retention = timedelta(days=self.settings.feedback_retention_days)
+
+            async def purge_daily() -> None:
+                while True:
+                    with suppress(Exception):  # a database down now is retried tomorrow
+                        await asyncio.to_thread(store.purge, retention)
+                    await asyncio.sleep(86400)
+
+            self.purger = asyncio.ensure_future(purge_daily())
+
+    def capture(self, item: ServedItem) -> None:
+        """Record a served response in the feedback store (when there is one, and the sample takes it); never
+        blocks and never fails the request."""
+        if self.recorder is not None and self.recorder.sampled():
+            self.recorder.offer(item)
+            self.metrics.feedback_recorded.labels("queued").inc()
+
+    async def give_feedback(self, request: FeedbackRequest, client: Client, keys_on: bool) -> str:
+        """Check an answer against the response it is about, and store it (replacing the annotator's earlier
+        answer of the same kind); returns its id. With keys on, only the key that made the request, or an admin,
+        may answer."""
+        if self.feedback is None:
+            raise ApiError(404, "feedback is off: start `keel serve` with --feedback-db URL (or KEEL_FEEDBACK_DB)",
+                           code="feedback_not_enabled")
+        item = await asyncio.to_thread(self.feedback.item, request.id)
+        owner = not keys_on or client.key.startswith("admin-") or (item is not None and item.client == client.label)
+        if item is None or not owner:
+            raise ApiError(404, f"no response {request.id!r} to give feedback on: unknown, expired, not recorded "
+                           "(--feedback-sample-rate), or made with another key", param="id", code="not_found")
+        kind, value, position = request.answer()
+        if kind in ("thumbs", "rating") and item.kind != "chat":
+            raise ApiError(400, f"{kind} is feedback on a chat completion; {request.id} is a moderation response: "
+                           "send `categories` and `index`", param=kind)
+        if kind == "moderation":
+            if item.kind != "moderation":
+                raise ApiError(400, f"categories correct a moderation response; {request.id} is a chat completion",
+                               param="categories")
+            results = len(item.output.get("results", []))
+            if position >= results:
+                raise ApiError(400, f"index {position} is out of range: the response has {results} results",
+                               param="index")
+            categories = item.output["results"][0]["categories"] if results else {}
+            unknown = sorted(set(value["categories"]) - set(categories))
+            if unknown:
+                raise ApiError(400, f"unknown categories {unknown}; categories are {sorted(categories)}",
+                               param="categories")
+        annotator = client.label if keys_on else "anonymous"
+        answer = await asyncio.to_thread(self.feedback.give, item.id, annotator, kind, value, position,
+                                         request.comment)
+        self.metrics.feedback_answers.labels(kind).inc()
+        return answer
+
+    # ---- the labelling page ------------------------------------------------------------------------------------
+
+    def annotator_of(self, client: Client) -> str:
+        """The annotator a labelling request comes from: an annotator or admin key's name ("anonymous" without
+        keys); a client key gets 403."""
+        if self.feedback is None:
+            raise ApiError(404, "labelling needs the feedback store: start `keel serve` with --feedback-db URL",
+                           code="feedback_not_enabled")
+        if not self.keys_on:
+            return "anonymous"
+        if not client.key.startswith(("annotator-", "admin-")):
+            raise ApiError(403, "labelling needs an annotator key (--annotator-keys-file) or an admin key",
+                           "permission_error", code="insufficient_permissions")
+        return client.label
+
+    def annotators(self) -> frozenset[str]:
+        """Who counts as an annotator in the queue (any other answer is a user's report)."""
+        return frozenset({"anonymous", *self.annotator_names})
+
+    async def label_next(self, client: Client, task: str) -> dict[str, Any]:
+        """The next unit to label for the task, as the page shows it, with the annotator's progress."""
+        annotator = self.annotator_of(client)
+        assert self.feedback is not None
+        store, per_item = self.feedback, self.settings.feedback_annotations_per_item
+        units, reported = await asyncio.to_thread(store.open_units, annotator, task, self.annotators(), per_item)
+        unit = store.pick(units, reported, self.label_rng)
+        counts = await asyncio.to_thread(store.annotator_counts)
+        progress = {"remaining": len(units), "done": counts.get(annotator, {}), "annotators": counts}
+        if unit is None:
+            return {"task": task, "item": None, "progress": progress}
+        item, index = unit
+        shown: dict[str, Any] = {"id": item.id, "index": index, "reported": item.id in reported}
+        if task == "moderation":
+            text = item.input["texts"][index]
+            result = item.output["results"][index]
+            shown.update(text=text["text"], context=text.get("context", ""), suggestion=result["categories"],
+                         scores=result["category_scores"])
+        else:
+            shown["messages"] = item.input.get("messages", [])
+            shown["reply"] = (item.output.get("replies") or [""])[0]
+            if task == "pairwise":
+                candidates = await asyncio.to_thread(store.candidates_of, item.id)
+                pair = self.label_rng.sample(candidates, 2)  # shown in random order
+                shown["candidates"] = [{"id": c.id, "text": c.text} for c in pair]
+        return {"task": task, "item": shown, "progress": progress}
+
+    async def label_answer(self, client: Client, answer: LabelAnswer) -> str:
+        annotator = self.annotator_of(client)
+        assert self.feedback is not None
+        item = await asyncio.to_thread(self.feedback.item, answer.item_id)
+        if item is None or item.kind != ("moderation" if answer.task == "moderation" else "chat"):
+            raise ApiError(404, f"no {answer.task} item {answer.item_id!r}", param="item_id", code="not_found")
+        kind, value = answer.stored()
+        stored = await asyncio.to_thread(self.feedback.give, item.id, annotator, kind, value, answer.index)
+        self.metrics.feedback_answers.labels(kind).inc()
+        return stored
+
+    async def label_undo(self, client: Client, answer_id: str) -> None:
+        annotator = self.annotator_of(client)
+        assert self.feedback is not None
+        if not await asyncio.to_thread(self.feedback.withdraw, answer_id, annotator):
+            raise ApiError(404, f"no answer {answer_id!r} of yours to undo", param="id", code="not_found")
 
     def runtime_of(self, which: Served) -> ModelRuntime | None:
         return self.runtime if which is REWARD else self.moderation

@@ -62,6 +62,19 @@ class Settings(BaseSettings):
         default_factory=list, json_schema_extra={"env_only": True},
         description="comma-separated API keys, from the environment only (a flag would show them in the process "
         "list); prefer --api-keys-file")
+    feedback_db: str | None = Field(
+        None, description="feedback store URL: sqlite:///PATH (one machine) or postgresql://USER@HOST:PORT/DB "
+        "(several replicas). Served chat completions and moderation results are recorded, and POST /v1/feedback "
+        "takes thumbs, ratings and moderation corrections on them (docs/feedback.md). Off by default")
+    annotator_keys_file: Path | None = Field(
+        None, description="file of annotators, one `name:key` a line: these keys may use the labelling page "
+        "(/label) and label any recorded response; the name is the annotator's in the store and the export")
+    feedback_annotations_per_item: int = Field(1, ge=1, description="annotators who label each item on the "
+                                               "labelling page before it leaves the queue (k)")
+    feedback_sample_rate: float = Field(1.0, gt=0, le=1, description="share of served responses recorded in the "
+                                        "feedback store (feedback on an unrecorded one gets 404)")
+    feedback_retention_days: float | None = Field(None, gt=0, description="recorded responses older than this "
+                                                  "are purged at start and daily (with their feedback)")
     log_bodies: bool = Field(False, description="log request bodies (debugging only: they hold user text)")
     drain_seconds: float = Field(
         6.0, ge=0, description="after SIGTERM, report not-ready and answer with `Connection: close` this long "
@@ -191,6 +204,16 @@ class Settings(BaseSettings):
     def read_api_keys(self) -> list[str]:
         """The keys from --api-keys-file (one a line) and KEEL_API_KEYS, in that order."""
         return read_keys(self.api_keys_file, "--api-keys-file") + self.api_keys
+
+    def read_annotators(self) -> dict[str, str]:
+        """name -> key from --annotator-keys-file (`name:key` lines)."""
+        annotators: dict[str, str] = {}
+        for line in read_keys(self.annotator_keys_file, "--annotator-keys-file"):
+            name, sep, key = line.partition(":")
+            if not sep or not name.strip() or not key.strip() or name.strip() in annotators:
+                raise SettingsError(f"--annotator-keys-file: each line is a unique `name:key`, got {name.strip()!r}")
+            annotators[name.strip()] = key.strip()
+        return annotators
 
     def read_admin_keys(self) -> list[str]:
         """The keys from --admin-keys-file (one a line)."""

@@ -15,6 +15,8 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from keel.core.text import Conversation
+from keel.service.batcher import CURRENT_CLIENT
+from keel.service.capture import chat_item
 from keel.service.chat import Chosen, candidate_seed
 from keel.service.errors import ApiError
 from keel.service.sampling import Row, Sampling
@@ -34,16 +36,19 @@ def audit_of(serving: Serving, chosen: list[Chosen]) -> ChatAudit:
                      policy=policy, choices=[c.audit for c in chosen])
 
 
-def completion_response(serving: Serving, chosen: list[Chosen], model: str) -> ChatCompletionResponse:
+def completion_response(serving: Serving, chosen: list[Chosen], model: str, conversation: Conversation
+                        ) -> ChatCompletionResponse:
     prompt_tokens = chosen[0].reply.prompt_tokens if chosen else 0
     completion_tokens = sum(c.reply.completion_tokens for c in chosen)
+    identifier, audit = completion_id(), audit_of(serving, chosen)
+    serving.capture(chat_item(identifier, conversation, chosen, audit, CURRENT_CLIENT.get().label))
     return ChatCompletionResponse(
-        id=completion_id(), created=int(time.time()), model=model,
+        id=identifier, created=int(time.time()), model=model,
         choices=[ChatChoice(index=i, message=AssistantMessage(content=c.reply.text), finish_reason=c.reply.finish_reason)
                  for i, c in enumerate(chosen)],
         usage=Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
                     total_tokens=prompt_tokens + completion_tokens),
-        keel=audit_of(serving, chosen))
+        keel=audit)
 
 
 def event(payload: dict[str, Any] | str) -> bytes:
@@ -56,15 +61,17 @@ def chunk(identifier: str, model: str, index: int, delta: dict[str, str], finish
             "choices": [{"index": index, "delta": delta, "finish_reason": finish}], **extra}
 
 
-async def chosen_events(serving: Serving, chosen: list[Chosen], model: str) -> AsyncIterator[bytes]:
+async def chosen_events(serving: Serving, chosen: list[Chosen], model: str, conversation: Conversation
+                        ) -> AsyncIterator[bytes]:
     """Events for replies that are already chosen and guarded."""
-    identifier = completion_id()
+    identifier, audit = completion_id(), audit_of(serving, chosen)
+    serving.capture(chat_item(identifier, conversation, chosen, audit, CURRENT_CLIENT.get().label))
     for i, choice in enumerate(chosen):
         yield event(chunk(identifier, model, i, {"role": "assistant", "content": ""}))
         if choice.reply.text:
             yield event(chunk(identifier, model, i, {"content": choice.reply.text}))
         yield event(chunk(identifier, model, i, {}, choice.reply.finish_reason))
-    yield event({**chunk(identifier, model, 0, {}), "choices": [], "keel": audit_of(serving, chosen).model_dump()})
+    yield event({**chunk(identifier, model, 0, {}), "choices": [], "keel": audit.model_dump()})
     yield event("[DONE]")
 
 
@@ -116,5 +123,7 @@ async def live_events(serving: Serving, conversation: Conversation, sampling: Sa
     chosen = [Chosen(reply, judged.audit(i, i, candidates=1, rank=0, guard="off", attempts=1), judged.scored.runtime)
               for i, reply in enumerate(replies)]
     serving.metrics.guard_actions.labels("off").inc(n)
-    yield event({**chunk(identifier, model, 0, {}), "choices": [], "keel": audit_of(serving, chosen).model_dump()})
+    audit = audit_of(serving, chosen)
+    serving.capture(chat_item(identifier, conversation, chosen, audit, CURRENT_CLIENT.get().label))
+    yield event({**chunk(identifier, model, 0, {}), "choices": [], "keel": audit.model_dump()})
     yield event("[DONE]")

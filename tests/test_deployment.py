@@ -39,9 +39,10 @@ def test_dockerfile_runs_as_non_root_with_exec_entrypoint_and_healthcheck():
     stages = text.split("\nFROM ")
     assert stages[-1].startswith("runtime AS serve")  # the default target: the serving image, on that runtime
     assert all(s.startswith("runtime AS ") for s in stages if " AS chat\n" in s or " AS train\n" in s)
-    # The serving image installs the serve extra only (no torch) and drops the bundled training data.
+    # The serving image installs the serve extra and the PostgreSQL driver only (no torch) and drops the bundled
+    # training data.
     serve_env = text.split("AS serve-env", 1)[1].split("\nFROM ", 1)[0]
-    assert '"keel[serve]"' in serve_env and "torch" not in serve_env and "'data'" in serve_env
+    assert '"keel[serve,postgres]"' in serve_env and "torch" not in serve_env and "'data'" in serve_env
     ignored = (ROOT / ".dockerignore").read_text().splitlines()
     assert "**" in ignored  # only what the image needs is sent to the builder
 
@@ -94,6 +95,7 @@ LAYOUTS = {
     "base": lambda: render(BASE),
     "gpu": lambda: render(K8S / "overlays" / "gpu"),
     "base+queue-autoscaling": lambda: render(BASE, (K8S / "components" / "queue-autoscaling",)),
+    "base+feedback": lambda: render(BASE, (K8S / "components" / "feedback",)),
     "training": lambda: render(K8S / "training"),
     "training-gpu": lambda: render(K8S / "training" / "gpu"),
 }

@@ -77,9 +77,14 @@ class ModerationSource(DataSource):
     # Split by `folds` hash folds instead of 80/10/10: test = fold `cross_validation.test_fold`, validation and
     # train from the other folds (for K-fold cross-validated evaluation, e.g. OpenAI's moderation samples)
     folds: bool = False
+    # A `keel feedback export` moderation.jsonl: `text`, and every category as true, false or null (unlabelled)
+    feedback: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.feedback:
+            self.labels = {c: LabelRule(column=c, positive=["True"], negative=["False"]) for c in CATEGORIES
+                           if c not in self.labels} | self.labels
         self.name = self.name or self.path.replace("\\", "/").rstrip("/").split("/")[-2]
 
 

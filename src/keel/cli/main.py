@@ -11,10 +11,10 @@ import logging
 import sys
 
 import keel
-from keel.cli import evaluate, export, serve, train
+from keel.cli import evaluate, export, feedback, serve, train
 from keel.core.artifact import KeelError
 
-COMMAND_GROUPS = (train, evaluate, export, serve)
+COMMAND_GROUPS = (train, evaluate, export, serve, feedback)
 KEEL_LOGGERS = ("keel",)  # every module logger is under keel.
 
 

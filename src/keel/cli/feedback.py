@@ -1,0 +1,73 @@
+"""`keel feedback`: the feedback store a `keel serve --feedback-db URL` fills, from the command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from datetime import timedelta
+from pathlib import Path
+
+DB_HELP = ("the feedback store: sqlite:///PATH or postgresql://USER@HOST:PORT/DB (default: $KEEL_FEEDBACK_DB, as "
+           "keel serve reads it)")
+
+
+def add_commands(commands: argparse._SubParsersAction) -> None:
+    feedback = commands.add_parser("feedback", help="export, inspect and maintain the feedback store").add_subparsers(
+        dest="what", required=True)
+
+    def with_db(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        parser.add_argument("--db", default=os.environ.get("KEEL_FEEDBACK_DB"), help=DB_HELP)
+        return parser
+
+    export = with_db(feedback.add_parser(
+        "export", help="write the feedback as training data",
+        description="Write preferences.jsonl (TRL's conversational preference format), ratings.jsonl and "
+        "moderation.jsonl (the 13 categories as true/false/null by majority vote) with a frozen train/test split "
+        "by item, and datasheet.json (counts, annotators, agreement, time range, model versions). The "
+        "directory is written atomically."))
+    export.add_argument("--out", type=Path, required=True, help="the directory to write")
+    export.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    export.set_defaults(func=run_export)
+    with_db(feedback.add_parser("stats", help="counts of recorded responses and answers")).set_defaults(
+        func=run_stats)
+    with_db(feedback.add_parser("migrate", help="create or upgrade the store's schema (keel serve does this "
+                                "at start too)")).set_defaults(func=run_migrate)
+    purge = with_db(feedback.add_parser("purge", help="delete recorded responses (and their feedback) older "
+                                        "than --older-than-days"))
+    purge.add_argument("--older-than-days", type=float, required=True, help="age in days")
+    purge.set_defaults(func=run_purge)
+
+
+def store_of(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    from keel.service.feedback import FeedbackError, FeedbackStore
+
+    if not args.db:
+        raise FeedbackError("no feedback store: give --db URL or set KEEL_FEEDBACK_DB")
+    return FeedbackStore(args.db)
+
+
+def run_export(args: argparse.Namespace) -> int:
+    from keel.service.feedback_export import export
+
+    datasheet = export(store_of(args), args.out, args.overwrite)
+    print(json.dumps(datasheet["counts"], indent=2))
+    print(f"feedback exported to {args.out}")
+    return 0
+
+
+def run_stats(args: argparse.Namespace) -> int:
+    print(json.dumps(store_of(args).counts(), indent=2))
+    return 0
+
+
+def run_migrate(args: argparse.Namespace) -> int:
+    store_of(args)
+    print("feedback store schema is current")
+    return 0
+
+
+def run_purge(args: argparse.Namespace) -> int:
+    removed = store_of(args).purge(timedelta(days=args.older_than_days))
+    print(f"purged {removed} recorded responses")
+    return 0
