@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -10,6 +9,7 @@ from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from keel.core.artifact import KeelError
+from keel.core.hardware import usable_cpus
 
 
 class SettingsError(KeelError, ValueError):
@@ -228,7 +228,7 @@ class Settings(BaseSettings):
         """Workers for the backend `auto` resolved to (see keel.core.runtime.choose_backend)."""
         if self.workers:
             return self.workers
-        return 1 if backend == "torch" else os.cpu_count() or 1
+        return 1 if backend == "torch" else usable_cpus()
 
 
 def settings_table() -> str:

@@ -52,3 +52,20 @@ def test_onnx_scoring_does_not_import_torch_even_where_it_is_installed(tiny_rewa
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
     assert run.stdout.split(maxsplit=1)[1].strip() == "[]", run.stdout  # ~180 MB of torch not loaded to serve ONNX
+
+
+def test_usable_cpus_follow_the_cgroup_quota(tmp_path: Path):
+    import os
+
+    from keel.core.hardware import usable_cpus
+
+    affinity = len(os.sched_getaffinity(0))
+    (tmp_path / "cpu.max").write_text("max 100000\n")
+    assert usable_cpus(tmp_path) == affinity  # no limit
+    (tmp_path / "cpu.max").write_text("50000 100000\n")
+    assert usable_cpus(tmp_path) == 1  # half a CPU: one thread
+    (tmp_path / "cpu.max").unlink()
+    (tmp_path / "cpu").mkdir()
+    (tmp_path / "cpu" / "cpu.cfs_quota_us").write_text("150000\n")  # cgroup v1, 1.5 CPUs: two
+    (tmp_path / "cpu" / "cpu.cfs_period_us").write_text("100000\n")
+    assert usable_cpus(tmp_path) == min(2, affinity)

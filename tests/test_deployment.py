@@ -3,11 +3,12 @@ overlay's patches applied first), and the settings the hardening relies on."""
 
 from __future__ import annotations
 
-import copy
 import os
+import re
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -48,46 +49,22 @@ def test_dockerfile_runs_as_non_root_with_exec_entrypoint_and_healthcheck():
 
 
 def render(directory: Path, components: tuple[Path, ...] = ()) -> list[dict[str, Any]]:
-    """A kustomization as kustomize renders these files: resources (files or kustomizations), components, then
-    strategic-merge patches matched by kind and name."""
-    kustomization = yaml.safe_load((directory / "kustomization.yaml").read_text())
-    resources: list[dict[str, Any]] = []
-    for entry in kustomization.get("resources", []):
-        path = (directory / entry).resolve()
-        resources += render(path) if path.is_dir() else [yaml.safe_load(path.read_text())]
-    for component in [*(directory / c for c in kustomization.get("components", [])), *components]:
-        resources = patched(resources, component, yaml.safe_load((component / "kustomization.yaml").read_text()))
-    return patched(resources, directory, kustomization)
-
-
-def patched(resources: list[dict[str, Any]], directory: Path, kustomization: dict[str, Any]) -> list[dict[str, Any]]:
-    resources = list(resources)
-    for entry in kustomization.get("patches", []):
-        patch = yaml.safe_load((directory / entry["path"]).read_text())
-        index = next(i for i, r in enumerate(resources)
-                     if r["kind"] == patch["kind"] and r["metadata"]["name"] == patch["metadata"]["name"])
-        resources[index] = merge(resources[index], patch)
-    return resources
+    """A layout as `kubectl kustomize` renders it; with components, an overlay of the directory that adds them
+    (as a user's overlay would)."""
+    if components:
+        with tempfile.TemporaryDirectory(dir=ROOT / "k8s") as overlay:
+            (Path(overlay) / "kustomization.yaml").write_text(yaml.safe_dump({
+                "apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization",
+                "resources": [os.path.relpath(directory, overlay)],
+                "components": [os.path.relpath(c, overlay) for c in components]}))
+            return render(Path(overlay))
+    result = subprocess.run([tool("kubectl"), "kustomize", str(directory)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    return [document for document in yaml.safe_load_all(result.stdout) if document]
 
 
 def base_resources() -> list[dict[str, Any]]:
     return render(BASE)
-
-
-def merge(base: Any, patch: Any) -> Any:
-    """Strategic merge as kustomize applies it to these patches: maps merge, lists of named items merge by name."""
-    if isinstance(base, dict) and isinstance(patch, dict):
-        merged = dict(base)
-        for key, value in patch.items():
-            merged[key] = merge(base[key], value) if key in base else value
-        return merged
-    if isinstance(base, list) and isinstance(patch, list) and all(isinstance(i, dict) and "name" in i
-                                                                    for i in base + patch):
-        by_name = {item["name"]: copy.deepcopy(item) for item in base}
-        for item in patch:
-            by_name[item["name"]] = merge(by_name[item["name"]], item) if item["name"] in by_name else item
-        return list(by_name.values())
-    return patch
 
 
 K8S = ROOT / "k8s"
@@ -96,9 +73,14 @@ LAYOUTS = {
     "gpu": lambda: render(K8S / "overlays" / "gpu"),
     "base+queue-autoscaling": lambda: render(BASE, (K8S / "components" / "queue-autoscaling",)),
     "base+feedback": lambda: render(BASE, (K8S / "components" / "feedback",)),
+    "base+servicemonitor": lambda: render(BASE, (K8S / "components" / "servicemonitor",)),
     "training": lambda: render(K8S / "training"),
     "training-gpu": lambda: render(K8S / "training" / "gpu"),
 }
+# The Dockerfile target each layout's pods need: the GPU service runs torch (the chat image), training the train
+# image; the kustomization files say how each image is built (`docker build [--target T] ... -t IMAGE`).
+TARGETS = {"base": ("serve", BASE), "gpu": ("chat", K8S / "overlays" / "gpu"),
+           "training": ("train", K8S / "training" / "base"), "training-gpu": ("train", K8S / "training" / "gpu")}
 
 
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
@@ -113,12 +95,27 @@ def test_every_manifest_matches_the_kubernetes_schema(layout: str):
         kubernetes_validate.validate(resource, kubernetes_validate.latest_version(), strict=True)
 
 
-@pytest.mark.parametrize("layout", ["base", "gpu", "base+queue-autoscaling"])
+@pytest.mark.parametrize("layout", sorted(TARGETS))
+def test_each_layout_runs_the_image_its_dockerfile_target_makes(layout: str):
+    target, folder = TARGETS[layout]
+    built = {}  # image -> target, from the `docker build` lines in the layout's kustomization comments
+    for line in (folder / "kustomization.yaml").read_text().replace("\\\n", " ").splitlines():
+        if "docker build" in line:
+            named = re.search(r"--target (\S+)", line)
+            built[re.search(r"-t (\S+)", line).group(1)] = named.group(1) if named else "serve"
+    images = {c["image"] for r in LAYOUTS[layout]() if r["kind"] in ("Deployment", "Job")
+              for c in r["spec"]["template"]["spec"]["containers"]}
+    assert len(images) == 1 and built.get(images.pop()) == target, (images, built)
+    assert f"AS {target}\n" in (ROOT / "Dockerfile").read_text()
+
+
+@pytest.mark.parametrize("layout", ["base", "gpu", "base+queue-autoscaling", "base+feedback"])
 def test_applying_the_service_starts_no_training_and_ships_no_secret(layout: str):
     resources = LAYOUTS[layout]()
     kinds = {r["kind"] for r in resources}
-    assert {"Deployment", "Service", "ConfigMap", "HorizontalPodAutoscaler", "PodDisruptionBudget", "NetworkPolicy",
-            "ServiceMonitor"} <= kinds
+    assert {"Namespace", "Deployment", "Service", "ConfigMap", "HorizontalPodAutoscaler", "PodDisruptionBudget",
+            "NetworkPolicy"} <= kinds
+    assert "ServiceMonitor" not in kinds  # opt-in: without the operator's CRDs `kubectl apply` would fail
     assert "Job" not in kinds
     assert not [r for r in resources if r["kind"] == "Secret" and (r.get("data") or r.get("stringData"))]
     for path in K8S.rglob("*.yaml"):  # no key anywhere, rendered or not
@@ -148,10 +145,11 @@ def test_base_autoscaler_uses_cpu_alone_and_the_component_adds_queue_depth():
 
 
 def test_servicemonitor_scrapes_the_metrics_port():
-    monitor = next(r for r in base_resources() if r["kind"] == "ServiceMonitor")
+    monitor = next(r for r in LAYOUTS["base+servicemonitor"]() if r["kind"] == "ServiceMonitor")
+    assert monitor["metadata"]["namespace"] == "keel"
     assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
     service = next(r for r in base_resources() if r["kind"] == "Service")
-    assert monitor["spec"]["selector"]["matchLabels"] == service["metadata"]["labels"]
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()  # selects it
     assert monitor["spec"]["endpoints"][0] == {"port": "http", "path": "/metrics", "interval": "15s"}
 
 
@@ -178,9 +176,9 @@ def test_deployment_is_hardened_and_drains():
 
 
 def test_training_job_uses_accelerate_and_resumes():
-    job = next(r for r in LAYOUTS["training"]() if r["kind"] == "Job")
+    job = next(r for r in LAYOUTS["training"]() if r["metadata"]["name"] == "keel-train-reward")
     command = job["spec"]["template"]["spec"]["containers"][0]["command"]
     assert command[:2] == ["accelerate", "launch"] and "--resume" in command
-    gpu_job = next(r for r in LAYOUTS["training-gpu"]() if r["kind"] == "Job")
+    gpu_job = next(r for r in LAYOUTS["training-gpu"]() if r["metadata"]["name"] == "keel-train-reward")
     gpu_container = gpu_job["spec"]["template"]["spec"]["containers"][0]
     assert gpu_container["resources"]["limits"]["nvidia.com/gpu"] == 4 and "--multi_gpu" in gpu_container["command"]

@@ -18,6 +18,27 @@ if TYPE_CHECKING:
     import torch
 
 
+def usable_cpus(cgroup: Path = Path("/sys/fs/cgroup")) -> int:
+    """The CPUs this process may use: its affinity, capped by a cgroup CPU quota (a container's or a Kubernetes
+    pod's CPU limit), rounded up. os.cpu_count() is the node's, which oversubscribes a limited pod."""
+    import math
+    import os
+
+    count = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    quota = None
+    try:  # cgroup v2: "max 100000" or "200000 100000"
+        limit, period = (cgroup / "cpu.max").read_text().split()[:2]
+        quota = None if limit == "max" else int(limit) / int(period)
+    except (OSError, ValueError):
+        try:  # cgroup v1: -1 means no limit
+            limit_us = int((cgroup / "cpu" / "cpu.cfs_quota_us").read_text())
+            period_us = int((cgroup / "cpu" / "cpu.cfs_period_us").read_text())
+            quota = limit_us / period_us if limit_us > 0 and period_us > 0 else None
+        except (OSError, ValueError):
+            quota = None
+    return max(1, min(count, math.ceil(quota)) if quota else count)
+
+
 def has_torch() -> bool:
     return importlib.util.find_spec("torch") is not None
 

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnxruntime as ort
+
+from keel.core.hardware import usable_cpus
 
 FP32_FILE = "model.onnx"
 INT8_FILE = "model.int8.onnx"
@@ -23,7 +24,7 @@ def int8_outdated(onnx_info: dict[str, Any]) -> bool:
 
 def onnx_session(path: str | Path, threads: int | None = None) -> ort.InferenceSession:
     options = ort.SessionOptions()
-    options.intra_op_num_threads = threads or os.cpu_count() or 1
+    options.intra_op_num_threads = threads or usable_cpus()
     options.inter_op_num_threads = 1
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     # On x86 CPUs without VNNI, ONNX Runtime's int8 x int8 kernels can saturate 16-bit sums; this option makes

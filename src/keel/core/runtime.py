@@ -10,7 +10,6 @@ from worker threads, the evaluation suite and the RL reward function directly. T
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -20,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from keel.core.artifact import ArtifactError, ModerationManifest, RewardManifest
-from keel.core.hardware import has_cuda, int8_is_fast
+from keel.core.hardware import has_cuda, int8_is_fast, usable_cpus
 from keel.core.moderation import flags, probabilities
 from keel.core.onnx_engine import FP32_FILE, INT8_FILE, OnnxEngine, int8_outdated, pad_batch
 from keel.core.text import ModelInput
@@ -124,7 +123,7 @@ class ModelRuntime:
         self.backend = choose_backend(self.directory) if backend == "auto" else backend
         self.limits = limits or BatchLimits()
         self.observe_batch = observe_batch
-        threads = threads or max(1, (os.cpu_count() or 1) // workers)
+        threads = threads or max(1, usable_cpus() // workers)
         try:
             self.tokenizer = PairTokenizer(self.directory, self.max_length, manifest.truncation_side)
             if self.backend == "torch":  # one model, however many workers: torch runs one batch at a time here
