@@ -104,7 +104,10 @@ class ChatAligner:
 
     async def judge(self, conversation: Conversation, replies: Sequence[Generated]) -> Judged:
         """Score and moderate replies in context; the heads come from the model version that scored them."""
-        inputs = [model_input([*conversation, Message("assistant", r.text)]) for r in replies]
+        # A prefilled reply (the conversation ends with the assistant's start) is judged whole: start + continuation.
+        start, context = ((conversation[-1].content, conversation[:-1]) if conversation[-1].role == "assistant"
+                          else ("", conversation))
+        inputs = [model_input([*context, Message("assistant", start + r.text)]) for r in replies]
         scored = await self.backend.score(inputs)
         weights = np.array([self.weights.get(h, 0.0) for h in scored.runtime.heads], dtype=np.float32)
         moderation: list[ModerationResult | None] = [None] * len(replies)
@@ -116,7 +119,8 @@ class ChatAligner:
         """n refusals if the guard flags the request's last user message; else None."""
         if not self.backend.moderates or self.guard.mode == "off":
             return None
-        [verdict] = await self.backend.moderate([("", conversation[-1].content)])
+        last_user = next((m.content for m in reversed(conversation) if m.role == "user"), "")
+        [verdict] = await self.backend.moderate([("", last_user)])
         if not verdict.flagged:
             return None
         if self.metrics:

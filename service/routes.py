@@ -17,7 +17,6 @@ from fastapi.responses import HTMLResponse, StreamingResponse
 from fastapi.security import HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from keel.core.text import Message
 from keel.service.batcher import CURRENT_CLIENT
 from keel.service.capture import moderation_item
 from keel.service.errors import ApiError
@@ -170,6 +169,15 @@ async def models(request: Request) -> dict:
     return {"object": "list", "data": get_serving(request).describe_models()}
 
 
+@api.get("/v1/models/{model_id:path}")
+async def model(model_id: str, request: Request) -> dict:
+    found = next((m for m in get_serving(request).describe_models() if m["id"] == model_id), None)
+    if found is None:
+        raise ApiError(404, f"the model {model_id!r} does not exist here; GET /v1/models lists them",
+                       param="model", code="model_not_found")
+    return found
+
+
 @api.post("/v1/admin/reload")
 async def reload(request: Request, body: ReloadRequest | None = None) -> dict:
     """Switch to another model version (default: the store's CURRENT, else newest) without a restart."""
@@ -179,6 +187,7 @@ async def reload(request: Request, body: ReloadRequest | None = None) -> dict:
 
 
 @health.get("/healthz")
+@health.get("/health")  # TEI's and vLLM's name
 async def healthz() -> dict:
     return {"status": "ok"}
 
@@ -208,16 +217,18 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
                        "--upstream URL", code="chat_not_enabled")
     max_tokens, best_of = body.within_limits(settings)
     log_bodies(serving, request, body.messages)
-    conversation = tuple(Message(m.role, m.content) for m in body.messages)
+    conversation = body.conversation()
     sampling = Sampling(body.temperature, body.top_p, max_tokens, body.stops(), body.seed)
-    model = serving.policy.name if serving.policy else (settings.upstream_model or "upstream")
+    model = serving.chat_model(body.model)
+    usage = body.stream_options is not None and body.stream_options.include_usage
     arrived = time.perf_counter()
     if body.stream and serving.policy is not None and best_of == 1 and settings.guard == "off":
         serving.admit(CHAT_PATH, CURRENT_CLIENT.get(), body.n)  # answer before the stream starts
-        return StreamingResponse(live_events(serving, conversation, sampling, body.n, model, arrived),
+        return StreamingResponse(live_events(serving, conversation, sampling, body.n, model, arrived, usage),
                                  media_type="text/event-stream")
     chosen = await unless_client_leaves(request, serving.aligner.complete(conversation, sampling, body.n, best_of))
     serving.metrics.time_to_first_token.labels(str(body.stream).lower()).observe(time.perf_counter() - arrived)
     if body.stream:
-        return StreamingResponse(chosen_events(serving, chosen, model, conversation), media_type="text/event-stream")
+        return StreamingResponse(chosen_events(serving, chosen, model, conversation, usage),
+                                 media_type="text/event-stream")
     return completion_response(serving, chosen, model, conversation)

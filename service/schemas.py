@@ -3,7 +3,7 @@ of a request against the server's limits that go beyond its shape."""
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -175,13 +175,58 @@ class ModerationResponse(BaseModel):
     judged: JudgedMessage | None = Field(None, description="with `messages`: which message was judged")
 
 
+class ContentPart(BaseModel):
+    """A part of a message's content, as the openai client sends it: Keel reads text parts only."""
+
+    model_config = ConfigDict(extra="allow")
+    type: str
+    text: Text | None = None
+
+
+class ChatRequestMessage(BaseModel):
+    """A chat message as OpenAI's API takes it: `developer` is read as `system`, text content parts are joined,
+    `name` is accepted (and not shown to the model); tool messages and tool calls are refused (no tools here)."""
+
+    model_config = ConfigDict(extra="ignore")
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: Text | list[ContentPart] | None = None
+    name: str | None = None
+    tool_calls: list[Any] | None = None
+
+    def text(self) -> str:
+        if isinstance(self.content, list):
+            return "".join(part.text or "" for part in self.content)
+        return self.content or ""
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+# Requested features Keel does not have: refused with a 400 that names them, never silently ignored.
+UNSUPPORTED_CHAT_FIELDS = ("tools", "tool_choice", "functions", "function_call", "logprobs", "top_logprobs",
+                           "audio", "modalities", "prediction")
+
+
 class ChatCompletionRequest(BaseModel):
-    """OpenAI's chat-completions request; fields Keel does not use (logprobs, penalties, ...) are ignored.
-    Strict types: `n: 1.0` or `stream: 0` are errors, not guesses."""
+    """OpenAI's chat-completions request. Sampling penalties and metadata are ignored; features Keel does not
+    have (tools, logprobs, a response_format other than text, image parts) are a 400 naming them. Strict types:
+    `n: 1.0` or `stream: 0` are errors, not guesses."""
 
     model_config = ConfigDict(extra="ignore", strict=True)
-    messages: list[ChatMessage] = Field(..., min_length=1)
+    messages: list[ChatRequestMessage] = Field(..., min_length=1)
     model: str | None = None
+    tools: list[Any] | None = None
+    tool_choice: Any = None
+    functions: list[Any] | None = None
+    function_call: Any = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+    audio: Any = None
+    modalities: list[Any] | None = None
+    prediction: Any = None
+    response_format: dict[str, Any] | None = None
+    stream_options: StreamOptions | None = None
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     max_tokens: int | None = Field(None, ge=1, description="reply tokens (default and ceiling: server settings)")
@@ -194,15 +239,30 @@ class ChatCompletionRequest(BaseModel):
                                 "the reward model (default: server setting)")
 
     @model_validator(mode="after")
-    def ends_with_user(self) -> ChatCompletionRequest:
-        if self.messages[-1].role != "user":
-            raise ValueError("messages must end with a user message")
+    def supported(self) -> ChatCompletionRequest:
+        asked = [name for name in UNSUPPORTED_CHAT_FIELDS if getattr(self, name) not in (None, False, [])]
+        if self.response_format and self.response_format.get("type", "text") != "text":
+            asked.append(f"response_format {self.response_format.get('type')!r}")
+        for i, message in enumerate(self.messages):
+            if message.role == "tool" or message.tool_calls:
+                asked.append(f"messages.{i}: tool messages and tool calls")
+            for part in message.content if isinstance(message.content, list) else []:
+                if part.type != "text" or part.text is None:
+                    asked.append(f"messages.{i}: content parts of type {part.type!r}")
+        if asked:
+            raise ValueError(f"not supported by this server: {', '.join(asked)}; Keel generates text only")
+        if self.messages[-1].role not in ("user", "assistant"):
+            raise ValueError("messages must end with a user message (or an assistant message to continue)")
         stops = [self.stop] if isinstance(self.stop, str) else self.stop or []
         if len(stops) > 4 or any(not s for s in stops):
             raise ValueError("stop takes at most 4 non-empty strings")
         return self
 
     _encodable_stop = field_validator("stop")(lambda value: encodable_texts(value))
+
+    def conversation(self) -> tuple[Message, ...]:
+        """The messages as the policy reads them (developer as system)."""
+        return tuple(Message("system" if m.role == "developer" else m.role, m.text()) for m in self.messages)
 
     def stops(self) -> tuple[str, ...]:
         return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
@@ -223,7 +283,7 @@ class ChatCompletionRequest(BaseModel):
             raise ApiError(400, f"n * best_of * max_tokens = {self.n * best_of * max_tokens} tokens; the limit is "
                            f"{settings.max_request_tokens}: ask for fewer choices, candidates or tokens",
                            param="max_tokens", code="request_too_costly")
-        characters = sum(len(m.content) for m in self.messages)
+        characters = sum(len(m.text()) for m in self.messages)
         if characters > settings.max_chars:
             raise ApiError(400, f"messages hold {characters} characters; the limit is {settings.max_chars}",
                            param="messages", code="text_too_long")

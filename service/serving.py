@@ -409,6 +409,19 @@ class Serving:
 
     # ---- models and reload ----------------------------------------------------------------------------------
 
+    def chat_model(self, requested: str | None) -> str:
+        """The name a chat completion answers with. A request's `model` must name what is served: the policy's
+        name or version, the upstream's model (--upstream-model; without it the upstream decides), or `keel`
+        (whatever chat model is served); else 404 model_not_found."""
+        if self.policy is None and self.settings.upstream_model is None:
+            return requested or "upstream"
+        served = self.policy.name if self.policy else str(self.settings.upstream_model)
+        accepted = {served, "keel"} | ({self.policy.version} if self.policy else set())
+        if requested is not None and requested not in accepted:
+            raise ApiError(404, f"the model {requested!r} is not served here; use {served!r} (or 'keel')",
+                           param="model", code="model_not_found")
+        return served
+
     def describe_models(self) -> list[dict[str, Any]]:
         """Each served model (reward, then moderation) with its store's other versions, then the policy."""
         listed = []

@@ -38,17 +38,27 @@ def audit_of(serving: Serving, chosen: list[Chosen]) -> ChatAudit:
 
 def completion_response(serving: Serving, chosen: list[Chosen], model: str, conversation: Conversation
                         ) -> ChatCompletionResponse:
-    prompt_tokens = chosen[0].reply.prompt_tokens if chosen else 0
-    completion_tokens = sum(c.reply.completion_tokens for c in chosen)
     identifier, audit = completion_id(), audit_of(serving, chosen)
     serving.capture(chat_item(identifier, conversation, chosen, audit, CURRENT_CLIENT.get().label))
     return ChatCompletionResponse(
         id=identifier, created=int(time.time()), model=model,
         choices=[ChatChoice(index=i, message=AssistantMessage(content=c.reply.text), finish_reason=c.reply.finish_reason)
                  for i, c in enumerate(chosen)],
-        usage=Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-                    total_tokens=prompt_tokens + completion_tokens),
-        keel=audit)
+        usage=usage_of(chosen), keel=audit)
+
+
+def usage_of(chosen: list[Chosen]) -> Usage:
+    prompt_tokens = chosen[0].reply.prompt_tokens if chosen else 0
+    completion_tokens = sum(c.reply.completion_tokens for c in chosen)
+    return Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                 total_tokens=prompt_tokens + completion_tokens)
+
+
+def last_chunk(identifier: str, model: str, chosen: list[Chosen], audit: ChatAudit, usage: bool) -> dict[str, Any]:
+    """The closing chunk: no choices, Keel's audit, and with stream_options.include_usage the token counts (as
+    OpenAI sends them: a final chunk whose `usage` is set)."""
+    extra = {"usage": usage_of(chosen).model_dump()} if usage else {}
+    return {**chunk(identifier, model, 0, {}), "choices": [], "keel": audit.model_dump(), **extra}
 
 
 def event(payload: dict[str, Any] | str) -> bytes:
@@ -61,8 +71,8 @@ def chunk(identifier: str, model: str, index: int, delta: dict[str, str], finish
             "choices": [{"index": index, "delta": delta, "finish_reason": finish}], **extra}
 
 
-async def chosen_events(serving: Serving, chosen: list[Chosen], model: str, conversation: Conversation
-                        ) -> AsyncIterator[bytes]:
+async def chosen_events(serving: Serving, chosen: list[Chosen], model: str, conversation: Conversation,
+                        usage: bool = False) -> AsyncIterator[bytes]:
     """Events for replies that are already chosen and guarded."""
     identifier, audit = completion_id(), audit_of(serving, chosen)
     serving.capture(chat_item(identifier, conversation, chosen, audit, CURRENT_CLIENT.get().label))
@@ -71,12 +81,12 @@ async def chosen_events(serving: Serving, chosen: list[Chosen], model: str, conv
         if choice.reply.text:
             yield event(chunk(identifier, model, i, {"content": choice.reply.text}))
         yield event(chunk(identifier, model, i, {}, choice.reply.finish_reason))
-    yield event({**chunk(identifier, model, 0, {}), "choices": [], "keel": audit.model_dump()})
+    yield event(last_chunk(identifier, model, chosen, audit, usage))
     yield event("[DONE]")
 
 
 async def live_events(serving: Serving, conversation: Conversation, sampling: Sampling, n: int, model: str,
-                      arrived: float) -> AsyncIterator[bytes]:
+                      arrived: float, usage: bool = False) -> AsyncIterator[bytes]:
     """Events as the policy produces tokens; the replies are scored for the audit once they are complete."""
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue[tuple[int, str, str | None]] = asyncio.Queue()
@@ -125,5 +135,5 @@ async def live_events(serving: Serving, conversation: Conversation, sampling: Sa
     serving.metrics.guard_actions.labels("off").inc(n)
     audit = audit_of(serving, chosen)
     serving.capture(chat_item(identifier, conversation, chosen, audit, CURRENT_CLIENT.get().label))
-    yield event({**chunk(identifier, model, 0, {}), "choices": [], "keel": audit.model_dump()})
+    yield event(last_chunk(identifier, model, chosen, audit, usage))
     yield event("[DONE]")

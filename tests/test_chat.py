@@ -116,24 +116,32 @@ def test_openai_client_plain_and_streaming_over_a_socket(tiny_reward_model: Path
     with keel_server(tiny_reward_model, "--policy", tiny_policy, "--guard", "off", KEEL_API_KEYS="k1") as (url, _):
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="k1", max_retries=0)
         messages = [{"role": "user", "content": "how can i bake a cake"}]
-        completion = client.chat.completions.create(model="tiny", messages=messages, max_tokens=5, n=2, seed=7)
+        completion = client.chat.completions.create(model="keel", messages=messages, max_tokens=5, n=2, seed=7)
         assert len(completion.choices) == 2 and completion.usage.completion_tokens <= 10
         assert all(c.finish_reason in ("stop", "length") for c in completion.choices)
         audit = completion.model_extra["keel"]
         assert len(audit["choices"]) == 2 and set(audit["choices"][0]["scores"]) == {"harmless", "quality"}
-        again = client.chat.completions.create(model="tiny", messages=messages, max_tokens=5, n=2, seed=7)
+        again = client.chat.completions.create(model="keel", messages=messages, max_tokens=5, n=2, seed=7)
         assert [c.message.content for c in again.choices] == [c.message.content for c in completion.choices]
 
-        stream = client.chat.completions.create(model="tiny", messages=messages, max_tokens=6, seed=7, stream=True)
+        stream = client.chat.completions.create(model="keel", messages=messages, max_tokens=6, seed=7, stream=True)
         chunks = list(stream)
         text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
         finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
         assert finishes in (["stop"], ["length"]) and "keel" in chunks[-1].model_extra
-        plain = client.chat.completions.create(model="tiny", messages=messages, max_tokens=6, seed=7)
+        plain = client.chat.completions.create(model="keel", messages=messages, max_tokens=6, seed=7)
         assert text == plain.choices[0].message.content  # streaming sends the same reply
+        # What the openai client sends for a developer message and content parts, and its usage chunk.
+        rich = [{"role": "developer", "content": "Be brief."},
+                {"role": "user", "content": [{"type": "text", "text": "how can i bake a cake"}]}]
+        chunks = list(client.chat.completions.create(model="keel", messages=rich, max_tokens=4, stream=True,
+                                                     stream_options={"include_usage": True}))
+        assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens >= 1
+        with pytest.raises(openai.NotFoundError):
+            client.chat.completions.create(model="nonexistent", messages=messages, max_tokens=2)
         with pytest.raises(openai.AuthenticationError):
             openai.OpenAI(base_url=f"{url}/v1", api_key="wrong", max_retries=0).chat.completions.create(
-                model="tiny", messages=messages, max_tokens=2)
+                model="keel", messages=messages, max_tokens=2)
 
 
 @pytest.mark.subprocess
@@ -176,7 +184,7 @@ def chat_client(tiny_reward_model: Path, tiny_moderation_model: Path, tiny_polic
     ({"messages": [{"role": "user", "content": "hi"}], "n": 0}, "n"),
     ({"messages": [{"role": "user", "content": "hi"}], "temperature": 3}, "temperature"),
     ({"messages": [{"role": "user", "content": "hi"}], "best_of": 400}, "best_of"),
-    ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}, None),
+    ({"messages": [{"role": "user", "content": "hi"}, {"role": "tool", "content": "42", "tool_call_id": "t"}]}, None),
     ({"messages": [{"role": "user", "content": "hi"}], "stop": ["a", "b", "c", "d", "e"]}, None),
 ])
 def test_bad_chat_requests_get_400(chat_client: TestClient, body: dict, param: str | None):
@@ -203,3 +211,52 @@ def test_chat_metrics_and_models(chat_client: TestClient):
         assert name in metrics
     kinds = [m.get("kind") for m in chat_client.get("/v1/models").json()["data"]]
     assert "policy" in kinds
+
+
+def test_what_the_openai_client_sends_is_accepted_or_refused_by_name(chat_client: TestClient):
+    user = {"role": "user", "content": "hi"}
+    accepted = chat_client.post("/v1/chat/completions", json={
+        "model": "keel", "max_tokens": 3, "messages": [
+            {"role": "developer", "content": "Be brief."},
+            {"role": "user", "name": "ana", "content": [{"type": "text", "text": "how can i "},
+                                                       {"type": "text", "text": "bake a cake"}]}]})
+    assert accepted.status_code == 200, accepted.text
+    assert accepted.json()["usage"]["prompt_tokens"] > 0
+    prefill = chat_client.post("/v1/chat/completions", json={
+        "max_tokens": 3, "messages": [user, {"role": "assistant", "content": "Sure, here"}]})
+    assert prefill.status_code == 200, prefill.text
+    for extra, named in (({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+                         ({"response_format": {"type": "json_object"}}, "json_object"),
+                         ({"logprobs": True}, "logprobs"),
+                         ({"messages": [{"role": "user", "content": [
+                             {"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}]}, "image_url")):
+        refused = chat_client.post("/v1/chat/completions", json={"messages": [user], **extra})
+        assert refused.status_code == 400 and named in refused.json()["error"]["message"], refused.text
+    assert chat_client.post("/v1/chat/completions", json={"messages": [user], "response_format": {
+        "type": "text"}, "max_tokens": 2}).status_code == 200
+    unknown = chat_client.post("/v1/chat/completions", json={"messages": [user], "model": "nonexistent"})
+    assert unknown.status_code == 404 and unknown.json()["error"]["code"] == "model_not_found"
+
+
+def test_include_usage_sends_a_final_usage_chunk(chat_client: TestClient):
+    import json
+
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3, "stream": True,
+            "stream_options": {"include_usage": True}}
+    events = [line.removeprefix("data: ") for line in chat_client.post("/v1/chat/completions", json=body).text.split(
+        "\n\n") if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    last = json.loads(events[-2])
+    assert last["choices"] == [] and last["usage"]["total_tokens"] == (last["usage"]["prompt_tokens"]
+                                                                     + last["usage"]["completion_tokens"])
+    without = chat_client.post("/v1/chat/completions", json={**body, "stream_options": None}).text
+    assert '"usage"' not in without
+
+
+def test_one_model_by_id_and_the_health_alias(chat_client: TestClient):
+    listed = chat_client.get("/v1/models").json()["data"]
+    one = chat_client.get(f"/v1/models/{listed[0]['id']}")
+    assert one.status_code == 200 and one.json() == listed[0]
+    missing = chat_client.get("/v1/models/nope")
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "model_not_found"
+    assert chat_client.get("/health").json() == {"status": "ok"}

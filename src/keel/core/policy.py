@@ -94,10 +94,15 @@ def load_policy(name: str, dtype: torch.dtype = torch.float32) -> PreTrainedMode
 
 
 def apply_chat_template(tokenizer: PreTrainedTokenizerBase, conversation: Conversation) -> str:
+    """The prompt the policy continues. A conversation that ends with an assistant message is a prefill: the
+    reply continues that message instead of starting a new one."""
     messages = [{"role": m.role, "content": m.content} for m in conversation]
+    prefill = bool(messages) and messages[-1]["role"] == "assistant"
     if tokenizer.chat_template is None:  # base models: a plain transcript
-        return "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        transcript = "".join(f"{m['role']}: {m['content']}\n" for m in messages)
+        return transcript.removesuffix("\n") if prefill else transcript + "assistant:"
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=not prefill,
+                                         continue_final_message=prefill)
 
 
 def encode_prompts(tokenizer: PreTrainedTokenizerBase, conversations: Sequence[Conversation],
