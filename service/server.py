@@ -101,7 +101,7 @@ def preflight(settings: Settings) -> None:
     cannot serve, an unreadable keys file, a model directory or store that cannot be served, or settings that
     name heads or categories the given models lack."""
     if settings.policy is not None and not has_torch():
-        raise SettingsError("--policy generates with torch, which this install lacks: pip install 'keel[chat]', "
+        raise SettingsError("--policy generates with torch, which this install lacks: pip install 'keel-rlhf[chat]', "
                             "or use --upstream")
     settings.read_api_keys()
     if settings.model is not None:

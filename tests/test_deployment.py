@@ -43,7 +43,7 @@ def test_dockerfile_runs_as_non_root_with_exec_entrypoint_and_healthcheck():
     # The serving image installs the serve extra and the PostgreSQL driver only (no torch) and drops the bundled
     # training data.
     serve_env = text.split("AS serve-env", 1)[1].split("\nFROM ", 1)[0]
-    assert '"keel[serve,postgres]"' in serve_env and "torch" not in serve_env and "'data'" in serve_env
+    assert '"keel-rlhf[serve,postgres]"' in serve_env and "torch" not in serve_env and "'data'" in serve_env
     ignored = (ROOT / ".dockerignore").read_text().splitlines()
     assert "**" in ignored  # only what the image needs is sent to the builder
 

@@ -65,8 +65,20 @@ def test_without_torch_serve_needs_a_model_and_chat_needs_the_chat_extra(serving
     run = subprocess.run([serving_python, "-m", "keel", "serve"], capture_output=True, text=True, cwd=tmp_path,
                          timeout=60)
     assert run.returncode == 2 and "Traceback" not in run.stderr
-    assert "--model" in run.stderr and "keel[train]" in run.stderr
+    assert "--model" in run.stderr and "keel-rlhf[train]" in run.stderr
     run = subprocess.run([serving_python, "-m", "keel", "serve", "--model", str(tiny_reward_model), "--policy", "x"],
                          capture_output=True, text=True, cwd=tmp_path, timeout=60)
-    assert run.returncode == 2 and "keel[chat]" in run.stderr and "Traceback" not in run.stderr
+    assert run.returncode == 2 and "keel-rlhf[chat]" in run.stderr and "Traceback" not in run.stderr
 
+
+
+def test_the_distribution_has_a_name_of_its_own():
+    """`keel` on PyPI is another project: `pip install "keel[serve]"` installed it. The distribution is
+    keel-rlhf everywhere a user copies an install line from."""
+    import re
+
+    root = Path(__file__).resolve().parent.parent
+    assert re.search(r'^name = "keel-rlhf"', (root / "pyproject.toml").read_text(), re.MULTILINE)
+    for path in [root / "README.md", root / "Dockerfile", *(root / "docs").glob("*.md")]:
+        assert not re.search(r"\bkeel\[", path.read_text()), f"{path.name} installs `keel[...]`, not keel-rlhf"
+    assert 'pip install "keel-rlhf[serve]"' in (root / "README.md").read_text()

@@ -1,7 +1,7 @@
 """`keel serve`: resolve the model (training the default one first if it is absent), then run the service.
 
 This is the only place serving meets training: the service itself is handed a model directory. In a serving
-install (keel[serve], no torch) the default model cannot be trained here; the error says what to do.
+install (keel-rlhf[serve], no torch) the default model cannot be trained here; the error says what to do.
 """
 
 from __future__ import annotations
@@ -90,7 +90,7 @@ def default_model(kind: str, flag: str) -> Path:
         from keel.service.settings import SettingsError
 
         raise SettingsError(f"no {flag} given, and this install cannot train the default {kind} model (no torch): "
-                            f"pass {flag} DIR, or pip install 'keel[train]'")
+                            f"pass {flag} DIR, or pip install 'keel-rlhf[train]'")
     from keel.training.default_models import default_model_dir, ensure_default_model, ensure_default_moderation_model
 
     ensure = ensure_default_moderation_model if kind == "moderation" else ensure_default_model
