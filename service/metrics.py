@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+)
 
 LATENCY_BUCKETS = (0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
 
@@ -11,6 +18,10 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
+        ProcessCollector(registry=r)  # process_cpu_seconds_total, process_resident_memory_bytes, open fds, ...
+        PlatformCollector(registry=r)  # python_info
+        self.model_info = Gauge("keel_model_info", "the served models: 1 for each (kind, name, version) served now",
+                                ["kind", "name", "version"], registry=r)
         self.requests = Counter("keel_requests_total", "HTTP requests", ["endpoint", "status"], registry=r)
         self.request_seconds = Histogram("keel_request_duration_seconds", "HTTP request duration", ["endpoint"],
                                          buckets=LATENCY_BUCKETS, registry=r)

@@ -36,6 +36,7 @@ from keel.service.schemas import (
     ScoreRequest,
     ScoreResponse,
     ScoreResult,
+    TokenUsage,
     check_input_limits,
 )
 from keel.service.serving import CHAT_PATH, Serving
@@ -94,9 +95,11 @@ async def score(body: ScoreRequest, request: Request) -> ScoreResponse:
     scored = await unless_client_leaves(request, serving.score(inputs))
     runtime, z = scored.runtime, scored.values
     primary = runtime.heads.index(runtime.primary_head)
-    data = [ScoreResult(index=i, score=float(row[primary]), scores=dict(zip(runtime.heads, map(float, row))))
-            for i, row in enumerate(z)]
-    return ScoreResponse(model=runtime.name, model_version=runtime.version, data=data)
+    truncated = scored.truncated if scored.truncated is not None else [False] * len(z)
+    data = [ScoreResult(index=i, score=float(row[primary]), scores=dict(zip(runtime.heads, map(float, row))),
+                        truncated=bool(cut)) for i, (row, cut) in enumerate(zip(z, truncated))]
+    return ScoreResponse(model=runtime.name, model_version=runtime.version, data=data,
+                         usage=TokenUsage.of(scored.tokens))
 
 
 @api.post("/v1/moderations", response_model=ModerationResponse)
@@ -123,7 +126,8 @@ async def moderations(body: ModerationRequest, request: Request) -> ModerationRe
         judged = JudgedMessage(index=last, role=body.messages[last].role,
                                in_context=body.messages[last].role == "assistant")
     response = ModerationResponse(id=f"modr-{uuid.uuid4().hex}", model=scored.runtime.name,
-                                  model_version=scored.runtime.version, results=results, judged=judged)
+                                  model_version=scored.runtime.version, results=results, judged=judged,
+                                  usage=TokenUsage.of(scored.tokens))
     serving.capture(moderation_item(response, inputs, scored, CURRENT_CLIENT.get().label))
     return response
 

@@ -88,6 +88,20 @@ class ScoreResult(BaseModel):
     index: int
     score: float = Field(description="the primary head's normalised score")
     scores: dict[str, float] = Field(description="every head's normalised score: (raw - mean) / std")
+    truncated: bool = Field(False, description="the input did not fit the model's window and was cut (the "
+                            "oldest turns of a conversation go first)")
+
+
+class TokenUsage(BaseModel):
+    """Tokens the model read, as embedding and scoring APIs report them."""
+
+    prompt_tokens: int
+    total_tokens: int
+
+    @staticmethod
+    def of(tokens: object) -> TokenUsage:
+        count = int(sum(tokens)) if tokens is not None else 0  # type: ignore[call-overload]
+        return TokenUsage(prompt_tokens=count, total_tokens=count)
 
 
 class ScoreResponse(BaseModel):
@@ -95,6 +109,7 @@ class ScoreResponse(BaseModel):
     model: str
     model_version: str
     data: list[ScoreResult]
+    usage: TokenUsage | None = None
 
 
 class TextPart(BaseModel):
@@ -173,6 +188,7 @@ class ModerationResponse(BaseModel):
     model_version: str
     results: list[ModerationResult]
     judged: JudgedMessage | None = Field(None, description="with `messages`: which message was judged")
+    usage: TokenUsage | None = Field(None, description="tokens read, every window of a long text included")
 
 
 class ContentPart(BaseModel):

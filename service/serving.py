@@ -258,6 +258,12 @@ class Serving:
         return self.runtime if which is REWARD else self.moderation
 
     def _set_runtime(self, which: Served, runtime: ModelRuntime) -> None:
+        old = self.runtime_of(which)
+        info = self.metrics.model_info
+        if old is not None:
+            with suppress(KeyError):
+                info.remove(which.kind, old.name, old.version)
+        info.labels(which.kind, runtime.name, runtime.version).set(1)
         if which is REWARD:
             assert isinstance(runtime, RewardRuntime)
             self.runtime = runtime
@@ -304,6 +310,7 @@ class Serving:
                                                            settings.max_prompt_tokens, self.metrics, None,
                                                            settings.policy_dtype)
             await asyncio.to_thread(policy.warm_up)
+            self.metrics.model_info.labels("policy", policy.name, policy.version).set(1)
             # A short wait lets requests that arrive together share a batch; generation takes far longer.
             batcher = Batcher(policy.generate, max_batch_texts=settings.max_generation_rows,
                               max_wait_s=settings.generation_wait_ms / 1000, max_queue_texts=settings.max_queue_rows,

@@ -76,6 +76,9 @@ def test_store_lists_versions_and_reloads_without_restart(tiny_reward_model: Pat
             assert score_version(client, auth) == "2026-02-01T00:00:00Z"  # the old model keeps serving
         metrics = client.get("/metrics").text
         assert 'keel_model_reloads_total{outcome="failed"} 3.0' in metrics
+        assert 'keel_model_info{kind="reward",name="v2",version="2026-02-01T00:00:00Z"} 1.0' in metrics
+        info = [line for line in metrics.splitlines() if line.startswith("keel_model_info{")]
+        assert not [line for line in info if 'name="v1"' in line]  # both models moved to v2: v1 is gone
 
 
 def test_admin_routes_need_an_admin_key(tiny_reward_model: Path, tmp_path: Path):
@@ -178,3 +181,18 @@ def test_start_serves_the_newest_valid_version_unless_current_names_an_invalid_o
                              capture_output=True, text=True, timeout=120)
     assert refused.returncode == 2 and refused.stderr.count("\n") == 1, refused.stderr
     assert "v3-std0" in refused.stderr and "CURRENT" in refused.stderr and "std" in refused.stderr
+
+
+def test_scoring_reports_usage_truncation_and_model_info(tiny_reward_model: Path, tiny_moderation_model: Path):
+    long_text = " ".join(["good"] * 200)  # far over the tiny model's 48 tokens
+    with TestClient(create_app(Settings(model=tiny_reward_model, moderation_model=tiny_moderation_model))) as client:
+        scored = client.post("/v1/score", json={"input": [{"text": "hello"}, {"text": long_text}]}).json()
+        assert [item["truncated"] for item in scored["data"]] == [False, True]
+        assert scored["usage"]["prompt_tokens"] == scored["usage"]["total_tokens"] > 48
+        moderated = client.post("/v1/moderations", json={"input": [long_text]}).json()
+        assert moderated["usage"]["prompt_tokens"] > 200  # every window of the long text is read
+        metrics = client.get("/metrics").text
+        assert "process_resident_memory_bytes" in metrics and "process_cpu_seconds_total" in metrics
+        version = scored["model_version"]
+        assert f'keel_model_info{{kind="reward",name="{tiny_reward_model.name}",version="{version}"}} 1.0' in metrics
+        assert 'keel_model_info{kind="moderation"' in metrics

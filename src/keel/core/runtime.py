@@ -87,9 +87,12 @@ def service_batch_limits(backend: str) -> BatchLimits:
 class Scored:
     values: np.ndarray  # [texts, heads]: z-scores of a reward model, probabilities of a moderation model
     runtime: ModelRuntime  # the model (version) that produced them
+    tokens: np.ndarray | None = None  # [texts]: tokens the model read (every window's, for a windowed model)
+    truncated: np.ndarray | None = None  # [texts]: whether the text was cut to fit the model's window
 
     def __getitem__(self, index: slice) -> Scored:  # the batcher hands each request its slice
-        return Scored(self.values[index], self.runtime)
+        return Scored(self.values[index], self.runtime, None if self.tokens is None else self.tokens[index],
+                      None if self.truncated is None else self.truncated[index])
 
     @staticmethod
     def combine(parts: list[Scored]) -> Scored:
@@ -97,8 +100,12 @@ class Scored:
         mix two models' scores: ModelChanged, and the caller scores the request again."""
         if any(part.runtime is not parts[0].runtime for part in parts):
             raise ModelChanged("the model was reloaded while this request was being scored")
-        return parts[0] if len(parts) == 1 else Scored(np.concatenate([part.values for part in parts]),
-                                                       parts[0].runtime)
+        if len(parts) == 1:
+            return parts[0]
+        counted = all(part.tokens is not None and part.truncated is not None for part in parts)
+        return Scored(np.concatenate([part.values for part in parts]), parts[0].runtime,
+                      np.concatenate([part.tokens for part in parts]) if counted else None,  # type: ignore[misc]
+                      np.concatenate([part.truncated for part in parts]) if counted else None)  # type: ignore[misc]
 
 
 class ModelChanged(Exception):
@@ -147,16 +154,25 @@ class ModelRuntime:
     def score(self, inputs: Sequence[ModelInput], worker: int = 0) -> np.ndarray:
         """Raw scores [len(inputs), heads]. A windowed model (moderation) reads a long text in overlapping windows
         and keeps each head's highest score over them; any other cuts a long text at max_length."""
+        return self.score_counted(inputs, worker)[0]
+
+    def score_counted(self, inputs: Sequence[ModelInput], worker: int = 0
+                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Raw scores, and per input the tokens read and whether it was cut (never, for a windowed model)."""
         if self.windowed:
             encoded, owners = self.tokenizer.encode_windows(inputs, WINDOW_OVERLAP)
+            truncated = np.zeros(len(inputs), dtype=bool)
         else:
-            encoded, owners = self.tokenizer.encode(inputs), list(range(len(inputs)))
+            encoded, cut = self.tokenizer.encode_counted(inputs)
+            owners, truncated = list(range(len(inputs))), np.array(cut, dtype=bool)
+        tokens = np.zeros(len(inputs), dtype=np.int64)
+        np.add.at(tokens, np.array(owners, dtype=np.int64), [len(item["input_ids"]) for item in encoded])
         per_window = self.run_batches(encoded, worker)
         if len(encoded) == len(inputs):
-            return per_window
+            return per_window, tokens, truncated
         out = np.full((len(inputs), len(self.heads)), -np.inf, dtype=np.float32)
         np.maximum.at(out, np.array(owners), per_window)  # sigmoid is monotone: the max logit is the max probability
-        return out
+        return out, tokens, truncated
 
     def run_batches(self, encoded: list[dict[str, list[int]]], worker: int = 0) -> np.ndarray:
         """Raw scores of tokenised inputs, sorted by length and cut into token-budgeted batches. Each worker
@@ -191,9 +207,10 @@ class ModelRuntime:
         raise NotImplementedError
 
     def scored(self, inputs: Sequence[ModelInput], worker: int = 0) -> Scored:
-        """The served scores, tagged with this runtime: a reload never mixes one model's scores with another's
-        name, version or thresholds."""
-        return Scored(self.transform(self.score(inputs, worker)), self)
+        """The served scores, tagged with this runtime (a reload never mixes one model's scores with another's
+        name, version or thresholds), with the tokens read and what was cut."""
+        raw, tokens, truncated = self.score_counted(inputs, worker)
+        return Scored(self.transform(raw), self, tokens, truncated)
 
     def warm_up(self) -> None:
         """Score a real batch so the first request pays no start-up cost, and check the model's output."""

@@ -41,6 +41,12 @@ class PairTokenizer:
                 return self.tokenizer.token_to_id(token)
         return 0
 
+    def encode_counted(self, inputs: Sequence[ModelInput]) -> tuple[list[dict[str, list[int]]], list[bool]]:
+        """`encode`, and for each pair whether it was cut to max_length."""
+        encodings = self.tokenizer.encode_batch([(context, response) for context, response in inputs])
+        return ([{"input_ids": e.ids, "token_type_ids": e.type_ids} for e in encodings],
+                [bool(e.overflowing) for e in encodings])
+
     def encode(self, inputs: Sequence[ModelInput]) -> list[dict[str, list[int]]]:
         """Each pair as two segments, unpadded: input_ids and token_type_ids (the response is segment 1)."""
         encodings = self.tokenizer.encode_batch([(context, response) for context, response in inputs])
