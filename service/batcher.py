@@ -68,7 +68,7 @@ class QueueMetrics:
 @dataclass(eq=False)
 class _Job:
     client: Client
-    future: asyncio.Future
+    future: asyncio.Future[Any]
     deadline: float
     results: list[Any]  # one per chunk, filled as chunks finish
     waiting: int  # chunks not yet finished
@@ -106,7 +106,7 @@ class Batcher:
         self._arrived = asyncio.Event()
         self._workers_count = workers
         self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix=f"keel-{name}")
-        self._workers: list[asyncio.Task] = []
+        self._workers: list[asyncio.Task[None]] = []
         self._closing = False
         self._failures = BurstLog(log)
 

@@ -3,14 +3,14 @@ the model versions, the scores, the guard's verdicts and every best-of-n candida
 
 from __future__ import annotations
 
-from keel.core.runtime import Scored
+from keel.core.runtime import ModerationRuntime, Scored
 from keel.core.text import Conversation, ModelInput
 from keel.service.chat import Chosen
 from keel.service.feedback import ServedItem
 from keel.service.schemas import ChatAudit, ModerationResponse
 
 
-def moderation_item(response: ModerationResponse, inputs: list[ModelInput], scored: Scored,
+def moderation_item(response: ModerationResponse, inputs: list[ModelInput], scored: Scored[ModerationRuntime],
                     client: str | None) -> ServedItem:
     texts = [{"context": context, "text": text} for context, text in inputs]
     return ServedItem(
@@ -35,7 +35,7 @@ def chat_item(identifier: str, conversation: Conversation, chosen: list[Chosen],
         uncertainty=reward_uncertainty(chosen))
 
 
-def moderation_uncertainty(response: ModerationResponse, scored: Scored) -> float:
+def moderation_uncertainty(response: ModerationResponse, scored: Scored[ModerationRuntime]) -> float:
     """1 - the smallest distance of a category probability from its threshold: near 1 when a verdict was close."""
     thresholds = scored.runtime.thresholds
     distances = [abs(result.category_scores[c] - t) for result in response.results

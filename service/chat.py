@@ -35,7 +35,7 @@ class ChatBackend(Protocol):
     async def generate(self, conversation: Conversation, samplings: Sequence[Sampling]) -> list[Generated]:
         """One generated reply per sampling setting."""
 
-    async def score(self, inputs: list[ModelInput]) -> Scored:
+    async def score(self, inputs: list[ModelInput]) -> Scored[RewardRuntime]:
         """Normalised reward scores and the model version that gave them."""
 
     async def moderate(self, inputs: list[ModelInput]) -> list[ModerationResult]:
@@ -47,6 +47,10 @@ class GuardSettings:
     mode: str = "regenerate"  # off | refuse | regenerate
     retries: int = 1
     refusal: str = "I'm sorry, but I can't help with that."
+
+
+def flagged(result: ModerationResult | None) -> bool:
+    return result is not None and result.flagged
 
 
 @dataclass
@@ -71,7 +75,7 @@ class Chosen:
 class Judged:
     """Replies scored in context: each one's reward, head scores and moderation result (None: no moderation)."""
 
-    scored: Scored
+    scored: Scored[RewardRuntime]
     rewards: np.ndarray
     moderation: list[ModerationResult | None]
 
@@ -151,8 +155,8 @@ class ChatAligner:
                 group = range(k * best_of, (k + 1) * best_of)
                 sampled[choice] += best_of
                 ranked = sorted(group, key=lambda i: -rewards[i])
-                allowed = ranked if self.guard.mode == "off" else [i for i in ranked if not moderation[i].flagged]
                 # (moderation[i] is never None here: the guard is off whenever there is no moderation model)
+                allowed = ranked if self.guard.mode == "off" else [i for i in ranked if not flagged(moderation[i])]
                 retry = self.guard.mode == "regenerate" and attempt < self.guard.retries
                 if not allowed and retry:
                     still_pending.append(choice)
@@ -166,7 +170,7 @@ class ChatAligner:
                     reply = Generated(self.guard.refusal, "content_filter", candidates[pick].prompt_tokens,
                                       0, candidates[pick].first_token_seconds)
                 audit = judged.audit(pick, choice, sampled[choice], ranked.index(pick), action, attempt + 1)
-                verdicts = [None if moderation[i] is None else moderation[i].flagged for i in group]  # type: ignore[union-attr]
+                verdicts = [None if moderation[i] is None else flagged(moderation[i]) for i in group]
                 chosen[choice] = Chosen(reply, audit, judged.scored.runtime,
                                         [Candidate(candidates[i].text, float(rewards[i]), verdict, i == pick and bool(allowed))
                                          for i, verdict in zip(group, verdicts)])

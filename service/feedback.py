@@ -201,8 +201,11 @@ class FeedbackStore:
     def withdraw(self, answer_id: str, annotator: str) -> bool:
         """Delete one of the annotator's own answers (the labelling page's undo); False if there is none."""
         with self.session() as session, session.begin():
-            return session.execute(delete(Feedback).where(Feedback.id == answer_id,
-                                                          Feedback.annotator == annotator)).rowcount > 0
+            answer = session.get(Feedback, answer_id)
+            if answer is None or answer.annotator != annotator:
+                return False
+            session.delete(answer)
+            return True
 
     def open_units(self, annotator: str, task: str, annotators: frozenset[str], per_item: int = 1,
                    pool: int = 500) -> tuple[list[tuple[Item, int]], set[str]]:

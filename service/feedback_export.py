@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 from collections import Counter, defaultdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -33,7 +33,7 @@ def majority(votes: list[bool]) -> bool | None:
     return None if yes == no else yes > no
 
 
-def krippendorff_alpha(units: dict[Any, dict[str, float]], level: str) -> float | None:
+def krippendorff_alpha(units: dict[Any, dict[str, float]], level: Literal["nominal", "ordinal"]) -> float | None:
     """Krippendorff's alpha over units (an item or result) x annotators; None when no unit has two answers or
     every answer is the same (alpha is undefined)."""
     import krippendorff

@@ -156,7 +156,8 @@ class PolicyRuntime:
 
 
 def _reply(state: _RowState) -> Generated:
-    return Generated(state.text, state.finish_reason, state.prompt_tokens, len(state.tokens), state.first_token_at)
+    return Generated(state.text, state.finish_reason or "length", state.prompt_tokens, len(state.tokens),
+                     state.first_token_at)
 
 
 def _generator(seed: int | None) -> torch.Generator | None:

@@ -64,7 +64,8 @@ class JsonFormatter(logging.Formatter):
 def log_as_json() -> None:
     """Every logger, uvicorn's included (started without a log config), writes JSON lines to stderr."""
     handler = logging.StreamHandler()
-    handler.setFormatter(JsonFormatter())
-    handler.formatter.converter = time.gmtime
+    formatter = JsonFormatter()
+    formatter.converter = time.gmtime
+    handler.setFormatter(formatter)
     root = logging.getLogger()
     root.handlers = [handler]

@@ -29,8 +29,8 @@ from keel.service.serving import Serving
 log = logging.getLogger(__name__)
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 ADMIN_PREFIX = "/v1/admin/"
-PUBLIC_PATHS = frozenset({"/label", "/healthz", "/readyz", "/metrics", "/openapi.json", "/docs", "/docs/oauth2-redirect",
-                          "/redoc"})
+PUBLIC_PATHS = frozenset({"/label", "/health", "/healthz", "/readyz", "/metrics", "/openapi.json", "/docs",
+                          "/docs/oauth2-redirect", "/redoc"})
 
 
 async def discard_body(receive: Receive, cap: int) -> bool:

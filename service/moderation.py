@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from keel.core.moderation import flags
-from keel.core.runtime import Scored
+from keel.core.runtime import ModerationRuntime, Scored
 from keel.service.schemas import ModerationResult
 
 
-def moderate(scored: Scored, deployment: dict[str, float], request: dict[str, float] | None = None
+def moderate(scored: Scored[ModerationRuntime], deployment: dict[str, float], request: dict[str, float] | None = None
              ) -> list[ModerationResult]:
     """A category is flagged when its probability reaches its threshold: the request's, else the deployment's
     (--moderation-thresholds), else the model's. A category without any threshold is never flagged."""

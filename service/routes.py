@@ -151,7 +151,7 @@ async def label_page() -> HTMLResponse:
 
 
 @api.get("/v1/label/next")
-async def label_next(request: Request, task: str = "moderation") -> dict:
+async def label_next(request: Request, task: str = "moderation") -> dict[str, Any]:
     if task not in LABEL_TASKS:
         raise ApiError(400, f"task must be one of {', '.join(LABEL_TASKS)}", param="task")
     return await get_serving(request).label_next(CURRENT_CLIENT.get(), task)
@@ -169,12 +169,12 @@ async def label_undo(answer_id: str, request: Request) -> Response:
 
 
 @api.get("/v1/models")
-async def models(request: Request) -> dict:
+async def models(request: Request) -> dict[str, Any]:
     return {"object": "list", "data": get_serving(request).describe_models()}
 
 
 @api.get("/v1/models/{model_id:path}")
-async def model(model_id: str, request: Request) -> dict:
+async def model(model_id: str, request: Request) -> dict[str, Any]:
     found = next((m for m in get_serving(request).describe_models() if m["id"] == model_id), None)
     if found is None:
         raise ApiError(404, f"the model {model_id!r} does not exist here; GET /v1/models lists them",
@@ -183,7 +183,7 @@ async def model(model_id: str, request: Request) -> dict:
 
 
 @api.post("/v1/admin/reload")
-async def reload(request: Request, body: ReloadRequest | None = None) -> dict:
+async def reload(request: Request, body: ReloadRequest | None = None) -> dict[str, Any]:
     """Switch to another model version (default: the store's CURRENT, else newest) without a restart."""
     body = body or ReloadRequest()
     runtime = await get_serving(request).reload(MODERATION if body.model == "moderation" else REWARD, body.version)
@@ -192,7 +192,7 @@ async def reload(request: Request, body: ReloadRequest | None = None) -> dict:
 
 @health.get("/healthz")
 @health.get("/health")  # TEI's and vLLM's name
-async def healthz() -> dict:
+async def healthz() -> dict[str, Any]:
     return {"status": "ok"}
 
 

@@ -164,9 +164,10 @@ class ModerationRequest(BaseModel):
             return [model_input([Message(m.role, m.content) for m in self.messages])]
         if isinstance(self.input, str):
             return [("", self.input)]
-        if self.input and isinstance(self.input[0], TextPart):
-            return [("", "\n".join(part.text for part in self.input))]
-        return [("", text) for text in self.input]
+        parts = [part for part in self.input or [] if isinstance(part, TextPart)]
+        if parts:
+            return [("", "\n".join(part.text for part in parts))]
+        return [("", text) for text in self.input or [] if isinstance(text, str)]
 
 
 class ModerationResult(BaseModel):
@@ -291,10 +292,11 @@ class ChatCompletionRequest(BaseModel):
         if max_tokens > settings.max_tokens_limit:
             raise ApiError(400, f"max_tokens {max_tokens} is over this server's limit of {settings.max_tokens_limit}",
                            param="max_tokens", code="max_tokens_too_large")
-        best_of = self.best_of or settings.best_of
-        if self.n * best_of > settings.max_client_queue_rows:
+        best_of: int = self.best_of or settings.best_of
+        client_rows = settings.max_client_queue_rows or settings.max_queue_rows  # filled in by Settings
+        if self.n * best_of > client_rows:
             raise ApiError(400, f"n * best_of = {self.n * best_of} candidates; the limit is "
-                           f"{settings.max_client_queue_rows}", param="best_of", code="too_many_candidates")
+                           f"{client_rows}", param="best_of", code="too_many_candidates")
         if self.n * best_of * max_tokens > settings.max_request_tokens:
             raise ApiError(400, f"n * best_of * max_tokens = {self.n * best_of * max_tokens} tokens; the limit is "
                            f"{settings.max_request_tokens}: ask for fewer choices, candidates or tokens",

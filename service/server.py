@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import signal
 import socket
 import threading
 from types import FrameType
-from typing import Any
+from typing import Any, cast
 
 import uvicorn
 from fastapi import FastAPI
@@ -73,7 +74,7 @@ class DrainingServer(uvicorn.Server):
         self._draining = False
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        serving = self.config.app.state.keel
+        serving = cast(FastAPI, self.config.app).state.keel
         if sig == signal.SIGTERM and not self._draining and self.drain_seconds > 0:
             self._draining = True
             serving.draining = True
@@ -127,9 +128,9 @@ def uvicorn_config(app: FastAPI, settings: Settings) -> uvicorn.Config:
     # The graceful window covers the longest request these settings allow; a request still running after it
     # is answered 503 by the app (Kubernetes: terminationGracePeriodSeconds >= preStop + drain + this).
     return uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
-                          timeout_graceful_shutdown=settings.longest_request_s() + 1.0, access_log=False,
+                          timeout_graceful_shutdown=math.ceil(settings.longest_request_s() + 1.0), access_log=False,
                           http=http_protocol(settings.header_timeout_s),
                           h11_max_incomplete_event_size=settings.max_header_bytes,
                           timeout_keep_alive=settings.keep_alive_timeout_s,
                           # uvicorn's own log config writes text; without it its loggers reach the JSON handler
-                          **({"log_config": None} if settings.log_format == "json" else {}))
+                          log_config=None if settings.log_format == "json" else uvicorn.config.LOGGING_CONFIG)

@@ -180,8 +180,9 @@ class Serving:
             if position >= results:
                 raise ApiError(400, f"index {position} is out of range: the response has {results} results",
                                param="index")
-            categories = item.output["results"][0]["categories"] if results else {}
-            unknown = sorted(set(value["categories"]) - set(categories))
+            categories: dict[str, bool] = item.output["results"][0]["categories"] if results else {}
+            corrected: dict[str, bool] = request.categories or {}
+            unknown = sorted(set(corrected) - set(categories))
             if unknown:
                 raise ApiError(400, f"unknown categories {unknown}; categories are {sorted(categories)}",
                                param="categories")
@@ -279,7 +280,7 @@ class Serving:
         runtime = await asyncio.to_thread(load_runtime, settings, self.metrics, directory, which)
         self._set_runtime(which, runtime)
 
-        def score(texts: list[ModelInput], worker: int) -> Scored:
+        def score(texts: Sequence[ModelInput], worker: int) -> Scored[Any]:
             # Through runtime_of at call time, so a reload switches models between batches.
             current = self.runtime_of(which)
             assert current is not None
@@ -346,15 +347,16 @@ class Serving:
         with queue_errors(self.metrics, timeout_s, what):
             return await batcher.submit(items, timeout_s, CURRENT_CLIENT.get())
 
-    async def batched(self, which: Served, inputs: list[ModelInput], what: str) -> Scored:
+    async def batched(self, which: Served, inputs: list[ModelInput], what: str) -> Scored[Any]:
         """Scores [texts, heads], batched with every other request's texts."""
         batcher = self.batchers[which.kind]
         try:
-            return await self.queued(batcher, inputs, self.settings.request_timeout_s, what)
+            scored: Scored[Any] = await self.queued(batcher, inputs, self.settings.request_timeout_s, what)
         except ModelChanged:  # a reload landed between this request's batches: score it again, on one model
-            return await self.queued(batcher, inputs, self.settings.request_timeout_s, what)
+            scored = await self.queued(batcher, inputs, self.settings.request_timeout_s, what)
+        return scored
 
-    async def score(self, inputs: list[ModelInput]) -> Scored:
+    async def score(self, inputs: list[ModelInput]) -> Scored[RewardRuntime]:
         """Normalised reward scores [texts, heads], and the model version that gave them."""
         scored = await self.batched(REWARD, inputs, "scoring")
         for h, head in enumerate(scored.runtime.heads):
@@ -368,7 +370,7 @@ class Serving:
         return self.moderation is not None
 
     async def moderations(self, inputs: list[ModelInput], thresholds: dict[str, float] | None = None
-                          ) -> tuple[Scored, list[ModerationResult]]:
+                          ) -> tuple[Scored[ModerationRuntime], list[ModerationResult]]:
         """Category probabilities and moderation results, at the request's, deployment's or model's thresholds."""
         scored = await self.batched(MODERATION, inputs, "moderation")
         results = moderate(scored, self.settings.moderation_thresholds, thresholds)
@@ -399,7 +401,14 @@ class Serving:
         replies = [loop.create_future() for _ in rows]
 
         def deliver(reply: asyncio.Future[Generated]) -> Callable[[Generated], None]:  # from the generation thread
-            return lambda generated: loop.call_soon_threadsafe(lambda: reply.done() or reply.set_result(generated))
+            def settle(generated: Generated) -> None:
+                if not reply.done():
+                    reply.set_result(generated)
+
+            def from_thread(generated: Generated) -> None:
+                loop.call_soon_threadsafe(settle, generated)
+
+            return from_thread
 
         rows = [replace(row, abandoned=abandoned, on_finish=deliver(reply)) for row, reply in zip(rows, replies)]
         batch = asyncio.ensure_future(self.queued(self.batchers["generation"], rows,

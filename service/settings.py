@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import Field, field_validator, model_validator
+from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from keel.core.artifact import KeelError
@@ -231,12 +232,18 @@ class Settings(BaseSettings):
         return 1 if backend == "torch" else usable_cpus()
 
 
+def is_env_only(field: FieldInfo) -> bool:
+    """A secret's setting: from the environment only, never a flag (`ps` would show it)."""
+    extra = field.json_schema_extra
+    return isinstance(extra, dict) and bool(extra.get("env_only"))
+
+
 def settings_table() -> str:
     """Every setting as a Markdown table row: flag, environment variable, default, description (docs/service.md
     holds this table; a test keeps the two the same)."""
     rows = ["| flag | environment | default | what it does |", "|---|---|---|---|"]
     for name, field in Settings.model_fields.items():
-        env_only = (field.json_schema_extra or {}).get("env_only")
+        env_only = is_env_only(field)
         flag = "(none: a secret)" if env_only else f"`--{name.replace('_', '-')}`"
         default = "" if field.default_factory or field.default is None else f"`{field.default}`"
         description = (field.description or "").replace("|", "\\|")

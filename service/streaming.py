@@ -93,7 +93,10 @@ async def live_events(serving: Serving, conversation: Conversation, sampling: Sa
     identifier = completion_id()
 
     def on_text(index: int) -> Callable[[str, str | None], None]:
-        return lambda text, finish: loop.call_soon_threadsafe(queue.put_nowait, (index, text, finish))
+        def from_thread(text: str, finish: str | None) -> None:
+            loop.call_soon_threadsafe(queue.put_nowait, (index, text, finish))
+
+        return from_thread
 
     rows = [Row(conversation, Sampling(sampling.temperature, sampling.top_p, sampling.max_tokens, sampling.stop,
                                        candidate_seed(sampling.seed, i, 0, 0)), on_text(i)) for i in range(n)]

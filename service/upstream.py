@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from itertools import groupby
+from typing import Any
 
 import httpx
 
@@ -40,7 +41,7 @@ class UpstreamClient:
             replies += await self._request(body, count)
         return replies
 
-    async def _request(self, body: dict, count: int) -> list[Generated]:
+    async def _request(self, body: dict[str, Any], count: int) -> list[Generated]:
         try:
             response = await self.client.post("/v1/chat/completions", json=body)
         except httpx.HTTPError as error:

@@ -260,3 +260,9 @@ def test_one_model_by_id_and_the_health_alias(chat_client: TestClient):
     missing = chat_client.get("/v1/models/nope")
     assert missing.status_code == 404 and missing.json()["error"]["code"] == "model_not_found"
     assert chat_client.get("/health").json() == {"status": "ok"}
+
+
+def test_health_alias_needs_no_key(tiny_reward_model: Path):
+    with TestClient(create_app(Settings(model=tiny_reward_model, api_keys=["k"]))) as client:
+        assert client.get("/health").status_code == 200 and client.get("/healthz").status_code == 200
+        assert client.get("/v1/models").status_code == 401

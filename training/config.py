@@ -7,7 +7,7 @@ import types
 import typing
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import yaml
 
@@ -165,7 +165,7 @@ def build(cls: Any, value: Any, where: str) -> Any:
         if unknown:
             raise ConfigError(f"{where}: unknown keys {sorted(unknown)}; known keys: {sorted(known)}")
         try:
-            return cls(**{key: build(hints[key], item, f"{where}.{key}") for key, item in value.items()})
+            return cast(Any, cls)(**{key: build(hints[key], item, f"{where}.{key}") for key, item in value.items()})
         except TypeError as error:
             raise ConfigError(f"{where}: {error}") from error
     if cls is float and not isinstance(value, bool):

@@ -298,14 +298,15 @@ def read_source(source: DataSource, parse: Callable[[dict[str, Any]], T], split_
 def load_source(source: DataSource, skip_bad_rows: bool = False,
                 parse: Callable[[dict[str, Any]], Any] = parse_example) -> list[Any]:
     """Preference pairs and ratings from a source (other kinds of example with another `parse`)."""
-    keep = None
+    keep: Callable[[Example], bool] | None = None
     if source.pairs != "all":
         prefers_refusal = source.pairs == "refusal_vs_compliance"
 
-        def keep(example: Example) -> bool:
+        def refusal_filter(example: Example) -> bool:
             return (isinstance(example, PreferencePair) and is_refusal(example.chosen) == prefers_refusal
                     and is_refusal(example.rejected) != prefers_refusal)
-    what = f"pairs ({source.pairs})" if keep else "rows"
+        keep = refusal_filter
+    what = f"pairs ({source.pairs})" if keep is not None else "rows"
     return read_source(source, lambda row: parse_row(row, source, parse), lambda e: e.split_key, skip_bad_rows,
                        what, keep)
 

@@ -34,7 +34,8 @@ class ScoresOnly(torch.nn.Module):
         self.model = model
 
     def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
-        return self.model(*inputs).logits
+        scores: torch.Tensor = self.model(*inputs).logits
+        return scores
 
 
 def export(model: RewardModel, tokenizer: PreTrainedTokenizerBase, directory: Path, opset: int, int8: bool) -> None:
@@ -54,7 +55,7 @@ def export(model: RewardModel, tokenizer: PreTrainedTokenizerBase, directory: Pa
         # Two warnings the TorchScript exporter prints for every BERT, about shapes it fixes while tracing and
         # about indexing with negative indices; neither bites here, and every export is checked against torch on
         # real texts of many lengths right after (keel.json: onnx.fp32_max_abs_diff_vs_torch).
-        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)  # type: ignore[attr-defined]
         warnings.filterwarnings("ignore", message="Exporting aten::index operator")
         torch.onnx.export(
             ScoresOnly(model), tuple(sample[n] for n in names), str(raw_path), input_names=names, output_names=["scores"],

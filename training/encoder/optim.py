@@ -3,6 +3,8 @@ freeze, the optimiser and its schedule, and the transformers tokenizer."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, get_linear_schedule_with_warmup
@@ -30,7 +32,7 @@ def optimiser(model: RewardModel, training: TrainingConfig, total_steps: int
     return optimizer, get_linear_schedule_with_warmup(optimizer, int(training.warmup_ratio * total_steps), total_steps)
 
 
-def freeze_lower_layers(backbone: nn.Module, count: int) -> None:
+def freeze_lower_layers(backbone: Any, count: int) -> None:
     """Fix the embeddings and the lowest `count` transformer layers. Nothing below layer `count` then needs a
     gradient, so backward stops there: with 2 of MiniLM's 6 layers fixed a step is a quarter faster."""
     layers = next((m for m in backbone.modules()

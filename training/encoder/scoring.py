@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from keel.core.reward_model import RewardModel
 from keel.core.text import ModelInput
 from keel.training.data import PreferencePair
 
@@ -51,7 +52,7 @@ def length_sorted_scorer(tokenizer: PreTrainedTokenizerBase, max_length: int, ba
 
 
 def torch_scorer(
-    model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, max_length: int, batch_size: int = 64,
+    model: RewardModel, tokenizer: PreTrainedTokenizerBase, max_length: int, batch_size: int = 64,
     features: bool = False,
 ) -> Scorer:
     """Scores [texts, heads] of a RewardModel; with `features`, the pooled features its heads read. The device
@@ -63,7 +64,7 @@ def torch_scorer(
         model.eval()
         device = next(model.parameters()).device
         batch = {k: v.to(device) for k, v in collate(tokenizer, items).items()}
-        scores = (model.pool(**batch) if features else model(**batch).logits).float().cpu().numpy()
+        scores: np.ndarray = (model.pool(**batch) if features else model(**batch).logits).float().cpu().numpy()
         model.train(was_training)
         return scores
 
@@ -84,7 +85,7 @@ def cached(scorer: Scorer) -> Scorer:
     return score
 
 
-def reliability(probabilities: np.ndarray, labels: np.ndarray, bins: int = 10) -> list[dict[str, float]]:
+def reliability(probabilities: np.ndarray, labels: np.ndarray, bins: int = 10) -> list[dict[str, float | None]]:
     """Equal-width probability bins: how many predictions fell in each, their mean probability and the observed
     frequency of the label (a reliability diagram; perfectly calibrated when the two agree)."""
     edges = np.linspace(0.0, 1.0, bins + 1)
@@ -96,8 +97,12 @@ def reliability(probabilities: np.ndarray, labels: np.ndarray, bins: int = 10) -
 
 def expected_calibration_error(probabilities: np.ndarray, labels: np.ndarray, bins: int = 10) -> float:
     """ECE = sum_b |B_b|/N * |mean(label in b) - mean(p in b)| over equal-width probability bins."""
-    return float(sum(b["count"] / len(labels) * abs(b["frequency"] - b["mean_probability"])
-                     for b in reliability(probabilities, labels, bins) if b["count"]))
+    error = 0.0
+    for b in reliability(probabilities, labels, bins):
+        frequency, mean = b["frequency"], b["mean_probability"]
+        if b["count"] and frequency is not None and mean is not None:
+            error += float(b["count"]) / len(labels) * abs(frequency - mean)
+    return error
 
 
 def wilson_interval(proportion: float, count: int, z: float = Z_95) -> list[float]:
@@ -132,7 +137,7 @@ def rating_metrics(predicted: np.ndarray, target: np.ndarray) -> dict[str, float
     return {"ratings": len(target), "mse": float(np.mean((predicted - target) ** 2)), "pearson": pearson}
 
 
-def best_f1_threshold(category_scores: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+def best_f1_threshold(category_scores: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
     """The flagging threshold on category scores (flag when score >= t) with the best F1 on labelled data."""
     order = np.argsort(-category_scores)
     sorted_scores, sorted_labels = category_scores[order], labels[order]
@@ -148,7 +153,7 @@ def best_f1_threshold(category_scores: np.ndarray, labels: np.ndarray) -> dict[s
             "recall": float(recall[best]), "f1": float(f1[best]), "examples": len(labels)}
 
 
-def false_flag_threshold(category_scores: np.ndarray, rate: float) -> dict[str, float]:
+def false_flag_threshold(category_scores: np.ndarray, rate: float) -> dict[str, Any]:
     """The lowest threshold (flag when score >= t) that flags at most `rate` of texts that should all pass."""
     scores = np.asarray(category_scores, dtype=np.float64)
     passed = np.sort(scores)[::-1][int(rate * len(scores))]  # the highest score that must still pass

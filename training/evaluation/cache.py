@@ -56,8 +56,8 @@ class EvalCache:
         self.misses += len(missing)
         with tqdm(total=len(missing), desc=desc, unit="item", disable=not progress or not missing, leave=False) as bar:
             for start in range(0, len(missing), chunk):
-                part = missing[start : start + chunk]
-                computed = [(keys[i], v) for i, v in zip(part, compute(part))]
+                indices = missing[start : start + chunk]
+                computed = [(keys[i], v) for i, v in zip(indices, compute(indices))]
                 found.update(computed)
                 if self.db is not None:
                     self.db.executemany("INSERT OR REPLACE INTO cache VALUES (?, ?)",
@@ -112,7 +112,7 @@ class CachedRewardModel:
         manifest = self.runtime.manifest
         thresholds = [manifest.guard_threshold(h) if guard else manifest.moderation[h].threshold
                       for h in self.runtime.heads]
-        return flags(category_scores(z), thresholds).any(axis=1)
+        return np.asarray(flags(category_scores(z), thresholds).any(axis=1))
 
 
 class CachedPolicy:

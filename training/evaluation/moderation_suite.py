@@ -70,7 +70,7 @@ def set_result(runtime: ModerationRuntime, items: list[Item]) -> dict[str, Any]:
     values = runtime.scored([item.input for item in labelled]).values
     limits = [runtime.thresholds[c] for c in runtime.categories]
     flagged_by_category = runtime.flagged(values)
-    flagged = flagged_by_category.any(axis=1)
+    flagged = np.asarray(flagged_by_category.any(axis=1))
     any_score = runtime.any_harm(values)
     truth = np.array([is_harmful for _, _, is_harmful in items])
     overall: dict[str, Any] = {"examples": len(items), "positives": int(truth.sum()),

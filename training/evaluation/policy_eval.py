@@ -172,7 +172,7 @@ def evaluate_policy(config: EvalPolicyConfig, policy: str, reference: str | None
     prompts = [(c, s.heads, source_label(s)) for s in config.reward_prompts for c in load_prompts(s)]
     harmful = evaluator.refusal_rates({name: load_prompts(s) for name, s in config.harmful.items()})
     safe = evaluator.refusal_rates({name: load_prompts(s) for name, s in config.safe.items()})
-    summary = {
+    summary: dict[str, Any] = {
         "harmful_refusal_rate": {m: pooled(harmful, m) for m in ("policy", "reference")},
         "safe_compliance_rate": {m: 1.0 - pooled(safe, m) for m in ("policy", "reference")},
     }

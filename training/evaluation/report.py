@@ -122,7 +122,7 @@ def _is_number(value: Any) -> bool:
 
 def _value(result: dict[str, Any] | None, key: str) -> float | None:
     value = (result or {}).get(key)
-    return float(value) if _is_number(value) else None
+    return float(value) if isinstance(value, (int, float)) and _is_number(value) else None
 
 
 def _interval(value: Any) -> tuple[float, float] | None:

@@ -22,9 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from keel.core.text import Message, ModelInput, render
+from keel.core.text import Conversation, Message, ModelInput, render
 from keel.training.data import (
-    Conversation,
     DataSource,
     PreferencePair,
     filtered_rows,
@@ -396,4 +395,6 @@ def load_set(eval_set: EvalSet, data: Path, external: Path | None, limit: int | 
     if eval_set.external and external is None:
         raise MissingData(f"{eval_set.name} is not bundled (non-commercial or share-alike licence): "
                           "pass --external-data DIR")
-    return stratified(eval_set.load(external if eval_set.external else data), limit)
+    folder = external if eval_set.external else data
+    assert folder is not None  # external is checked above
+    return stratified(eval_set.load(folder), limit)

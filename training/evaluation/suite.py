@@ -54,5 +54,5 @@ def run_sets(sets: Sequence[EvalSet], labels: list[str], measure: Callable[[Eval
 def grouped(categories: Sequence[str], values: dict[str, np.ndarray], metric: Callable[..., dict[str, Any]]
             ) -> dict[str, dict[str, Any]]:
     """metric(**values restricted to each category), by category."""
-    categories = np.array(categories)
-    return {c: metric(**{k: v[categories == c] for k, v in values.items()}) for c in sorted(set(categories.tolist()))}
+    labels = np.array(categories)
+    return {c: metric(**{k: v[labels == c] for k, v in values.items()}) for c in sorted(set(labels.tolist()))}

@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import math
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -44,7 +45,7 @@ def fold_split(key: str, folds: int, test_fold: int) -> str:
 def label_of(rule: LabelRule, row: dict[str, Any]) -> float:
     if rule.value is not None:
         return float(rule.value)
-    value = row.get(rule.column)
+    value = row.get(rule.column or "")
     if value is None or value == "":
         return UNLABELLED
     text = str(value).strip()
@@ -142,8 +143,10 @@ def load_labelled(source: ModerationSource, config: ModerationConfig, role: str,
         return source.split == "all" or split_of(item.split_key) == source.split
 
     whole = ModerationSource(**{**source.__dict__, "split": "all"})  # read_source's own split filter is off
-    return read_source(whole, SourceReader(source, config.categories), lambda e: e.split_key if e else "",
-                       skip_bad_rows, "labelled rows", keep=in_split)
+    reader: Callable[[dict[str, Any]], Labelled | None] = SourceReader(source, config.categories)
+    rows = read_source(whole, reader, lambda e: e.split_key if e else "", skip_bad_rows, "labelled rows",
+                       keep=in_split)
+    return [row for row in rows if row is not None]
 
 
 def load_moderation_data(config: ModerationConfig, skip_bad_rows: bool = False) -> dict[str, list[Labelled]]:

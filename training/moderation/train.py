@@ -182,11 +182,13 @@ def choose_thresholds(scores: np.ndarray, labels: np.ndarray, config: Moderation
                                           rule=f"{positives} validation positives (< {config.min_positives}) and "
                                                "no shared any-harm threshold: scored, never flagged")
             continue
-        if own is None or shared is None:
-            threshold = (own or shared)["threshold"]  # type: ignore[index]
-            rule = (f"shared any-harm threshold ({shared['rule']}); {positives} validation positives"
-                    if own is None else f"own threshold ({own['rule']}); no shared threshold")
-        else:
+        if own is None and shared is not None:
+            threshold = shared["threshold"]
+            rule = f"shared any-harm threshold ({shared['rule']}); {positives} validation positives"
+        elif own is not None and shared is None:
+            threshold = own["threshold"]
+            rule = f"own threshold ({own['rule']}); no shared threshold"
+        elif own is not None and shared is not None:
             weight = positives / (positives + config.threshold_shrinkage)
             threshold = 1 / (1 + math.exp(-(weight * logit(own["threshold"])
                                             + (1 - weight) * logit(shared["threshold"]))))

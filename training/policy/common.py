@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from transformers import PreTrainedTokenizerBase
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from keel.core.policy import encode_prompts, end_token_ids
 from keel.core.text import Conversation
@@ -58,7 +58,7 @@ def repeated_ngram_fraction(sequences: Sequences, n: int = 3) -> torch.Tensor:
     return torch.tensor(fractions)
 
 @torch.no_grad()
-def generate(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, conversations: Sequence[Conversation],
+def generate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, conversations: Sequence[Conversation],
              max_prompt_length: int, max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0,
              greedy: bool = False) -> tuple[Sequences, list[str]]:
     """Sample one response per conversation; returns the sequences and the decoded responses."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 from transformers import PreTrainedModel
@@ -17,7 +18,7 @@ def add_lora(model: PreTrainedModel, rank: int, alpha: float, dropout: float, ta
 
 
 @contextlib.contextmanager
-def reference_mode(policy: torch.nn.Module, reference: torch.nn.Module | None) -> Iterator[torch.nn.Module]:
+def reference_mode(policy: Any, reference: torch.nn.Module | None) -> Iterator[torch.nn.Module]:
     """The frozen reference model: a separate copy when given, else the LoRA policy with its adapter off."""
     if reference is not None:
         yield reference

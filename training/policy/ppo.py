@@ -47,12 +47,14 @@ def token_rewards(scores: torch.Tensor, logprobs: torch.Tensor, reference_logpro
 def train_ppo(config: PolicyConfig, output: Path, **run_options: Any) -> dict[str, Any]:
     t, ppo, temperature = config.training, config.ppo, config.policy.temperature
     run = PolicyRun(config, output, "ppo", value_head=True, **run_options)
+    value_head = run.value_head
+    assert value_head is not None  # PolicyRun(value_head=True)
     for step in run.steps():
         rollout = run.rollout(run.take(run.train_prompts, step, t.prompts_per_step), samples=t.samples_per_prompt)
         sequences, mask = rollout.sequences, rollout.sequences.response_mask
         with torch.no_grad(), run.autocast():
             old_logprobs, _, hidden = response_logprobs(run.policy, sequences, temperature, with_hidden=True)
-            old_values = run.value_head(hidden).squeeze(-1).float()
+            old_values = value_head(hidden).squeeze(-1).float()
         scores = whiten(rollout.rewards, shift_mean=False) if t.whiten_rewards else rollout.rewards
         rewards = token_rewards(scores, old_logprobs, rollout.reference_logprobs, mask, run.kl_coef)
         advantages, returns = gae(rewards, old_values, mask, ppo.gamma, ppo.lam)
@@ -66,7 +68,8 @@ def train_ppo(config: PolicyConfig, output: Path, **run_options: Any) -> dict[st
                 with run.autocast():
                     logprobs, entropy, hidden = response_logprobs(run.policy, sequences.select(batch), temperature,
                                                                   with_entropy=True, with_hidden=True)
-                    values = run.value_head(hidden).squeeze(-1).float()
+                    values = value_head(hidden).squeeze(-1).float()
+                assert entropy is not None  # asked for
                 ratio = torch.exp(logprobs - old_logprobs[batch])
                 # L_clip = -E_t[min(ratio_t * A_t, clip(ratio_t, 1 - eps, 1 + eps) * A_t)]
                 surrogate = torch.max(-advantages[batch] * ratio,
@@ -85,6 +88,6 @@ def train_ppo(config: PolicyConfig, output: Path, **run_options: Any) -> dict[st
                     entropies.append(masked_mean(entropy, m).item())
         kl = sequence_kl(old_logprobs, rollout.reference_logprobs, mask)
         metrics = {key: sum(values) / len(values) for key, values in stats.items()}
-        metrics.update(rollout_metrics(rollout, run.reward.heads), entropy=sum(entropies) / len(entropies))
+        metrics.update(rollout_metrics(rollout, run.reward_function.heads), entropy=sum(entropies) / len(entropies))
         run.end_step(metrics, kl=kl.mean().item(), responses=len(rollout.responses))
     return run.finish()

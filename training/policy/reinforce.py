@@ -35,6 +35,6 @@ def train_reinforce(config: PolicyConfig, output: Path, **run_options: Any) -> d
         run.algorithm_state["baseline"] = moving_average_baseline(baseline, returns.mean().item(),
                                                                   t.baseline_momentum)
         run.end_step({"loss": loss.item(), "baseline": run.algorithm_state["baseline"],
-                      **rollout_metrics(rollout, run.reward.heads, entropy)},
+                      **rollout_metrics(rollout, run.reward_function.heads, entropy)},
                      kl=kl.mean().item(), responses=len(rollout.responses))
     return run.finish()

@@ -83,7 +83,7 @@ class RewardFunction:
         if key:
             headers["Authorization"] = f"Bearer {key}"
         data = json.dumps(body).encode() if body is not None else None
-        request = urllib.request.Request(self.config.url.rstrip("/") + path, data=data, headers=headers)
+        request = urllib.request.Request(str(self.config.url).rstrip("/") + path, data=data, headers=headers)
         try:
             with urllib.request.urlopen(request, timeout=60) as response:
                 return json.loads(response.read())
@@ -99,7 +99,7 @@ class RewardFunction:
         return list(models[0]["heads"])
 
     def _score_over_http(self, conversations: list[tuple[Message, ...]], chunk: int = 256) -> np.ndarray:
-        rows = []
+        rows: list[list[float]] = []
         for start in range(0, len(conversations), chunk):
             items = [{"messages": [{"role": m.role, "content": m.content} for m in c]}
                      for c in conversations[start : start + chunk]]

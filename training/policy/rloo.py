@@ -36,6 +36,6 @@ def train_rloo(config: PolicyConfig, output: Path, **run_options: Any) -> dict[s
         # L = -mean_i A_i * sum_t log pi(y_i,t | x, y_i,<t)
         loss = -(advantages * (logprobs * rollout.sequences.response_mask).sum(1)).mean()
         run.optimize(loss)
-        run.end_step({"loss": loss.item(), **rollout_metrics(rollout, run.reward.heads, entropy)},
+        run.end_step({"loss": loss.item(), **rollout_metrics(rollout, run.reward_function.heads, entropy)},
                      kl=kl.mean().item(), responses=len(rollout.responses))
     return run.finish()

@@ -173,6 +173,14 @@ class PolicyRun:
         every = self.config.training.eval_every
         return bool(every) and (self.step + 1) % every == 0 and self.step + 1 != self.total_steps
 
+    @property
+    def reward_function(self) -> RewardFunction:
+        """The reward the algorithm optimises; a config without reward sources has none."""
+        if self.reward is None:
+            raise ConfigError("this algorithm needs a reward: give the config reward sources (prompts.train) or "
+                              "a reward model")
+        return self.reward
+
     @torch.no_grad()
     def rollout(self, prompts: Sequence[WeightedPrompt], samples: int = 1,
                 greedy: bool = False) -> Rollout:
@@ -185,8 +193,8 @@ class PolicyRun:
         with self.autocast():  # bf16 sampling is ~25% faster on CPU
             sequences, texts = generate(policy, self.tokenizer, conversations, p.max_prompt_length,
                                         p.max_new_tokens, p.temperature, p.top_p, greedy=greedy)
-        rewards, head_scores = self.reward(conversations, texts, weights)
-        rewards = torch.tensor(rewards, dtype=torch.float32, device=self.device)
+        scores, head_scores = self.reward_function(conversations, texts, weights)
+        rewards = torch.tensor(scores, dtype=torch.float32, device=self.device)
         rewards -= self.config.training.unfinished_penalty * (~sequences.ended).float()
         return Rollout(conversations, texts, sequences, rewards, head_scores, self.reference_logprobs(sequences))
 
@@ -201,6 +209,7 @@ class PolicyRun:
         with self.autocast():
             logprobs, entropy, _ = response_logprobs(self.policy, rollout.sequences, self.config.policy.temperature,
                                                      with_entropy=True)
+        assert entropy is not None  # asked for above
         kl = sequence_kl(logprobs.detach(), rollout.reference_logprobs, rollout.sequences.response_mask)
         # R = r(x, y) - beta * KL(x, y)
         returns = rollout.rewards - self.kl_coef * kl

@@ -13,7 +13,7 @@ from keel.training.config import BUNDLED_DATA, CONFIGS, REWARD_BACKENDS
 from keel.training.evaluation.sets import POLICY_SETS, REWARD_SETS, EvalSet
 
 
-def add_commands(commands: argparse._SubParsersAction) -> None:
+def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     evaluate = commands.add_parser("eval", help="evaluate a model").add_subparsers(dest="what", required=True)
     eval_reward = evaluate.add_parser(
         "reward", help="pairwise accuracy, calibration and rating fit of a reward model on data files",

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 
-def add_commands(commands: argparse._SubParsersAction) -> None:
+def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     export = commands.add_parser("export", help="remake a model's exported files").add_subparsers(
         dest="what", required=True)
     export_reward = export.add_parser(

@@ -12,7 +12,7 @@ DB_HELP = ("the feedback store: sqlite:///PATH or postgresql://USER@HOST:PORT/DB
            "keel serve reads it)")
 
 
-def add_commands(commands: argparse._SubParsersAction) -> None:
+def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     feedback = commands.add_parser("feedback", help="export, inspect and maintain the feedback store").add_subparsers(
         dest="what", required=True)
 

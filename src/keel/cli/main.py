@@ -39,7 +39,8 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(name).setLevel(logging.DEBUG if args.verbose else logging.INFO)
     cleanup = getattr(args, "cleanup", None)  # what a failed command leaves to tidy (train: OUTPUT.work)
     try:
-        return args.func(args)
+        status: int = args.func(args)
+        return status
     except (KeelError, FileExistsError, FileNotFoundError) as error:
         if cleanup:
             cleanup(args)

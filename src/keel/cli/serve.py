@@ -15,7 +15,7 @@ from typing import Literal, get_args, get_origin
 from keel.core.hardware import has_torch
 
 
-def add_commands(commands: argparse._SubParsersAction) -> None:
+def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     serve = commands.add_parser(
         "serve", help="serve reward scoring and moderation over HTTP", allow_abbrev=False,
         description="Serve /v1/score, /v1/moderations, /v1/models, /healthz, /readyz and /metrics. Every option "
@@ -30,10 +30,10 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
 
 def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
     """One flag per service setting, with the setting's description; unset flags fall back to KEEL_* or defaults."""
-    from keel.service.settings import Settings
+    from keel.service.settings import Settings, is_env_only
 
     for name, field in Settings.model_fields.items():
-        if (field.json_schema_extra or {}).get("env_only"):
+        if is_env_only(field):
             continue  # secrets: never on a command line, where `ps` shows them
         flag = "--" + name.replace("_", "-")
         env = f"KEEL_{name.upper()}"

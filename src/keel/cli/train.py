@@ -11,7 +11,7 @@ from keel.training.config import DEFAULT_MODERATION_CONFIG, DEFAULT_REWARD_CONFI
 from keel.training.policy.algorithms import ALGORITHMS
 
 
-def add_commands(commands: argparse._SubParsersAction) -> None:
+def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     train = commands.add_parser("train", help="train a model").add_subparsers(dest="what", required=True)
     reward = train.add_parser(
         "reward", help="train a reward model from preference pairs and ratings",

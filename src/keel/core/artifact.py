@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeGuard, TypeVar
 
 from keel import __version__
 
@@ -98,7 +98,7 @@ def check_reward_manifest(manifest: dict[str, Any], path: str | Path) -> None:
                 raise ArtifactError(f"{path}: head {head!r} has a moderation threshold {threshold!r}, not in [0, 1]")
 
 
-def _finite(value: object) -> bool:
+def _finite(value: object) -> TypeGuard[float]:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
@@ -184,7 +184,8 @@ class Manifest:
 
     def to_json(self) -> dict[str, Any]:
         """keel.json's content, as write() writes it."""
-        return _json(self)
+        content: dict[str, Any] = _json(self)
+        return content
 
     def write(self, directory: Path) -> None:
         write_json_atomic(directory / MANIFEST, self.to_json())

@@ -15,13 +15,15 @@ CATEGORIES = (
 
 def probabilities(raw: np.ndarray) -> np.ndarray:
     """A moderation model's category probabilities from its raw outputs (logits): sigma(raw)."""
-    return 1.0 / (1.0 + np.exp(-raw))
+    out: np.ndarray = 1.0 / (1.0 + np.exp(-raw))
+    return out
 
 
 def category_scores(z: np.ndarray) -> np.ndarray:
     """A reward head's stand-in moderation score from its normalised score z: sigma(-z), near 1 when a text
     scores far below the validation mean (used to evaluate reward heads as filters, not served)."""
-    return 1.0 / (1.0 + np.exp(z))
+    out: np.ndarray = 1.0 / (1.0 + np.exp(z))
+    return out
 
 
 def flags(scores: np.ndarray, thresholds: list[float | None]) -> np.ndarray:

@@ -12,6 +12,7 @@ import importlib.util
 import logging
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any, cast
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
@@ -101,8 +102,9 @@ def apply_chat_template(tokenizer: PreTrainedTokenizerBase, conversation: Conver
     if tokenizer.chat_template is None:  # base models: a plain transcript
         transcript = "".join(f"{m['role']}: {m['content']}\n" for m in messages)
         return transcript.removesuffix("\n") if prefill else transcript + "assistant:"
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=not prefill,
-                                         continue_final_message=prefill)
+    prompt: str = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=not prefill,
+                                                continue_final_message=prefill)
+    return prompt
 
 
 def encode_prompts(tokenizer: PreTrainedTokenizerBase, conversations: Sequence[Conversation],
@@ -120,6 +122,6 @@ def encode_prompts(tokenizer: PreTrainedTokenizerBase, conversations: Sequence[C
 
 
 def end_token_ids(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase) -> list[int]:
-    ids = model.generation_config.eos_token_id
+    ids = cast(Any, model).generation_config.eos_token_id
     ids = ids if isinstance(ids, list) else [ids if ids is not None else tokenizer.eos_token_id]
     return [i for i in ids if i is not None]

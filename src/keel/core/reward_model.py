@@ -15,6 +15,7 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 from shutil import copyfile
+from typing import Any
 
 import torch
 from torch import nn
@@ -53,7 +54,7 @@ def label_config(config: PretrainedConfig, head_names: list[str], problem_type: 
     return config
 
 
-class RewardModel(PreTrainedModel):
+class RewardModel(PreTrainedModel):  # type: ignore[misc]  # transformers is read as untyped (pyproject)
     config_class = PretrainedConfig  # any encoder's config; AutoConfig reads its model_type
     base_model_prefix = "backbone"
     # Attention runs in the backbone, which checks its own support for the implementation asked for.
@@ -63,7 +64,8 @@ class RewardModel(PreTrainedModel):
 
     def __init__(self, config: PretrainedConfig, backbone: nn.Module | None = None):
         super().__init__(config)
-        self.backbone = backbone if backbone is not None else AutoModel.from_config(config)
+        # Any: a transformers encoder (transformers is read as untyped, pyproject.toml)
+        self.backbone: Any = backbone if backbone is not None else AutoModel.from_config(config)
         if getattr(self.backbone, "pooler", None) is not None:
             self.backbone.pooler = None  # unused by mean pooling; unused parameters also break DDP
         self.heads = nn.Linear(config.hidden_size, config.num_labels)
@@ -99,7 +101,8 @@ class RewardModel(PreTrainedModel):
         """A saved reward model; a format-1 directory (bare backbone plus reward_heads.safetensors) too."""
         directory = Path(directory)
         if not (directory / LEGACY_HEADS_FILE).exists():
-            return cls.from_pretrained(directory, config=AutoConfig.from_pretrained(directory))
+            model: RewardModel = cls.from_pretrained(directory, config=AutoConfig.from_pretrained(directory))
+            return model
         import json
 
         from safetensors.torch import load_file
@@ -137,4 +140,5 @@ class RewardModel(PreTrainedModel):
             response = attention_mask * token_type_ids
             mask = torch.where(response.sum(1, keepdim=True) > 0, response, attention_mask)
         weights = mask.unsqueeze(-1).to(hidden.dtype)
-        return (hidden * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+        pooled: torch.Tensor = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+        return pooled

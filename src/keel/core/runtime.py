@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import numpy as np
 
@@ -24,6 +24,9 @@ from keel.core.moderation import flags, probabilities
 from keel.core.onnx_engine import FP32_FILE, INT8_FILE, OnnxEngine, int8_outdated, pad_batch
 from keel.core.text import ModelInput
 from keel.core.tokenizer import PairTokenizer
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +59,8 @@ class TorchEngine:
         with torch.inference_mode():
             batch = {k: torch.from_numpy(v).to(self.device)
                      for k, v in pad_batch(items, self.input_names, self.pad_id).items()}
-            return self.model(**batch).logits.float().cpu().numpy()
+            scores: np.ndarray = self.model(**batch).logits.float().cpu().numpy()
+            return scores
 
 
 def choose_backend(directory: Path) -> str:
@@ -83,19 +87,22 @@ def service_batch_limits(backend: str) -> BatchLimits:
     return BatchLimits() if backend == "torch" and has_cuda() else BatchLimits(1, 512)
 
 
+R = TypeVar("R", bound="ModelRuntime")
+
+
 @dataclass
-class Scored:
+class Scored(Generic[R]):
     values: np.ndarray  # [texts, heads]: z-scores of a reward model, probabilities of a moderation model
-    runtime: ModelRuntime  # the model (version) that produced them
+    runtime: R  # the model (version) that produced them
     tokens: np.ndarray | None = None  # [texts]: tokens the model read (every window's, for a windowed model)
     truncated: np.ndarray | None = None  # [texts]: whether the text was cut to fit the model's window
 
-    def __getitem__(self, index: slice) -> Scored:  # the batcher hands each request its slice
+    def __getitem__(self, index: slice) -> Scored[R]:  # the batcher hands each request its slice
         return Scored(self.values[index], self.runtime, None if self.tokens is None else self.tokens[index],
                       None if self.truncated is None else self.truncated[index])
 
     @staticmethod
-    def combine(parts: list[Scored]) -> Scored:
+    def combine(parts: list[Scored[R]]) -> Scored[R]:
         """One request's scores from the several batches its chunks ran in. A reload between two of them would
         mix two models' scores: ModelChanged, and the caller scores the request again."""
         if any(part.runtime is not parts[0].runtime for part in parts):
@@ -104,8 +111,8 @@ class Scored:
             return parts[0]
         counted = all(part.tokens is not None and part.truncated is not None for part in parts)
         return Scored(np.concatenate([part.values for part in parts]), parts[0].runtime,
-                      np.concatenate([part.tokens for part in parts]) if counted else None,  # type: ignore[misc]
-                      np.concatenate([part.truncated for part in parts]) if counted else None)  # type: ignore[misc]
+                      np.concatenate([p.tokens for p in parts if p.tokens is not None]) if counted else None,
+                      np.concatenate([p.truncated for p in parts if p.truncated is not None]) if counted else None)
 
 
 class ModelChanged(Exception):
@@ -206,7 +213,7 @@ class ModelRuntime:
     def transform(self, raw: np.ndarray) -> np.ndarray:
         raise NotImplementedError
 
-    def scored(self, inputs: Sequence[ModelInput], worker: int = 0) -> Scored:
+    def scored(self, inputs: Sequence[ModelInput], worker: int = 0) -> Scored[Self]:
         """The served scores, tagged with this runtime (a reload never mixes one model's scores with another's
         name, version or thresholds), with the tokens read and what was cut."""
         raw, tokens, truncated = self.score_counted(inputs, worker)
@@ -268,7 +275,8 @@ class ModerationRuntime(ModelRuntime):
 
     def any_harm(self, values: np.ndarray) -> np.ndarray:
         """A continuous score of harm at all: the highest probability among the categories that can flag."""
-        return values[:, [self.thresholds[c] is not None for c in self.categories]].max(axis=1)
+        flaggable: np.ndarray = values[:, [self.thresholds[c] is not None for c in self.categories]].max(axis=1)
+        return flaggable
 
     def describe(self) -> dict[str, Any]:
         """The categories with their thresholds and how good each is (held-out AUPRC, precision, recall)."""

@@ -37,8 +37,9 @@ class PairTokenizer:
         for key in ("pad_token", "eos_token"):
             token = config.get(key)
             token = token.get("content") if isinstance(token, dict) else token
-            if isinstance(token, str) and self.tokenizer.token_to_id(token) is not None:
-                return self.tokenizer.token_to_id(token)
+            token_id = self.tokenizer.token_to_id(token) if isinstance(token, str) else None
+            if token_id is not None:
+                return int(token_id)
         return 0
 
     def encode_counted(self, inputs: Sequence[ModelInput]) -> tuple[list[dict[str, list[int]]], list[bool]]:
