@@ -120,7 +120,7 @@ def test_serve_without_a_model_serves_the_default_ones(tiny_reward_model: Path, 
 
     import httpx
 
-    from keel.training.default_models import default_model_dir
+    from keel.core.bundled import default_model_dir
     from tests.helpers import free_port
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))

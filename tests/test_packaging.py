@@ -82,3 +82,42 @@ def test_the_distribution_has_a_name_of_its_own():
     for path in [root / "README.md", root / "Dockerfile", *(root / "docs").glob("*.md")]:
         assert not re.search(r"\bkeel\[", path.read_text()), f"{path.name} installs `keel[...]`, not keel-rlhf"
     assert 'pip install "keel-rlhf[serve]"' in (root / "README.md").read_text()
+
+
+def test_the_serving_install_serves_the_default_models_it_finds_in_the_cache(
+        serving_python: str, tiny_reward_model: Path, tiny_moderation_model: Path, tmp_path: Path):
+    import os
+    import shutil
+    import time
+
+    from tests.helpers import free_port
+
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    where = subprocess.run([serving_python, "-c", "from keel.core.bundled import default_model_dir as d; "
+                            "print(d('reward')); print(d('moderation'))"], capture_output=True, text=True, env=env,
+                           cwd=tmp_path)
+    reward_dir, moderation_dir = (Path(line) for line in where.stdout.split())
+    absent = subprocess.run([serving_python, "-m", "keel", "serve"], capture_output=True, text=True, env=env,
+                            cwd=tmp_path, timeout=60)
+    assert absent.returncode == 2 and str(reward_dir) in absent.stderr  # says where it looked and what to do
+    shutil.copytree(tiny_reward_model, reward_dir)  # as a training install (or an earlier run) leaves them
+    shutil.copytree(tiny_moderation_model, moderation_dir)
+    port = free_port()
+    process = subprocess.Popen([serving_python, "-m", "keel", "serve", "--port", str(port)], env=env, cwd=tmp_path,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 60
+        while True:
+            assert process.poll() is None, process.stdout.read() if process.stdout else ""
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.time() < deadline
+            time.sleep(0.2)
+        moderated = httpx.post(f"http://127.0.0.1:{port}/v1/moderations", json={"input": "hi"}, timeout=30).json()
+        assert moderated["model"] == moderation_dir.name
+    finally:
+        process.kill()
+        process.wait(10)

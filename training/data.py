@@ -106,14 +106,6 @@ def split_of(key: str) -> str:
     return next(name for name, (low, high) in _SPLIT_BOUNDS.items() if low <= bucket < high)
 
 
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def read_rows(path: str | Path) -> Iterator[tuple[str, dict[str, Any]]]:
     """Yield (location, row) for every row of a JSONL, JSON or CSV file; location is 'file:line'."""
     path = Path(path)

@@ -6,10 +6,10 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from keel.core.artifact import RewardManifest, cache_root
+from keel.core.artifact import RewardManifest
 from keel.core.onnx_engine import int8_outdated
 from keel.training.config import BUNDLED_DATA, DEFAULT_MODERATION_CONFIG, DEFAULT_REWARD_CONFIG, load_config
-from keel.training.data import DataError, file_sha256
+from keel.training.data import DataError
 from keel.training.moderation.config import ModerationConfig
 from keel.training.moderation.train import train_moderation
 from keel.training.reward.config import RewardConfig
@@ -17,13 +17,6 @@ from keel.training.reward.reexport import reexport
 from keel.training.reward.train import train_reward
 
 log = logging.getLogger(__name__)
-
-
-def default_model_dir(kind: str = "reward") -> Path:
-    """Where the default reward (or moderation) model lives, named after its config's content: a new default
-    config trains a new model instead of serving one trained by an older config."""
-    config = DEFAULT_MODERATION_CONFIG if kind == "moderation" else DEFAULT_REWARD_CONFIG
-    return cache_root() / "models" / f"{kind}-default-{file_sha256(config)[:8]}"
 
 
 def ensure_default_model(directory: Path) -> Path:

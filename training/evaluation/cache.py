@@ -14,9 +14,9 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
+from keel.core.artifact import file_sha256
 from keel.core.onnx_engine import FP32_FILE, INT8_FILE
 from keel.core.text import Conversation, ModelInput
-from keel.training.data import file_sha256
 
 log = logging.getLogger(__name__)
 

@@ -13,8 +13,9 @@ from typing import Any
 
 import numpy as np
 
+from keel.core.artifact import file_sha256
 from keel.core.text import Message, ModelInput, parse_transcript, render
-from keel.training.data import file_sha256, filtered_rows, read_source, split_of
+from keel.training.data import filtered_rows, read_source, split_of
 from keel.training.moderation.config import ANY, LabelRule, ModerationConfig, ModerationSource, Surroundings
 
 UNLABELLED = math.nan

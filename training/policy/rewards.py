@@ -36,7 +36,8 @@ class RewardError(KeelError, RuntimeError):
 def reward_model_directory(name: str) -> Path:
     """"default" is the default reward model (trained first when absent, as `keel serve` does)."""
     if name == "default":
-        from keel.training.default_models import default_model_dir, ensure_default_model
+        from keel.core.bundled import default_model_dir
+        from keel.training.default_models import ensure_default_model
 
         return ensure_default_model(default_model_dir())
     return Path(name)

@@ -29,12 +29,12 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from keel.core.artifact import PolicyManifest, staged
+from keel.core.artifact import PolicyManifest, file_sha256, staged
 from keel.core.policy import load_policy, load_tokenizer, resolve_policy
 from keel.core.text import Conversation
 from keel.training.accelerator import make_accelerator
 from keel.training.config import ConfigError, to_dict
-from keel.training.data import PromptSource, file_sha256, load_prompts
+from keel.training.data import PromptSource, load_prompts
 from keel.training.plots import plot_curves
 from keel.training.policy.common import (
     Sequences,

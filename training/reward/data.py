@@ -8,8 +8,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from keel.core.artifact import file_sha256
 from keel.training.config import HEAD_ROLES
-from keel.training.data import DataSource, Example, file_sha256, load_source
+from keel.training.data import DataSource, Example, load_source
 from keel.training.reward.config import RewardConfig
 from keel.training.reward.objectives import parse_example
 

@@ -13,13 +13,14 @@ from keel.core.artifact import (
     FORMAT_VERSION,
     MANIFEST,
     RewardManifest,
+    file_sha256,
     staged,
     write_text_atomic,
 )
 from keel.core.onnx_engine import FP32_FILE, INT8_FILE
 from keel.core.reward_model import LEGACY_HEADS_FILE, RewardModel
 from keel.training.config import build, to_dict
-from keel.training.data import DataError, file_sha256
+from keel.training.data import DataError
 from keel.training.encoder.optim import load_tokenizer
 from keel.training.encoder.publish import export_onnx
 from keel.training.encoder.scoring import torch_scorer

@@ -193,7 +193,8 @@ def run_suite(args: argparse.Namespace) -> int:
     cache = EvalCache(None if args.no_cache else args.cache)
     began = time.perf_counter()
     if args.suite == "moderation":
-        from keel.training.default_models import default_model_dir, ensure_default_moderation_model
+        from keel.core.bundled import default_model_dir
+        from keel.training.default_models import ensure_default_moderation_model
         from keel.training.evaluation.moderation_suite import run_moderation_suite
 
         models = [str(ensure_default_moderation_model(default_model_dir("moderation"))) if m == "default" else m

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 from typing import Literal, get_args, get_origin
 
+from keel.core.bundled import default_model_dir
 from keel.core.hardware import has_torch
 
 
@@ -85,13 +86,18 @@ def run_serve(args: argparse.Namespace) -> int:
 
 
 def default_model(kind: str, flag: str) -> Path:
-    """The default reward or moderation model, trained first if absent."""
+    """The default reward or moderation model: from the cache, trained there first if absent (where this
+    install can train)."""
+    directory = default_model_dir(kind)
     if not has_torch():
+        if (directory / "keel.json").exists():
+            return directory  # trained earlier, or by a training install sharing this cache
         from keel.service.settings import SettingsError
 
-        raise SettingsError(f"no {flag} given, and this install cannot train the default {kind} model (no torch): "
-                            f"pass {flag} DIR, or pip install 'keel-rlhf[train]'")
-    from keel.training.default_models import default_model_dir, ensure_default_model, ensure_default_moderation_model
+        raise SettingsError(f"no {flag} given, and the default {kind} model is not in the cache ({directory}); "
+                            f"this install cannot train it (no torch): pass {flag} DIR, or train it once with "
+                            f"pip install 'keel-rlhf[train]' and `keel serve`")
+    from keel.training.default_models import ensure_default_model, ensure_default_moderation_model
 
     ensure = ensure_default_moderation_model if kind == "moderation" else ensure_default_model
-    return ensure(default_model_dir(kind))
+    return ensure(directory)

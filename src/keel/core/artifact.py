@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -24,6 +25,14 @@ T = TypeVar("T")
 # (keel.core.reward_model.RewardModel.load), and `keel export reward` rewrites such a directory as format 2.
 FORMAT_VERSION = 2
 READABLE_FORMATS = (1, 2)
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def cache_root() -> Path:
