@@ -3,12 +3,16 @@ proxy: Keel asks it for the candidates, then reranks and guards them itself."""
 
 from __future__ import annotations
 
+import asyncio
+import itertools
+import time
 from collections.abc import Sequence
 from itertools import groupby
 from typing import Any
 
 import httpx
 
+from keel.core.retry import RETRY_STATUSES, RetryPolicy
 from keel.core.text import Conversation
 from keel.service.errors import ApiError
 from keel.service.sampling import Generated, Sampling
@@ -20,6 +24,8 @@ class UpstreamClient:
         self.base_url = base_url.rstrip("/")
         self.model = model
         self.client = httpx.AsyncClient(base_url=self.base_url, headers=headers, timeout=timeout_s)
+        # Retries end well inside the request's own deadline (the caller's generation timeout).
+        self.retry = RetryPolicy(total_s=timeout_s / 2)
 
     async def close(self) -> None:
         await self.client.aclose()
@@ -41,12 +47,28 @@ class UpstreamClient:
             replies += await self._request(body, count)
         return replies
 
+    async def _post(self, body: dict[str, Any]) -> httpx.Response:
+        """POST the completion request, trying again on 429/5xx and dropped connections (keel.core.retry)."""
+        began = time.monotonic()
+        for attempt in itertools.count(1):
+            try:
+                response = await self.client.post("/v1/chat/completions", json=body)
+                if response.status_code not in RETRY_STATUSES:
+                    return response
+                failure: ApiError = ApiError(502, f"upstream {self.base_url} answered HTTP {response.status_code}",
+                                             "upstream_error", code="upstream_status")
+                delay = self.retry.delay(attempt, response.headers.get("Retry-After"))
+            except httpx.TransportError as error:
+                failure = ApiError(502, f"upstream {self.base_url} unreachable: {type(error).__name__}",
+                                   "upstream_error", code="upstream_unreachable")
+                delay = self.retry.delay(attempt)
+            if not self.retry.allows(attempt, time.monotonic() - began, delay):
+                raise failure
+            await asyncio.sleep(delay)
+        raise AssertionError("unreachable")
+
     async def _request(self, body: dict[str, Any], count: int) -> list[Generated]:
-        try:
-            response = await self.client.post("/v1/chat/completions", json=body)
-        except httpx.HTTPError as error:
-            raise ApiError(502, f"upstream {self.base_url} unreachable: {type(error).__name__}", "upstream_error",
-                           code="upstream_unreachable") from error
+        response = await self._post(body)
         if response.status_code != 200:
             raise ApiError(502, f"upstream {self.base_url} answered HTTP {response.status_code}", "upstream_error",
                            code="upstream_status")

@@ -4,16 +4,17 @@ directory (scored in-process) or from a running Keel service over HTTP."""
 from __future__ import annotations
 
 import dataclasses
-import json
+import itertools
 import os
-import urllib.error
-import urllib.request
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
+import httpx
 import numpy as np
 
 from keel.core.artifact import KeelError
+from keel.core.retry import RETRY_STATUSES, RetryPolicy
 from keel.core.text import Conversation, Message, model_input
 
 
@@ -43,11 +44,18 @@ def reward_model_directory(name: str) -> Path:
     return Path(name)
 
 
+class TooManyItems(RewardError):
+    """The reward service refused a request for its item count (its --max-items is lower)."""
+
+
 class RewardFunction:
     """Maps (conversation, response) to per-head z-scores [N, heads] and to weighted, clipped rewards [N]."""
 
-    def __init__(self, config: RewardSourceConfig):
+    def __init__(self, config: RewardSourceConfig, transport: httpx.BaseTransport | None = None):
         self.config = config
+        self.http = httpx.Client(timeout=60, transport=transport)  # transport: tests put a fake server there
+        self.retry = RetryPolicy()
+        self.chunk = 256  # items per scoring request: the server's default --max-items, halved if it has fewer
         if config.url:
             self.heads = self._describe_service()
             self.runtime = None
@@ -79,31 +87,56 @@ class RewardFunction:
 
     # ---- over HTTP --------------------------------------------------------------------------------------
     def _request(self, path: str, body: dict | None = None) -> dict:
-        headers = {"Content-Type": "application/json"}
+        """GET (no body) or POST JSON to the reward service with the API key from reward.api_key_env, trying
+        again on 429/5xx and dropped connections (keel.core.retry): a busy server slows training, not stops it."""
+        headers = {}
         key = os.environ.get(self.config.api_key_env)
         if key:
             headers["Authorization"] = f"Bearer {key}"
-        data = json.dumps(body).encode() if body is not None else None
-        request = urllib.request.Request(str(self.config.url).rstrip("/") + path, data=data, headers=headers)
-        try:
-            with urllib.request.urlopen(request, timeout=60) as response:
-                return json.loads(response.read())
-        except urllib.error.HTTPError as error:
-            raise RewardError(f"reward service {self.config.url}{path}: HTTP {error.code}: "
-                              f"{error.read().decode(errors='replace')[:500]}") from error
-        except (urllib.error.URLError, TimeoutError) as error:
-            raise RewardError(f"reward service {self.config.url} unreachable: {error}; start it with "
-                              "`keel serve` or set reward.url") from error
+        url = str(self.config.url).rstrip("/") + path
+        began = time.monotonic()
+        for attempt in itertools.count(1):
+            try:
+                response = (self.http.post(url, json=body, headers=headers) if body is not None
+                            else self.http.get(url, headers=headers))
+                if response.status_code not in RETRY_STATUSES:
+                    break
+                failure = RewardError(f"reward service {self.config.url}{path}: HTTP {response.status_code}: "
+                                      f"{response.text[:500]}")
+                delay = self.retry.delay(attempt, response.headers.get("Retry-After"))
+            except httpx.TransportError as error:
+                failure = RewardError(f"reward service {self.config.url} unreachable: {error}; start it with "
+                                      "`keel serve` or set reward.url")
+                delay = self.retry.delay(attempt)
+            if not self.retry.allows(attempt, time.monotonic() - began, delay):
+                raise failure
+            time.sleep(delay)
+        if response.status_code == 400 and '"too_many_items"' in response.text:
+            raise TooManyItems(response.text[:500])
+        if response.status_code != 200:
+            raise RewardError(f"reward service {self.config.url}{path}: HTTP {response.status_code}: "
+                              f"{response.text[:500]}")
+        return dict(response.json())
 
     def _describe_service(self) -> list[str]:
         models = self._request("/v1/models")["data"]
         return list(models[0]["heads"])
 
-    def _score_over_http(self, conversations: list[tuple[Message, ...]], chunk: int = 256) -> np.ndarray:
+    def _score_over_http(self, conversations: list[tuple[Message, ...]]) -> np.ndarray:
+        """Scores in requests of at most `self.chunk` items: the server's --max-items, learnt from its 400
+        (too_many_items) by halving, so a server with a lower limit is still served."""
         rows: list[list[float]] = []
-        for start in range(0, len(conversations), chunk):
+        start = 0
+        while start < len(conversations):
             items = [{"messages": [{"role": m.role, "content": m.content} for m in c]}
-                     for c in conversations[start : start + chunk]]
-            data = self._request("/v1/score", {"input": items})["data"]
+                     for c in conversations[start : start + self.chunk]]
+            try:
+                data = self._request("/v1/score", {"input": items})["data"]
+            except TooManyItems:
+                if self.chunk == 1:
+                    raise
+                self.chunk = max(1, len(items) // 2)
+                continue
             rows.extend([item["scores"][h] for h in self.heads] for item in sorted(data, key=lambda d: d["index"]))
+            start += len(items)
         return np.array(rows, dtype=np.float32)
