@@ -74,6 +74,7 @@ LAYOUTS = {
     "base+queue-autoscaling": lambda: render(BASE, (K8S / "components" / "queue-autoscaling",)),
     "base+feedback": lambda: render(BASE, (K8S / "components" / "feedback",)),
     "base+servicemonitor": lambda: render(BASE, (K8S / "components" / "servicemonitor",)),
+    "base+model-store": lambda: render(BASE, (K8S / "components" / "model-store",)),
     "training": lambda: render(K8S / "training"),
     "training-gpu": lambda: render(K8S / "training" / "gpu"),
 }
@@ -98,15 +99,21 @@ def test_every_manifest_matches_the_kubernetes_schema(layout: str):
 @pytest.mark.parametrize("layout", sorted(TARGETS))
 def test_each_layout_runs_the_image_its_dockerfile_target_makes(layout: str):
     target, folder = TARGETS[layout]
-    built = {}  # image -> target, from the `docker build` lines in the layout's kustomization comments
-    for line in (folder / "kustomization.yaml").read_text().replace("\\\n", " ").splitlines():
-        if "docker build" in line:
-            named = re.search(r"--target (\S+)", line)
-            built[re.search(r"-t (\S+)", line).group(1)] = named.group(1) if named else "serve"
-    images = {c["image"] for r in LAYOUTS[layout]() if r["kind"] in ("Deployment", "Job")
-              for c in r["spec"]["template"]["spec"]["containers"]}
-    assert len(images) == 1 and built.get(images.pop()) == target, (images, built)
-    assert f"AS {target}\n" in (ROOT / "Dockerfile").read_text()
+    built = {}  # image -> target, from the `docker build` lines in the kustomization comments
+    for kustomization in {folder / "kustomization.yaml", BASE / "kustomization.yaml"}:
+        for line in kustomization.read_text().replace("\\\n", " ").splitlines():
+            if "docker build" in line:
+                named = re.search(r"--target (\S+)", line)
+                built[re.search(r"-t (\S+)", line).group(1)] = named.group(1) if named else "serve"
+    pods = [r["spec"]["template"]["spec"] for r in LAYOUTS[layout]() if r["kind"] in ("Deployment", "Job")]
+    main = {c["image"] for pod in pods for c in pod["containers"]}
+    assert len(main) == 1 and built.get(main.pop()) == target, (main, built)
+    # The service's models come from the with-model image (an init container copies them into the pod).
+    init = {c["image"] for pod in pods for c in pod.get("initContainers", [])}
+    assert all(built.get(image) == "with-model" for image in init), (init, built)
+    assert bool(init) == (target in ("serve", "chat"))
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    assert f"AS {target}\n" in dockerfile and "AS with-model\n" in dockerfile
 
 
 @pytest.mark.parametrize("layout", ["base", "gpu", "base+queue-autoscaling", "base+feedback"])
@@ -182,3 +189,25 @@ def test_training_job_uses_accelerate_and_resumes():
     gpu_job = next(r for r in LAYOUTS["training-gpu"]() if r["metadata"]["name"] == "keel-train-reward")
     gpu_container = gpu_job["spec"]["template"]["spec"]["containers"][0]
     assert gpu_container["resources"]["limits"]["nvidia.com/gpu"] == 4 and "--multi_gpu" in gpu_container["command"]
+
+
+def test_the_models_reach_the_pod_without_a_hand_step():
+    """The base copies the models from the with-model image (no volume to fill by hand, no ReadWriteMany); the
+    model-store component serves the training Jobs' ReadWriteOnce volume instead."""
+    def pod(layout: str) -> dict[str, Any]:
+        deployment = next(r for r in LAYOUTS[layout]() if r["kind"] == "Deployment")
+        return deployment["spec"]["template"]["spec"]
+
+    base = pod("base")
+    assert "PersistentVolumeClaim" not in {r["kind"] for r in LAYOUTS["base"]()}
+    [init] = base["initContainers"]
+    models = next(v for v in base["volumes"] if v["name"] == "models")
+    assert "emptyDir" in models and any(m["name"] == "models" for m in init["volumeMounts"])
+    config = next(r for r in LAYOUTS["base"]() if r["kind"] == "ConfigMap")["data"]
+    assert config["KEEL_MODEL"] == "/models/reward" and "/models/. " in init["command"][-1]
+    store = pod("base+model-store")
+    assert "initContainers" not in store
+    assert next(v for v in store["volumes"] if v["name"] == "models") == {
+        "name": "models", "persistentVolumeClaim": {"claimName": "keel-models", "readOnly": True}}
+    claim = next(r for r in LAYOUTS["training"]() if r["kind"] == "PersistentVolumeClaim")
+    assert claim["spec"]["accessModes"] == ["ReadWriteOnce"]
