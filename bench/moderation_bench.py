@@ -45,7 +45,7 @@ from keel.core.runtime import WINDOW_OVERLAP, ModerationRuntime
 from keel.core.text import parse_transcript
 from keel.training.config import BUNDLED_DATA, DEFAULT_MODERATION_CONFIG, build, load_config
 from keel.training.data import read_rows, split_of
-from keel.training.encoder.scoring import average_precision
+from keel.training.evaluation.metrics import average_precision
 from keel.training.evaluation.sets import xstest_prompts
 from keel.training.moderation.config import ModerationConfig, ModerationSource
 from keel.training.moderation.data import Labelled, any_harm_labels, label_matrix, load_labelled

@@ -25,7 +25,7 @@ from keel.training.config import load_config
 from keel.training.data import PreferencePair
 from keel.training.encoder.onnx_export import onnx_scorer
 from keel.training.encoder.optim import load_tokenizer
-from keel.training.encoder.scoring import wilson_interval
+from keel.training.evaluation.metrics import wilson_interval
 from keel.training.reward.config import RewardConfig
 from keel.training.reward.data import HeadData, load_head_data
 from keel.training.reward.objectives import example_inputs

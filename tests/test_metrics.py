@@ -3,7 +3,7 @@ import pytest
 
 from keel.core.moderation import category_scores
 from keel.training.data import PreferencePair
-from keel.training.encoder.scoring import (
+from keel.training.evaluation.metrics import (
     best_f1_threshold,
     expected_calibration_error,
     false_flag_threshold,

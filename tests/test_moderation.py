@@ -16,7 +16,7 @@ from keel.core.moderation import CATEGORIES
 from keel.core.runtime import WINDOW_OVERLAP, ModerationRuntime
 from keel.service.moderation import moderate
 from keel.training.config import DEFAULT_MODERATION_CONFIG, ConfigError, load_config
-from keel.training.encoder.scoring import average_precision, operating_threshold
+from keel.training.evaluation.metrics import average_precision, operating_threshold
 from keel.training.moderation.config import LabelRule, ModerationConfig, ModerationSource
 from keel.training.moderation.data import Labelled, fold_split, load_labelled, parse_labelled
 from keel.training.moderation.train import choose_thresholds, masked_bce

@@ -18,7 +18,7 @@ from keel.core.artifact import ModerationManifest
 from keel.core.runtime import ModerationRuntime
 from keel.training.config import ConfigError, build
 from keel.training.data import filtered_rows
-from keel.training.encoder.scoring import average_precision
+from keel.training.evaluation.metrics import average_precision
 from keel.training.evaluation.sets import EvalSet, xstest_prompts
 from keel.training.evaluation.suite import labels_for, run_sets
 from keel.training.moderation.config import ModerationConfig, ModerationSource

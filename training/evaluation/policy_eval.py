@@ -25,8 +25,8 @@ from keel.core.hardware import bf16_is_fast
 from keel.core.text import Conversation
 from keel.training.config import ConfigError, check_numbers
 from keel.training.data import PromptSource, load_prompts
-from keel.training.encoder.scoring import Z_95
 from keel.training.evaluation.cache import CachedPolicy, EvalCache
+from keel.training.evaluation.metrics import Z_95
 from keel.training.evaluation.refusals import is_refusal
 from keel.training.policy.common import generate, response_logprobs, sequence_kl
 from keel.training.policy.rewards import RewardFunction, RewardSourceConfig

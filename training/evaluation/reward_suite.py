@@ -17,8 +17,8 @@ import numpy as np
 
 from keel.core.text import ModelInput
 from keel.training.data import PreferencePair
-from keel.training.encoder.scoring import pair_metrics, reliability
 from keel.training.evaluation.cache import CachedRewardModel, EvalCache
+from keel.training.evaluation.metrics import pair_metrics, reliability
 from keel.training.evaluation.sets import (
     EvalSet,
 )

@@ -28,15 +28,8 @@ from keel.training.encoder import onnx_export
 from keel.training.encoder.fit import Run, Selection, Step, fit
 from keel.training.encoder.optim import freeze, load_tokenizer
 from keel.training.encoder.publish import Exported, publish
-from keel.training.encoder.scoring import (
-    Scorer,
-    average_precision,
-    collate,
-    encode,
-    expected_calibration_error,
-    operating_threshold,
-    torch_scorer,
-)
+from keel.training.encoder.scoring import Scorer, collate, encode, torch_scorer
+from keel.training.evaluation.metrics import average_precision, expected_calibration_error, operating_threshold
 from keel.training.moderation.config import ModerationConfig
 from keel.training.moderation.data import (
     Labelled,

@@ -11,7 +11,8 @@ from keel.core.artifact import (
 )
 from keel.core.moderation import category_scores
 from keel.core.text import ModelInput
-from keel.training.encoder.scoring import Scorer, best_f1_threshold, false_flag_threshold
+from keel.training.encoder.scoring import Scorer
+from keel.training.evaluation.metrics import best_f1_threshold, false_flag_threshold
 from keel.training.reward.config import RewardConfig
 from keel.training.reward.data import HeadData
 from keel.training.reward.objectives import example_inputs, flag_examples

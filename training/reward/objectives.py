@@ -21,7 +21,8 @@ import torch.nn.functional as F
 
 from keel.core.text import ModelInput
 from keel.training.data import Example, PreferencePair, Rating, parse_pair, parse_rating
-from keel.training.encoder.scoring import Scorer, pair_metrics, rating_metrics
+from keel.training.encoder.scoring import Scorer
+from keel.training.evaluation.metrics import pair_metrics, rating_metrics
 
 
 @dataclass(frozen=True)
