@@ -32,7 +32,6 @@ from tqdm.auto import tqdm
 from keel.core.artifact import PolicyManifest, file_sha256, staged
 from keel.core.policy import load_policy, load_tokenizer, resolve_policy
 from keel.core.text import Conversation
-from keel.training.accelerator import make_accelerator
 from keel.training.config import ConfigError, to_dict
 from keel.training.data import PromptSource, load_prompts
 from keel.training.plots import plot_curves
@@ -47,7 +46,7 @@ from keel.training.policy.common import (
 from keel.training.policy.config import PolicyConfig
 from keel.training.policy.lora import add_lora, reference_mode
 from keel.training.policy.rewards import RewardFunction
-from keel.training.runs import append_metrics, prepare_work_directory, read_metrics, resume_from, save_checkpoint
+from keel.training.runs import append_metrics, read_metrics, resume_from, save_checkpoint, start_run
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -70,15 +69,10 @@ class PolicyRun:
     def __init__(self, config: PolicyConfig, output: Path, algorithm: str, resume: bool = False,
                  overwrite: bool = False, progress: bool = True, skip_bad_rows: bool = False,
                  on_policy: bool = True, value_head: bool = False):
-        from accelerate.utils import set_seed
-
         self.config, self.algorithm, self.progress = config, algorithm, progress
-        self.output = Path(output).resolve()
-        self.work = prepare_work_directory(self.output, resume, overwrite)
-        self.metrics_path = self.work / "metrics.jsonl"
         t = config.training
-        self.accelerator = make_accelerator(t.precision)
-        set_seed(t.seed)
+        self.output, self.work, self.accelerator = start_run(output, resume, overwrite, t.precision, t.seed)
+        self.metrics_path = self.work / "metrics.jsonl"
         self.device = self.accelerator.device
         self.is_main = self.accelerator.is_main_process
 
