@@ -55,7 +55,9 @@ def moderation_model_card(manifest: ModerationManifest, directory: Path) -> str:
     lines += ["", "## Limits", "",
               ("- English text. Categories with few labelled examples (see the table) are weak, and a category "
               "without a threshold is never flagged."),
-              f"- Texts beyond {manifest.max_length} tokens are cut.",
-              ("- The thresholds are an operating point for a review queue (precision >= 0.8 where the "
-              "validation data allow it); choose your own per request (`thresholds`) or per deployment."), ""]
+              (f"- The model reads {manifest.max_length} tokens; `keel serve` judges a longer text in overlapping "
+               "windows (each category's highest score), a plain `pipeline` cuts it."),
+              ("- The thresholds are an operating point (precision >= 0.8 on the pooled validation data, shrunk "
+               "toward a shared any-harm threshold where a category has few positives); choose your own per "
+               "request (`thresholds`) or per deployment."), ""]
     return "\n".join(lines)

@@ -57,8 +57,17 @@ class PolicyTrainingConfig:
     kl_budget: float | None = 6.0  # stop early when the mean KL per response passes this (nats; null: never)
     unfinished_penalty: float = 0.0  # subtracted from the reward of responses that hit max_new_tokens
     whiten_rewards: bool = False  # whiten rewards across the batch before computing advantages
-    baseline_momentum: float = 0.9  # REINFORCE: b = moving average of past rewards with this momentum
-    max_length: int = 256  # SFT/DPO: prompt + response tokens
+
+
+# Each algorithm's own settings, in its own section (as TRL's trainers each have their config).
+@dataclasses.dataclass
+class ReinforceConfig:
+    baseline_momentum: float = 0.9  # b = moving average of past rewards with this momentum
+
+
+@dataclasses.dataclass
+class SFTConfig:
+    max_length: int = 256  # prompt + response tokens
 
 
 @dataclasses.dataclass
@@ -76,6 +85,7 @@ class PPOConfig:
 class DPOConfig:
     beta: float = 0.1
     label_smoothing: float = 0.0  # conservative DPO: assumed probability that a label is flipped
+    max_length: int = 256  # prompt + response tokens
 
 
 @dataclasses.dataclass
@@ -86,7 +96,9 @@ class PolicyConfig:
     data: list[DataSource] = dataclasses.field(default_factory=list)  # SFT demonstrations / DPO pairs
     validation: list[DataSource] = dataclasses.field(default_factory=list)
     training: PolicyTrainingConfig = dataclasses.field(default_factory=PolicyTrainingConfig)
+    reinforce: ReinforceConfig = dataclasses.field(default_factory=ReinforceConfig)
     ppo: PPOConfig = dataclasses.field(default_factory=PPOConfig)
+    sft: SFTConfig = dataclasses.field(default_factory=SFTConfig)
     dpo: DPOConfig = dataclasses.field(default_factory=DPOConfig)
 
     def __post_init__(self) -> None:
@@ -101,11 +113,13 @@ class PolicyConfig:
         if self.policy.lora:
             check_numbers("policy.lora", self.policy.lora, positive=["rank", "alpha"], below_1=["dropout"])
         check_numbers("reward", self.reward, positive=["clip"])
-        check_numbers("training", self.training, below_1=["baseline_momentum"],
+        check_numbers("training", self.training,
                       positive=["epochs", "prompts_per_step", "samples_per_prompt", "learning_rate", "max_grad_norm",
-                                "log_every", "kl_target", "kl_horizon", "kl_budget", "max_length"],
+                                "log_every", "kl_target", "kl_horizon", "kl_budget"],
                       at_least_0=["steps", "weight_decay", "warmup_steps", "eval_every", "checkpoint_every", "kl_coef",
                                   "unfinished_penalty"])
         check_numbers("ppo", self.ppo, positive=["clip_range", "value_clip", "epochs", "minibatch_size"],
                       at_least_0=["value_coef", "gamma", "lam"], up_to_1=["gamma", "lam"])
-        check_numbers("dpo", self.dpo, positive=["beta"], below_1=["label_smoothing"])
+        check_numbers("dpo", self.dpo, positive=["beta", "max_length"], below_1=["label_smoothing"])
+        check_numbers("reinforce", self.reinforce, below_1=["baseline_momentum"])
+        check_numbers("sft", self.sft, positive=["max_length"])

@@ -47,7 +47,7 @@ def train_dpo(config: PolicyConfig, output: Path, skip_bad_rows: bool = False, *
     run = PolicyRun(config, output, "dpo", on_policy=False, skip_bad_rows=skip_bad_rows, **run_options)
     run.total_steps = t.steps or steps_for_epochs(len(pairs), t.prompts_per_step, t.epochs,
                                                   run.accelerator.num_processes)
-    response_length = max(1, t.max_length - p.max_prompt_length)
+    response_length = max(1, config.dpo.max_length - p.max_prompt_length)
 
     def sequence_logprobs(batch: list[PreferencePair], side: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(policy, reference) log-probs of each pair's chosen or rejected response, summed over its tokens."""

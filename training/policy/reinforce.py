@@ -33,7 +33,7 @@ def train_reinforce(config: PolicyConfig, output: Path, **run_options: Any) -> d
         loss = -(advantages * (logprobs * rollout.sequences.response_mask).sum(1)).mean()
         run.optimize(loss)
         run.algorithm_state["baseline"] = moving_average_baseline(baseline, returns.mean().item(),
-                                                                  t.baseline_momentum)
+                                                                  config.reinforce.baseline_momentum)
         run.end_step({"loss": loss.item(), "baseline": run.algorithm_state["baseline"],
                       **rollout_metrics(rollout, run.reward_function.heads, entropy)},
                      kl=kl.mean().item(), responses=len(rollout.responses))

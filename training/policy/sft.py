@@ -23,7 +23,7 @@ def train_sft(config: PolicyConfig, output: Path, skip_bad_rows: bool = False, *
     run = PolicyRun(config, output, "sft", on_policy=False, skip_bad_rows=skip_bad_rows, **run_options)
     run.total_steps = t.steps or steps_for_epochs(len(demonstrations), t.prompts_per_step, t.epochs,
                                                   run.accelerator.num_processes)
-    response_length = max(1, t.max_length - p.max_prompt_length)
+    response_length = max(1, config.sft.max_length - p.max_prompt_length)
 
     def loss_of(batch: list[tuple[Any, str]]) -> torch.Tensor:
         sequences = teacher_forced(run.tokenizer, [c for c, _ in batch], [r for _, r in batch],
