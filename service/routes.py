@@ -128,7 +128,8 @@ async def moderations(body: ModerationRequest, request: Request) -> ModerationRe
     response = ModerationResponse(id=f"modr-{uuid.uuid4().hex}", model=scored.runtime.name,
                                   model_version=scored.runtime.version, results=results, judged=judged,
                                   usage=TokenUsage.of(scored.tokens))
-    serving.capture(moderation_item(response, inputs, scored, CURRENT_CLIENT.get().label))
+    client = CURRENT_CLIENT.get().label
+    serving.capture(lambda: moderation_item(response, inputs, scored, client))
     return response
 
 

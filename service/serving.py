@@ -149,11 +149,11 @@ class Serving:
 
             self.purger = asyncio.ensure_future(purge_daily())
 
-    def capture(self, item: ServedItem) -> None:
+    def capture(self, item: Callable[[], ServedItem]) -> None:
         """Record a served response in the feedback store (when there is one, and the sample takes it); never
-        blocks and never fails the request."""
+        blocks and never fails the request. `item` makes the record, only when it is kept (no cost otherwise)."""
         if self.recorder is not None and self.recorder.sampled():
-            self.recorder.offer(item)
+            self.recorder.offer(item())
             self.metrics.feedback_recorded.labels("queued").inc()
 
     async def give_feedback(self, request: FeedbackRequest, client: Client, keys_on: bool) -> str:

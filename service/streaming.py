@@ -36,10 +36,17 @@ def audit_of(serving: Serving, chosen: list[Chosen]) -> ChatAudit:
                      policy=policy, choices=[c.audit for c in chosen])
 
 
+def capture_chat(serving: Serving, identifier: str, conversation: Conversation, chosen: list[Chosen],
+                 audit: ChatAudit) -> None:
+    """Record the completion in the feedback store, if one is kept (the record is made only then)."""
+    client = CURRENT_CLIENT.get().label
+    serving.capture(lambda: chat_item(identifier, conversation, chosen, audit, client))
+
+
 def completion_response(serving: Serving, chosen: list[Chosen], model: str, conversation: Conversation
                         ) -> ChatCompletionResponse:
     identifier, audit = completion_id(), audit_of(serving, chosen)
-    serving.capture(chat_item(identifier, conversation, chosen, audit, CURRENT_CLIENT.get().label))
+    capture_chat(serving, identifier, conversation, chosen, audit)
     return ChatCompletionResponse(
         id=identifier, created=int(time.time()), model=model,
         choices=[ChatChoice(index=i, message=AssistantMessage(content=c.reply.text), finish_reason=c.reply.finish_reason)
@@ -75,7 +82,7 @@ async def chosen_events(serving: Serving, chosen: list[Chosen], model: str, conv
                         usage: bool = False) -> AsyncIterator[bytes]:
     """Events for replies that are already chosen and guarded."""
     identifier, audit = completion_id(), audit_of(serving, chosen)
-    serving.capture(chat_item(identifier, conversation, chosen, audit, CURRENT_CLIENT.get().label))
+    capture_chat(serving, identifier, conversation, chosen, audit)
     for i, choice in enumerate(chosen):
         yield event(chunk(identifier, model, i, {"role": "assistant", "content": ""}))
         if choice.reply.text:
@@ -137,6 +144,6 @@ async def live_events(serving: Serving, conversation: Conversation, sampling: Sa
               for i, reply in enumerate(replies)]
     serving.metrics.guard_actions.labels("off").inc(n)
     audit = audit_of(serving, chosen)
-    serving.capture(chat_item(identifier, conversation, chosen, audit, CURRENT_CLIENT.get().label))
+    capture_chat(serving, identifier, conversation, chosen, audit)
     yield event(last_chunk(identifier, model, chosen, audit, usage))
     yield event("[DONE]")

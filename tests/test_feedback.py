@@ -184,3 +184,25 @@ def test_a_failing_database_never_fails_a_request(tiny_reward_model: Path, tiny_
         while "keel_feedback_write_failures_total 5.0" not in client.get("/metrics").text:
             assert time.monotonic() < deadline
             time.sleep(0.02)
+
+
+def test_a_chat_completion_is_recorded_with_every_candidate(tiny_reward_model: Path, tiny_moderation_model: Path,
+                                                            tiny_policy: str, tmp_path: Path):
+    from keel.service.app import create_app
+    from keel.service.settings import Settings
+
+    settings = Settings(model=tiny_reward_model, moderation_model=tiny_moderation_model, policy=tiny_policy,
+                        feedback_db=f"sqlite:///{tmp_path / 'fb.db'}")
+    with TestClient(create_app(settings)) as client:
+        reply = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}],
+                                                          "max_tokens": 3, "best_of": 3}).json()
+        wait_recorded(client, reply["id"])
+        store = client.app.state.keel.feedback
+        candidates = store.candidates_of(reply["id"])
+        assert len(candidates) == 3 and sum(c.chosen for c in candidates) <= 1
+        assert all(c.reward is not None for c in candidates)
+        item = store.item(reply["id"])
+        assert item.input["messages"] == [{"role": "user", "content": "hi"}]
+        assert item.output["replies"] == [reply["choices"][0]["message"]["content"]]
+        given = client.post("/v1/feedback", json={"id": reply["id"], "rating": 6})
+        assert given.status_code == 201
