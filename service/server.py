@@ -22,6 +22,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from keel.core.artifact import ModerationManifest, RewardManifest
 from keel.core.hardware import has_torch
 from keel.service.app import create_app
+from keel.service.feedback import FeedbackError, FeedbackStore
 from keel.service.models import model_directory
 from keel.service.settings import Settings, SettingsError
 
@@ -100,11 +101,18 @@ def http_protocol(header_timeout_s: float) -> type[HeaderTimeoutProtocol]:
 def preflight(settings: Settings) -> None:
     """One-line errors (SettingsError, ArtifactError) before anything loads or trains: a setting this install
     cannot serve, an unreadable keys file, a model directory or store that cannot be served, or settings that
-    name heads or categories the given models lack."""
+    name heads or categories the given models lack, a feedback database that cannot be opened or migrated."""
     if settings.policy is not None and not has_torch():
         raise SettingsError("--policy generates with torch, which this install lacks: pip install 'keel-rlhf[chat]', "
                             "or use --upstream")
     settings.read_api_keys()
+    settings.read_admin_keys()
+    settings.read_annotators()
+    if settings.feedback_db is not None:
+        try:  # opened and migrated here, so a wrong URL is one line before any model trains or loads
+            FeedbackStore(settings.feedback_db).engine.dispose()
+        except FeedbackError as error:
+            raise SettingsError(f"--feedback-db: {error}") from None
     if settings.model is not None:
         directory = model_directory(settings.model, allow_symlinks=settings.allow_store_symlinks)
         settings.check_heads(RewardManifest.read(directory).heads)

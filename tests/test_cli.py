@@ -143,3 +143,11 @@ def test_serve_without_a_model_serves_the_default_ones(tiny_reward_model: Path, 
     finally:
         process.kill()
         process.wait(10)
+
+
+def test_a_feedback_database_that_cannot_open_is_a_one_line_error(tiny_reward_model: Path, tmp_path: Path):
+    missing = tmp_path / "no-such-folder" / "feedback.db"
+    run = run_keel("serve", "--model", str(tiny_reward_model), "--moderation-model", "none",
+                   "--feedback-db", f"sqlite:///{missing}")
+    assert run.returncode == 2 and run.stderr.startswith("keel serve: error: --feedback-db:")
+    assert run.stderr.count("\n") == 1 and "Traceback" not in run.stderr
