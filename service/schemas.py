@@ -3,6 +3,7 @@ of a request against the server's limits that go beyond its shape."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -99,8 +100,8 @@ class TokenUsage(BaseModel):
     total_tokens: int
 
     @staticmethod
-    def of(tokens: object) -> TokenUsage:
-        count = int(sum(tokens)) if tokens is not None else 0  # type: ignore[call-overload]
+    def of(tokens: Iterable[int] | None) -> TokenUsage:
+        count = int(sum(tokens)) if tokens is not None else 0
         return TokenUsage(prompt_tokens=count, total_tokens=count)
 
 

@@ -7,6 +7,10 @@ import json
 import os
 from datetime import timedelta
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from keel.service.feedback import FeedbackStore
 
 DB_HELP = ("the feedback store: sqlite:///PATH or postgresql://USER@HOST:PORT/DB (default: $KEEL_FEEDBACK_DB, as "
            "keel serve reads it)")
@@ -39,7 +43,7 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     purge.set_defaults(func=run_purge)
 
 
-def store_of(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+def store_of(args: argparse.Namespace) -> FeedbackStore:
     from keel.service.feedback import FeedbackError, FeedbackStore
 
     if not args.db:
