@@ -137,8 +137,8 @@ def scoring_batch_seconds(texts_per_batch: int) -> Callable[[str, str], float]:
 
 
 def generation_batch_seconds(before: str, after: str) -> float:
-    total = sample(after, "keel_generation_batch_seconds_sum") - sample(before, "keel_generation_batch_seconds_sum")
-    count = sample(after, "keel_generation_batch_seconds_count") - sample(before, "keel_generation_batch_seconds_count")
+    total = sample(after, "keel_generation_request_seconds_sum") - sample(before, "keel_generation_request_seconds_sum")
+    count = sample(after, "keel_generation_request_seconds_count") - sample(before, "keel_generation_request_seconds_count")
     return total / max(count, 1)
 
 

@@ -9,6 +9,10 @@ load and latency stays low when idle.
 Limits: the whole queue and each client's part of it are bounded (QueueFull -> 429), every request has a
 deadline (DeadlineExceeded -> 503), and a request whose caller has gone (cancelled) leaves the queue at once.
 A batch that fails is retried one request at a time, so only the request that caused the failure fails.
+
+With `continuous`, the function joins its items to a batch that is already running (the policy's continuous
+batching) and returns when they finish: the batcher then hands items over as soon as they are queued, while
+fewer than max_batch_texts are in flight, instead of waiting for the previous batch to end.
 """
 
 from __future__ import annotations
@@ -90,7 +94,7 @@ class Batcher:
     def __init__(self, score: Callable[[Sequence[Any], int], Any], max_batch_texts: int, max_wait_s: float,
                  max_queue_texts: int, max_client_texts: int | None = None, workers: int = 1,
                  combine: Callable[[list[Any]], Any] = concatenate, name: str = "scoring",
-                 metrics: QueueMetrics | None = None):
+                 metrics: QueueMetrics | None = None, continuous: bool = False):
         self._score = score
         self._combine = combine  # a request's chunk results, in order -> its result
         self.max_batch_texts = max_batch_texts
@@ -105,7 +109,13 @@ class Batcher:
         self._queued_texts = 0
         self._arrived = asyncio.Event()
         self._workers_count = workers
-        self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix=f"keel-{name}")
+        self.continuous = continuous
+        self._in_flight = 0  # items handed over and not yet finished (continuous)
+        self._room = asyncio.Event()
+        # Continuous: each hand-over blocks a thread until its items finish, and up to max_batch_texts may run.
+        threads = max_batch_texts if continuous else workers
+        self._executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix=f"keel-{name}")
+        self._handovers: set[asyncio.Task[None]] = set()
         self._workers: list[asyncio.Task[None]] = []
         self._closing = False
         self._failures = BurstLog(log)
@@ -124,6 +134,7 @@ class Batcher:
         self._closing = True
         while self._queues:
             await asyncio.sleep(0.01)
+        await asyncio.gather(*self._handovers, return_exceptions=True)
         for worker in self._workers:
             worker.cancel()
         await asyncio.gather(*self._workers, return_exceptions=True)
@@ -200,6 +211,9 @@ class Batcher:
             if not self._queues:
                 self._arrived.clear()
                 await self._arrived.wait()
+            if self.continuous:
+                await self._hand_over(loop.time(), worker)
+                continue
             # A small batch waits briefly for company; a full one goes at once.
             wait_until = loop.time() + self.max_wait_s
             while self._queued_texts < self.max_batch_texts and (remaining := wait_until - loop.time()) > 0:
@@ -211,6 +225,28 @@ class Batcher:
             chunks = self._take_chunks(loop.time())
             if chunks:
                 await self._run_batch(chunks, worker)
+
+    async def _hand_over(self, now: float, worker: int) -> None:
+        """Continuous: give the runtime what fits beside the items in flight, and return at once."""
+        room = self.max_batch_texts - self._in_flight
+        if room <= 0:
+            self._room.clear()
+            await self._room.wait()
+            return
+        chunks = self._take_chunks(now, room)
+        if not chunks:
+            return
+        count = sum(len(chunk.items) for chunk in chunks)
+        self._in_flight += count
+        task = asyncio.get_running_loop().create_task(self._run_batch(chunks, worker))
+        self._handovers.add(task)
+
+        def finished(task: asyncio.Task[None]) -> None:
+            self._handovers.discard(task)
+            self._in_flight -= count
+            self._room.set()
+
+        task.add_done_callback(finished)
 
     async def _run_batch(self, chunks: list[_Chunk], worker: int) -> None:
         loop = asyncio.get_running_loop()
@@ -251,17 +287,18 @@ class Batcher:
             job.future.set_exception(error)
         self._unqueue(job)
 
-    def _take_chunks(self, now: float) -> list[_Chunk]:
-        """Up to a batch of chunks, one client's at a time in round-robin order."""
+    def _take_chunks(self, now: float, room: int | None = None) -> list[_Chunk]:
+        """Up to a batch of chunks (or `room` items), one client's at a time in round-robin order."""
+        limit = self.max_batch_texts if room is None else room
         batch: list[_Chunk] = []
         count = 0
         progress = True
-        while progress and count < self.max_batch_texts:
+        while progress and count < limit:
             progress = False
             for client in list(self._queues):
                 queue = self._queues[client]
                 chunk = queue[0]
-                if batch and count + len(chunk.items) > self.max_batch_texts:
+                if count + len(chunk.items) > limit and (batch or room is not None):
                     continue
                 queue.popleft()
                 progress = True
@@ -277,6 +314,6 @@ class Batcher:
                     continue
                 batch.append(chunk)
                 count += len(chunk.items)
-                if count >= self.max_batch_texts:
+                if count >= limit:
                     break
         return batch

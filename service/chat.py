@@ -7,6 +7,10 @@ scored in context (conversation + reply): the reward they are ranked by is a wei
 head z-scores, and the moderation model judges each reply in its conversation. The guard takes the best-ranked
 candidate it does not flag; when every candidate is flagged it samples a fresh set (up to `guard_retries`
 times, mode "regenerate") and finally answers with a refusal. Mode "off" only records the moderation results.
+
+A streamed reply (best_of == n) cannot be regenerated once text has been sent, so the guard judges it as it grows
+(GuardedStream): text reaches the client only after the moderation model has passed it, and a flagged reply ends
+with finish_reason "content_filter" and the refusal.
 """
 
 from __future__ import annotations
@@ -47,6 +51,48 @@ class GuardSettings:
     mode: str = "regenerate"  # off | refuse | regenerate
     retries: int = 1
     refusal: str = "I'm sorry, but I can't help with that."
+    stream_every: int = 16  # tokens between the guard's readings of a streamed reply
+
+
+# A stream's first readings come early, so that its first text is held for one token, not `stream_every`.
+STREAM_FIRST_CHECKS = (1, 2, 4, 8)
+# A reading in mid-stream judges the new text after this much of the text already passed (whole windows of it
+# would cost more each time as the reply grows); the reading at the end judges the whole reply.
+STREAM_OVERLAP_CHARS = 256
+
+
+@dataclass
+class GuardedStream:
+    """One streamed choice under the guard: generated text waits in `pending` until a reading passes it."""
+
+    every: int
+    released: str = ""
+    pending: str = ""
+    tokens: int = 0
+    next_reading: int = STREAM_FIRST_CHECKS[0]
+
+    def add(self, text: str) -> bool:
+        """Take a piece of generated text (about one token); True when the guard should read now."""
+        self.pending += text
+        self.tokens += 1 if text else 0
+        if self.tokens < self.next_reading:
+            return False
+        later = [n for n in STREAM_FIRST_CHECKS if n > self.tokens]
+        self.next_reading = later[0] if later else self.tokens + self.every
+        return True
+
+    def release(self) -> str:
+        text, self.pending = self.pending, ""
+        self.released += text
+        return text
+
+
+def split_prefill(conversation: Conversation) -> tuple[str, Conversation]:
+    """A prefilled reply (the conversation ends with the assistant's start) is judged whole, start + continuation:
+    the start, and the conversation before it."""
+    if conversation[-1].role == "assistant":
+        return conversation[-1].content, conversation[:-1]
+    return "", conversation
 
 
 def flagged(result: ModerationResult | None) -> bool:
@@ -108,9 +154,7 @@ class ChatAligner:
 
     async def judge(self, conversation: Conversation, replies: Sequence[Generated]) -> Judged:
         """Score and moderate replies in context; the heads come from the model version that scored them."""
-        # A prefilled reply (the conversation ends with the assistant's start) is judged whole: start + continuation.
-        start, context = ((conversation[-1].content, conversation[:-1]) if conversation[-1].role == "assistant"
-                          else ("", conversation))
+        start, context = split_prefill(conversation)
         inputs = [model_input([*context, Message("assistant", start + r.text)]) for r in replies]
         scored = await self.backend.score(inputs)
         weights = np.array([self.weights.get(h, 0.0) for h in scored.runtime.heads], dtype=np.float32)
@@ -118,6 +162,16 @@ class ChatAligner:
         if self.backend.moderates:
             moderation = list(await self.backend.moderate(inputs))
         return Judged(scored, scored.values @ weights, moderation)
+
+    async def read_stream(self, conversation: Conversation, stream: GuardedStream, whole: bool) -> ModerationResult:
+        """The guard's reading of a growing reply in its conversation: the text not yet passed, after some that
+        was (or, with `whole`, all of it, as a finished reply is judged)."""
+        start, context = split_prefill(conversation)
+        reply = start + stream.released + stream.pending
+        if not whole:
+            reply = reply[max(0, len(reply) - len(stream.pending) - STREAM_OVERLAP_CHARS):]
+        [verdict] = await self.backend.moderate([model_input([*context, Message("assistant", reply)])])
+        return verdict
 
     async def request_refusals(self, conversation: Conversation, n: int) -> list[Chosen] | None:
         """n refusals if the guard flags the request's last user message; else None."""

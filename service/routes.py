@@ -227,12 +227,12 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
     model = serving.chat_model(body.model)
     usage = body.stream_options is not None and body.stream_options.include_usage
     arrived = time.perf_counter()
-    if body.stream and serving.policy is not None and best_of == 1 and settings.guard == "off":
+    if body.stream and best_of == 1:  # tokens as generated (and as the guard passes them)
         serving.admit(CHAT_PATH, CURRENT_CLIENT.get(), body.n)  # answer before the stream starts
         return StreamingResponse(live_events(serving, conversation, sampling, body.n, model, arrived, usage),
                                  media_type="text/event-stream")
     chosen = await unless_client_leaves(request, serving.aligner.complete(conversation, sampling, body.n, best_of))
-    serving.metrics.time_to_first_token.labels(str(body.stream).lower()).observe(time.perf_counter() - arrived)
+    serving.metrics.time_to_first_token.labels("whole").observe(time.perf_counter() - arrived)
     if body.stream:
         return StreamingResponse(chosen_events(serving, chosen, model, conversation, usage),
                                  media_type="text/event-stream")

@@ -7,8 +7,9 @@ types in a serving install that has none.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from keel.core.text import Conversation
 
@@ -38,6 +39,8 @@ class Row:
     on_text: OnText | None = None
     on_finish: OnFinish | None = None
     abandoned: threading.Event | None = None
+    mode: str = "whole"  # how its reply is sent (metrics label): whole, stream, or guarded_stream
+    queued_at: float = field(default_factory=time.perf_counter)
 
 
 @dataclass
@@ -46,4 +49,4 @@ class Generated:
     finish_reason: str  # "stop" (end token or stop string) | "length" | "abandoned"
     prompt_tokens: int
     completion_tokens: int
-    first_token_seconds: float  # from the start of the batch
+    first_token_seconds: float  # from joining the generation queue

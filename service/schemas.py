@@ -320,7 +320,7 @@ class ChoiceAudit(BaseModel):
                                                 "context, or on the request when it was refused; null without one")
     candidates: int = Field(description="candidates sampled for this choice, over all guard attempts")
     rank: int = Field(description="rank by reward among the final attempt's candidates (0 = best)")
-    guard: Literal["off", "passed", "regenerated", "refused", "request_refused"]
+    guard: Literal["off", "passed", "regenerated", "refused", "request_refused", "stream_stopped"]
     attempts: int
 
 

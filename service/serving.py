@@ -312,19 +312,19 @@ class Serving:
                                                            settings.policy_dtype)
             await asyncio.to_thread(policy.warm_up)
             self.metrics.model_info.labels("policy", policy.name, policy.version).set(1)
-            # A short wait lets requests that arrive together share a batch; generation takes far longer.
-            batcher = Batcher(policy.generate, max_batch_texts=settings.max_generation_rows,
-                              max_wait_s=settings.generation_wait_ms / 1000, max_queue_texts=settings.max_queue_rows,
-                              max_client_texts=settings.max_client_queue_rows,
+            # Continuous batching: rows join the policy's running batch at its next step, fairly by client.
+            batcher = Batcher(policy.generate, max_batch_texts=settings.max_generation_rows, max_wait_s=0.0,
+                              max_queue_texts=settings.max_queue_rows, max_client_texts=settings.max_client_queue_rows,
                               combine=lambda parts: [g for part in parts for g in part], name="generation",
-                              metrics=self.queue_metrics(self.metrics.generation_queue))
+                              metrics=self.queue_metrics(self.metrics.generation_queue), continuous=True)
             batcher.start()
             self.batchers["generation"] = self.queues[CHAT_PATH] = batcher
         assert self.runtime is not None
         weights = settings.chat_reward_weights or {self.runtime.primary_head: 1.0}
         settings.check_guard()
         self.aligner = ChatAligner(self, self.runtime.heads, weights,
-                                   GuardSettings(settings.guard, settings.guard_retries, settings.refusal_text),
+                                   GuardSettings(settings.guard, settings.guard_retries, settings.refusal_text,
+                                                 settings.stream_guard_tokens),
                                    self.metrics)
 
     def queue_metrics(self, depth: Gauge) -> QueueMetrics:
@@ -395,9 +395,10 @@ class Serving:
     async def generate_rows(self, rows: list[Row]) -> list[Generated]:
         """Generate rows with the local policy. The replies are returned as soon as these rows finish, not when
         their batch does (it may hold another request's longer rows). If the request goes (client gone,
-        deadline passed, failure), its rows stop generating."""
+        deadline passed, failure), its rows stop generating; a row that brings its own `abandoned` event can
+        also be stopped alone (the stream guard does)."""
         loop = asyncio.get_running_loop()
-        abandoned = threading.Event()
+        stops = [row.abandoned or threading.Event() for row in rows]
         replies = [loop.create_future() for _ in rows]
 
         def deliver(reply: asyncio.Future[Generated]) -> Callable[[Generated], None]:  # from the generation thread
@@ -410,7 +411,7 @@ class Serving:
 
             return from_thread
 
-        rows = [replace(row, abandoned=abandoned, on_finish=deliver(reply)) for row, reply in zip(rows, replies)]
+        rows = [replace(row, abandoned=stop, on_finish=deliver(reply)) for row, stop, reply in zip(rows, stops, replies)]
         batch = asyncio.ensure_future(self.queued(self.batchers["generation"], rows,
                                                   self.settings.generation_timeout_s, "generation"))
         every_reply = asyncio.gather(*replies)
@@ -418,7 +419,8 @@ class Serving:
             await asyncio.wait({batch, every_reply}, return_when=asyncio.FIRST_COMPLETED)
             return every_reply.result() if every_reply.done() else batch.result()  # the batch's error, if any
         finally:
-            abandoned.set()  # no effect on finished rows; stops the others
+            for stop in stops:
+                stop.set()  # no effect on finished rows; stops the others
             for waiter in (batch, every_reply):
                 waiter.cancel()
             await asyncio.gather(batch, every_reply, return_exceptions=True)

@@ -113,18 +113,20 @@ class Settings(BaseSettings):
         "regenerate (sample again up to --guard-retries times, then refuse)")
     guard_retries: int = Field(1, ge=0, le=5, description="fresh candidate sets the guard may draw")
     refusal_text: str = Field("I'm sorry, but I can't help with that.", description="the guard's refusal")
+    stream_guard_tokens: int = Field(16, ge=1, le=256, description="a streamed reply under the guard is judged "
+                                     "after its first 1, 2, 4 and 8 tokens, then every this many, and whole at its "
+                                     "end; text reaches the client only once judged")
     chat_reward_weights: Annotated[dict[str, float], NoDecode] = Field(
         default_factory=dict, description="head weights candidates are ranked by, e.g. harmless=1,helpful=0.5 "
         "(default: the reward model's primary head)")
     default_max_tokens: int = Field(128, ge=1, description="reply tokens when a request does not say")
     max_tokens_limit: int = Field(512, ge=1, description="largest max_tokens a request may ask for")
     max_prompt_tokens: int = Field(1024, ge=16, description="prompt tokens kept (the oldest go first)")
-    max_generation_rows: int = Field(8, ge=1, description="replies (candidates) generated together in one batch")
+    max_generation_rows: int = Field(32, ge=1, description="replies (candidates) generated together: the running "
+                                     "batch's rows (continuous batching: a new row joins at the next token)")
     policy_dtype: Literal["auto", "bfloat16", "float32"] = Field(
         "auto", description="weights of the served policy (auto: bfloat16 on GPUs and CPUs with native bf16, "
         "else float32, which is 2x faster than emulated bf16)")
-    generation_wait_ms: float = Field(100.0, ge=0, description="longest a request waits for others to join its "
-                                      "generation batch (a batch runs to its end before the next starts)")
     max_queue_rows: int = Field(256, ge=1, description="candidates waiting to be generated before 429")
     max_client_queue_rows: int | None = Field(
         None, ge=1, description="candidates one client may have waiting; a request with more (n * best_of) gets "

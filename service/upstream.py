@@ -1,12 +1,15 @@
 """Candidates from an upstream OpenAI-compatible server (vLLM, TGI, a hosted API, another Keel) for the guard
-proxy: Keel asks it for the candidates, then reranks and guards them itself."""
+proxy: Keel asks it for the candidates, then reranks and guards them itself; or streams its tokens through the
+guard (one candidate per choice)."""
 
 from __future__ import annotations
 
 import asyncio
 import itertools
+import json
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from itertools import groupby
 from typing import Any
 
@@ -15,7 +18,7 @@ import httpx
 from keel.core.retry import RETRY_STATUSES, RetryPolicy
 from keel.core.text import Conversation
 from keel.service.errors import ApiError
-from keel.service.sampling import Generated, Sampling
+from keel.service.sampling import Generated, OnText, Sampling
 
 
 class UpstreamClient:
@@ -35,26 +38,80 @@ class UpstreamClient:
         replies: list[Generated] = []
         for _, same in groupby(settings, key=lambda s: (s.temperature, s.top_p, s.max_tokens, s.stop)):
             group = list(same)
-            first, count = group[0], len(group)
-            body = {"messages": [{"role": m.role, "content": m.content} for m in conversation], "n": count,
-                    "temperature": first.temperature, "top_p": first.top_p, "max_tokens": first.max_tokens}
-            if self.model:
-                body["model"] = self.model
-            if first.stop:
-                body["stop"] = list(first.stop)
-            if first.seed is not None:
-                body["seed"] = first.seed
-            replies += await self._request(body, count)
+            replies += await self._request(self._body(conversation, group[0], len(group)), len(group))
         return replies
 
-    async def _post(self, body: dict[str, Any]) -> httpx.Response:
-        """POST the completion request, trying again on 429/5xx and dropped connections (keel.core.retry)."""
+    async def stream(self, conversation: Conversation, settings: Sequence[Sampling],
+                     on_text: Callable[[int], OnText], stops: Sequence[threading.Event]) -> list[Generated]:
+        """One streamed request for len(settings) choices (settings that differ only by seed): each choice's
+        text, as the upstream sends it, to on_text(index). The request ends early once every choice has finished
+        or been stopped."""
+        count = len(settings)
+        body = {**self._body(conversation, settings[0], count), "stream": True,
+                "stream_options": {"include_usage": True}}
+        texts, finishes = [""] * count, [None] * count  # type: list[str], list[str | None]
+        usage: dict[str, Any] = {}
+        response = await self._post(body, stream=True)
+        try:
+            if response.status_code != 200:
+                raise ApiError(502, f"upstream {self.base_url} answered HTTP {response.status_code}",
+                               "upstream_error", code="upstream_status")
+            async for line in response.aiter_lines():
+                data = line.removeprefix("data:").strip() if line.startswith("data:") else ""
+                if data == "[DONE]":
+                    break
+                if not data:
+                    continue
+                try:
+                    payload = json.loads(data)
+                    usage = payload.get("usage") or usage
+                    pieces = [(int(c.get("index", 0)), (c.get("delta") or {}).get("content") or "",
+                               c.get("finish_reason")) for c in payload.get("choices") or []]
+                except (ValueError, TypeError, AttributeError) as error:
+                    raise ApiError(502, f"upstream {self.base_url} sent a malformed stream", "upstream_error",
+                                   code="upstream_malformed") from error
+                for index, text, finish in pieces:
+                    if not 0 <= index < count or finishes[index] is not None:
+                        continue
+                    texts[index] += text
+                    finishes[index] = None if finish is None else finish if finish in ("stop", "length") else "stop"
+                    if text or finish is not None:
+                        on_text(index)(text, finishes[index])
+                if all(finish is not None or stop.is_set() for finish, stop in zip(finishes, stops)):
+                    break
+        finally:
+            await response.aclose()
+        for index, finish in enumerate(finishes):
+            if finish is None and not stops[index].is_set():  # the upstream ended without saying why
+                finishes[index] = "stop"
+                on_text(index)("", "stop")
+        per_reply = int(usage.get("completion_tokens", 0)) // max(count, 1)
+        return [Generated(text, finish or "abandoned", int(usage.get("prompt_tokens", 0)), per_reply, 0.0)
+                for text, finish in zip(texts, finishes)]
+
+    def _body(self, conversation: Conversation, sampling: Sampling, count: int) -> dict[str, Any]:
+        body: dict[str, Any] = {"messages": [{"role": m.role, "content": m.content} for m in conversation],
+                                "n": count, "temperature": sampling.temperature, "top_p": sampling.top_p,
+                                "max_tokens": sampling.max_tokens}
+        if self.model:
+            body["model"] = self.model
+        if sampling.stop:
+            body["stop"] = list(sampling.stop)
+        if sampling.seed is not None:
+            body["seed"] = sampling.seed
+        return body
+
+    async def _post(self, body: dict[str, Any], stream: bool = False) -> httpx.Response:
+        """POST the completion request, trying again on 429/5xx and dropped connections (keel.core.retry). With
+        `stream`, the body is left to read (and the caller closes the response)."""
         began = time.monotonic()
         for attempt in itertools.count(1):
             try:
-                response = await self.client.post("/v1/chat/completions", json=body)
+                request = self.client.build_request("POST", "/v1/chat/completions", json=body)
+                response = await self.client.send(request, stream=stream)
                 if response.status_code not in RETRY_STATUSES:
                     return response
+                await response.aclose()
                 failure: ApiError = ApiError(502, f"upstream {self.base_url} answered HTTP {response.status_code}",
                                              "upstream_error", code="upstream_status")
                 delay = self.retry.delay(attempt, response.headers.get("Retry-After"))

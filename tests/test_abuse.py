@@ -279,7 +279,7 @@ def test_a_flooding_client_does_not_crowd_out_another(tiny_reward_model: Path, t
 
 
 @pytest.mark.subprocess
-def test_chat_cost_limit_and_generation_rows_split_into_batches(tiny_reward_model: Path, tiny_policy: str):
+def test_chat_cost_limit_and_generation_rows_held_to_the_running_batch_size(tiny_reward_model: Path, tiny_policy: str):
     with keel_server(tiny_reward_model, "--policy", tiny_policy, "--guard", "off", "--max-generation-rows", "4",
                      "--max-request-tokens", "4096") as (url, _):
         message = [{"role": "user", "content": "hello"}]
@@ -287,12 +287,12 @@ def test_chat_cost_limit_and_generation_rows_split_into_batches(tiny_reward_mode
                             json={"messages": message, "n": 4, "best_of": 8, "max_tokens": 512})
         assert costly.status_code == 400 and costly.json()["error"]["code"] == "request_too_costly"
         assert "4096" in costly.json()["error"]["message"]
-        before = metric(httpx.get(f"{url}/metrics").text, "keel_generation_batch_seconds_count")
+        before = metric(httpx.get(f"{url}/metrics").text, "keel_generation_request_seconds_count")
         ok = httpx.post(f"{url}/v1/chat/completions", timeout=60,
                         json={"messages": message, "n": 2, "best_of": 6, "max_tokens": 8})
         assert ok.status_code == 200 and len(ok.json()["choices"]) == 2
-        batches = metric(httpx.get(f"{url}/metrics").text, "keel_generation_batch_seconds_count") - before
-        assert batches >= 3  # 12 candidates, at most 4 rows a batch
+        batches = metric(httpx.get(f"{url}/metrics").text, "keel_generation_request_seconds_count") - before
+        assert batches >= 3  # 12 candidates, at most 4 rows in the running batch: 3 or more hand-overs
 
 
 # ---- 4. work for a client that has gone is dropped ------------------------------------------------------------
@@ -320,7 +320,9 @@ def test_an_abandoned_stream_stops_generating(tiny_reward_model: Path, long_poli
 @pytest.mark.subprocess
 def test_a_client_that_gives_up_on_a_chat_cancels_its_generation(tiny_reward_model: Path, long_policy: str):
     with keel_server(tiny_reward_model, "--policy", long_policy, "--guard", "off", "--max-tokens-limit", "4096",
-                     "--max-request-tokens", "65536", "--max-prompt-tokens", "64") as (url, _):
+                     "--max-request-tokens", "65536", "--max-prompt-tokens", "64", "--max-generation-rows", "8") as (
+                         url, _):
+        # 16 candidates, 8 in the running batch: some are cancelled while running, the others while queued
         body = {"messages": [{"role": "user", "content": "hello"}], "n": 4, "best_of": 4, "max_tokens": 4096,
                 "temperature": 0}
         with pytest.raises(httpx.ReadTimeout):
