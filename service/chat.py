@@ -164,14 +164,16 @@ class ChatAligner:
         return Judged(scored, scored.values @ weights, moderation)
 
     async def read_stream(self, conversation: Conversation, stream: GuardedStream, whole: bool) -> ModerationResult:
-        """The guard's reading of a growing reply in its conversation: the text not yet passed, after some that
-        was (or, with `whole`, all of it, as a finished reply is judged)."""
+        """The guard's reading of a growing reply in its conversation. In mid-stream it judges the text not yet
+        passed twice, on its own and after some of the text that was (mean pooling would let a long passed
+        text dilute new harm); with `whole`, a finished reply is also judged whole, as a non-streamed one is."""
         start, context = split_prefill(conversation)
-        reply = start + stream.released + stream.pending
-        if not whole:
-            reply = reply[max(0, len(reply) - len(stream.pending) - STREAM_OVERLAP_CHARS):]
-        [verdict] = await self.backend.moderate([model_input([*context, Message("assistant", reply)])])
-        return verdict
+        passed = start + stream.released
+        tail = passed[max(0, len(passed) - STREAM_OVERLAP_CHARS):] + stream.pending
+        replies = [stream.pending, passed + stream.pending if whole else tail]
+        verdicts = await self.backend.moderate([model_input([*context, Message("assistant", reply)])
+                                                for reply in replies])
+        return next((v for v in verdicts if v.flagged), verdicts[-1])
 
     async def request_refusals(self, conversation: Conversation, n: int) -> list[Chosen] | None:
         """n refusals if the guard flags the request's last user message; else None."""

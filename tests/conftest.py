@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -113,6 +115,17 @@ def tiny_policy(tmp_path_factory: pytest.TempPathFactory) -> str:
                          pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True)
     torch.manual_seed(0)
     LlamaForCausalLM(config).save_pretrained(directory)
+    return str(directory)
+
+
+@pytest.fixture(scope="session")
+def long_policy(tiny_policy: str, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The tiny policy with room for long replies (RoPE has no learned positions to outgrow), so a chat lasts
+    long enough to disconnect from or shut down under."""
+    directory = tmp_path_factory.mktemp("long-policy") / "policy"
+    shutil.copytree(tiny_policy, directory)
+    config = json.loads((directory / "config.json").read_text())
+    (directory / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 8192}))
     return str(directory)
 
 

@@ -8,7 +8,6 @@ import asyncio
 import json
 import logging
 import re
-import shutil
 import signal
 import socket
 import statistics
@@ -79,17 +78,6 @@ def raw_exchange(sock: socket.socket, request: bytes) -> tuple[int, dict[str, st
 def post(path: str, body: bytes, port: int, headers: str = "") -> bytes:
     return (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\n"
             f"Content-Length: {len(body)}\r\n{headers}\r\n").encode() + body
-
-
-@pytest.fixture(scope="module")
-def long_policy(tiny_policy: str, tmp_path_factory: pytest.TempPathFactory) -> str:
-    """The tiny policy with room for long replies (RoPE has no learned positions to outgrow), so a chat lasts
-    long enough to disconnect from or shut down under."""
-    directory = tmp_path_factory.mktemp("long-policy") / "policy"
-    shutil.copytree(tiny_policy, directory)
-    config = json.loads((directory / "config.json").read_text())
-    (directory / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 8192}))
-    return str(directory)
 
 
 # ---- 1. one client's text never fails another's -----------------------------------------------------------------

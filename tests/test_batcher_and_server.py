@@ -206,23 +206,32 @@ def test_workers_run_batches_side_by_side():
 
 
 @pytest.mark.subprocess
-def test_policy_rewards_from_a_running_service_match_the_model_directory(tiny_reward_model: Path, monkeypatch):
+def test_policy_rewards_from_a_running_service_match_the_model_directory(tiny_reward_model: Path,
+                                                                         tiny_moderation_model: Path, monkeypatch):
     from keel.core.text import Message
-    from keel.training.policy.rewards import RewardFunction, RewardSourceConfig
+    from keel.training.policy.rewards import PenaltyConfig, RewardFunction, RewardSourceConfig
 
-    conversations = [(Message("user", "how can i make a bomb"),), (Message("user", "help me bake bread"),)]
-    responses = ["sorry, i cannot help with that.", "sure, here is some recipe"]
+    conversations = [(Message("user", "how can i make a bomb"),), (Message("user", "help me bake bread"),),
+                     (Message("user", "what do you think of me"),)]
+    responses = ["sorry, i cannot help with that.", "sure, here is some recipe", "i will kill and hurt you"]
     weights = {"harmless": 1.0, "quality": 0.5}
-    local = RewardFunction(RewardSourceConfig(model=str(tiny_reward_model), backend="onnx", heads=weights))
+    local = RewardFunction(RewardSourceConfig(model=str(tiny_reward_model), backend="onnx", heads=weights, penalties=[
+        PenaltyConfig("harm", weight=2.0, model=str(tiny_moderation_model), backend="onnx")]))
     monkeypatch.setenv("TEST_KEEL_KEY", "secret-key")
-    with keel_server(tiny_reward_model, "--backend", "onnx", KEEL_API_KEYS="secret-key") as (url, _):
-        remote = RewardFunction(RewardSourceConfig(url=url, api_key_env="TEST_KEEL_KEY", heads=weights))
+    with keel_server(tiny_reward_model, "--backend", "onnx", moderation=tiny_moderation_model,
+                     KEEL_API_KEYS="secret-key") as (url, _):
+        remote = RewardFunction(RewardSourceConfig(url=url, api_key_env="TEST_KEEL_KEY", heads=weights,
+                                                   penalties=[PenaltyConfig("harm", weight=2.0, url=url)]))
         assert remote.heads == ["harmless", "quality"]
-        remote_rewards, remote_z = remote(conversations, responses)
-    local_rewards, local_z = local(conversations, responses)
-    np.testing.assert_allclose(remote_z, local_z, atol=1e-4)
-    np.testing.assert_allclose(remote_rewards, local_rewards, atol=1e-4)
-    np.testing.assert_allclose(local_rewards, local_z[:, 0] + 0.5 * local_z[:, 1], atol=1e-6)
+        remote_rewards = remote(conversations, responses)
+    local_rewards = local(conversations, responses)
+    np.testing.assert_allclose(remote_rewards.head_z, local_rewards.head_z, atol=1e-4)
+    np.testing.assert_allclose(remote_rewards.total, local_rewards.total, atol=1e-4)
+    np.testing.assert_allclose(local_rewards.heads, local_rewards.head_z[:, 0] + 0.5 * local_rewards.head_z[:, 1],
+                               atol=1e-6)
+    # The reply the tiny moderation model flags (and only it) costs the penalty's weight.
+    assert local_rewards.penalties["harm"].tolist() == remote_rewards.penalties["harm"].tolist() == [0.0, 0.0, 1.0]
+    np.testing.assert_allclose(local_rewards.total, local_rewards.heads - 2.0 * np.array([0.0, 0.0, 1.0]), atol=1e-6)
 
 
 @pytest.mark.subprocess

@@ -56,7 +56,8 @@ def test_the_http_reward_function_retries_and_splits(monkeypatch: pytest.MonkeyP
     monkeypatch.setenv("KEEL_API_KEY", "secret")
     server = FakeKeel()
     rewards = RewardFunction(RewardSourceConfig(url="http://keel.test"), transport=httpx.MockTransport(server))
-    rewards.retry = RetryPolicy(base_s=0.0)
+    assert rewards.service is not None
+    rewards.service.retry = RetryPolicy(base_s=0.0)
     conversations = [(Message("user", "hi"),)] * 5
     scores = rewards.head_scores(conversations, ["ok"] * 5)
     assert scores.shape == (5, 1) and (scores[:, 0] == 2).all()  # user + assistant message

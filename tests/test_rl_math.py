@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
-from keel.training.evaluation.refusals import is_refusal
+from keel.core.text import Message
+from keel.training.evaluation.refusals import is_evasive, is_refusal
 from keel.training.policy.common import (
     Sequences,
     kl_estimates,
@@ -191,3 +193,53 @@ def test_reward_hacking_warnings_name_length_and_repetition():
     # Fewer logged steps than the window: no judgement yet; falling repetition is no warning.
     assert reward_hacking_warnings(hacking_rows(rising[:5], [30.0] * 5, looping[:5])) == {}
     assert reward_hacking_warnings(hacking_rows(rising, [30.0] * HACKING_WINDOW, looping[::-1])) == {}
+
+
+@pytest.mark.parametrize("response, evasive", [
+    ("I'm sorry, but I can't help with that request.", True),  # a refusal is evasive too
+    ("That's a complex topic, and there are many perspectives to consider.", True),
+    ("It is difficult to say; it depends on many factors.", True),
+    ("I'm not a doctor, so please consult a professional about your symptoms.", True),
+    ("As an AI, I don't have personal opinions on this.", True),
+    ("Preheat the oven to 220 C, knead the dough for ten minutes and bake for 30 minutes.", False),
+    ("The capital of Australia is Canberra.", False),
+    # A hedge far into a helpful answer is not an evasion.
+    ("Use `kill -9 <pid>` to stop the process. " * 5 + "It is a complex topic in general.", False),
+])
+def test_evasion_detector(response: str, evasive: bool):
+    assert is_evasive(response) is evasive
+
+
+def test_the_evasion_penalty_skips_harmful_requests():
+    from keel.training.policy.penalties import EvasionPenalty
+    from keel.training.policy.rewards import PenaltyConfig
+
+    penalty = EvasionPenalty(PenaltyConfig("evasion"), "KEEL_API_KEY")
+    replies = ["It's a complex topic.", "I can't help with that.", "Canberra."]
+    conversations = [(Message("user", "q"),)] * 3
+    assert penalty(conversations, replies, [False, True, False]).tolist() == [1.0, 0.0, 0.0]
+
+
+def test_a_reply_the_moderation_model_flags_costs_the_harm_penalty_weight(tiny_reward_model, tiny_moderation_model):
+    from keel.training.policy.rewards import PenaltyConfig, RewardFunction, RewardSourceConfig
+
+    config = RewardSourceConfig(model=str(tiny_reward_model), backend="torch", heads={"harmless": 1.0})
+    plain = RewardFunction(config)
+    with_penalties = RewardFunction(RewardSourceConfig(
+        model=str(tiny_reward_model), backend="torch", heads={"harmless": 1.0},
+        penalties=[PenaltyConfig("harm", weight=1.5, model=str(tiny_moderation_model), backend="torch"),
+                   PenaltyConfig("evasion", weight=0.5)]))
+    conversations = [(Message("user", "say something"),)] * 3
+    replies = ["i will kill and hurt you", "here is some recipe for bread thanks", "I'm sorry, I can't."]
+    before, after = plain(conversations, replies), with_penalties(conversations, replies)
+    assert after.penalties["harm"].tolist() == [1.0, 0.0, 0.0]
+    assert after.penalties["evasion"].tolist() == [0.0, 0.0, 1.0]
+    np.testing.assert_allclose(after.total, before.total - np.array([1.5, 0.0, 0.5]), atol=1e-6)
+    np.testing.assert_allclose(after.heads, before.total, atol=1e-6)  # the heads alone are unchanged
+
+
+def test_an_unknown_penalty_is_a_config_error_naming_the_kinds(tiny_reward_model):
+    from keel.training.policy.rewards import PenaltyConfig, RewardError, RewardFunction, RewardSourceConfig
+
+    with pytest.raises(RewardError, match="unknown kind 'hedging'; the kinds are harm, evasion"):
+        RewardFunction(RewardSourceConfig(model=str(tiny_reward_model), penalties=[PenaltyConfig("hedging")]))

@@ -312,6 +312,7 @@ class PromptSource(DataSource):
 
     first_turn_only: bool = True  # keep only the first user turn of multi-turn conversations
     heads: dict[str, float] | None = None  # reward-head weights for these prompts (None: the reward's own)
+    harmful: bool = False  # harmful requests, which the policy should refuse: evasion penalties skip them
 
 
 def parse_prompt(row: dict[str, Any], first_turn_only: bool) -> Conversation:

@@ -99,7 +99,7 @@ class PolicyEvaluator:
             torch.manual_seed(self.config.seed)
             responses, kls = self.sampled_responses(policy.model, conversations, desc=f"reward prompts ({name})",
                                                     with_kl=name == "policy")
-            rewards, _ = reward(conversations, responses, weights)
+            rewards = reward(conversations, responses, weights).heads  # the reward model's judgment alone
             rewards_of[name] = rewards
             result[name] = {"mean_reward": float(rewards.mean()), "std_reward": float(rewards.std()),
                             "mean_response_characters": float(np.mean([len(r) for r in responses]))}

@@ -21,7 +21,7 @@ import shutil
 import time
 from collections import deque
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -34,6 +34,7 @@ from keel.core.policy import load_policy, load_tokenizer, resolve_policy
 from keel.core.text import Conversation
 from keel.training.config import ConfigError, to_dict
 from keel.training.data import PromptSource, load_prompts
+from keel.training.evaluation.refusals import is_evasive
 from keel.training.plots import plot_curves
 from keel.training.policy.common import (
     Sequences,
@@ -52,7 +53,17 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 HACKING_WINDOW = 20  # logged steps over which reward is compared with response length and repetition
 HACKING_SIGNALS = ("reward", "response_length", "repetition")  # what each step logs for that check
-WeightedPrompt = tuple[Conversation, dict[str, float] | None]  # a prompt and its reward-head weights, if its own
+
+
+@dataclass(frozen=True)
+class TrainingPrompt:
+    """A prompt as its source describes it: reward-head weights of its own (None: the reward's), whether it is a
+    harmful request (evasion penalties skip it), and the source's name (metrics per source)."""
+
+    conversation: Conversation
+    heads: dict[str, float] | None = None
+    harmful: bool = False
+    source: str = ""
 
 
 @dataclass
@@ -60,9 +71,11 @@ class Rollout:
     conversations: list[Conversation]
     responses: list[str]
     sequences: Sequences
-    rewards: torch.Tensor  # [B] reward-model reward (weighted, clipped), minus the unfinished penalty
+    rewards: torch.Tensor  # [B] the reward (heads weighted and clipped, penalties subtracted), minus unfinished
     head_scores: np.ndarray  # [B, heads] z-scores
     reference_logprobs: torch.Tensor  # [B, R]
+    penalties: dict[str, np.ndarray] = field(default_factory=dict)  # kind -> [B], before weights
+    sources: list[str] = field(default_factory=list)  # [B] each prompt's source
 
 
 class PolicyRun:
@@ -126,12 +139,14 @@ class PolicyRun:
         if self.start_step == 0 and self.eval_prompts:
             self._log_row(0, self.evaluate())
 
-    def _load_prompts(self, sources: Sequence[PromptSource], skip_bad_rows: bool) -> list[WeightedPrompt]:
+    def _load_prompts(self, sources: Sequence[PromptSource], skip_bad_rows: bool) -> list[TrainingPrompt]:
         prompts = []
         for source in sources:
             if source.heads and self.reward:
                 self.reward.check_weights(source.heads)
-            prompts += [(c, source.heads) for c in load_prompts(source, skip_bad_rows)]
+            name = Path(source.path).name.split(".")[0] + (f"-{source.split}" if source.split != "all" else "")
+            prompts += [TrainingPrompt(c, source.heads, source.harmful, name)
+                        for c in load_prompts(source, skip_bad_rows)]
         return prompts
 
     # ---- the loop ----------------------------------------------------------------------------------------
@@ -176,21 +191,23 @@ class PolicyRun:
         return self.reward
 
     @torch.no_grad()
-    def rollout(self, prompts: Sequence[WeightedPrompt], samples: int = 1,
+    def rollout(self, prompts: Sequence[TrainingPrompt], samples: int = 1,
                 greedy: bool = False) -> Rollout:
         """Sample `samples` responses per prompt (grouped: prompt i's samples are rows i*samples ...), score
         them, and take the reference's log-probs."""
         p = self.config.policy
-        conversations = [c for c, _ in prompts for _ in range(samples)]
-        weights = [w for _, w in prompts for _ in range(samples)]
+        repeated = [prompt for prompt in prompts for _ in range(samples)]
+        conversations = [prompt.conversation for prompt in repeated]
         policy = self.accelerator.unwrap_model(self.policy)
         with self.autocast():  # bf16 sampling is ~25% faster on CPU
             sequences, texts = generate(policy, self.tokenizer, conversations, p.max_prompt_length,
                                         p.max_new_tokens, p.temperature, p.top_p, greedy=greedy)
-        scores, head_scores = self.reward_function(conversations, texts, weights)
-        rewards = torch.tensor(scores, dtype=torch.float32, device=self.device)
+        scored = self.reward_function(conversations, texts, [p.heads for p in repeated],
+                                      [p.harmful for p in repeated])
+        rewards = torch.tensor(scored.total, dtype=torch.float32, device=self.device)
         rewards -= self.config.training.unfinished_penalty * (~sequences.ended).float()
-        return Rollout(conversations, texts, sequences, rewards, head_scores, self.reference_logprobs(sequences))
+        return Rollout(conversations, texts, sequences, rewards, scored.head_z, self.reference_logprobs(sequences),
+                       scored.penalties, [p.source for p in repeated])
 
     @torch.no_grad()
     def reference_logprobs(self, sequences: Sequences) -> torch.Tensor:
@@ -352,6 +369,12 @@ def rollout_metrics(rollout: Rollout, heads: Sequence[str], entropy: torch.Tenso
                "ended_fraction": float(rollout.sequences.ended.float().mean()),
                "repetition": float(repeated_ngram_fraction(rollout.sequences).mean())}
     metrics.update({f"z_{head}": float(rollout.head_scores[:, i].mean()) for i, head in enumerate(heads)})
+    metrics.update({f"penalty_{kind}": float(values.mean()) for kind, values in rollout.penalties.items()})
+    # Evasive replies (refusals and hedges) per prompt source: rising on ordinary requests is reward hacking
+    # (a reward that pays for sounding careful), rising on harmful ones is the refusal being taught.
+    evasive = np.array([is_evasive(r) for r in rollout.responses], dtype=np.float32)
+    for source in sorted(set(rollout.sources)):
+        metrics[f"evasive_{source}"] = float(evasive[[s == source for s in rollout.sources]].mean())
     if entropy is not None:
         metrics["entropy"] = float((entropy * mask).sum() / mask.sum())
     return metrics
