@@ -44,7 +44,8 @@ class HarmPenalty:
                 for reply in replies]
             return np.array(flagged, dtype=np.float32)
         values = self.runtime.transform(self.runtime.score([model_input(r) for r in replies]))
-        return self.runtime.flagged(values).any(axis=1).astype(np.float32)
+        flags: np.ndarray = self.runtime.flagged(values).any(axis=1)
+        return flags.astype(np.float32)
 
 
 class EvasionPenalty:
