@@ -44,8 +44,7 @@ class HarmPenalty:
                 for reply in replies]
             return np.array(flagged, dtype=np.float32)
         values = self.runtime.transform(self.runtime.score([model_input(r) for r in replies]))
-        flags: np.ndarray = self.runtime.flagged(values).any(axis=1)
-        return flags.astype(np.float32)
+        return np.asarray(np.any(self.runtime.flagged(values), axis=1), dtype=np.float32)
 
 
 class EvasionPenalty:
