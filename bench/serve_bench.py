@@ -38,7 +38,7 @@ def hh_texts(model: Path, count: int, max_tokens: int = 256) -> list[str]:
     from keel.core.text import Message, render
     from keel.training.data import DataSource, load_source
 
-    tokenizer = AutoTokenizer.from_pretrained(model)
+    tokenizer = AutoTokenizer.from_pretrained(model, trust_remote_code=True)  # a Keel model directory
     texts = []
     for name in ("harmless-base", "helpful-base"):
         for split in ("validation", "test"):
@@ -52,7 +52,7 @@ def short_texts(model: Path, count: int) -> list[str]:
     """Conversations of about 64 tokens."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(model)
+    tokenizer = AutoTokenizer.from_pretrained(model, trust_remote_code=True)  # a Keel model directory
     return [t for t in hh_texts(model, 4000) if 56 <= len(tokenizer(t)["input_ids"]) <= 72][:count]
 
 
@@ -64,7 +64,7 @@ def engine_throughput(model: Path, texts: list[str], seconds: float, backend: st
     from keel.core.onnx_engine import onnx_session
 
     max_length = RewardManifest.read(model).max_length
-    tokenizer = AutoTokenizer.from_pretrained(model)
+    tokenizer = AutoTokenizer.from_pretrained(model, trust_remote_code=True)  # a Keel model directory
     tokenizer.truncation_side = "left"
     session = onnx_session(model / ("model.int8.onnx" if backend == "onnx-int8" else "model.onnx"))
     names = [i.name for i in session.get_inputs()]

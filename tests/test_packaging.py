@@ -62,14 +62,17 @@ def test_the_serve_extra_has_no_torch_and_serves_scores_and_moderation(serving_p
 
 def test_without_torch_serve_needs_a_model_and_chat_needs_the_chat_extra(serving_python: str, tiny_reward_model: Path,
                                                                          tmp_path: Path):
+    import os
+
+    # an empty cache: where the README's main job has run, the default models sit in ~/.cache and serve would start
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache")}
     run = subprocess.run([serving_python, "-m", "keel", "serve"], capture_output=True, text=True, cwd=tmp_path,
-                         timeout=60)
+                         env=env, timeout=60)
     assert run.returncode == 2 and "Traceback" not in run.stderr
     assert "--model" in run.stderr and "keel-rlhf[train]" in run.stderr
     run = subprocess.run([serving_python, "-m", "keel", "serve", "--model", str(tiny_reward_model), "--policy", "x"],
-                         capture_output=True, text=True, cwd=tmp_path, timeout=60)
+                         capture_output=True, text=True, cwd=tmp_path, env=env, timeout=60)
     assert run.returncode == 2 and "keel-rlhf[chat]" in run.stderr and "Traceback" not in run.stderr
-
 
 
 def test_the_distribution_has_a_name_of_its_own():
