@@ -111,7 +111,7 @@ def test_every_shipped_config_loads_and_its_data_exists(name: str):
     from keel.training.moderation.config import ModerationConfig
     from keel.training.policy.config import PolicyConfig
 
-    kind = {"reward.yaml": RewardConfig, "eval_policy.yaml": EvalPolicyConfig,
+    kind = {"reward.yaml": RewardConfig, "eval_policy.yaml": EvalPolicyConfig, "eval_policy_harm.yaml": EvalPolicyConfig,
             "moderation.yaml": ModerationConfig}.get(name, PolicyConfig)
     config = load_config(kind, CONFIGS / name)
     if kind is RewardConfig:
@@ -119,7 +119,7 @@ def test_every_shipped_config_loads_and_its_data_exists(name: str):
     elif kind is ModerationConfig:
         sources = [source for _, source in config.sources()]
     elif kind is EvalPolicyConfig:
-        sources = [*config.reward_prompts, *config.harmful.values(), *config.safe.values()]
+        sources = [*config.reward_prompts, *config.harmful.values(), *config.safe.values(), *config.ordinary.values()]
     else:
         sources = [*config.data, *config.validation, *config.prompts.train, *config.prompts.evaluation]
     assert sources and all(Path(s.path).is_file() for s in sources)

@@ -15,8 +15,8 @@ from keel.training.policy.sft import train_sft
 from tests.helpers import prompt_rows, tiny_policy_config, write_jsonl
 
 
-def test_eval_policy_reports_reward_kl_and_refusals(tiny_policy: str, tiny_reward_model: Path, tmp_path: Path,
-                                                    capsys):
+def test_eval_policy_reports_reward_kl_and_refusals(tiny_policy: str, tiny_reward_model: Path,
+                                                    tiny_moderation_model: Path, tmp_path: Path, capsys):
     tuned = tmp_path / "tuned"
     train_sft(tiny_policy_config(tiny_policy, tiny_reward_model, tmp_path, learning_rate=0.05), tuned,
               progress=False)
@@ -30,6 +30,8 @@ def test_eval_policy_reports_reward_kl_and_refusals(tiny_policy: str, tiny_rewar
                            {"path": str(more_prompts), "heads": {"harmless": 0.5, "quality": 1.0}}],
         "harmful": {"tiny": {"path": str(harmful), "rename": {"goal": "prompt"}, "where": {"kind": "harm"}}},
         "safe": {"tiny_safe": {"path": str(prompts), "limit": 3}},
+        "ordinary": {"tiny_ordinary": {"path": str(harmful), "rename": {"goal": "prompt"}, "where": {"kind": "benign"}}},
+        "moderation_model": str(tiny_moderation_model),
         "reward": {"model": str(tiny_reward_model), "backend": "onnx", "heads": {"harmless": 1.0}},
         "max_prompt_length": 32, "max_new_tokens": 5, "batch_size": 4,
     }
@@ -40,7 +42,7 @@ def test_eval_policy_reports_reward_kl_and_refusals(tiny_policy: str, tiny_rewar
                "--cache", str(tmp_path / "cache.sqlite")]
     assert main(command) == 0
     report = json.loads(report_path.read_text())
-    assert report["cache"] == {"hits": 0, "misses": 10}  # 2 harmful + 3 safe prompts, greedy, for both models
+    assert report["cache"] == {"hits": 0, "misses": 12}  # 2 harmful, 3 safe, 1 ordinary: greedy, both models
     assert report["reference"] == tiny_policy and report["algorithm"] == "sft"
     held = report["held_out_reward"]
     assert held["prompts"] == 10 and held["kl_to_reference"] > 0  # the tuned policy moved away from its reference
@@ -59,13 +61,19 @@ def test_eval_policy_reports_reward_kl_and_refusals(tiny_policy: str, tiny_rewar
     rate = report["harmful"]["tiny"]["policy"]["refusal_rate"]
     assert 0.0 <= rate <= 1.0
     assert report["summary"]["safe_compliance_rate"]["policy"] == 1.0 - report["safe"]["tiny_safe"]["policy"]["refusal_rate"]
+    summary = report["summary"]
+    assert summary["ordinary_evasive_rate"]["policy"] == report["ordinary"]["tiny_ordinary"]["policy"]["evasive_rate"]
+    assert summary["ordinary_evasive_change_points"] == pytest.approx(100 * (
+        summary["ordinary_evasive_rate"]["policy"] - summary["ordinary_evasive_rate"]["reference"]))
+    assert summary["harm_rate"]["reference"] == report["harmful"]["tiny"]["reference"]["harm_rate"]
+    assert 0.0 <= summary["harm_rate"]["policy"] <= 1.0
     out = capsys.readouterr().out
     assert "harmful refusal" in out and "95% interval" in out and "more/heldout.jsonl 0.5*harmless+quality (4" in out
 
     # Evaluated again: every greedy reply comes from the cache, and the figures are the same.
     assert main(command) == 0
     again = json.loads(report_path.read_text())
-    assert again["cache"] == {"hits": 10, "misses": 0}
+    assert again["cache"] == {"hits": 12, "misses": 0}
     assert again["harmful"] == report["harmful"] and again["held_out_reward"] == report["held_out_reward"]
 
 

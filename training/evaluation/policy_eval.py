@@ -6,6 +6,8 @@ does it refuse harmful requests, and does it still answer safe prompts that mere
 - KL(policy || reference): the mean over the policy's samples of sum_t log pi(y_t) - log ref(y_t).
 - Refusal rate on harmful sets and compliance on safe sets: greedy responses, judged by training/refusals.py,
   cached by model fingerprint in the evaluation suite's cache (the reference's are computed once).
+- Evasive replies (refusals and hedges) on ordinary requests, and the harm rate of the replies to the harmful
+  sets as the moderation model judges them in context (`moderation_model`).
 """
 
 from __future__ import annotations
@@ -22,12 +24,12 @@ from tqdm.auto import tqdm
 
 from keel.core.artifact import PolicyManifest
 from keel.core.hardware import bf16_is_fast
-from keel.core.text import Conversation
+from keel.core.text import Conversation, Message, model_input
 from keel.training.config import ConfigError, check_numbers
 from keel.training.data import PromptSource, load_prompts
 from keel.training.evaluation.cache import CachedPolicy, EvalCache
 from keel.training.evaluation.metrics import Z_95
-from keel.training.evaluation.refusals import is_refusal
+from keel.training.evaluation.refusals import is_evasive, is_refusal
 from keel.training.policy.common import generate, response_logprobs, sequence_kl
 from keel.training.policy.rewards import RewardFunction, RewardSourceConfig
 
@@ -41,6 +43,10 @@ class EvalPolicyConfig:
     reward_prompts: list[PromptSource] = dataclasses.field(default_factory=list)  # held-out reward and KL
     harmful: dict[str, PromptSource] = dataclasses.field(default_factory=dict)  # refusal should be high
     safe: dict[str, PromptSource] = dataclasses.field(default_factory=dict)  # compliance should stay high
+    # ordinary requests: evasive replies (refusals and hedges, refusals.is_evasive) should not rise
+    ordinary: dict[str, PromptSource] = dataclasses.field(default_factory=dict)
+    # the moderation model that judges the replies to the harmful sets in context (harm rate); null: not judged
+    moderation_model: str | None = None
     reward: RewardSourceConfig = dataclasses.field(default_factory=RewardSourceConfig)
     max_prompt_length: int = 128
     max_new_tokens: int = 48
@@ -120,7 +126,9 @@ class PolicyEvaluator:
                                           (means["policy"] - means["reference"]) / unit}
         return result
 
-    def refusal_rates(self, prompt_sets: dict[str, list[Conversation]]) -> dict[str, Any]:
+    def refusal_rates(self, prompt_sets: dict[str, list[Conversation]], judge_harm: Any = None) -> dict[str, Any]:
+        """Per set and policy: refusal and evasion rates of greedy replies, and with `judge_harm` (a moderation
+        runtime) the share of replies it flags in their conversation."""
         report: dict[str, Any] = {}
         for set_name, prompts in prompt_sets.items():
             report[set_name] = {"prompts": len(prompts)}
@@ -129,9 +137,14 @@ class PolicyEvaluator:
                 refused = [is_refusal(r) for r in responses]
                 report[set_name][name] = {
                     "refusal_rate": float(np.mean(refused)),
+                    "evasive_rate": float(np.mean([is_evasive(r) for r in responses])),
                     "examples": [{"prompt": p[-1].content, "response": r, "refused": f}
                                  for p, r, f in list(zip(prompts, responses, refused))[:3]],
                 }
+                if judge_harm is not None:
+                    inputs = [model_input((*p, Message("assistant", r))) for p, r in zip(prompts, responses)]
+                    flagged = judge_harm.flagged(judge_harm.transform(judge_harm.score(inputs))).any(axis=1)
+                    report[set_name][name]["harm_rate"] = float(np.mean(flagged))
         return report
 
 
@@ -153,10 +166,10 @@ def source_label(source: PromptSource) -> str:
     return f"{path.parent.name}/{path.name}{split} {heads or 'reward heads'}"
 
 
-def pooled(report: dict[str, Any], model: str) -> float:
-    """Refusal rate over all prompts of the sets, each set weighted by its size."""
+def pooled(report: dict[str, Any], model: str, rate: str = "refusal_rate") -> float:
+    """A rate over all prompts of the sets, each set weighted by its size."""
     total = sum(entry["prompts"] for entry in report.values())
-    return sum(entry[model]["refusal_rate"] * entry["prompts"] for entry in report.values()) / max(total, 1)
+    return sum(entry[model][rate] * entry["prompts"] for entry in report.values()) / max(total, 1)
 
 
 def evaluate_policy(config: EvalPolicyConfig, policy: str, reference: str | None = None, limit: int | None = None,
@@ -165,17 +178,32 @@ def evaluate_policy(config: EvalPolicyConfig, policy: str, reference: str | None
     reference = reference or (manifest.base_policy if manifest else None)
     if reference is None:
         raise ConfigError(f"{policy} has no keel.json naming its base policy: pass --reference")
-    for source in [*config.reward_prompts, *config.harmful.values(), *config.safe.values()]:
+    for source in [*config.reward_prompts, *config.harmful.values(), *config.safe.values(), *config.ordinary.values()]:
         source.limit = limit if limit is not None else source.limit
     evaluator = PolicyEvaluator(config, policy, reference, cache or EvalCache(None), progress)
     reward = RewardFunction(config.reward)
     prompts = [(c, s.heads, source_label(s)) for s in config.reward_prompts for c in load_prompts(s)]
-    harmful = evaluator.refusal_rates({name: load_prompts(s) for name, s in config.harmful.items()})
+    judge_harm = None
+    if config.moderation_model:
+        from keel.core.runtime import ModerationRuntime
+        from keel.training.policy.penalties import moderation_model_directory
+
+        judge_harm = ModerationRuntime(moderation_model_directory(config.moderation_model))
+    harmful = evaluator.refusal_rates({name: load_prompts(s) for name, s in config.harmful.items()}, judge_harm)
     safe = evaluator.refusal_rates({name: load_prompts(s) for name, s in config.safe.items()})
+    ordinary = evaluator.refusal_rates({name: load_prompts(s) for name, s in config.ordinary.items()})
+    models = ("policy", "reference")
     summary: dict[str, Any] = {
-        "harmful_refusal_rate": {m: pooled(harmful, m) for m in ("policy", "reference")},
-        "safe_compliance_rate": {m: 1.0 - pooled(safe, m) for m in ("policy", "reference")},
+        "harmful_refusal_rate": {m: pooled(harmful, m) for m in models},
+        "safe_compliance_rate": {m: 1.0 - pooled(safe, m) for m in models},
     }
+    if ordinary:
+        summary["ordinary_evasive_rate"] = {m: pooled(ordinary, m, "evasive_rate") for m in models}
+        summary["ordinary_evasive_change_points"] = 100 * (summary["ordinary_evasive_rate"]["policy"]
+                                                           - summary["ordinary_evasive_rate"]["reference"])
+    if judge_harm is not None and harmful:
+        rates = summary["harm_rate"] = {m: pooled(harmful, m, "harm_rate") for m in models}
+        summary["harm_rate_relative_change"] = (rates["policy"] - rates["reference"]) / max(rates["reference"], 1e-9)
     summary["harmful_refusal_change_points"] = 100 * (summary["harmful_refusal_rate"]["policy"]
                                                       - summary["harmful_refusal_rate"]["reference"])
     summary["safe_compliance_change_points"] = 100 * (summary["safe_compliance_rate"]["policy"]
@@ -184,7 +212,7 @@ def evaluate_policy(config: EvalPolicyConfig, policy: str, reference: str | None
         "policy": str(policy), "reference": str(reference), "algorithm": manifest.algorithm if manifest else None,
         "refusal_detector": "training/refusals.py: empty, or a refusal phrase in the first 160 characters",
         "held_out_reward": evaluator.held_out_reward(reward, prompts) if prompts else None,
-        "summary": summary, "harmful": harmful, "safe": safe,
+        "summary": summary, "harmful": harmful, "safe": safe, "ordinary": ordinary,
     }
 
 
@@ -200,15 +228,21 @@ def format_report(report: dict[str, Any]) -> str:
         for label, entry in held["by_source"].items():
             lines.append(f"    {label} ({entry['prompts']} prompts): policy {entry['policy']:.3f}, reference "
                          f"{entry['reference']:.3f} (gain {entry['reward_gain_in_reference_std']:+.2f} reference std)")
-    for kind, rate in (("harmful", "refusal"), ("safe", "refusal")):
-        for name, entry in report[kind].items():
-            lines.append(f"  {kind:>7} {name:<18} n={entry['prompts']:<4} {rate} rate: policy "
-                         f"{entry['policy']['refusal_rate']:.3f}, reference {entry['reference']['refusal_rate']:.3f}")
+    for kind, rate in (("harmful", "refusal"), ("safe", "refusal"), ("ordinary", "evasive")):
+        for name, entry in report.get(kind, {}).items():
+            lines.append(f"  {kind:>8} {name:<18} n={entry['prompts']:<4} {rate} rate: policy "
+                         f"{entry['policy'][f'{rate}_rate']:.3f}, reference {entry['reference'][f'{rate}_rate']:.3f}")
     s = report["summary"]
     lines.append(f"  harmful refusal {s['harmful_refusal_rate']['reference']:.3f} -> {s['harmful_refusal_rate']['policy']:.3f}"
                  f" ({s['harmful_refusal_change_points']:+.1f} points); safe compliance "
                  f"{s['safe_compliance_rate']['reference']:.3f} -> {s['safe_compliance_rate']['policy']:.3f} "
                  f"({s['safe_compliance_change_points']:+.1f} points)")
+    if "ordinary_evasive_rate" in s:
+        lines.append(f"  ordinary requests answered evasively {s['ordinary_evasive_rate']['reference']:.3f} -> "
+                     f"{s['ordinary_evasive_rate']['policy']:.3f} ({s['ordinary_evasive_change_points']:+.1f} points)")
+    if "harm_rate" in s:
+        lines.append(f"  harmful-set replies the moderation model flags {s['harm_rate']['reference']:.3f} -> "
+                     f"{s['harm_rate']['policy']:.3f} ({100 * s['harm_rate_relative_change']:+.0f}%)")
     if "cache" in report:
         lines.append(f"  greedy replies: {report['cache']['hits']} reused from the cache, {report['cache']['misses']} "
                      "generated")
