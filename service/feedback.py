@@ -37,7 +37,7 @@ from sqlalchemy import (
     select,
 )
 from sqlalchemy.engine import Engine
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 from keel.core.artifact import KeelError
@@ -74,6 +74,8 @@ class Item(Base):
     # 0..1, higher first in the labelling queue: a moderation probability near its threshold, a small reward
     # margin between best-of-n candidates
     uncertainty: Mapped[float] = mapped_column(default=0.0)
+    # A gold item's known answer ({"categories": {...}} or {"chosen": text}); None for what Keel served
+    gold: Mapped[dict[str, Any] | None] = mapped_column(JSON(none_as_null=True), default=None)  # SQL NULL
 
 
 class Candidate(Base):
@@ -156,6 +158,17 @@ class ServedItem:
     scores: dict[str, Any]
     candidates: list[dict[str, Any]] = field(default_factory=list)  # {"choice", "text", "reward", "flagged", "chosen"}
     uncertainty: float = 0.0
+    gold: dict[str, Any] | None = None
+
+
+@dataclass
+class LabelQueue:
+    """What an annotator may still label for a task: the open units (item, result index) among recent served
+    items, the ids of user-reported items, and the gold units this annotator has not answered."""
+
+    units: list[tuple[Item, int]]
+    reported: set[str]
+    gold: list[tuple[Item, int]]
 
 
 class FeedbackStore:
@@ -172,11 +185,30 @@ class FeedbackStore:
         """Store served responses (one transaction for the batch)."""
         stamp = now()
         with self.session() as session, session.begin():
-            for s in served:
-                session.add(Item(id=s.id, kind=s.kind, created_at=stamp, client=s.client, input=s.input,
-                                 output=s.output, models=s.models, scores=s.scores, uncertainty=s.uncertainty))
-            session.flush()
-            session.add_all(Candidate(item_id=s.id, **c) for s in served for c in s.candidates)
+            self.add(session, served, stamp)
+
+    @staticmethod
+    def add(session: Session, served: Sequence[ServedItem], stamp: datetime) -> None:
+        for s in served:
+            session.add(Item(id=s.id, kind=s.kind, created_at=stamp, client=s.client, input=s.input,
+                             output=s.output, models=s.models, scores=s.scores, uncertainty=s.uncertainty,
+                             gold=s.gold))
+        session.flush()
+        session.add_all(Candidate(item_id=s.id, **c) for s in served for c in s.candidates)
+
+    def add_gold(self, gold: Sequence[ServedItem]) -> int:
+        """Store gold items not stored yet (their ids are hashes of their content, so every replica may load the
+        same file at start); returns how many were new."""
+        with self.session() as session:
+            known = set(session.scalars(select(Item.id).where(Item.id.in_([g.id for g in gold]))))
+        new = [g for g in gold if g.id not in known]
+        if new:
+            try:
+                with self.session() as session, session.begin():
+                    self.add(session, new, now())
+            except IntegrityError:  # another replica stored them first
+                return 0
+        return len(new)
 
     def item(self, item_id: str) -> Item | None:
         with self.session() as session:
@@ -208,17 +240,19 @@ class FeedbackStore:
             return True
 
     def open_units(self, annotator: str, task: str, annotators: frozenset[str], per_item: int = 1,
-                   pool: int = 500) -> tuple[list[tuple[Item, int]], set[str]]:
-        """The (item, result index) units an annotator may still label for a task, among the `pool` newest items,
-        and the ids of reported items. moderation: each result of a moderation response; rating: a chat
-        completion; pairwise: a chat completion with two or more candidates. A unit is open while this annotator
-        has not answered it and fewer than `per_item` annotators have. Reported: any feedback from someone who is
-        not an annotator (a user's thumbs or correction)."""
+                   pool: int = 500) -> LabelQueue:
+        """What an annotator may still label for a task. Served units: among the `pool` newest served items;
+        moderation: each result of a moderation response; rating: a chat completion; pairwise: a chat completion
+        with two or more candidates. A unit is open while this annotator has not answered it and fewer than
+        `per_item` annotators have. Reported: any feedback from someone who is not an annotator (a user's thumbs
+        or correction). Gold units stay open to every annotator until they have answered them."""
         kind = "moderation" if task == "moderation" else "chat"
         with self.session() as session:
-            recent = list(session.scalars(select(Item).where(Item.kind == kind)
+            recent = list(session.scalars(select(Item).where(Item.kind == kind, Item.gold.is_(None))
                                           .order_by(Item.created_at.desc(), Item.id).limit(pool)))
-            ids = [item.id for item in recent]
+            gold = list(session.scalars(select(Item).where(Item.kind == kind, Item.gold.is_not(None))
+                                        .order_by(Item.id)))
+            ids = [item.id for item in recent + gold]
             answers = list(session.execute(select(Feedback.item_id, Feedback.position, Feedback.annotator,
                                                   Feedback.kind).where(Feedback.item_id.in_(ids))))
             paired = ({row[0] for row in session.execute(select(Candidate.item_id).where(Candidate.item_id.in_(ids))
@@ -231,21 +265,29 @@ class FeedbackStore:
                 reported.add(item_id)
             elif what == task:
                 labelled_by.setdefault((item_id, position), set()).add(who)
-        units = [(item, position) for item in recent if paired is None or item.id in paired
-                 for position in range(len(item.output.get("results", [])) if task == "moderation" else 1)]
-        return [(item, position) for item, position in units
-                if annotator not in labelled_by.get((item.id, position), set())
-                and len(labelled_by.get((item.id, position), set())) < per_item], reported
+
+        def units_of(items: list[Item]) -> list[tuple[Item, int]]:
+            return [(item, position) for item in items if paired is None or item.id in paired
+                    for position in range(len(item.output.get("results", [])) if task == "moderation" else 1)
+                    if annotator not in labelled_by.get((item.id, position), set())]
+
+        open_units = [(item, position) for item, position in units_of(recent)
+                      if len(labelled_by.get((item.id, position), set())) < per_item]
+        return LabelQueue(open_units, reported, units_of(gold))
 
     @staticmethod
-    def pick(units: list[tuple[Item, int]], reported: set[str], rng: random.Random) -> tuple[Item, int] | None:
-        """What to label first: reported items; then one pick in five at random (so the labelled sample stays
-        unbiased); else the most uncertain."""
-        if not units:
-            return None
-        first = [unit for unit in units if unit[0].id in reported]
+    def pick(queue: LabelQueue, rng: random.Random, gold_rate: float = 0.0) -> tuple[Item, int] | None:
+        """What to label first: reported items; then, unannounced, a gold unit at `gold_rate` (and when nothing
+        else is left); then one pick in five at random (so the labelled sample stays unbiased); else the most
+        uncertain."""
+        units = queue.units
+        first = [unit for unit in units if unit[0].id in queue.reported]
         if first:
             return first[0]
+        if queue.gold and (not units or rng.random() < gold_rate):
+            return rng.choice(queue.gold)
+        if not units:
+            return None
         if rng.random() < 0.2:
             return rng.choice(units)
         return max(units, key=lambda unit: unit[0].uncertainty)
@@ -290,6 +332,65 @@ class FeedbackStore:
         with self.session() as session:
             return {"items": session.query(Item).count(), "candidates": session.query(Candidate).count(),
                     "feedback": session.query(Feedback).count()}
+
+
+@dataclass
+class GoldRow:
+    """One line of a gold file: a moderation text with its known categories, or a conversation with a better and
+    a worse reply (a pairwise unit whose answer is known)."""
+
+    id: str  # like a served response's id, so the page cannot tell gold apart: modr-... or chatcmpl-...
+    kind: str  # moderation | chat
+    input: dict[str, Any]  # {"texts": [{"context", "text"}]} or {"messages": [...]}
+    answer: dict[str, Any]  # {"categories": {category: bool}} or {"chosen": text}
+    replies: list[str] = field(default_factory=list)  # chat: [chosen, rejected]
+
+
+def read_gold(path: Path, categories: Sequence[str]) -> list[GoldRow]:
+    """A gold file (JSON lines), one of per line:
+    {"text": "...", "context": "...", "categories": {"violence": true, "hate": false}}   (context optional)
+    {"messages": [{"role": "user", "content": "..."}], "chosen": "...", "rejected": "..."}
+    A bad line raises FeedbackError naming the file and line."""
+    import json
+
+    rows = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        where = f"{path}:{number}"
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise FeedbackError(f"{where}: not JSON ({error.msg})") from None
+        if not isinstance(row, dict):
+            raise FeedbackError(f"{where}: a gold row is a JSON object")
+        digest = hashlib.sha256(json.dumps(row, sort_keys=True).encode()).hexdigest()[:32]
+        if "text" in row:
+            labels = row.get("categories")
+            if not isinstance(row["text"], str) or not isinstance(row.get("context", ""), str):
+                raise FeedbackError(f"{where}: text and context are strings")
+            if not isinstance(labels, dict) or not labels or not all(isinstance(v, bool) for v in labels.values()):
+                raise FeedbackError(f"{where}: categories is an object of category: true/false, at least one")
+            unknown = sorted(set(labels) - set(categories))
+            if unknown:
+                raise FeedbackError(f"{where}: unknown categories {unknown}; categories are {list(categories)}")
+            rows.append(GoldRow(f"modr-{digest}", "moderation",
+                                {"texts": [{"context": row.get("context", ""), "text": row["text"]}]},
+                                {"categories": labels}))
+        elif "messages" in row:
+            messages, chosen, rejected = row["messages"], row.get("chosen"), row.get("rejected")
+            if not (isinstance(messages, list) and messages and all(
+                    isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                    for m in messages)):
+                raise FeedbackError(f"{where}: messages is a list of {{role, content}} objects")
+            if not isinstance(chosen, str) or not isinstance(rejected, str) or chosen == rejected:
+                raise FeedbackError(f"{where}: chosen and rejected are two different replies")
+            rows.append(GoldRow(f"chatcmpl-{digest}", "chat", {"messages": messages}, {"chosen": chosen},
+                                [chosen, rejected]))
+        else:
+            raise FeedbackError(f"{where}: a gold row has `text` and `categories` (moderation), or `messages`, "
+                                "`chosen` and `rejected` (pairwise)")
+    return rows
 
 
 def split_of_item(item_id: str) -> str:

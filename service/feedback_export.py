@@ -6,8 +6,8 @@
   up as 1 and down as 0; `kind` says which (thumbs, rating, or the page's principles: harmless, helpful);
 - moderation.jsonl: per moderation result, the text (or its conversation) and each of the categories as true,
   false or null (not labelled, or a tie), by majority vote over the annotators;
-- datasheet.json: counts, annotators, agreement (Krippendorff's alpha), ties, the time range and the model
-  versions that produced the items.
+- datasheet.json: counts, annotators, agreement (Krippendorff's alpha), ties, gold accuracy
+  (keel.service.feedback_quality), the time range and the model versions that produced the items.
 
 Every row carries `split`: a frozen split by a hash of its item's id (keel.service.feedback.split_of_item), so a
 model retrained on the export is judged on feedback it never saw.
@@ -16,35 +16,14 @@ model retrained on the export is judged on feedback it never saw.
 from __future__ import annotations
 
 import json
-from collections import Counter, defaultdict
+from collections import defaultdict
 from pathlib import Path
-from typing import Any, Literal
-
-import numpy as np
+from typing import Any
 
 from keel.core.artifact import staged
 from keel.service.feedback import Candidate, FeedbackStore, Item, split_of_item
 from keel.service.feedback import Feedback as Answer
-
-
-def majority(votes: list[bool]) -> bool | None:
-    """The majority of the votes; None for no votes or a tie."""
-    yes, no = votes.count(True), votes.count(False)
-    return None if yes == no else yes > no
-
-
-def krippendorff_alpha(units: dict[Any, dict[str, float]], level: Literal["nominal", "ordinal"]) -> float | None:
-    """Krippendorff's alpha over units (an item or result) x annotators; None when no unit has two answers or
-    every answer is the same (alpha is undefined)."""
-    import krippendorff
-
-    annotators = sorted({a for answers in units.values() for a in answers})
-    pairable = [u for u, answers in units.items() if len(answers) >= 2]
-    values = {v for u in pairable for v in units[u].values()}
-    if not pairable or len(values) < 2:
-        return None
-    data = np.array([[units[u].get(a, np.nan) for u in pairable] for a in annotators], dtype=float)
-    return float(krippendorff.alpha(reliability_data=data, level_of_measurement=level))
+from keel.service.feedback_quality import Tally, majority
 
 
 def conversation_of(item: Item) -> list[dict[str, str]]:
@@ -52,49 +31,35 @@ def conversation_of(item: Item) -> list[dict[str, str]]:
 
 
 def export(store: FeedbackStore, out: Path, overwrite: bool = False) -> dict[str, Any]:
-    """Write the four files into `out` (atomically: all or none); returns the datasheet."""
+    """Write the four files into `out` (atomically: all or none); returns the datasheet. Gold items are the
+    annotators' test, not training data: they are left out of the rows and counted in the datasheet's
+    gold_accuracy."""
     preferences: list[dict[str, Any]] = []
     ratings: list[dict[str, Any]] = []
     moderation: list[dict[str, Any]] = []
-    annotators: Counter[str] = Counter()
-    kinds: Counter[str] = Counter()
     models: set[str] = set()
     times: list[str] = []
-    ties = 0
-    thumbs_units: dict[Any, dict[str, float]] = {}
-    rating_units: dict[Any, dict[str, float]] = {}
-    category_units: dict[str, dict[Any, dict[str, float]]] = defaultdict(dict)
+    tally = Tally()
     for item, answers, candidates in store.items_with_feedback():
+        tally.add(item, answers, candidates)
+        if item.gold is not None:
+            continue
         split = split_of_item(item.id)
         times.append(item.created_at.isoformat())
         models.update(f"{kind}:{m['name']}@{m['version']}" for kind, m in item.models.items() if isinstance(m, dict))
-        for answer in answers:
-            annotators[answer.annotator] += 1
-            kinds[answer.kind] += 1
         if item.kind == "chat":
             ratings += chat_ratings(item, answers, split)
             preferences += chat_preferences(item, answers, candidates, split)
-            for answer in answers:
-                if answer.kind == "thumbs":
-                    thumbs_units.setdefault(item.id, {})[answer.annotator] = float(answer.value["thumbs"] == "up")
-                elif answer.kind == "rating":
-                    for principle, value in (answer.value.get("ratings") or {"rating": answer.value["rating"]}).items():
-                        rating_units.setdefault((item.id, principle), {})[answer.annotator] = float(value)
         else:
-            rows, item_ties = moderation_rows(item, answers, split, category_units)
-            moderation += rows
-            ties += item_ties
-    agreement = {"thumbs": krippendorff_alpha(thumbs_units, "nominal"),
-                 "rating": krippendorff_alpha(rating_units, "ordinal"),
-                 "moderation": {c: krippendorff_alpha(units, "nominal") for c, units in sorted(category_units.items())}}
+            moderation += moderation_rows(item, answers, split)
+    quality = tally.summary()
     datasheet = {
         "counts": {"preferences": len(preferences), "ratings": len(ratings), "moderation": len(moderation),
-                   "answers": dict(kinds), "test_split": {
+                   "answers": quality.pop("answers"), "test_split": {
                        "preferences": sum(r["split"] == "test" for r in preferences),
                        "ratings": sum(r["split"] == "test" for r in ratings),
                        "moderation": sum(r["split"] == "test" for r in moderation)}},
-        "annotators": dict(annotators), "agreement_krippendorff_alpha": agreement,
-        "moderation_ties_left_unlabelled": ties,
+        **quality,
         "time_range": [min(times), max(times)] if times else None, "model_versions": sorted(models),
         "split": "by a hash of each item's id: 10% test, frozen across exports"}
     with staged(out, overwrite) as staging:
@@ -142,9 +107,8 @@ def chat_preferences(item: Item, answers: list[Answer], candidates: list[Candida
     return rows
 
 
-def moderation_rows(item: Item, answers: list[Answer], split: str,
-                    category_units: dict[str, dict[Any, dict[str, float]]]) -> tuple[list[dict[str, Any]], int]:
-    """One row per corrected result: the majority per category (null: not labelled, or a tie); and the ties."""
+def moderation_rows(item: Item, answers: list[Answer], split: str) -> list[dict[str, Any]]:
+    """One row per corrected result: the majority per category (null: not labelled, or a tie)."""
     results = item.output.get("results", [])
     categories = list(results[0]["categories"]) if results else []
     votes: dict[int, dict[str, dict[str, bool]]] = defaultdict(lambda: defaultdict(dict))
@@ -152,19 +116,13 @@ def moderation_rows(item: Item, answers: list[Answer], split: str,
         if answer.kind == "moderation":
             for category, flagged in answer.value["categories"].items():
                 votes[answer.position][category][answer.annotator] = bool(flagged)
-    rows, ties = [], 0
+    rows = []
     for position, by_category in sorted(votes.items()):
         text = item.input["texts"][position]
-        labels: dict[str, bool | None] = {}
-        for category in categories:
-            given = list(by_category.get(category, {}).values())
-            labels[category] = majority(given)
-            ties += int(bool(given) and labels[category] is None)
-            if given:
-                category_units[category][(item.id, position)] = {a: float(v) for a, v in by_category[category].items()}
+        labels = {category: majority(list(by_category.get(category, {}).values())) for category in categories}
         row: dict[str, Any] = {"text": text["text"], **labels, "item_id": item.id, "index": position,
                                "annotators": len({a for c in by_category.values() for a in c}), "split": split}
         if text.get("context"):
             row["context"] = text["context"]
         rows.append(row)
-    return rows, ties
+    return rows

@@ -140,6 +140,12 @@ async def feedback(body: FeedbackRequest, request: Request) -> FeedbackResponse:
     return FeedbackResponse(id=await serving.give_feedback(body, CURRENT_CLIENT.get(), serving.keys_on))
 
 
+@api.get("/v1/feedback/stats")
+async def feedback_stats(request: Request) -> dict[str, Any]:
+    """Counts, agreement between annotators, ties and gold accuracy, for annotator and admin keys."""
+    return await get_serving(request).feedback_stats(CURRENT_CLIENT.get())
+
+
 @health.get("/label", response_class=HTMLResponse, include_in_schema=False)
 async def label_page() -> HTMLResponse:
     """The labelling page: one HTML file with its script and style inside (no CDN, no build step). It asks for

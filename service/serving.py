@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 from prometheus_client import Gauge
 
 from keel.core.artifact import ArtifactError, write_text_atomic
+from keel.core.moderation import CATEGORIES
 from keel.core.runtime import ModelChanged, ModelRuntime, ModerationRuntime, RewardRuntime, Scored
 from keel.core.text import Conversation, ModelInput
 from keel.service.batcher import (
@@ -33,7 +34,8 @@ from keel.service.batcher import (
 )
 from keel.service.chat import ChatAligner, GuardSettings
 from keel.service.errors import ApiError
-from keel.service.feedback import FeedbackError, FeedbackStore, Recorder, ServedItem
+from keel.service.feedback import FeedbackError, FeedbackStore, Recorder, ServedItem, read_gold
+from keel.service.feedback_quality import summarise
 from keel.service.metrics import Metrics
 from keel.service.models import (
     CURRENT,
@@ -56,6 +58,8 @@ if TYPE_CHECKING:  # the policy runtime needs torch
     from keel.service.generation import PolicyRuntime
 
 log = logging.getLogger(__name__)
+
+FEEDBACK_QUALITY_REFRESH_S = 120  # agreement and gold accuracy in /metrics: one pass over the answered items
 CHAT_PATH = "/v1/chat/completions"
 
 
@@ -92,6 +96,7 @@ class Serving:
         self.feedback: FeedbackStore | None = None  # --feedback-db: what was served, and what people said of it
         self.recorder: Recorder | None = None
         self.purger: asyncio.Future[None] | None = None
+        self.quality_refresher: asyncio.Future[None] | None = None  # keeps the feedback-quality gauges current
         self.keys_on = False  # API keys configured: feedback is then tied to the key that made the request
         self.annotator_names: frozenset[str] = frozenset()  # --annotator-keys-file's names
         self.label_rng = random.Random()
@@ -121,8 +126,9 @@ class Serving:
             await batcher.close()
         if self.upstream:
             await self.upstream.close()
-        if self.purger:
-            self.purger.cancel()
+        for task in (self.purger, self.quality_refresher):
+            if task:
+                task.cancel()
         if self.recorder:
             await asyncio.to_thread(self.recorder.close)
 
@@ -134,6 +140,8 @@ class Serving:
             self.feedback = store = await asyncio.to_thread(FeedbackStore, url)
         except FeedbackError as error:
             raise RuntimeError(str(error)) from None
+        if self.settings.feedback_gold_file is not None:
+            await self.load_gold(store, self.settings.feedback_gold_file)
         metrics = self.metrics
         self.recorder = Recorder(store, self.settings.feedback_sample_rate,
                                  on_failure=metrics.feedback_failures.inc,
@@ -148,6 +156,35 @@ class Serving:
                     await asyncio.sleep(86400)
 
             self.purger = asyncio.ensure_future(purge_daily())
+
+        async def refresh_quality() -> None:
+            while True:
+                with suppress(Exception):  # a database down now is read again at the next refresh
+                    metrics.observe_feedback_quality(await asyncio.to_thread(summarise, store))
+                await asyncio.sleep(FEEDBACK_QUALITY_REFRESH_S)
+
+        self.quality_refresher = asyncio.ensure_future(refresh_quality())
+
+    async def load_gold(self, store: FeedbackStore, path: Path) -> None:
+        """Store the gold file's items as the page shows served ones: a moderation text with the served model's
+        verdict as the suggestion, a conversation with its two replies as best-of-n candidates."""
+        categories = self.moderation.heads if self.moderation is not None else list(CATEGORIES)
+        try:
+            rows = await asyncio.to_thread(read_gold, path, categories)
+        except (FeedbackError, OSError) as error:
+            raise RuntimeError(f"--feedback-gold-file: {error}") from None
+        texts = [row for row in rows if row.kind == "moderation"]
+        if texts and self.moderation is None:
+            raise RuntimeError(f"--feedback-gold-file {path} has moderation items: they need --moderation-model")
+        results = (await self.moderations([(r.input["texts"][0]["context"], r.input["texts"][0]["text"])
+                                           for r in texts]))[1] if texts else []
+        verdicts = {row.id: result.model_dump() for row, result in zip(texts, results)}
+        gold = [ServedItem(row.id, row.kind, None, row.input,
+                           {"results": [verdicts[row.id]]} if row.kind == "moderation" else {"replies": row.replies[:1]},
+                           {}, {}, [{"choice": 0, "text": text, "reward": None, "flagged": None, "chosen": i == 0}
+                                    for i, text in enumerate(row.replies)], gold=row.answer) for row in rows]
+        added = await asyncio.to_thread(store.add_gold, gold)
+        log.info("feedback store: %d gold items (%d new)", len(gold), added)
 
     def capture(self, item: Callable[[], ServedItem]) -> None:
         """Record a served response in the feedback store (when there is one, and the sample takes it); never
@@ -216,14 +253,15 @@ class Serving:
         annotator = self.annotator_of(client)
         assert self.feedback is not None
         store, per_item = self.feedback, self.settings.feedback_annotations_per_item
-        units, reported = await asyncio.to_thread(store.open_units, annotator, task, self.annotators(), per_item)
-        unit = store.pick(units, reported, self.label_rng)
+        queue = await asyncio.to_thread(store.open_units, annotator, task, self.annotators(), per_item)
+        unit = store.pick(queue, self.label_rng, self.settings.feedback_gold_rate)
         counts = await asyncio.to_thread(store.annotator_counts)
-        progress = {"remaining": len(units), "done": counts.get(annotator, {}), "annotators": counts}
+        progress = {"remaining": len(queue.units) + len(queue.gold), "done": counts.get(annotator, {}),
+                    "annotators": counts}
         if unit is None:
             return {"task": task, "item": None, "progress": progress}
         item, index = unit
-        shown: dict[str, Any] = {"id": item.id, "index": index, "reported": item.id in reported}
+        shown: dict[str, Any] = {"id": item.id, "index": index, "reported": item.id in queue.reported}
         if task == "moderation":
             text = item.input["texts"][index]
             result = item.output["results"][index]
@@ -237,6 +275,15 @@ class Serving:
                 pair = self.label_rng.sample(candidates, 2)  # shown in random order
                 shown["candidates"] = [{"id": c.id, "text": c.text} for c in pair]
         return {"task": task, "item": shown, "progress": progress}
+
+    async def feedback_stats(self, client: Client) -> dict[str, Any]:
+        """Counts, agreement, ties and gold accuracy (keel.service.feedback_quality), for annotators and admins;
+        refreshes the /metrics gauges too."""
+        self.annotator_of(client)
+        assert self.feedback is not None
+        summary = await asyncio.to_thread(summarise, self.feedback)
+        self.metrics.observe_feedback_quality(summary)
+        return summary
 
     async def label_answer(self, client: Client, answer: LabelAnswer) -> str:
         annotator = self.annotator_of(client)

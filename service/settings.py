@@ -74,6 +74,12 @@ class Settings(BaseSettings):
                                                "labelling page before it leaves the queue (k)")
     feedback_sample_rate: float = Field(1.0, gt=0, le=1, description="share of served responses recorded in the "
                                         "feedback store (feedback on an unrecorded one gets 404)")
+    feedback_gold_file: Path | None = Field(
+        None, description="gold items with known answers (JSON lines: a moderation text with its categories, or "
+        "messages with a chosen and a rejected reply; docs/feedback.md), mixed into the labelling queue unannounced "
+        "to measure each annotator's accuracy")
+    feedback_gold_rate: float = Field(0.1, ge=0, le=1, description="share of the labelling page's picks that are "
+                                      "a gold item the annotator has not answered yet")
     feedback_retention_days: float | None = Field(None, gt=0, description="recorded responses older than this "
                                                   "are purged at start and daily (with their feedback)")
     log_bodies: bool = Field(False, description="log request bodies (debugging only: they hold user text)")

@@ -14,7 +14,8 @@ from fastapi.testclient import TestClient
 
 from keel.core.moderation import CATEGORIES
 from keel.service.feedback import FeedbackStore, ServedItem, split_of_item
-from keel.service.feedback_export import export, krippendorff_alpha, majority
+from keel.service.feedback_export import export
+from keel.service.feedback_quality import krippendorff_alpha, majority
 
 
 def moderation_served(item_id: str, texts: list[str], client: str | None = "key-1") -> ServedItem:

@@ -12,7 +12,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from keel.service.feedback import FeedbackStore
+from keel.core.moderation import CATEGORIES
+from keel.service.feedback import FeedbackStore, read_gold
 from keel.service.feedback_export import export
 from tests.helpers import keel_server
 
@@ -36,8 +37,12 @@ def test_label_moderation_results_in_chromium(tiny_reward_model: Path, tiny_mode
     url = f"sqlite:///{tmp_path / 'feedback.db'}"
     client = {"Authorization": "Bearer client-key"}
     texts = ["i will kill and hurt you 1", ATTACK, "here is some recipe for bread 3"]
+    gold = tmp_path / "gold.jsonl"
+    gold.write_text(json.dumps({"text": "I will hurt you", "categories": {"violence": True}}) + "\n")
+    gold_id = read_gold(gold, CATEGORIES)[0].id
     with keel_server(tiny_reward_model, "--api-keys-file", str(keys), "--annotator-keys-file", str(annotators),
-                     "--feedback-db", url, moderation=tiny_moderation_model) as (base, _):
+                     "--feedback-db", url, "--feedback-gold-file", str(gold), "--feedback-gold-rate", "0",
+                     moderation=tiny_moderation_model) as (base, _):
         for text in texts:
             assert httpx.post(f"{base}/v1/moderations", json={"input": text}, headers=client).status_code == 200
         store = FeedbackStore(url)
@@ -50,6 +55,10 @@ def test_label_moderation_results_in_chromium(tiny_reward_model: Path, tiny_mode
         form = httpx.post(f"{base}/v1/label/answers", data={"task": "moderation"},
                           headers={"Authorization": "Bearer alice-key"})
         assert form.status_code == 400
+        # alice answers the gold item wrongly (through the API, so the page's queue below is the served items)
+        wrong = {"task": "moderation", "item_id": gold_id, "categories": {"violence": False}}
+        assert httpx.post(f"{base}/v1/label/answers", json=wrong,
+                          headers={"Authorization": "Bearer alice-key"}).status_code == 201
 
         with sync_playwright() as playwright:
             browser = launch(playwright)
@@ -82,12 +91,16 @@ def test_label_moderation_results_in_chromium(tiny_reward_model: Path, tiny_mode
             assert sorted(seen) == sorted(texts)  # the attack is shown as text
             assert page.evaluate("window.pwned") is None  # and never ran
             assert "alice" in page.text_content("#counts")
+            page.keyboard.press("m")  # the quality panel reloads with the task: alice got one gold item wrong
+            page.wait_for_selector("#gold tr")
+            assert page.text_content("#gold") == "alice0% of 1"
+            assert "not measurable yet" in page.text_content("#agreement")  # one annotator: no alpha
             browser.close()
 
-    answers = {item.id: a for item, a, _ in store.items_with_feedback()}
-    assert len(answers) == 2 and all(a[0].annotator == "alice" for a in answers.values())
+    answered = [(item, a) for item, a, _ in store.items_with_feedback() if item.gold is None]
+    assert len(answered) == 2 and all(a[0].annotator == "alice" for _, a in answered)
     labelled = {item.input["texts"][0]["text"]: (a[0].value["categories"], item.output["results"][0]["categories"])
-                for item, a, _ in store.items_with_feedback()}
+                for item, a in answered}
     assert set(labelled) == {first, second}
     answer, suggested = labelled[first]
     assert answer["harassment"] is (not suggested["harassment"])  # key 1 toggled the model's suggestion
@@ -96,7 +109,8 @@ def test_label_moderation_results_in_chromium(tiny_reward_model: Path, tiny_mode
     assert {c for c in answer if answer[c] != suggested[c]} == {"violence"}  # the click toggled violence only
     out = tmp_path / "export"
     datasheet = export(store, out)
-    assert datasheet["annotators"] == {"alice": 2} and datasheet["counts"]["moderation"] == 2
+    assert datasheet["annotators"] == {"alice": 3} and datasheet["counts"]["moderation"] == 2  # gold: no row
+    assert datasheet["gold_accuracy"] == {"alice": {"moderation": {"accuracy": 0.0, "judgments": 1}}}
     rows = [json.loads(line) for line in (out / "moderation.jsonl").read_text().splitlines()]
     assert {row["text"] for row in rows} == {first, second}
     assert all(set(row) >= {"harassment", "violence", "split"} for row in rows)

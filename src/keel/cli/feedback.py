@@ -33,8 +33,12 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     export.add_argument("--out", type=Path, required=True, help="the directory to write")
     export.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     export.set_defaults(func=run_export)
-    with_db(feedback.add_parser("stats", help="counts of recorded responses and answers")).set_defaults(
-        func=run_stats)
+    with_db(feedback.add_parser(
+        "stats", help="counts, agreement between annotators, ties and gold accuracy",
+        description="Print, as JSON: the store's counts, answers by kind and by annotator, Krippendorff's alpha "
+        "per task and per moderation category, moderation labels left unresolved by a tied vote, and each "
+        "annotator's accuracy on gold items (the figures GET /v1/feedback/stats and /metrics give)."
+    )).set_defaults(func=run_stats)
     with_db(feedback.add_parser("migrate", help="create or upgrade the store's schema (keel serve does this "
                                 "at start too)")).set_defaults(func=run_migrate)
     purge = with_db(feedback.add_parser("purge", help="delete recorded responses (and their feedback) older "
@@ -61,7 +65,9 @@ def run_export(args: argparse.Namespace) -> int:
 
 
 def run_stats(args: argparse.Namespace) -> int:
-    print(json.dumps(store_of(args).counts(), indent=2))
+    from keel.service.feedback_quality import summarise
+
+    print(json.dumps(summarise(store_of(args)), indent=2))
     return 0
 
 
