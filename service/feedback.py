@@ -196,12 +196,12 @@ class FeedbackStore:
         session.flush()
         session.add_all(Candidate(item_id=s.id, **c) for s in served for c in s.candidates)
 
-    def add_gold(self, gold: Sequence[ServedItem]) -> int:
-        """Store gold items not stored yet (their ids are hashes of their content, so every replica may load the
-        same file at start); returns how many were new."""
+    def add_new(self, items: Sequence[ServedItem]) -> int:
+        """Store the items not stored yet: gold and imported items, whose ids are hashes of their content, so every
+        replica may load the same gold file at start and an import may run twice; returns how many were new."""
         with self.session() as session:
-            known = set(session.scalars(select(Item.id).where(Item.id.in_([g.id for g in gold]))))
-        new = [g for g in gold if g.id not in known]
+            known = set(session.scalars(select(Item.id).where(Item.id.in_([i.id for i in items]))))
+        new = [i for i in items if i.id not in known]
         if new:
             try:
                 with self.session() as session, session.begin():
@@ -308,10 +308,11 @@ class FeedbackStore:
             return counts
 
     def purge(self, older_than: timedelta) -> int:
-        """Delete items (with their candidates and feedback) served before now - older_than; returns how many."""
+        """Delete items (with their candidates and feedback) served before now - older_than; returns how many.
+        Gold items are the team's, not traffic: they stay."""
         cutoff = now() - older_than
         with self.session() as session, session.begin():
-            old = list(session.scalars(select(Item.id).where(Item.created_at < cutoff)))
+            old = list(session.scalars(select(Item.id).where(Item.created_at < cutoff, Item.gold.is_(None))))
             for table in (Feedback, Candidate):
                 session.execute(delete(table).where(table.item_id.in_(old)))
             session.execute(delete(Item).where(Item.id.in_(old)))

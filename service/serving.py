@@ -183,7 +183,7 @@ class Serving:
                            {"results": [verdicts[row.id]]} if row.kind == "moderation" else {"replies": row.replies[:1]},
                            {}, {}, [{"choice": 0, "text": text, "reward": None, "flagged": None, "chosen": i == 0}
                                     for i, text in enumerate(row.replies)], gold=row.answer) for row in rows]
-        added = await asyncio.to_thread(store.add_gold, gold)
+        added = await asyncio.to_thread(store.add_new, gold)
         log.info("feedback store: %d gold items (%d new)", len(gold), added)
 
     def capture(self, item: Callable[[], ServedItem]) -> None:

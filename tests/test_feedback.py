@@ -46,8 +46,15 @@ def check_store(url: str) -> None:
     answers, candidates = answered["modr-1"][0], answered["chatcmpl-1"][1]
     assert [a.value["categories"]["hate"] for a in answers] == [False, True]
     assert [c.text for c in candidates] == ["hello", "go away"] and candidates[0].chosen
-    assert store.purge(timedelta(days=1)) == 0 and store.purge(timedelta(seconds=-1)) == 2
-    assert store.counts() == {"items": 0, "candidates": 0, "feedback": 0}
+    # A gold item (known answer) is kept apart from served ones in the queue; adding it again is a no-op.
+    gold = ServedItem("modr-gold", "moderation", None, {"texts": [{"context": "", "text": "g"}]},
+                      moderation_served("x", ["g"]).output, {}, {}, gold={"categories": {"hate": True}})
+    assert store.add_new([gold]) == 1 and store.add_new([gold]) == 0
+    queue = store.open_units("new", "moderation", frozenset({"new", "ann", "other"}))
+    assert [item.id for item, _ in queue.gold] == ["modr-gold"] and queue.gold[0][0].gold == gold.gold
+    assert {item.id for item, _ in queue.units} == {"modr-1"}
+    assert store.purge(timedelta(days=1)) == 0 and store.purge(timedelta(seconds=-1)) == 2  # gold stays
+    assert store.counts() == {"items": 1, "candidates": 0, "feedback": 0}
 
 
 def test_store_on_sqlite(tmp_path: Path):

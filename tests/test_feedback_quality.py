@@ -58,7 +58,7 @@ def test_a_gold_file_is_read_with_its_errors_located(tmp_path: Path):
 def test_gold_units_are_mixed_into_the_queue_unannounced(tmp_path: Path):
     store = FeedbackStore(f"sqlite:///{tmp_path / 'fb.db'}")
     gold = gold_items(write_gold(tmp_path / "gold.jsonl", GOLD))
-    assert store.add_gold(gold) == 3 and store.add_gold(gold) == 0  # a second replica adds nothing
+    assert store.add_new(gold) == 3 and store.add_new(gold) == 0  # a second replica adds nothing
     store.record([moderation_served("modr-served", ["a"])])
     annotators = frozenset({"ann", "bob"})
     queue = store.open_units("ann", "moderation", annotators)
@@ -80,7 +80,7 @@ def test_gold_units_are_mixed_into_the_queue_unannounced(tmp_path: Path):
 def test_gold_accuracy_and_agreement_by_hand(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
     store = FeedbackStore(f"sqlite:///{tmp_path / 'fb.db'}")
     gold = gold_items(write_gold(tmp_path / "gold.jsonl", GOLD))
-    store.add_gold(gold)
+    store.add_new(gold)
     stab, bread, pair = (g.id for g in gold)
     chosen, rejected = (c.id for c in store.candidates_of(pair))
     # ann: stab right on violence, wrong on threatening; bread right; pair right -> moderation 2/3, pairwise 1/1

@@ -39,6 +39,18 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
         "per task and per moderation category, moderation labels left unresolved by a tied vote, and each "
         "annotator's accuracy on gold items (the figures GET /v1/feedback/stats and /metrics give)."
     )).set_defaults(func=run_stats)
+    labels = with_db(feedback.add_parser(
+        "import", help="add labels made elsewhere (CSV, JSONL or JSON) as one annotator's answers",
+        description="Moderation rows: text, optional context, and any of the 13 categories as 1/0, true/false or "
+        "yes/no (blank: not labelled). Rating rows: prompt, reply, rating (1-7). Preference rows: prompt, "
+        "chosen, rejected. Every row is checked before anything is written (a bad one is named by file and "
+        "line); importing the same file again adds nothing twice."))
+    labels.add_argument("file", type=Path, help="the labels: .csv, .jsonl or .json (optionally .gz)")
+    labels.add_argument("--task", required=True, choices=["moderation", "rating", "preference"],
+                        help="what the rows label")
+    labels.add_argument("--annotator", required=True, help="whose labels these are (their name in the store, "
+                        "the export and the agreement figures)")
+    labels.set_defaults(func=run_import)
     with_db(feedback.add_parser("migrate", help="create or upgrade the store's schema (keel serve does this "
                                 "at start too)")).set_defaults(func=run_migrate)
     purge = with_db(feedback.add_parser("purge", help="delete recorded responses (and their feedback) older "
@@ -68,6 +80,17 @@ def run_stats(args: argparse.Namespace) -> int:
     from keel.service.feedback_quality import summarise
 
     print(json.dumps(summarise(store_of(args)), indent=2))
+    return 0
+
+
+def run_import(args: argparse.Namespace) -> int:
+    from keel.core.moderation import CATEGORIES
+    from keel.service.feedback_import import import_labels
+    from keel.training.data import read_rows
+
+    counts = import_labels(store_of(args), read_rows(args.file), args.task, args.annotator, CATEGORIES,
+                           args.file.name)
+    print(f"imported {counts['rows']} {args.task} labels by {args.annotator} ({counts['new_items']} new items)")
     return 0
 
 
