@@ -23,12 +23,15 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from keel.service.batcher import CURRENT_CLIENT, Client
 from keel.service.errors import ApiError
+from keel.service.feedback_tokens import PREFIX as TOKEN_PREFIX
+from keel.service.feedback_tokens import TOKEN_CLIENT
 from keel.service.logs import BurstLog
 from keel.service.serving import Serving
 
 log = logging.getLogger(__name__)
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 ADMIN_PREFIX = "/v1/admin/"
+FEEDBACK_PATH = "/v1/feedback"  # the one route a signed feedback token opens
 PUBLIC_PATHS = frozenset({"/label", "/health", "/healthz", "/readyz", "/metrics", "/openapi.json", "/docs",
                           "/docs/oauth2-redirect", "/redoc"})
 
@@ -206,6 +209,13 @@ class Admission:
         admin_route = path.startswith(ADMIN_PREFIX)
         if not (self.api_keys or self.annotators or (self.admin_keys and admin_route)):
             return None  # no keys, or admin keys only: the other routes are open
+        scheme, _, bearer = headers.get(b"authorization", b"").decode("latin-1").partition(" ")
+        if path == FEEDBACK_PATH and bearer.startswith(TOKEN_PREFIX) and self.serving.feedback_tokens is not None:
+            response_id = self.serving.feedback_tokens.verify(bearer.strip())
+            if response_id is None or scheme.lower() != "bearer":
+                raise ApiError(401, "invalid or expired feedback token", "authentication_error",
+                               code="invalid_api_key")
+            return Client(key=f"{TOKEN_CLIENT}{response_id}", label="end-user")
         admin = authenticate(self.admin_keys, headers, "admin") if self.admin_keys else None
         annotator = (authenticate(list(self.annotators.values()), headers, "annotator", list(self.annotators))
                      if self.annotators and not admin else None)

@@ -40,7 +40,7 @@ from keel.service.schemas import (
     check_input_limits,
 )
 from keel.service.serving import CHAT_PATH, Serving
-from keel.service.streaming import chosen_events, completion_response, live_events
+from keel.service.streaming import chosen_events, completion_id, completion_response, live_events
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -103,7 +103,7 @@ async def score(body: ScoreRequest, request: Request) -> ScoreResponse:
 
 
 @api.post("/v1/moderations", response_model=ModerationResponse)
-async def moderations(body: ModerationRequest, request: Request) -> ModerationResponse:
+async def moderations(body: ModerationRequest, request: Request, response: Response) -> ModerationResponse:
     serving = get_serving(request)
     if serving.moderation is None:
         raise ApiError(404, "moderation is not served here: start `keel serve` with --moderation-model DIR (or "
@@ -125,12 +125,13 @@ async def moderations(body: ModerationRequest, request: Request) -> ModerationRe
         last = len(body.messages) - 1
         judged = JudgedMessage(index=last, role=body.messages[last].role,
                                in_context=body.messages[last].role == "assistant")
-    response = ModerationResponse(id=f"modr-{uuid.uuid4().hex}", model=scored.runtime.name,
-                                  model_version=scored.runtime.version, results=results, judged=judged,
-                                  usage=TokenUsage.of(scored.tokens))
+    moderated = ModerationResponse(id=f"modr-{uuid.uuid4().hex}", model=scored.runtime.name,
+                                   model_version=scored.runtime.version, results=results, judged=judged,
+                                   usage=TokenUsage.of(scored.tokens))
     client = CURRENT_CLIENT.get().label
-    serving.capture(lambda: moderation_item(response, inputs, scored, client))
-    return response
+    serving.capture(lambda: moderation_item(moderated, inputs, scored, client))
+    response.headers.update(serving.feedback_headers(moderated.id))
+    return moderated
 
 
 @api.post("/v1/feedback", response_model=FeedbackResponse, status_code=201)
@@ -220,7 +221,7 @@ async def metrics(request: Request) -> Response:
 
 
 @api.post("/v1/chat/completions", response_model=ChatCompletionResponse)
-async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
+async def chat_completions(body: ChatCompletionRequest, request: Request, response: Response) -> Any:
     serving = get_serving(request)
     settings = serving.settings
     if serving.aligner is None:
@@ -233,13 +234,16 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
     model = serving.chat_model(body.model)
     usage = body.stream_options is not None and body.stream_options.include_usage
     arrived = time.perf_counter()
+    identifier = completion_id()
+    headers = serving.feedback_headers(identifier)
     if body.stream and best_of == 1:  # tokens as generated (and as the guard passes them)
         serving.admit(CHAT_PATH, CURRENT_CLIENT.get(), body.n)  # answer before the stream starts
-        return StreamingResponse(live_events(serving, conversation, sampling, body.n, model, arrived, usage),
-                                 media_type="text/event-stream")
+        return StreamingResponse(live_events(serving, identifier, conversation, sampling, body.n, model, arrived,
+                                             usage), media_type="text/event-stream", headers=headers)
     chosen = await unless_client_leaves(request, serving.aligner.complete(conversation, sampling, body.n, best_of))
     serving.metrics.time_to_first_token.labels("whole").observe(time.perf_counter() - arrived)
     if body.stream:
-        return StreamingResponse(chosen_events(serving, chosen, model, conversation, usage),
-                                 media_type="text/event-stream")
-    return completion_response(serving, chosen, model, conversation)
+        return StreamingResponse(chosen_events(serving, identifier, chosen, model, conversation, usage),
+                                 media_type="text/event-stream", headers=headers)
+    response.headers.update(headers)
+    return completion_response(serving, identifier, chosen, model, conversation)

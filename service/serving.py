@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from prometheus_client import Gauge
 
-from keel.core.artifact import ArtifactError, write_text_atomic
+from keel.core.artifact import ArtifactError, KeelError, write_text_atomic
 from keel.core.moderation import CATEGORIES
 from keel.core.runtime import ModelChanged, ModelRuntime, ModerationRuntime, RewardRuntime, Scored
 from keel.core.text import Conversation, ModelInput
@@ -36,6 +36,8 @@ from keel.service.chat import ChatAligner, GuardSettings
 from keel.service.errors import ApiError
 from keel.service.feedback import FeedbackError, FeedbackStore, Recorder, ServedItem, read_gold
 from keel.service.feedback_quality import summarise
+from keel.service.feedback_tokens import HEADER as TOKEN_HEADER
+from keel.service.feedback_tokens import TOKEN_CLIENT, FeedbackTokens
 from keel.service.metrics import Metrics
 from keel.service.models import (
     CURRENT,
@@ -97,6 +99,7 @@ class Serving:
         self.recorder: Recorder | None = None
         self.purger: asyncio.Future[None] | None = None
         self.quality_refresher: asyncio.Future[None] | None = None  # keeps the feedback-quality gauges current
+        self.feedback_tokens: FeedbackTokens | None = None  # --feedback-token-secret-file: end users' feedback
         self.keys_on = False  # API keys configured: feedback is then tied to the key that made the request
         self.annotator_names: frozenset[str] = frozenset()  # --annotator-keys-file's names
         self.label_rng = random.Random()
@@ -140,6 +143,12 @@ class Serving:
             self.feedback = store = await asyncio.to_thread(FeedbackStore, url)
         except FeedbackError as error:
             raise RuntimeError(str(error)) from None
+        if self.settings.feedback_token_secret_file is not None:
+            try:
+                self.feedback_tokens = FeedbackTokens.from_file(self.settings.feedback_token_secret_file,
+                                                                self.settings.feedback_token_ttl_s)
+            except KeelError as error:
+                raise RuntimeError(str(error)) from None
         if self.settings.feedback_gold_file is not None:
             await self.load_gold(store, self.settings.feedback_gold_file)
         metrics = self.metrics
@@ -186,6 +195,10 @@ class Serving:
         added = await asyncio.to_thread(store.add_new, gold)
         log.info("feedback store: %d gold items (%d new)", len(gold), added)
 
+    def feedback_headers(self, response_id: str) -> dict[str, str]:
+        """The signed token an end user's browser may give feedback on this response with (when configured)."""
+        return {TOKEN_HEADER: self.feedback_tokens.issue(response_id)} if self.feedback_tokens is not None else {}
+
     def capture(self, item: Callable[[], ServedItem]) -> None:
         """Record a served response in the feedback store (when there is one, and the sample takes it); never
         blocks and never fails the request. `item` makes the record, only when it is kept (no cost otherwise)."""
@@ -200,8 +213,13 @@ class Serving:
         if self.feedback is None:
             raise ApiError(404, "feedback is off: start `keel serve` with --feedback-db URL (or KEEL_FEEDBACK_DB)",
                            code="feedback_not_enabled")
+        token_for = client.key.removeprefix(TOKEN_CLIENT) if client.key.startswith(TOKEN_CLIENT) else None
+        if token_for is not None and token_for != request.id:
+            raise ApiError(403, f"this feedback token is for response {token_for}, not {request.id}",
+                           "permission_error", param="id", code="insufficient_permissions")
         item = await asyncio.to_thread(self.feedback.item, request.id)
-        owner = not keys_on or client.key.startswith("admin-") or (item is not None and item.client == client.label)
+        owner = (not keys_on or client.key.startswith("admin-") or token_for is not None
+                 or (item is not None and item.client == client.label))
         if item is None or not owner:
             raise ApiError(404, f"no response {request.id!r} to give feedback on: unknown, expired, not recorded "
                            "(--feedback-sample-rate), or made with another key", param="id", code="not_found")

@@ -80,6 +80,11 @@ class Settings(BaseSettings):
         "to measure each annotator's accuracy")
     feedback_gold_rate: float = Field(0.1, ge=0, le=1, description="share of the labelling page's picks that are "
                                       "a gold item the annotator has not answered yet")
+    feedback_token_secret_file: Path | None = Field(
+        None, description="file holding a secret (32 bytes or more, e.g. `openssl rand -hex 32`) that signs a "
+        "short-lived token returned with each chat completion and moderation response (X-Keel-Feedback-Token), "
+        "with which an end user's browser may give feedback on that one response without the API key")
+    feedback_token_ttl_s: float = Field(86400.0, gt=0, description="how long a feedback token stays valid")
     feedback_retention_days: float | None = Field(None, gt=0, description="recorded responses older than this "
                                                   "are purged at start and daily (with their feedback)")
     log_bodies: bool = Field(False, description="log request bodies (debugging only: they hold user text)")

@@ -44,9 +44,9 @@ def capture_chat(serving: Serving, identifier: str, conversation: Conversation, 
     serving.capture(lambda: chat_item(identifier, conversation, chosen, audit, client))
 
 
-def completion_response(serving: Serving, chosen: list[Chosen], model: str, conversation: Conversation
-                        ) -> ChatCompletionResponse:
-    identifier, audit = completion_id(), audit_of(serving, chosen)
+def completion_response(serving: Serving, identifier: str, chosen: list[Chosen], model: str,
+                        conversation: Conversation) -> ChatCompletionResponse:
+    audit = audit_of(serving, chosen)
     capture_chat(serving, identifier, conversation, chosen, audit)
     return ChatCompletionResponse(
         id=identifier, created=int(time.time()), model=model,
@@ -79,10 +79,9 @@ def chunk(identifier: str, model: str, index: int, delta: dict[str, str], finish
             "choices": [{"index": index, "delta": delta, "finish_reason": finish}], **extra}
 
 
-async def chosen_events(serving: Serving, chosen: list[Chosen], model: str, conversation: Conversation,
-                        usage: bool = False) -> AsyncIterator[bytes]:
+async def chosen_events(serving: Serving, identifier: str, chosen: list[Chosen], model: str,
+                        conversation: Conversation, usage: bool = False) -> AsyncIterator[bytes]:
     """Events for replies that are already chosen and guarded."""
-    identifier = completion_id()
     for i in range(len(chosen)):
         yield event(chunk(identifier, model, i, {"role": "assistant", "content": ""}))
     async for payload in chosen_choices(serving, chosen, model, conversation, usage, identifier):
@@ -168,8 +167,8 @@ class LiveChoices:
                        judged.scored.runtime) for i, reply in enumerate(replies)]
 
 
-async def live_events(serving: Serving, conversation: Conversation, sampling: Sampling, n: int, model: str,
-                      arrived: float, usage: bool = False) -> AsyncIterator[bytes]:
+async def live_events(serving: Serving, identifier: str, conversation: Conversation, sampling: Sampling, n: int,
+                      model: str, arrived: float, usage: bool = False) -> AsyncIterator[bytes]:
     """Events as the policy (or the upstream server) produces tokens, one candidate per choice. Under the guard,
     text is sent only once the moderation model has passed it (GuardedStream), a request it flags is refused
     before any text, and a reply it flags ends with finish_reason "content_filter" and the refusal. The replies
@@ -177,7 +176,6 @@ async def live_events(serving: Serving, conversation: Conversation, sampling: Sa
     assert serving.aligner is not None
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue[tuple[int, str, str | None]] = asyncio.Queue()
-    identifier = completion_id()
     choices = LiveChoices(serving, conversation, n, model, identifier, arrived)
 
     def on_text(index: int) -> Callable[[str, str | None], None]:

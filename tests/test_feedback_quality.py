@@ -15,7 +15,7 @@ from keel.core.moderation import CATEGORIES
 from keel.service.feedback import FeedbackError, FeedbackStore, ServedItem, read_gold
 from keel.service.feedback_export import export
 from keel.service.feedback_quality import summarise
-from tests.test_feedback import chat_served, moderation_served
+from tests.test_feedback import chat_served, moderation_served, wait_recorded
 
 GOLD = [{"text": "I will stab you tonight", "categories": {"violence": True, "harassment/threatening": True}},
         {"text": "How do I bake bread?", "context": "User: hi", "categories": {"violence": False}},
@@ -162,3 +162,47 @@ def test_a_bad_gold_file_stops_the_server_with_its_line(tiny_reward_model: Path,
     with pytest.raises(RuntimeError, match=r"gold.jsonl:2: text and context are strings"), \
             TestClient(create_app(settings)):
         pass
+
+
+def test_feedback_tokens_are_signed_scoped_and_expire():
+    from keel.core.artifact import KeelError
+    from keel.service.feedback_tokens import FeedbackTokens
+
+    tokens = FeedbackTokens(b"s" * 32, ttl_s=60)
+    token = tokens.issue("chatcmpl-abc", now=1000)
+    assert tokens.verify(token, now=1059) == "chatcmpl-abc" and tokens.verify(token, now=1061) is None
+    forged = token.replace("chatcmpl-abc", "chatcmpl-abd")
+    assert tokens.verify(forged, now=1000) is None  # the signature covers the id
+    assert FeedbackTokens(b"t" * 32, ttl_s=60).verify(token, now=1000) is None  # and the secret
+    for malformed in ("fbt.", "fbt.x.y.z", "key-1", token + "x"):
+        assert tokens.verify(malformed, now=1000) is None
+    with pytest.raises(KeelError, match="openssl rand"):
+        FeedbackTokens(b"short", ttl_s=60)
+
+
+def test_an_end_users_browser_gives_feedback_with_the_responses_token(tiny_reward_model: Path,
+                                                                     tiny_moderation_model: Path, tmp_path: Path):
+    from keel.service.app import create_app
+    from keel.service.settings import Settings
+
+    keys, secret = tmp_path / "keys", tmp_path / "secret"
+    keys.write_text("client-key\n")
+    secret.write_text("0123456789abcdef" * 4 + "\n")
+    settings = Settings(model=tiny_reward_model, moderation_model=tiny_moderation_model, api_keys_file=keys,
+                        feedback_db=f"sqlite:///{tmp_path / 'fb.db'}", feedback_token_secret_file=secret)
+    with TestClient(create_app(settings)) as client:
+        served = [client.post("/v1/moderations", json={"input": text}, headers={"Authorization": "Bearer client-key"})
+                  for text in ("first", "second")]
+        (first, token), (second, _) = ((r.json()["id"], r.headers["x-keel-feedback-token"]) for r in served)
+        wait_recorded(client, first)
+        browser = {"Authorization": f"Bearer {token}"}  # no API key
+        body = {"id": first, "index": 0, "categories": {"violence": True}}
+        given = client.post("/v1/feedback", json=body, headers=browser)
+        assert given.status_code == 201, given.text
+        answers = {item.id: a for item, a, _ in client.app.state.keel.feedback.items_with_feedback()}
+        assert [a.annotator for a in answers[first]] == ["end-user"]
+        other = client.post("/v1/feedback", json={**body, "id": second}, headers=browser)
+        assert other.status_code == 403 and first in other.json()["error"]["message"]  # this response only
+        assert client.post("/v1/moderations", json={"input": "x"}, headers=browser).status_code == 401  # no key
+        forged = {"Authorization": f"Bearer {token[:-2]}xx"}
+        assert client.post("/v1/feedback", json=body, headers=forged).json()["error"]["code"] == "invalid_api_key"
