@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -143,31 +142,14 @@ def tiny_moderation_model(tiny_backbone: str, tmp_path_factory: pytest.TempPathF
 
 @pytest.fixture(scope="session")
 def postgres_url() -> Iterator[str]:
-    """A throwaway PostgreSQL server (Debian's `postgresql`: initdb and pg_ctl) on a loopback port, trusting
-    local connections; as root, it runs as the `postgres` user. Stopped and deleted after the session."""
-    import shutil
-    import subprocess
-    import tempfile
+    """A throwaway PostgreSQL server (tests.helpers.ThrowawayPostgres), stopped and deleted after the session."""
+    from tests.helpers import ThrowawayPostgres
 
-    from tests.helpers import free_port
-
-    initdb, pg_ctl = shutil.which("initdb"), shutil.which("pg_ctl")
-    if initdb is None or pg_ctl is None:
-        pytest.skip("PostgreSQL is not installed (apt-get install postgresql): the database tier needs initdb")
-    # Not under pytest's temporary folder: as root that is private (0700), and the server runs as `postgres`.
-    root = Path(tempfile.mkdtemp(prefix="keel-postgres-"))
-    data, port = root / "data", free_port()
-    as_postgres = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
-    if as_postgres:
-        shutil.chown(root, "postgres")
-        root.chmod(0o755)
-    subprocess.run([*as_postgres, initdb, "-D", str(data), "--auth=trust", "-U", "postgres", "-E", "UTF8"],
-                   check=True, capture_output=True)
-    options = f"-p {port} -c listen_addresses=127.0.0.1 -k {root}"
-    subprocess.run([*as_postgres, pg_ctl, "-D", str(data), "-o", options, "-l", str(root / "log"), "-w", "start"],
-                   check=True, capture_output=True)
     try:
-        yield f"postgresql://postgres@127.0.0.1:{port}/postgres"
+        server = ThrowawayPostgres()
+    except FileNotFoundError as missing:
+        pytest.skip(f"{missing}: the database tier needs it")
+    try:
+        yield server.url
     finally:
-        subprocess.run([*as_postgres, pg_ctl, "-D", str(data), "-m", "immediate", "stop"], capture_output=True)
-        shutil.rmtree(root, ignore_errors=True)
+        server.remove()

@@ -134,3 +134,44 @@ def keel_server(model: Path, *args: str, python: str = sys.executable, cwd: Path
         if process.poll() is None:
             process.kill()
             process.wait(10)
+
+
+class ThrowawayPostgres:
+    """A PostgreSQL server (Debian's `postgresql`: initdb and pg_ctl) on a loopback port, trusting local
+    connections, in a fresh temporary folder; as root it runs as the `postgres` user. `stop` and `start` may be
+    called again (a benchmark stops it mid-run); `remove` stops it and deletes its files."""
+
+    def __init__(self) -> None:
+        import shutil
+        import tempfile
+
+        initdb, pg_ctl = shutil.which("initdb"), shutil.which("pg_ctl")
+        if initdb is None or pg_ctl is None:
+            raise FileNotFoundError("PostgreSQL is not installed (apt-get install postgresql): initdb is needed")
+        self.pg_ctl = pg_ctl
+        # Not under pytest's temporary folder: as root that is private (0700), and the server runs as `postgres`.
+        self.root = Path(tempfile.mkdtemp(prefix="keel-postgres-"))
+        self.data, self.port = self.root / "data", free_port()
+        self.as_postgres = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+        if self.as_postgres:
+            shutil.chown(self.root, "postgres")
+            self.root.chmod(0o755)
+        subprocess.run([*self.as_postgres, initdb, "-D", str(self.data), "--auth=trust", "-U", "postgres", "-E",
+                        "UTF8"], check=True, capture_output=True)
+        self.url = f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+        self.start()
+
+    def start(self) -> None:
+        options = f"-p {self.port} -c listen_addresses=127.0.0.1 -k {self.root}"
+        subprocess.run([*self.as_postgres, self.pg_ctl, "-D", str(self.data), "-o", options, "-l",
+                        str(self.root / "log"), "-w", "start"], check=True, capture_output=True)
+
+    def stop(self) -> None:
+        subprocess.run([*self.as_postgres, self.pg_ctl, "-D", str(self.data), "-m", "immediate", "stop"],
+                       capture_output=True)
+
+    def remove(self) -> None:
+        import shutil
+
+        self.stop()
+        shutil.rmtree(self.root, ignore_errors=True)

@@ -33,3 +33,19 @@ def test_serve_bench_runs_with_its_pipeline_peer(tiny_reward_model: Path, tmp_pa
     report = json.loads(out.read_text())
     assert report["keel"]["texts_per_s"] > 0 and report["peer_pipeline"]["texts_per_s"] > 0
     assert report["keel_vs_peer"] > 0
+
+
+@pytest.mark.subprocess
+def test_feedback_capture_bench_serves_through_a_stuck_store(tiny_reward_model: Path, tiny_moderation_model: Path,
+                                                            tmp_path: Path):
+    out = tmp_path / "capture.json"
+    run = subprocess.run([sys.executable, "bench/feedback_capture_bench.py", "--model", str(tiny_reward_model),
+                          "--moderation-model", str(tiny_moderation_model), "--stores", "sqlite", "--seconds", "2",
+                          "--repeats", "1", "--concurrency", "4", "--out", str(out)],
+                         capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    [sqlite] = json.loads(out.read_text())["stores"]
+    assert sqlite["on_over_off"] > 0
+    failing = sqlite["store_failing"]
+    assert failing["requests"] > 0 and failing["failed_requests"] == 0
+    assert failing["write_failures_counted"] > 0  # the store really failed under the load
