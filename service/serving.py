@@ -201,9 +201,10 @@ class Serving:
 
     def capture(self, item: Callable[[], ServedItem]) -> None:
         """Record a served response in the feedback store (when there is one, and the sample takes it); never
-        blocks and never fails the request. `item` makes the record, only when it is kept (no cost otherwise)."""
+        blocks and never fails the request. `item` makes the record, in the recorder's thread and only when it is
+        kept (no cost otherwise)."""
         if self.recorder is not None and self.recorder.sampled():
-            self.recorder.offer(item())
+            self.recorder.offer(item)
             self.metrics.feedback_recorded.labels("queued").inc()
 
     async def give_feedback(self, request: FeedbackRequest, client: Client, keys_on: bool) -> str:
