@@ -190,8 +190,7 @@ class FeedbackStore:
 
     @staticmethod
     def add(session: Session, served: Sequence[ServedItem], stamp: datetime) -> None:
-        # Bulk INSERTs (one statement per table), not the ORM's unit of work: the writer thread shares the CPU
-        # with serving, and per-object bookkeeping cost about a tenth of /v1/moderations' throughput.
+        # Bulk INSERTs, one statement per table: the writer thread shares the CPU (and the GIL) with serving.
         session.execute(insert(Item), [
             {"id": s.id, "kind": s.kind, "created_at": stamp, "client": s.client, "input": s.input,
              "output": s.output, "models": s.models, "scores": s.scores, "uncertainty": s.uncertainty,
@@ -406,12 +405,12 @@ def split_of_item(item_id: str) -> str:
 
 class Recorder:
     """Writes served responses off the event loop: a bounded queue, a writer thread, batches of up to
-    `batch_size`. `offer` never blocks: a full queue drops the item (counted). Only a `sample_rate` share of the
+    `batch_size` gathered for up to `linger_s`. `offer` never blocks: a full queue drops the item (counted). Only a `sample_rate` share of the
     responses is kept."""
 
     def __init__(self, store: FeedbackStore, sample_rate: float = 1.0, max_queue: int = 10_000,
-                 batch_size: int = 64, on_failure: Any = None, on_drop: Any = None):
-        self.store, self.sample_rate, self.batch_size = store, sample_rate, batch_size
+                 batch_size: int = 64, linger_s: float = 0.1, on_failure: Any = None, on_drop: Any = None):
+        self.store, self.sample_rate, self.batch_size, self.linger_s = store, sample_rate, batch_size, linger_s
         self.on_failure = on_failure or (lambda n: None)
         self.on_drop = on_drop or (lambda n: None)
         # Record makers, called in the writer thread: building the record costs the event loop nothing
@@ -434,9 +433,12 @@ class Recorder:
             if first is None:
                 return
             batch = [first]
+            # Gather for up to `linger_s`: a transaction per response cost a tenth of /v1/moderations' throughput on
+            # 2 cores (docs/benchmarks.md); a batch every tenth of a second costs under 5%.
+            until = time.monotonic() + self.linger_s
             while len(batch) < self.batch_size:
                 try:
-                    more = self.queue.get_nowait()
+                    more = self.queue.get(timeout=max(0.0, until - time.monotonic()))
                 except queue.Empty:
                     break
                 if more is None:
