@@ -333,8 +333,9 @@ def test_sigterm_lets_a_chat_longer_than_the_scoring_timeout_finish(tiny_reward_
         result: dict[str, object] = {}
 
         def chat() -> None:
-            # Long enough to outlive --request-timeout-s many times over, short enough for a busy 2-core CI
-            body = {"messages": [{"role": "user", "content": "hello"}], "n": 4, "best_of": 2, "max_tokens": 512,
+            # Outlives --request-timeout-s (about 4 s on an idle 2-core VM); the client waits long enough for a
+            # busy one (about 100 s beside a training run)
+            body = {"messages": [{"role": "user", "content": "hello"}], "n": 4, "best_of": 2, "max_tokens": 2048,
                     "temperature": 0}
             began = time.perf_counter()
             response = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=300)
