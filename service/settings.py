@@ -72,6 +72,9 @@ class Settings(BaseSettings):
         "(/label) and label any recorded response; the name is the annotator's in the store and the export")
     feedback_annotations_per_item: int = Field(1, ge=1, description="annotators who label each item on the "
                                                "labelling page before it leaves the queue (k)")
+    feedback_queue_pool: int = Field(500, ge=1, description="the labelling queue chooses among this many of the "
+                                     "newest recorded responses of a kind (raise it when traffic outpaces labelling "
+                                     "and older uncertain items should still be offered)")
     feedback_sample_rate: float = Field(1.0, gt=0, le=1, description="share of served responses recorded in the "
                                         "feedback store (feedback on an unrecorded one gets 404)")
     feedback_gold_file: Path | None = Field(

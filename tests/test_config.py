@@ -21,6 +21,18 @@ def test_overrides_are_parsed_as_yaml():
     assert config.heads[1].train[0].limit == 50 and config.training.max_steps is None
 
 
+def test_plus_equals_appends_a_source_without_repeating_the_others(tmp_path):
+    extra = tmp_path / "feedback.jsonl"
+    config = load_config(RewardConfig, DEFAULT_REWARD_CONFIG,
+                         [f"heads.1.train+={{path: {extra}, as_rating: 1}}", f"heads.1.train+=[{{path: {extra}}}]"])
+    default = load_config(RewardConfig, DEFAULT_REWARD_CONFIG)
+    assert config.heads[1].train[:-2] == default.heads[1].train
+    assert [s.path for s in config.heads[1].train[-2:]] == [str(extra)] * 2
+    assert config.heads[1].train[-2].as_rating == 1
+    with pytest.raises(ConfigError, match="primary_head is 'harmless', not a list"):
+        load_config(RewardConfig, DEFAULT_REWARD_CONFIG, ["primary_head+=x"])
+
+
 @pytest.mark.parametrize("override, message", [
     ("training.epoch=1", "unknown keys \\['epoch'\\]"),
     ("training.epochs=many", "expected int"),

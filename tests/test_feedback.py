@@ -66,6 +66,16 @@ def test_store_on_postgresql(postgres_url: str):
     check_store(postgres_url)
 
 
+def test_the_queue_chooses_among_the_newest_pool_items(tmp_path: Path):
+    store = FeedbackStore(f"sqlite:///{tmp_path / 'feedback.db'}")
+    for n in range(3):
+        store.record([moderation_served(f"modr-{n}", ["a"])])
+        time.sleep(0.01)  # distinct timestamps: newest first
+    annotators = frozenset({"ann"})
+    assert {i.id for i, _ in store.open_units("ann", "moderation", annotators, pool=2).units} == {"modr-1", "modr-2"}
+    assert len(store.open_units("ann", "moderation", annotators, pool=500).units) == 3
+
+
 def test_majority_and_agreement_by_hand():
     assert majority([True, True, False]) is True and majority([True, False]) is None and majority([]) is None
     # Two annotators, four units, nominal: they agree on 3 of 4. Pairable values: 8 (4 units x 2); observed

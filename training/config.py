@@ -48,10 +48,13 @@ def check_precision(precision: str) -> None:
 
 
 def apply_override(raw: dict[str, Any], assignment: str) -> None:
-    """Apply one `key.sub.0.name=value` override; the value is parsed as YAML."""
+    """Apply one `key.sub.0.name=value` override; the value is parsed as YAML. `key+=value` appends to the list
+    at `key` (a list value appends each item), so a source is added without repeating the others."""
     key, sep, value = assignment.partition("=")
     if not sep or not key:
-        raise ConfigError(f"--set expects KEY=VALUE, got {assignment!r}")
+        raise ConfigError(f"--set expects KEY=VALUE or KEY+=VALUE, got {assignment!r}")
+    append = key.endswith("+")
+    key = key.removesuffix("+")
     *parents, last = key.split(".")
     node: Any = raw
     for depth, part in enumerate([*parents, last]):
@@ -64,7 +67,12 @@ def apply_override(raw: dict[str, Any], assignment: str) -> None:
         if depth < len(parents):
             node = node[int(part)] if isinstance(node, list) else node.setdefault(part, {})
     parsed = yaml.safe_load(value)
-    if isinstance(node, list):
+    if append:
+        target = node[int(last)] if isinstance(node, list) else node.get(last)
+        if not isinstance(target, list):
+            raise ConfigError(f"--set {key}+=...: {key} is {target!r}, not a list to append to")
+        target.extend(parsed if isinstance(parsed, list) else [parsed])
+    elif isinstance(node, list):
         node[int(last)] = parsed
     else:
         node[last] = parsed

@@ -23,7 +23,8 @@ def config_help(default: Path, example: str) -> str:
 
 def add_overrides(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config key; repeatable")
+                        help="override a config key; repeatable. KEY+=VALUE appends to a list, e.g. "
+                        "'train+={path: /abs/feedback/moderation.jsonl, feedback: true}'")
 
 
 def add_cache_arguments(parser: argparse.ArgumentParser) -> None:

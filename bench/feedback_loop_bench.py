@@ -1,0 +1,356 @@
+"""Proof that the feedback loop closes: serve traffic, let simulated annotators label it through the labelling
+API, export, retrain with one added config line, and score held-out data the default models never saw.
+
+    python bench/feedback_loop_bench.py --work DIR [--parts moderation,preferences] [--noise 0.1]
+                                        [--queue-budgets 100,300,500,1000] [--random-budgets 100,300,1000]
+                                        [--preference-budget 400] [--out FILE]
+
+Moderation (ConvAbuse, CC BY 4.0: users' messages to conversational agents, abusive by majority of its annotators,
+mapped to `harassment`; never in the default moderation model's data):
+1. Its train and valid files are the traffic: every message is sent to `keel serve --feedback-db` (SQLite) as a
+   /v1/moderations request and recorded. Its test file is the held-out set.
+2. Two arms, each with its own server and store: the labelling queue (GET /v1/label/next, the page's own API)
+   and random selection (random recorded responses). The simulated annotator answers POST /v1/label/answers with
+   `harassment` from the dataset's label (flipped with probability --noise), other categories left unlabelled.
+   `--feedback-queue-pool` covers all the traffic, so the queue's first N picks are what it selects for N labels.
+3. After N labels (each budget), `keel feedback export`, then `keel train moderation` with the default config
+   plus the export (`--set 'train+={path: .../moderation.jsonl, feedback: true}'`): all of it, since ConvAbuse's
+   test file is the held-out set here.
+4. Each model scores ConvAbuse's test messages (AUPRC of `harassment`) and OpenAI's moderation samples of the
+   default config's test fold (AUPRC of any harm, the served rule), beside the default model.
+Preferences (PandaLM's human test set, Apache-2.0: instruction, two responses, three human annotators; pairs with
+a majority winner; never in the default reward model's data):
+1. A scripted upstream answers a chat completion for a PandaLM instruction with its two responses as the n = 2
+   candidates; `keel serve --upstream` ranks them (best_of 2) and records both with their rewards. Half the pairs
+   (by a hash of the instruction) are traffic, the other half the held-out test.
+2. The simulated annotator labels pairwise units from the queue (GET /v1/label/next?task=pairwise) by PandaLM's
+   majority vote, up to --preference-budget answers.
+3. `keel train reward` with the default config plus the export's preferences.jsonl in the `helpful` head.
+4. Accuracy of the helpful head on the held-out pairs (and on HH helpful-base's test pairs, to show what it
+   costs), default model against retrained.
+Work is kept in --work: a model already trained there is reused. Prints JSON; figures go to docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import csv
+import gzip
+import hashlib
+import json
+import random
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import numpy as np
+import uvicorn
+from fastapi import FastAPI
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench.abuse_bench import cpu  # noqa: E402
+from bench.moderation_bench import Judge, held_out  # noqa: E402
+from bench.serve_bench import free_port, keel_serve  # noqa: E402
+from keel.core.bundled import default_model_dir  # noqa: E402
+from keel.core.runtime import ModerationRuntime, RewardRuntime  # noqa: E402
+from keel.training.config import DEFAULT_MODERATION_CONFIG, DEFAULT_REWARD_CONFIG, load_config  # noqa: E402
+from keel.training.data import DataSource, load_source  # noqa: E402
+from keel.training.evaluation.metrics import average_precision  # noqa: E402
+from keel.training.moderation.config import ModerationConfig  # noqa: E402
+from keel.training.moderation.data import any_harm_labels  # noqa: E402
+from keel.training.reward.config import RewardConfig  # noqa: E402
+
+DATA = Path("/work/shared/data")
+CATEGORY = "harassment"
+
+
+# ---- data ---------------------------------------------------------------------------------------------------
+
+def convabuse(path: Path) -> list[tuple[str, bool]]:
+    """(user message, abusive): abusive when more than half of the annotators who rated it gave a negative
+    (abusive) score; empty messages are left out."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    labelled = []
+    for row in rows:
+        votes = []
+        for annotator in range(1, 9):
+            score = next((s for s in ("1", "0", "-1", "-2", "-3") if row.get(f"Annotator{annotator}_is_abuse.{s}")
+                          == "1"), None)
+            if score is not None:
+                votes.append(score.startswith("-"))
+        if row["user"].strip() and votes:
+            labelled.append((row["user"], sum(votes) > len(votes) / 2))
+    return labelled
+
+
+def pandalm(path: Path) -> list[dict]:
+    """PandaLM pairs with a majority winner: prompt, the two responses as shown, and the winner (1 or 2)."""
+    pairs = []
+    with gzip.open(path, "rt") as handle:
+        rows = json.load(handle)
+    for row in rows:
+        winner, count = collections.Counter(row[f"annotator{i}"] for i in (1, 2, 3)).most_common(1)[0]
+        responses = (row["response1"], row["response2"])
+        if count >= 2 and winner in (1, 2) and all(isinstance(r, str) and r.strip() for r in responses):
+            prompt = row["instruction"] + (f"\n\n{row['input']}" if row["input"] else "")
+            pairs.append({"prompt": prompt, "responses": responses, "winner": winner})
+    return pairs
+
+
+def half(text: str) -> str:
+    return "traffic" if hashlib.sha256(text.encode()).digest()[0] < 128 else "test"
+
+
+# ---- serving, labelling and export ----------------------------------------------------------------------------
+
+def send_all(base: str, path: str, bodies: list[dict], workers: int = 8) -> list[dict]:
+    with httpx.Client(base_url=base, timeout=120) as client, ThreadPoolExecutor(workers) as pool:
+        def post(body: dict) -> dict:
+            response = client.post(path, json=body)
+            response.raise_for_status()
+            return response.json()
+        return list(pool.map(post, bodies))
+
+
+def wait_recorded(base: str, count: int) -> None:
+    """Until the recorder has stored `count` items in the fresh store (it writes in batches, off the event loop)."""
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if httpx.get(f"{base}/v1/feedback/stats", timeout=60).json()["store"]["items"] >= count:
+            return
+        time.sleep(1)
+    raise TimeoutError(f"the store did not record {count} items")
+
+
+def export(db: str, out: Path) -> dict:
+    subprocess.run([sys.executable, "-m", "keel", "feedback", "export", "--db", db, "--out", str(out), "--overwrite"],
+                   check=True, stdout=subprocess.DEVNULL)
+    return json.loads((out / "datasheet.json").read_text())
+
+
+def train(kind: str, output: Path, overrides: list[str], args: argparse.Namespace) -> Path:
+    if not (output / "keel.json").exists():
+        subprocess.run([sys.executable, "-m", "keel", "train", kind, "--output", str(output), "--overwrite",
+                        *[f"--set={o}" for o in overrides + args.train_set]], check=True)
+    return output
+
+
+def answer(client: httpx.Client, body: dict) -> None:
+    client.post("/v1/label/answers", json=body).raise_for_status()
+
+
+# ---- moderation -------------------------------------------------------------------------------------------------
+
+def moderation_labels(arm: str, args: argparse.Namespace, traffic: list[tuple[str, bool]], budgets: list[int]
+                      ) -> dict[int, Path]:
+    """Serve the traffic to a fresh store, label it by the arm's selection, export at each budget."""
+    folder = args.work / f"moderation-{arm}"
+    exports = {n: folder / f"export-{n}" for n in budgets}
+    if all((e / "moderation.jsonl").exists() for e in exports.values()):
+        return exports
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "feedback.db").unlink(missing_ok=True)
+    db = f"sqlite:///{folder / 'feedback.db'}"
+    rng = random.Random(f"{args.seed}-{arm}")
+    with keel_serve("--feedback-db", db, "--feedback-queue-pool", str(len(traffic) + 1),
+                    "--feedback-gold-rate", "0") as (base, _):
+        responses = send_all(base, "/v1/moderations", [{"input": text} for text, _ in traffic])
+        truth = {r["id"]: label for r, (_, label) in zip(responses, traffic)}
+        wait_recorded(base, len(truth))
+        order = rng.sample(sorted(truth), max(budgets)) if arm == "random" else []
+        with httpx.Client(base_url=base, timeout=120) as client:
+            for done in range(1, max(budgets) + 1):
+                if arm == "queue":
+                    item = client.get("/v1/label/next", params={"task": "moderation"}).json()["item"]
+                    item_id, index = item["id"], item["index"]
+                else:
+                    item_id, index = order[done - 1], 0
+                label = truth[item_id] != (rng.random() < args.noise)
+                answer(client, {"task": "moderation", "item_id": item_id, "index": index,
+                                "categories": {CATEGORY: label}})
+                if done in exports:
+                    export(db, exports[done])
+    return exports
+
+
+def moderation_scores(model: Path, test: list[tuple[str, bool]], openai: list) -> dict:
+    runtime = ModerationRuntime(model)
+    values = runtime.scored([("", text) for text, _ in test]).values
+    harmful = np.array([label for _, label in test])
+    judge = Judge(model)
+    any_harm, _, _ = judge(openai)
+    openai_harmful = any_harm_labels(openai) == 1  # every OpenAI test row is labelled in some category
+    return {"convabuse_test_auprc": round(average_precision(values[:, runtime.categories.index(CATEGORY)], harmful), 4),
+            "convabuse_test_positive_rate": round(float(harmful.mean()), 3),
+            "openai_test_auprc": round(average_precision(any_harm, openai_harmful), 4)}
+
+
+def moderation_part(args: argparse.Namespace) -> dict:
+    traffic = (convabuse(DATA / "convabuse/ConvAbuseEMNLPtrain.csv.gz")
+               + convabuse(DATA / "convabuse/ConvAbuseEMNLPvalid.csv"))
+    test = convabuse(DATA / "convabuse/ConvAbuseEMNLPtest.csv")
+    openai = held_out(load_config(ModerationConfig, DEFAULT_MODERATION_CONFIG), "openai-moderation")
+    report: dict = {"traffic": len(traffic), "traffic_abusive": sum(label for _, label in traffic),
+                    "test": len(test), "noise": args.noise,
+                    "default": moderation_scores(default_model_dir("moderation"), test, openai), "arms": {}}
+    for arm, budgets in (("queue", args.queue_budgets), ("random", args.random_budgets)):
+        exports = moderation_labels(arm, args, traffic, budgets)
+        for n, folder in exports.items():
+            rows = [json.loads(line) for line in (folder / "moderation.jsonl").open()]
+            model = train("moderation", args.work / "models" / f"moderation-{arm}-{n}",
+                          [f"train+={{path: {folder / 'moderation.jsonl'}, feedback: true}}"], args)
+            report["arms"].setdefault(arm, {})[n] = {
+                "labels": len(rows), "labelled_abusive": sum(bool(r[CATEGORY]) for r in rows),
+                **moderation_scores(model, test, openai)}
+            print(json.dumps({arm: {n: report["arms"][arm][n]}}), flush=True)
+    default = report["default"]
+    queue, randomly = report["arms"].get("queue", {}), report["arms"].get("random", {})
+    if 300 in queue:
+        report["queue_300_gain"] = round(queue[300]["convabuse_test_auprc"] - default["convabuse_test_auprc"], 4)
+        report["queue_300_openai_change"] = round(queue[300]["openai_test_auprc"] - default["openai_test_auprc"], 4)
+    if 1000 in randomly:
+        goal = randomly[1000]["convabuse_test_auprc"]
+        reached = [n for n in sorted(queue) if queue[n]["convabuse_test_auprc"] >= goal]
+        report["queue_labels_to_reach_random_1000"] = reached[0] if reached else None
+    return report
+
+
+# ---- preferences --------------------------------------------------------------------------------------------------
+
+def scripted_upstream(pairs: list[dict]) -> tuple[str, uvicorn.Server]:
+    """An OpenAI-compatible server answering a PandaLM instruction with its two responses as the choices."""
+    by_prompt = {pair["prompt"]: pair["responses"] for pair in pairs}
+    app = FastAPI()
+
+    @app.post("/v1/chat/completions")
+    def complete(body: dict) -> dict:
+        responses = by_prompt[body["messages"][-1]["content"]]
+        choices = [{"index": i, "message": {"role": "assistant", "content": responses[i % 2]},
+                    "finish_reason": "stop"} for i in range(body.get("n", 1))]
+        return {"id": "scripted", "object": "chat.completion", "created": 0, "model": "pandalm", "choices": choices,
+                "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    threading.Thread(target=server.run, daemon=True).start()
+    while not server.started:
+        time.sleep(0.05)
+    return f"http://127.0.0.1:{port}", server
+
+
+def preference_labels(args: argparse.Namespace, traffic: list[dict]) -> tuple[Path, int]:
+    folder = args.work / "preferences"
+    out = folder / "export"
+    if (out / "preferences.jsonl").exists():
+        return out, json.loads((folder / "answered.json").read_text())
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "feedback.db").unlink(missing_ok=True)
+    db = f"sqlite:///{folder / 'feedback.db'}"
+    rng = random.Random(f"{args.seed}-preferences")
+    upstream, server = scripted_upstream(traffic)
+    better = {pair["responses"][pair["winner"] - 1]: pair["responses"][2 - pair["winner"]] for pair in traffic}
+    answered = 0
+    try:
+        with keel_serve("--upstream", upstream, "--feedback-db", db, "--feedback-queue-pool", str(len(traffic) + 1),
+                        "--feedback-gold-rate", "0") as (base, _):
+            bodies = [{"messages": [{"role": "user", "content": pair["prompt"]}], "best_of": 2, "max_tokens": 512}
+                      for pair in traffic]
+            send_all(base, "/v1/chat/completions", bodies, workers=4)
+            wait_recorded(base, len(bodies))
+            with httpx.Client(base_url=base, timeout=120) as client:
+                while answered < args.preference_budget:
+                    item = client.get("/v1/label/next", params={"task": "pairwise"}).json()["item"]
+                    if item is None:
+                        break
+                    first, second = item["candidates"]
+                    if first["text"] == second["text"] or first["text"] not in better and second["text"] not in better:
+                        winner: int | str = "skip"
+                    else:
+                        winner = 1 if better.get(first["text"]) == second["text"] else 2
+                        if rng.random() < args.noise:
+                            winner = 3 - winner
+                    answer(client, {"task": "pairwise", "item_id": item["id"], "first": first["id"],
+                                    "second": second["id"], "winner": winner})
+                    answered += 1
+        export(db, out)
+        (folder / "answered.json").write_text(json.dumps(answered))
+    finally:
+        server.should_exit = True
+    return out, answered
+
+
+def pair_accuracy(model: Path, head: str, pairs_file: Path, split: str = "all") -> float:
+    runtime = RewardRuntime(model)
+    pairs = load_source(DataSource(path=str(pairs_file), split=split))
+    chosen = runtime.scored([p.chosen_input for p in pairs]).values[:, runtime.heads.index(head)]
+    rejected = runtime.scored([p.rejected_input for p in pairs]).values[:, runtime.heads.index(head)]
+    return round(float((chosen > rejected).mean()), 4)
+
+
+def preference_part(args: argparse.Namespace) -> dict:
+    pairs = pandalm(DATA / "pandalm-human-testset/testset-v1.json.gz")
+    traffic = [p for p in pairs if half(p["prompt"]) == "traffic"]
+    test_file = args.work / "pandalm-test.jsonl"
+    with test_file.open("w") as handle:
+        for pair in pairs:
+            if half(pair["prompt"]) == "test":
+                chosen, rejected = pair["responses"][pair["winner"] - 1], pair["responses"][2 - pair["winner"]]
+                handle.write(json.dumps({"prompt": pair["prompt"], "chosen": chosen, "rejected": rejected}) + "\n")
+    out, answered = preference_labels(args, traffic)
+    rows = sum(1 for _ in (out / "preferences.jsonl").open())
+    model = train("reward", args.work / "models" / "reward-preferences",
+                  [f"heads.1.train+={{path: {out / 'preferences.jsonl'}}}"], args)
+    hh = load_config(RewardConfig, DEFAULT_REWARD_CONFIG).heads[1].test[0].path
+    report = {"traffic_pairs": len(traffic), "test_pairs": sum(1 for _ in test_file.open()),
+              "answers": answered, "exported_pairs": rows, "noise": args.noise}
+    for name, directory in (("default", default_model_dir("reward")), ("retrained", model)):
+        report[name] = {"pandalm_test_accuracy": pair_accuracy(directory, "helpful", test_file),
+                        "hh_helpful_test_accuracy": pair_accuracy(directory, "helpful", Path(hh), "test")}
+    report["gain_points"] = round(100 * (report["retrained"]["pandalm_test_accuracy"]
+                                         - report["default"]["pandalm_test_accuracy"]), 2)
+    return report
+
+
+def budgets(text: str) -> list[int]:
+    return sorted({int(n) for n in text.split(",") if n})
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--work", type=Path, required=True, help="folder for stores, exports and retrained models")
+    parser.add_argument("--parts", default="moderation,preferences", help="comma-separated: moderation, preferences")
+    parser.add_argument("--queue-budgets", type=budgets, default=[100, 300, 500, 1000],
+                        help="label counts at which the queue arm is exported and retrained")
+    parser.add_argument("--random-budgets", type=budgets, default=[100, 300, 1000],
+                        help="label counts at which the random arm is exported and retrained")
+    parser.add_argument("--preference-budget", type=int, default=1000, help="pairwise answers at most")
+    parser.add_argument("--noise", type=float, default=0.0, help="probability that a simulated answer is flipped")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random arm and of the label noise")
+    parser.add_argument("--train-set", action="append", default=[], metavar="KEY=VALUE",
+                        help="an extra --set for every retraining (a smoke test: training.max_steps=3)")
+    parser.add_argument("--out", type=Path, help="also write the JSON here")
+    args = parser.parse_args()
+    args.work.mkdir(parents=True, exist_ok=True)
+    report: dict = {"date": time.strftime("%Y-%m-%d"), "cpu": cpu()}
+    parts = args.parts.split(",")
+    if "moderation" in parts:
+        report["moderation"] = moderation_part(args)
+    if "preferences" in parts:
+        report["preferences"] = preference_part(args)
+    text = json.dumps(report, indent=2)
+    print(text)
+    if args.out:
+        args.out.write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
