@@ -389,6 +389,43 @@ def test_frozen_lower_layers_keep_their_weights(tiny_backbone: str, tmp_path: Pa
         train_module.train_reward(config, tmp_path / "model2", progress=False)
 
 
+def test_init_from_fine_tunes_a_trained_model_and_refuses_other_heads(tiny_reward_model: Path, tiny_backbone: str,
+                                                                        tmp_path: Path):
+    from safetensors.torch import load_file
+
+    from keel.training.config import ConfigError
+
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", hh_pairs(16))
+    ratings = write_jsonl(tmp_path / "ratings.jsonl", [
+        {"text": ["great thanks", "terrible bad"][i % 2], "score": [1.0, -1.0][i % 2]} for i in range(8)])
+    # One step at a negligible rate: what is published is the trained model, not fresh heads on the backbone.
+    config = tiny_config(tiny_backbone, pairs, ratings, onnx=False, epochs=1, max_steps=1, learning_rate=1e-9,
+                         head_learning_rate=1e-9, checkpoint_every=0, eval_every=0)
+    config.init_from = str(tiny_reward_model)
+    manifest = train_module.train_reward(config, tmp_path / "tuned", progress=False)
+    start, tuned = (load_file(path / "model.safetensors") for path in (tiny_reward_model, tmp_path / "tuned"))
+    assert start.keys() == tuned.keys() and all(torch.allclose(start[k], tuned[k], atol=1e-6) for k in start)
+    assert manifest["metrics"]["validation"]["harmless"]["accuracy"] >= 0.9
+
+    config.heads.pop()  # harmless only: the model to fine-tune also has `quality`
+    with pytest.raises(ConfigError, match=r"has heads \['harmless', 'quality'\], the config \['harmless'\]"):
+        train_module.train_reward(config, tmp_path / "other-heads", progress=False)
+    config.init_from = str(tmp_path)
+    with pytest.raises(ConfigError, match="not a Keel reward model directory"):
+        train_module.train_reward(config, tmp_path / "no-model", progress=False)
+
+
+def test_repeat_oversamples_a_training_source_only(tiny_backbone: str, tmp_path: Path):
+    from keel.training.reward.data import load_head_data
+
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", hh_pairs(10))
+    config = tiny_config(tiny_backbone, pairs)
+    config.heads[0].train[0].repeat = config.heads[0].validation[0].repeat = 3
+    head = load_head_data(config, skip_bad_rows=False)[0]
+    assert len(head.train) == 30 and len(head.validation) == 10
+    assert [e.chosen_input for e in head.train[10:20]] == [e.chosen_input for e in head.train[:10]]
+
+
 def test_seed_ensemble_averages_the_models_margins():
     from bench.seed_ensemble_bench import summarise
 

@@ -87,6 +87,7 @@ class DataSource:
     # Read every row as one rating with this score (for a pair: the first exchange of its chosen conversation,
     # the first user turn and the reply to it): labels a whole file, e.g. red-team openings 0, ordinary ones 1.
     as_rating: float | None = None
+    repeat: int = 1  # training: each row this many times an epoch (oversampling a small source, e.g. feedback)
 
     def __post_init__(self) -> None:
         if self.split not in ("all", *SPLITS):

@@ -73,7 +73,6 @@ class ModerationSource(DataSource):
     context_file: ContextFile | None = None  # `context` holds a key into this file
     exclude: list[NearCopies] = dataclasses.field(default_factory=list)  # drop near copies of these texts
     fraction: float = 1.0  # keep this share of the rows (a deterministic hash sample)
-    repeat: int = 1  # training: each row this many times an epoch (oversampling a small source)
     # Split by `folds` hash folds instead of 80/10/10: test = fold `cross_validation.test_fold`, validation and
     # train from the other folds (for K-fold cross-validated evaluation, e.g. OpenAI's moderation samples)
     folds: bool = False

@@ -43,12 +43,21 @@ class HeadConfig:
 class RewardConfig:
     heads: list[HeadConfig]
     base_model: str = "default"  # HF name or path; "default" is all-MiniLM-L6-v2 from its wheel
+    # A Keel reward model directory to fine-tune instead of fresh heads on base_model (e.g. the served model,
+    # with a team's feedback added to its data): minutes instead of a full retrain, and none of a fresh run's
+    # seed-to-seed spread. Its heads must be this config's; base_model must name the backbone it was trained on.
+    init_from: str | None = None
     max_length: int = 256  # tokens; longer conversations lose their oldest turns
     truncation_side: str = "left"  # left keeps the final response
     attention_dropout: float = 0.0  # 0 trains 1.5-2x faster on CPU
     primary_head: str | None = None  # the head reported as `score`; default: the first
     training: TrainingConfig = dataclasses.field(default_factory=TrainingConfig)
     export: ExportConfig = dataclasses.field(default_factory=ExportConfig)
+
+    @property
+    def base_model_name(self) -> str:
+        """The backbone's name as a model's keel.json records it."""
+        return "all-MiniLM-L6-v2" if self.base_model == "default" else self.base_model
 
     def __post_init__(self) -> None:
         names = [head.name for head in self.heads]
@@ -72,3 +81,5 @@ class RewardConfig:
                               "during training picks the weights to keep; make a trained head primary")
         for head in self.heads:
             check_numbers(f"heads.{head.name}", head, at_least_0=["weight"], below_1=["guard_false_flags"])
+            for role, source in head.sources():
+                check_numbers(f"heads.{head.name} {role} source {source.path}", source, positive=["repeat"])

@@ -27,12 +27,15 @@ class HeadData:
     guard: list[Example]
 
 
-def read_sources(sources: list[DataSource], skip_bad_rows: bool) -> list[Example]:
-    return [example for source in sources for example in load_source(source, skip_bad_rows, parse_example)]
+def read_sources(sources: list[DataSource], skip_bad_rows: bool, repeat: bool = False) -> list[Example]:
+    """Every source's examples; with `repeat` (training), each source's `repeat` times."""
+    return [example for source in sources
+            for example in load_source(source, skip_bad_rows, parse_example) * (source.repeat if repeat else 1)]
 
 
 def load_head_data(config: RewardConfig, skip_bad_rows: bool) -> list[HeadData]:
-    return [HeadData(h.name, **{role: read_sources(getattr(h, role), skip_bad_rows) for role in HEAD_ROLES})
+    return [HeadData(h.name, **{role: read_sources(getattr(h, role), skip_bad_rows, repeat=role == "train")
+                                for role in HEAD_ROLES})
             for h in config.heads]
 
 

@@ -35,7 +35,7 @@ def publish_reward_model(config: RewardConfig, model: RewardModel, tokenizer: An
         if exported.int8 is not None:
             exported.onnx["accuracy"] = int8_accuracy(exported.scorer, exported.int8, heads, names)
         return RewardManifest(
-            base_model=config.base_model if config.base_model != "default" else "all-MiniLM-L6-v2",
+            base_model=config.base_model_name,
             base_model_path=resolve_base_model(config.base_model), heads=names, primary_head=config.primary_head or names[0],
             max_length=config.max_length, truncation_side=config.truncation_side,
             input_names=onnx_export.onnx_input_names(tokenizer), normalization=normalization, moderation=moderation,

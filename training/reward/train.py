@@ -8,6 +8,7 @@ best weights kept) over each head's batches with its objective's loss -> detache
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ from typing import Any
 import torch
 
 from keel.core.reward_model import RewardModel
+from keel.training.config import ConfigError
 from keel.training.data import Example
 from keel.training.encoder.fit import Run, Selection, Step, fit
 from keel.training.encoder.optim import freeze, load_tokenizer
@@ -68,6 +70,23 @@ def fit_linear_probe(features: torch.Tensor, examples: list[Example], margin: fl
     return weight.detach(), bias.detach()
 
 
+def starting_model(config: RewardConfig, names: list[str]) -> RewardModel:
+    """Fresh heads on base_model, or the `init_from` model to fine-tune (the same heads and backbone)."""
+    if config.init_from is None:
+        return RewardModel.from_base(config.base_model, names, config.attention_dropout)
+    manifest_path = Path(config.init_from) / "keel.json"
+    if not manifest_path.is_file():
+        raise ConfigError(f"init_from {config.init_from}: not a Keel reward model directory (no keel.json)")
+    manifest = json.loads(manifest_path.read_text())
+    if manifest.get("heads") != names:
+        raise ConfigError(f"init_from {config.init_from} has heads {manifest.get('heads')}, the config {names}: "
+                          "fine-tuning keeps every head, so give the config the same heads in the same order")
+    if manifest.get("base_model") != config.base_model_name:
+        raise ConfigError(f"init_from {config.init_from} was trained on {manifest.get('base_model')}, not "
+                          f"base_model {config.base_model_name}: set base_model to it")
+    return RewardModel.load(config.init_from)
+
+
 def encode_examples(tokenizer: Any, examples: list[Example], max_length: int) -> list[list[dict]]:
     """Each example's tokenised texts, one per column of its objective (a pair: chosen, rejected)."""
     objective = objective_of(examples)
@@ -97,7 +116,7 @@ def train_reward(config: RewardConfig, output: Path, resume: bool = False, overw
     names = [h.name for h in config.heads]
 
     # ---- model (first, so a config the backbone cannot take fails before the data is read) --------------
-    model = RewardModel.from_base(config.base_model, names, config.attention_dropout)
+    model = starting_model(config, names)
     freeze(model, t)
 
     # ---- data -------------------------------------------------------------------------------------------
