@@ -25,7 +25,9 @@ a majority winner; never in the default reward model's data):
    (by a hash of the instruction) are traffic, the other half the held-out test.
 2. The simulated annotator labels pairwise units from the queue (GET /v1/label/next?task=pairwise) by PandaLM's
    majority vote, up to --preference-budget answers.
-3. `keel train reward` with the default config plus the export's preferences.jsonl in the `helpful` head.
+3. `keel train reward` with the default config plus the export's train split in the `helpful` head (each row
+   --preference-repeat times), fine-tuning the served model (`init_from`, a quarter of the learning rate) or,
+   with --preference-start fresh, from the base model as the default run does.
 4. Accuracy of the helpful head on the held-out pairs (and on HH helpful-base's test pairs, to show what it
    costs), default model against retrained.
 Work is kept in --work: a model already trained there is reused. Prints JSON; figures go to docs/benchmarks.md.
@@ -69,6 +71,9 @@ from keel.training.reward.config import RewardConfig  # noqa: E402
 
 DATA = Path("/work/shared/data")
 CATEGORY = "harassment"
+# Fine-tuning a trained model: a quarter of the default run's backbone rate, and heads that are already trained
+# no faster than the backbone
+FINE_TUNING = ["training.learning_rate=5.0e-5", "training.head_learning_rate=5.0e-5"]
 
 
 # ---- data ---------------------------------------------------------------------------------------------------
@@ -307,12 +312,18 @@ def preference_part(args: argparse.Namespace) -> dict:
                 handle.write(json.dumps({"prompt": pair["prompt"], "chosen": chosen, "rejected": rejected}) + "\n")
     out, answered = preference_labels(args, traffic)
     rows = sum(1 for _ in (out / "preferences.jsonl").open())
-    model = train("reward", args.work / "models" / "reward-preferences",
-                  [f"heads.1.train+={{path: {out / 'preferences.jsonl'}}}"], args)
+    feedback = [f"heads.1.train+={{path: {out / 'preferences.jsonl'}, where: {{split: train}}, "
+                f"repeat: {args.preference_repeat}}}"]
+    served = default_model_dir("reward")
+    # served: fine-tune the served model (docs/feedback.md's recipe); fresh: the default config's full run
+    start = ([f"init_from={served}", *FINE_TUNING] if args.preference_start == "served" else [])
+    model = train("reward", args.work / "models" / f"reward-preferences-{args.preference_start}", feedback + start,
+                  args)
     hh = load_config(RewardConfig, DEFAULT_REWARD_CONFIG).heads[1].test[0].path
     report = {"traffic_pairs": len(traffic), "test_pairs": sum(1 for _ in test_file.open()),
-              "answers": answered, "exported_pairs": rows, "noise": args.noise}
-    for name, directory in (("default", default_model_dir("reward")), ("retrained", model)):
+              "answers": answered, "exported_pairs": rows, "noise": args.noise, "start": args.preference_start,
+              "repeat": args.preference_repeat, "overrides": feedback + start}
+    for name, directory in (("default", served), ("retrained", model)):
         report[name] = {"pandalm_test_accuracy": pair_accuracy(directory, "helpful", test_file),
                         "hh_helpful_test_accuracy": pair_accuracy(directory, "helpful", Path(hh), "test")}
     report["gain_points"] = round(100 * (report["retrained"]["pandalm_test_accuracy"]
@@ -333,6 +344,10 @@ def main() -> None:
     parser.add_argument("--random-budgets", type=budgets, default=[100, 300, 1000],
                         help="label counts at which the random arm is exported and retrained")
     parser.add_argument("--preference-budget", type=int, default=1000, help="pairwise answers at most")
+    parser.add_argument("--preference-start", choices=["served", "fresh"], default="served",
+                        help="retrain the reward model by fine-tuning the served one, or from the base model")
+    parser.add_argument("--preference-repeat", type=int, default=3,
+                        help="each exported preference this many times an epoch (the source's `repeat`)")
     parser.add_argument("--noise", type=float, default=0.0, help="probability that a simulated answer is flipped")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random arm and of the label noise")
     parser.add_argument("--train-set", action="append", default=[], metavar="KEY=VALUE",
