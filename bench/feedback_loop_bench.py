@@ -3,7 +3,8 @@ API, export, retrain with one added config line, and score held-out data the def
 
     python bench/feedback_loop_bench.py --work DIR [--parts moderation,preferences] [--noise 0.1]
                                         [--queue-budgets 100,300,500,1000] [--random-budgets 100,300,1000]
-                                        [--preference-budget 400] [--out FILE]
+                                        [--preference-set pandalm|hh-rejection-sampled] [--preference-budget 1000]
+                                        [--preference-start served|fresh] [--preference-repeat 3] [--out FILE]
 
 Moderation (ConvAbuse, CC BY 4.0: users' messages to conversational agents, abusive by majority of its annotators,
 mapped to `harassment`; never in the default moderation model's data):
@@ -18,13 +19,16 @@ mapped to `harassment`; never in the default moderation model's data):
    test file is the held-out set here.
 4. Each model scores ConvAbuse's test messages (AUPRC of `harassment`) and OpenAI's moderation samples of the
    default config's test fold (AUPRC of any harm, the served rule), beside the default model.
-Preferences (PandaLM's human test set, Apache-2.0: instruction, two responses, three human annotators; pairs with
-a majority winner; never in the default reward model's data):
-1. A scripted upstream answers a chat completion for a PandaLM instruction with its two responses as the n = 2
+Preferences (--preference-set; neither set is in the default reward model's data):
+- `pandalm`: PandaLM's human test set (Apache-2.0): instruction, two responses, three human annotators; pairs with
+  a majority winner.
+- `hh-rejection-sampled`: HH-RLHF's helpful-rejection-sampled test file (MIT): both replies sampled from one
+  model, the crowdworker's choice between them; best-of-n traffic as Keel's chat records it.
+1. A scripted upstream answers a chat completion for a pair's conversation with its two responses as the n = 2
    candidates; `keel serve --upstream` ranks them (best_of 2) and records both with their rewards. Half the pairs
-   (by a hash of the instruction) are traffic, the other half the held-out test.
-2. The simulated annotator labels pairwise units from the queue (GET /v1/label/next?task=pairwise) by PandaLM's
-   majority vote, up to --preference-budget answers.
+   (by a hash of the first user turn) are traffic, the other half the held-out test.
+2. The simulated annotator labels pairwise units from the queue (GET /v1/label/next?task=pairwise) by the set's
+   label (flipped with probability --noise), up to --preference-budget answers.
 3. `keel train reward` with the default config plus the export's train split in the `helpful` head (each row
    --preference-repeat times), fine-tuning the served model (`init_from`, a quarter of the learning rate) or,
    with --preference-start fresh, from the base model as the default run does.
@@ -62,6 +66,7 @@ from bench.moderation_bench import Judge, held_out  # noqa: E402
 from bench.serve_bench import free_port, keel_serve  # noqa: E402
 from keel.core.bundled import default_model_dir  # noqa: E402
 from keel.core.runtime import ModerationRuntime, RewardRuntime  # noqa: E402
+from keel.core.text import parse_transcript  # noqa: E402
 from keel.training.config import DEFAULT_MODERATION_CONFIG, DEFAULT_REWARD_CONFIG, load_config  # noqa: E402
 from keel.training.data import DataSource, load_source  # noqa: E402
 from keel.training.evaluation.metrics import average_precision  # noqa: E402
@@ -98,7 +103,8 @@ def convabuse(path: Path) -> list[tuple[str, bool]]:
 
 
 def pandalm(path: Path) -> list[dict]:
-    """PandaLM pairs with a majority winner: prompt, the two responses as shown, and the winner (1 or 2)."""
+    """PandaLM pairs with a majority winner: the conversation before the reply, the two responses as shown, and
+    the winner (1 or 2)."""
     pairs = []
     with gzip.open(path, "rt") as handle:
         rows = json.load(handle)
@@ -107,8 +113,39 @@ def pandalm(path: Path) -> list[dict]:
         responses = (row["response1"], row["response2"])
         if count >= 2 and winner in (1, 2) and all(isinstance(r, str) and r.strip() for r in responses):
             prompt = row["instruction"] + (f"\n\n{row['input']}" if row["input"] else "")
-            pairs.append({"prompt": prompt, "responses": responses, "winner": winner})
+            pairs.append({"messages": [{"role": "user", "content": prompt}], "responses": responses,
+                          "winner": winner})
     return pairs
+
+
+def hh_pairs(path: Path) -> list[dict]:
+    """HH pairs as best-of-2 candidates: the shared conversation, the two final replies in an order drawn by a
+    hash of the conversation, and the crowdworker's choice as the winner."""
+    pairs = []
+    with gzip.open(path, "rt") as handle:
+        for line in handle:
+            row = json.loads(line)
+            chosen, rejected = parse_transcript(row["chosen"]), parse_transcript(row["rejected"])
+            if (chosen[:-1] != rejected[:-1] or chosen[-1].role != "assistant" or rejected[-1].role != "assistant"
+                    or chosen[-1].content == rejected[-1].content):
+                continue
+            messages = [{"role": m.role, "content": m.content} for m in chosen[:-1]]
+            first_is_chosen = hashlib.sha256(json.dumps(messages).encode()).digest()[1] < 128
+            replies = (chosen[-1].content, rejected[-1].content)
+            pairs.append({"messages": messages, "responses": replies if first_is_chosen else replies[::-1],
+                          "winner": 1 if first_is_chosen else 2})
+    return pairs
+
+
+PREFERENCE_SETS = {
+    "pandalm": lambda: pandalm(DATA / "pandalm-human-testset/testset-v1.json.gz"),
+    "hh-rejection-sampled": lambda: hh_pairs(DATA / "hh-rlhf/helpful-rejection-sampled/test.jsonl.gz"),
+}
+
+
+def conversation_key(messages: list[dict]) -> str:
+    """The user and assistant turns of a conversation (the server may add a system prompt upstream)."""
+    return json.dumps([[m["role"], m["content"]] for m in messages if m["role"] != "system"])
 
 
 def half(text: str) -> str:
@@ -233,12 +270,12 @@ def moderation_part(args: argparse.Namespace) -> dict:
 
 def scripted_upstream(pairs: list[dict]) -> tuple[str, uvicorn.Server]:
     """An OpenAI-compatible server answering a PandaLM instruction with its two responses as the choices."""
-    by_prompt = {pair["prompt"]: pair["responses"] for pair in pairs}
+    by_conversation = {conversation_key(pair["messages"]): pair["responses"] for pair in pairs}
     app = FastAPI()
 
     @app.post("/v1/chat/completions")
     def complete(body: dict) -> dict:
-        responses = by_prompt[body["messages"][-1]["content"]]
+        responses = by_conversation[conversation_key(body["messages"])]
         choices = [{"index": i, "message": {"role": "assistant", "content": responses[i % 2]},
                     "finish_reason": "stop"} for i in range(body.get("n", 1))]
         return {"id": "scripted", "object": "chat.completion", "created": 0, "model": "pandalm", "choices": choices,
@@ -253,7 +290,7 @@ def scripted_upstream(pairs: list[dict]) -> tuple[str, uvicorn.Server]:
 
 
 def preference_labels(args: argparse.Namespace, traffic: list[dict]) -> tuple[Path, int]:
-    folder = args.work / "preferences"
+    folder = args.work / f"preferences-{args.preference_set}"
     out = folder / "export"
     if (out / "preferences.jsonl").exists():
         return out, json.loads((folder / "answered.json").read_text())
@@ -262,13 +299,12 @@ def preference_labels(args: argparse.Namespace, traffic: list[dict]) -> tuple[Pa
     db = f"sqlite:///{folder / 'feedback.db'}"
     rng = random.Random(f"{args.seed}-preferences")
     upstream, server = scripted_upstream(traffic)
-    better = {pair["responses"][pair["winner"] - 1]: pair["responses"][2 - pair["winner"]] for pair in traffic}
+    wins = {(pair["responses"][pair["winner"] - 1], pair["responses"][2 - pair["winner"]]) for pair in traffic}
     answered = 0
     try:
         with keel_serve("--upstream", upstream, "--feedback-db", db, "--feedback-queue-pool", str(len(traffic) + 1),
                         "--feedback-gold-rate", "0") as (base, _):
-            bodies = [{"messages": [{"role": "user", "content": pair["prompt"]}], "best_of": 2, "max_tokens": 512}
-                      for pair in traffic]
+            bodies = [{"messages": pair["messages"], "best_of": 2, "max_tokens": 512} for pair in traffic]
             send_all(base, "/v1/chat/completions", bodies, workers=4)
             wait_recorded(base, len(bodies))
             with httpx.Client(base_url=base, timeout=120) as client:
@@ -277,10 +313,11 @@ def preference_labels(args: argparse.Namespace, traffic: list[dict]) -> tuple[Pa
                     if item is None:
                         break
                     first, second = item["candidates"]
-                    if first["text"] == second["text"] or first["text"] not in better and second["text"] not in better:
+                    shown = (first["text"], second["text"])
+                    if shown not in wins and shown[::-1] not in wins:
                         winner: int | str = "skip"
                     else:
-                        winner = 1 if better.get(first["text"]) == second["text"] else 2
+                        winner = 1 if shown in wins else 2
                         if rng.random() < args.noise:
                             winner = 3 - winner
                     answer(client, {"task": "pairwise", "item_id": item["id"], "first": first["id"],
@@ -302,14 +339,16 @@ def pair_accuracy(model: Path, head: str, pairs_file: Path, split: str = "all") 
 
 
 def preference_part(args: argparse.Namespace) -> dict:
-    pairs = pandalm(DATA / "pandalm-human-testset/testset-v1.json.gz")
-    traffic = [p for p in pairs if half(p["prompt"]) == "traffic"]
-    test_file = args.work / "pandalm-test.jsonl"
+    pairs = PREFERENCE_SETS[args.preference_set]()
+    traffic = [p for p in pairs if half(p["messages"][0]["content"]) == "traffic"]
+    test_file = args.work / f"{args.preference_set}-test.jsonl"
     with test_file.open("w") as handle:
         for pair in pairs:
-            if half(pair["prompt"]) == "test":
+            if half(pair["messages"][0]["content"]) == "test":
                 chosen, rejected = pair["responses"][pair["winner"] - 1], pair["responses"][2 - pair["winner"]]
-                handle.write(json.dumps({"prompt": pair["prompt"], "chosen": chosen, "rejected": rejected}) + "\n")
+                handle.write(json.dumps({"prompt": pair["messages"],
+                                         "chosen": [{"role": "assistant", "content": chosen}],
+                                         "rejected": [{"role": "assistant", "content": rejected}]}) + "\n")
     out, answered = preference_labels(args, traffic)
     rows = sum(1 for _ in (out / "preferences.jsonl").open())
     feedback = [f"heads.1.train+={{path: {out / 'preferences.jsonl'}, where: {{split: train}}, "
@@ -317,17 +356,17 @@ def preference_part(args: argparse.Namespace) -> dict:
     served = default_model_dir("reward")
     # served: fine-tune the served model (docs/feedback.md's recipe); fresh: the default config's full run
     start = ([f"init_from={served}", *FINE_TUNING] if args.preference_start == "served" else [])
-    model = train("reward", args.work / "models" / f"reward-preferences-{args.preference_start}", feedback + start,
+    model = train("reward", args.work / "models" / f"reward-{args.preference_set}-{args.preference_start}", feedback + start,
                   args)
     hh = load_config(RewardConfig, DEFAULT_REWARD_CONFIG).heads[1].test[0].path
-    report = {"traffic_pairs": len(traffic), "test_pairs": sum(1 for _ in test_file.open()),
+    report = {"set": args.preference_set, "traffic_pairs": len(traffic), "test_pairs": sum(1 for _ in test_file.open()),
               "answers": answered, "exported_pairs": rows, "noise": args.noise, "start": args.preference_start,
               "repeat": args.preference_repeat, "overrides": feedback + start}
     for name, directory in (("default", served), ("retrained", model)):
-        report[name] = {"pandalm_test_accuracy": pair_accuracy(directory, "helpful", test_file),
+        report[name] = {"held_out_accuracy": pair_accuracy(directory, "helpful", test_file),
                         "hh_helpful_test_accuracy": pair_accuracy(directory, "helpful", Path(hh), "test")}
-    report["gain_points"] = round(100 * (report["retrained"]["pandalm_test_accuracy"]
-                                         - report["default"]["pandalm_test_accuracy"]), 2)
+    report["gain_points"] = round(100 * (report["retrained"]["held_out_accuracy"]
+                                         - report["default"]["held_out_accuracy"]), 2)
     return report
 
 
@@ -344,6 +383,8 @@ def main() -> None:
     parser.add_argument("--random-budgets", type=budgets, default=[100, 300, 1000],
                         help="label counts at which the random arm is exported and retrained")
     parser.add_argument("--preference-budget", type=int, default=1000, help="pairwise answers at most")
+    parser.add_argument("--preference-set", choices=sorted(PREFERENCE_SETS), default="pandalm",
+                        help="the preference data whose best-of-2 traffic is labelled (see above)")
     parser.add_argument("--preference-start", choices=["served", "fresh"], default="served",
                         help="retrain the reward model by fine-tuning the served one, or from the base model")
     parser.add_argument("--preference-repeat", type=int, default=3,
