@@ -44,8 +44,8 @@ class RewardConfig:
     heads: list[HeadConfig]
     base_model: str = "default"  # HF name or path; "default" is all-MiniLM-L6-v2 from its wheel
     # A Keel reward model directory to fine-tune instead of fresh heads on base_model (e.g. the served model,
-    # with a team's feedback added to its data): minutes instead of a full retrain, and none of a fresh run's
-    # seed-to-seed spread. Its heads must be this config's; base_model must name the backbone it was trained on.
+    # with a team's feedback added to its data): it keeps what that model learned instead of re-drawing it, as a
+    # fresh run with another seed would. Its heads must be this config's; base_model must name its backbone.
     init_from: str | None = None
     max_length: int = 256  # tokens; longer conversations lose their oldest turns
     truncation_side: str = "left"  # left keeps the final response
