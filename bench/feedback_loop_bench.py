@@ -361,7 +361,7 @@ def preference_part(args: argparse.Namespace) -> dict:
     hh = load_config(RewardConfig, DEFAULT_REWARD_CONFIG).heads[1].test[0].path
     report = {"set": args.preference_set, "traffic_pairs": len(traffic), "test_pairs": sum(1 for _ in test_file.open()),
               "answers": answered, "exported_pairs": rows, "noise": args.noise, "start": args.preference_start,
-              "repeat": args.preference_repeat, "overrides": feedback + start}
+              "repeat": args.preference_repeat, "overrides": feedback + start + args.train_set}
     for name, directory in (("default", served), ("retrained", model)):
         report[name] = {"held_out_accuracy": pair_accuracy(directory, "helpful", test_file),
                         "hh_helpful_test_accuracy": pair_accuracy(directory, "helpful", Path(hh), "test")}
