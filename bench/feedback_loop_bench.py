@@ -143,6 +143,10 @@ PREFERENCE_SETS = {
 }
 
 
+def chosen_and_rejected(pair: dict) -> tuple[str, str]:
+    return pair["responses"][pair["winner"] - 1], pair["responses"][2 - pair["winner"]]
+
+
 def conversation_key(messages: list[dict]) -> str:
     """The user and assistant turns of a conversation (the server may add a system prompt upstream)."""
     return json.dumps([[m["role"], m["content"]] for m in messages if m["role"] != "system"])
@@ -269,7 +273,7 @@ def moderation_part(args: argparse.Namespace) -> dict:
 # ---- preferences --------------------------------------------------------------------------------------------------
 
 def scripted_upstream(pairs: list[dict]) -> tuple[str, uvicorn.Server]:
-    """An OpenAI-compatible server answering a PandaLM instruction with its two responses as the choices."""
+    """An OpenAI-compatible server answering a pair's conversation with its two responses as the choices."""
     by_conversation = {conversation_key(pair["messages"]): pair["responses"] for pair in pairs}
     app = FastAPI()
 
@@ -278,7 +282,7 @@ def scripted_upstream(pairs: list[dict]) -> tuple[str, uvicorn.Server]:
         responses = by_conversation[conversation_key(body["messages"])]
         choices = [{"index": i, "message": {"role": "assistant", "content": responses[i % 2]},
                     "finish_reason": "stop"} for i in range(body.get("n", 1))]
-        return {"id": "scripted", "object": "chat.completion", "created": 0, "model": "pandalm", "choices": choices,
+        return {"id": "scripted", "object": "chat.completion", "created": 0, "model": "scripted", "choices": choices,
                 "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}
 
     port = free_port()
@@ -299,7 +303,7 @@ def preference_labels(args: argparse.Namespace, traffic: list[dict]) -> tuple[Pa
     db = f"sqlite:///{folder / 'feedback.db'}"
     rng = random.Random(f"{args.seed}-preferences")
     upstream, server = scripted_upstream(traffic)
-    wins = {(pair["responses"][pair["winner"] - 1], pair["responses"][2 - pair["winner"]]) for pair in traffic}
+    wins = {chosen_and_rejected(pair) for pair in traffic}
     answered = 0
     try:
         with keel_serve("--upstream", upstream, "--feedback-db", db, "--feedback-queue-pool", str(len(traffic) + 1),
@@ -339,16 +343,16 @@ def pair_accuracy(model: Path, head: str, pairs_file: Path, split: str = "all") 
 
 
 def preference_part(args: argparse.Namespace) -> dict:
-    pairs = PREFERENCE_SETS[args.preference_set]()
-    traffic = [p for p in pairs if half(p["messages"][0]["content"]) == "traffic"]
+    halves: dict[str, list[dict]] = {"traffic": [], "test": []}
+    for pair in PREFERENCE_SETS[args.preference_set]():
+        halves[half(pair["messages"][0]["content"])].append(pair)
+    traffic = halves["traffic"]
     test_file = args.work / f"{args.preference_set}-test.jsonl"
     with test_file.open("w") as handle:
-        for pair in pairs:
-            if half(pair["messages"][0]["content"]) == "test":
-                chosen, rejected = pair["responses"][pair["winner"] - 1], pair["responses"][2 - pair["winner"]]
-                handle.write(json.dumps({"prompt": pair["messages"],
-                                         "chosen": [{"role": "assistant", "content": chosen}],
-                                         "rejected": [{"role": "assistant", "content": rejected}]}) + "\n")
+        for pair in halves["test"]:
+            chosen, rejected = chosen_and_rejected(pair)
+            handle.write(json.dumps({"prompt": pair["messages"], "chosen": [{"role": "assistant", "content": chosen}],
+                                     "rejected": [{"role": "assistant", "content": rejected}]}) + "\n")
     out, answered = preference_labels(args, traffic)
     rows = sum(1 for _ in (out / "preferences.jsonl").open())
     feedback = [f"heads.1.train+={{path: {out / 'preferences.jsonl'}, where: {{split: train}}, "
@@ -356,10 +360,10 @@ def preference_part(args: argparse.Namespace) -> dict:
     served = default_model_dir("reward")
     # served: fine-tune the served model (docs/feedback.md's recipe); fresh: the default config's full run
     start = ([f"init_from={served}", *FINE_TUNING] if args.preference_start == "served" else [])
-    model = train("reward", args.work / "models" / f"reward-{args.preference_set}-{args.preference_start}", feedback + start,
-                  args)
+    model = train("reward", args.work / "models" / f"reward-{args.preference_set}-{args.preference_start}",
+                  feedback + start, args)
     hh = load_config(RewardConfig, DEFAULT_REWARD_CONFIG).heads[1].test[0].path
-    report = {"set": args.preference_set, "traffic_pairs": len(traffic), "test_pairs": sum(1 for _ in test_file.open()),
+    report = {"set": args.preference_set, "traffic_pairs": len(traffic), "test_pairs": len(halves["test"]),
               "answers": answered, "exported_pairs": rows, "noise": args.noise, "start": args.preference_start,
               "repeat": args.preference_repeat, "overrides": feedback + start + args.train_set}
     for name, directory in (("default", served), ("retrained", model)):

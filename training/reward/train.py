@@ -8,13 +8,13 @@ best weights kept) over each head's batches with its objective's loss -> detache
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from keel.core.artifact import ArtifactError, read_manifest
 from keel.core.reward_model import RewardModel
 from keel.training.config import ConfigError
 from keel.training.data import Example
@@ -74,10 +74,10 @@ def starting_model(config: RewardConfig, names: list[str]) -> RewardModel:
     """Fresh heads on base_model, or the `init_from` model to fine-tune (the same heads and backbone)."""
     if config.init_from is None:
         return RewardModel.from_base(config.base_model, names, config.attention_dropout)
-    manifest_path = Path(config.init_from) / "keel.json"
-    if not manifest_path.is_file():
-        raise ConfigError(f"init_from {config.init_from}: not a Keel reward model directory (no keel.json)")
-    manifest = json.loads(manifest_path.read_text())
+    try:
+        manifest = read_manifest(config.init_from)
+    except ArtifactError as error:
+        raise ConfigError(f"init_from {config.init_from}: not a Keel reward model directory ({error})") from None
     if manifest.get("heads") != names:
         raise ConfigError(f"init_from {config.init_from} has heads {manifest.get('heads')}, the config {names}: "
                           "fine-tuning keeps every head, so give the config the same heads in the same order")
