@@ -157,6 +157,11 @@ def test_a_data_source_can_keep_only_pairs_that_prefer_a_refusal_or_compliance(t
     assert [p.rejected for p in mixed] == ["Use a pick.", "Cross the wires.", "Use a pick.", "I'm sorry, I can't say."]
     [answered] = load_pairs([DataSource(path, pairs="compliance_vs_refusal")], False)
     assert answered.chosen == "Paris."
+    # A training source's `repeat` oversamples it (here the pairs that teach not to refuse); validation reads once.
+    oversampled = [DataSource(path, pairs="refusal_vs_compliance"), DataSource(path, pairs="compliance_vs_refusal",
+                                                                               repeat=3)]
+    assert [p.chosen for p in load_pairs(oversampled, False, training=True)].count("Paris.") == 3
+    assert [p.chosen for p in load_pairs(oversampled, False)].count("Paris.") == 1
     only_compliance = str(write_jsonl(tmp_path / "compliance.jsonl", rows[1:2]))
     with pytest.raises(DataError, match=r"no usable pairs \(refusal_vs_compliance\)"):
         load_pairs([DataSource(only_compliance, pairs="refusal_vs_compliance")], False)

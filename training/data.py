@@ -17,7 +17,7 @@ import io
 import json
 import logging
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -302,6 +302,13 @@ def load_source(source: DataSource, skip_bad_rows: bool = False,
     what = f"pairs ({source.pairs})" if keep is not None else "rows"
     return read_source(source, lambda row: parse_row(row, source, parse), lambda e: e.split_key, skip_bad_rows,
                        what, keep)
+
+
+def read_sources(sources: Sequence[DataSource], skip_bad_rows: bool, training: bool = False,
+                 load: Callable[[Any, bool], list[Any]] = load_source) -> list[Any]:
+    """Every source's rows; for training, each source's `repeat` times (held-out rows are never repeated)."""
+    return [item for source in sources
+            for item in load(source, skip_bad_rows) * (source.repeat if training else 1)]
 
 
 # ---- prompts and demonstrations for policy training ------------------------------------------------------

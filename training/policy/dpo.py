@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from keel.training.config import ConfigError
-from keel.training.data import PreferencePair, load_source
+from keel.training.data import PreferencePair, read_sources
 from keel.training.policy.common import response_logprobs, teacher_forced
 from keel.training.policy.config import PolicyConfig
 from keel.training.policy.run import PolicyRun, steps_for_epochs
@@ -31,8 +31,8 @@ def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, referen
     return loss, margin
 
 
-def load_pairs(sources: list, skip_bad_rows: bool) -> list[PreferencePair]:
-    pairs = [e for source in sources for e in load_source(source, skip_bad_rows) if isinstance(e, PreferencePair)]
+def load_pairs(sources: list, skip_bad_rows: bool, training: bool = False) -> list[PreferencePair]:
+    pairs = [e for e in read_sources(sources, skip_bad_rows, training) if isinstance(e, PreferencePair)]
     if sources and not pairs:
         raise ConfigError("DPO needs preference pairs (chosen/rejected); the data files hold only ratings")
     return pairs
@@ -40,7 +40,7 @@ def load_pairs(sources: list, skip_bad_rows: bool) -> list[PreferencePair]:
 
 def train_dpo(config: PolicyConfig, output: Path, skip_bad_rows: bool = False, **run_options: Any) -> dict[str, Any]:
     t, p = config.training, config.policy
-    pairs = load_pairs(config.data, skip_bad_rows)
+    pairs = load_pairs(config.data, skip_bad_rows, training=True)
     if not pairs:
         raise ConfigError("DPO needs preference pairs: set data to one or more pair files")
     validation = load_pairs(config.validation, skip_bad_rows)

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from keel.training.config import ConfigError
-from keel.training.data import load_demonstrations
+from keel.training.data import load_demonstrations, read_sources
 from keel.training.policy.common import masked_mean, response_logprobs, teacher_forced
 from keel.training.policy.config import PolicyConfig
 from keel.training.policy.run import PolicyRun, steps_for_epochs
@@ -18,8 +18,8 @@ def train_sft(config: PolicyConfig, output: Path, skip_bad_rows: bool = False, *
     t, p = config.training, config.policy
     if not config.data:
         raise ConfigError("SFT needs demonstrations: set data to one or more files")
-    demonstrations = [d for source in config.data for d in load_demonstrations(source, skip_bad_rows)]
-    validation = [d for source in config.validation for d in load_demonstrations(source, skip_bad_rows)]
+    demonstrations = read_sources(config.data, skip_bad_rows, training=True, load=load_demonstrations)
+    validation = read_sources(config.validation, skip_bad_rows, load=load_demonstrations)
     run = PolicyRun(config, output, "sft", on_policy=False, skip_bad_rows=skip_bad_rows, **run_options)
     run.total_steps = t.steps or steps_for_epochs(len(demonstrations), t.prompts_per_step, t.epochs,
                                                   run.accelerator.num_processes)

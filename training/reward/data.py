@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from keel.core.artifact import file_sha256
 from keel.training.config import HEAD_ROLES
-from keel.training.data import DataSource, Example, load_source
+from keel.training.data import DataSource, Example, load_source, read_sources
 from keel.training.reward.config import RewardConfig
 from keel.training.reward.objectives import parse_example
 
@@ -27,14 +28,13 @@ class HeadData:
     guard: list[Example]
 
 
-def read_sources(sources: list[DataSource], skip_bad_rows: bool, repeat: bool = False) -> list[Example]:
-    """Every source's examples; with `repeat` (training), each source's `repeat` times."""
-    return [example for source in sources
-            for example in load_source(source, skip_bad_rows, parse_example) * (source.repeat if repeat else 1)]
+def read_examples(sources: list[DataSource], skip_bad_rows: bool, training: bool = False) -> list[Example]:
+    """Every source's examples as a reward head reads them (pairs, ratings, labelled turns)."""
+    return read_sources(sources, skip_bad_rows, training, partial(load_source, parse=parse_example))
 
 
 def load_head_data(config: RewardConfig, skip_bad_rows: bool) -> list[HeadData]:
-    return [HeadData(h.name, **{role: read_sources(getattr(h, role), skip_bad_rows, repeat=role == "train")
+    return [HeadData(h.name, **{role: read_examples(getattr(h, role), skip_bad_rows, training=role == "train")
                                 for role in HEAD_ROLES})
             for h in config.heads]
 

@@ -25,7 +25,7 @@ from keel.training.encoder.optim import load_tokenizer
 from keel.training.encoder.publish import export_onnx
 from keel.training.encoder.scoring import torch_scorer
 from keel.training.reward.config import RewardConfig
-from keel.training.reward.data import HeadData, find_moved_data, read_sources
+from keel.training.reward.data import HeadData, find_moved_data, read_examples
 from keel.training.reward.model_card import reward_model_card
 from keel.training.reward.publish import int8_accuracy, validation_sample
 
@@ -57,7 +57,7 @@ def reexport(directory: Path, int8: bool | None = None, skip_bad_rows: bool = Fa
                         entry["path"])
 
     try:
-        heads = [HeadData(h.name, [], read_sources(h.validation, skip_bad_rows), read_sources(h.test, skip_bad_rows),
+        heads = [HeadData(h.name, [], read_examples(h.validation, skip_bad_rows), read_examples(h.test, skip_bad_rows),
                           [], []) for h in config.heads]
     except DataError as error:
         raise DataError(f"{error}; the new graphs are checked on the validation and test data named in "
