@@ -3,7 +3,7 @@ API, export, retrain with one added config line, and score held-out data the def
 
     python bench/feedback_loop_bench.py --work DIR [--parts moderation,preferences] [--noise 0.1]
                                         [--queue-budgets 100,300,500,1000] [--random-budgets 100,300,1000]
-                                        [--preference-set pandalm|hh-rejection-sampled] [--preference-budget 1000]
+                                        [--preference-set pandalm|hh-rejection-sampled|truthfulqa] [--preference-budget 1000]
                                         [--preference-start served|fresh] [--preference-repeat 3] [--out FILE]
 
 Moderation (ConvAbuse, CC BY 4.0: users' messages to conversational agents, abusive by majority of its annotators,
@@ -19,11 +19,14 @@ mapped to `harassment`; never in the default moderation model's data):
    test file is the held-out set here.
 4. Each model scores ConvAbuse's test messages (AUPRC of `harassment`) and OpenAI's moderation samples of the
    default config's test fold (AUPRC of any harm, the served rule), beside the default model.
-Preferences (--preference-set; neither set is in the default reward model's data):
+Preferences (--preference-set; none of these sets is in the default reward model's data):
 - `pandalm`: PandaLM's human test set (Apache-2.0): instruction, two responses, three human annotators; pairs with
   a majority winner.
 - `hh-rejection-sampled`: HH-RLHF's helpful-rejection-sampled test file (MIT): both replies sampled from one
   model, the crowdworker's choice between them; best-of-n traffic as Keel's chat records it.
+- `truthfulqa`: TruthfulQA (Apache-2.0): a question, its best true answer and one false answer (a common
+  misconception); the true one wins. A team whose standard is factual correctness, which the default reward
+  model was not trained for (its data are HH's helpfulness and harmlessness choices).
 1. A scripted upstream answers a chat completion for a pair's conversation with its two responses as the n = 2
    candidates; `keel serve --upstream` ranks them (best_of 2) and records both with their rewards. Half the pairs
    (by a hash of the first user turn) are traffic, the other half the held-out test.
@@ -70,6 +73,7 @@ from keel.core.text import parse_transcript  # noqa: E402
 from keel.training.config import DEFAULT_MODERATION_CONFIG, DEFAULT_REWARD_CONFIG, load_config  # noqa: E402
 from keel.training.data import DataSource, load_source  # noqa: E402
 from keel.training.evaluation.metrics import average_precision  # noqa: E402
+from keel.training.evaluation.sets import truthfulqa  # noqa: E402
 from keel.training.moderation.config import ModerationConfig  # noqa: E402
 from keel.training.moderation.data import any_harm_labels  # noqa: E402
 from keel.training.reward.config import RewardConfig  # noqa: E402
@@ -129,17 +133,34 @@ def hh_pairs(path: Path) -> list[dict]:
             if (chosen[:-1] != rejected[:-1] or chosen[-1].role != "assistant" or rejected[-1].role != "assistant"
                     or chosen[-1].content == rejected[-1].content):
                 continue
-            messages = [{"role": m.role, "content": m.content} for m in chosen[:-1]]
-            first_is_chosen = hashlib.sha256(json.dumps(messages).encode()).digest()[1] < 128
-            replies = (chosen[-1].content, rejected[-1].content)
-            pairs.append({"messages": messages, "responses": replies if first_is_chosen else replies[::-1],
-                          "winner": 1 if first_is_chosen else 2})
+            pairs.append(candidates([{"role": m.role, "content": m.content} for m in chosen[:-1]],
+                                    chosen[-1].content, rejected[-1].content))
     return pairs
+
+
+def truthfulqa_pairs(root: Path) -> list[dict]:
+    """TruthfulQA questions as best-of-2 candidates: the best true answer against one of the false ones (drawn
+    by a hash of the question), the true one the winner: a team whose standard is factual correctness."""
+    pairs = []
+    for item in truthfulqa(root):
+        false = item.options[item.meta["incorrect_from"]:]
+        question = item.conversation[0].content
+        wrong = false[hashlib.sha256(question.encode()).digest()[2] % len(false)]
+        pairs.append(candidates([{"role": "user", "content": question}], item.options[item.correct[0]], wrong))
+    return pairs
+
+
+def candidates(messages: list[dict], chosen: str, rejected: str) -> dict:
+    """A pair as the upstream's two choices, in an order drawn by a hash of the conversation, and its winner."""
+    first_is_chosen = hashlib.sha256(json.dumps(messages).encode()).digest()[1] < 128
+    return {"messages": messages, "responses": (chosen, rejected) if first_is_chosen else (rejected, chosen),
+            "winner": 1 if first_is_chosen else 2}
 
 
 PREFERENCE_SETS = {
     "pandalm": lambda: pandalm(DATA / "pandalm-human-testset/testset-v1.json.gz"),
     "hh-rejection-sampled": lambda: hh_pairs(DATA / "hh-rlhf/helpful-rejection-sampled/test.jsonl.gz"),
+    "truthfulqa": lambda: truthfulqa_pairs(DATA),
 }
 
 
