@@ -1,8 +1,8 @@
 """Tune the default policy with one algorithm's config, evaluate it, and check the RLHF targets, over seeds.
 
     python bench/rlhf_bench.py [--algorithm rloo] [--config PATH] [--eval-config PATH] [--seeds 0,1,2]
-                               [--output DIR] [--set KEY=VALUE ...] [--warm-start CONFIG [--warm-start-algorithm dpo]]
-                               [--skip-training]
+                               [--output DIR] [--set KEY=VALUE ...] [--warm-start CONFIG [--warm-start-algorithm dpo]
+                               [--warm-start-set KEY=VALUE ...]] [--skip-training]
 
 For each seed (`training.seed`), runs `keel train ALGORITHM` in a subprocess (timed end to end: model loading,
 rollouts, evaluations and the artifact included), then `keel eval policy` on held-out prompts and the refusal
@@ -82,6 +82,8 @@ def main() -> None:
                         help="config of a first training stage whose policy the main algorithm starts from")
     parser.add_argument("--warm-start-algorithm", default="dpo", choices=["sft", "dpo"],
                         help="the first stage's algorithm (default: dpo)")
+    parser.add_argument("--warm-start-set", dest="warm_start_overrides", action="append", default=[],
+                        help="first-stage config override (e.g. data.0.repeat=2)")
     parser.add_argument("--skip-training", action="store_true", help="evaluate existing outputs")
     args = parser.parse_args()
     base = args.output or Path("runs") / f"bench-{args.algorithm}"
@@ -102,7 +104,7 @@ def main() -> None:
             train_default_reward_model_if_needed(args.config or CONFIGS / f"{args.algorithm}.yaml", args.overrides)
             began = time.time()
             if args.warm_start:
-                train(args.warm_start_algorithm, args.warm_start, warm, seeded)
+                train(args.warm_start_algorithm, args.warm_start, warm, args.warm_start_overrides + seeded)
             train(args.algorithm, args.config, output,
                   ([f"policy.model={warm.resolve()}"] if args.warm_start else []) + args.overrides + seeded)
             wall = time.time() - began
@@ -147,7 +149,8 @@ def main() -> None:
         print(f"  seed {r['seed']} meets {sum(r['met'].values())} of {len(r['met'])} targets")
     bench = {"algorithm": args.algorithm, "config": str(args.config), "eval_config": str(args.eval_config),
              "warm_start": f"{args.warm_start_algorithm} {args.warm_start}" if args.warm_start else None,
-             "overrides": args.overrides, "device": device(), "seeds": runs, "aggregate": aggregate}
+             "overrides": args.overrides, "warm_start_overrides": args.warm_start_overrides, "device": device(),
+             "seeds": runs, "aggregate": aggregate}
     (base.parent / f"{base.name}-bench.json").write_text(json.dumps(bench, indent=2) + "\n")
 
 
