@@ -3,8 +3,9 @@ API, export, retrain with one added config line, and score held-out data the def
 
     python bench/feedback_loop_bench.py --work DIR [--parts moderation,preferences] [--noise 0.1]
                                         [--queue-budgets 100,300,500,1000] [--random-budgets 100,300,1000]
-                                        [--preference-set pandalm|hh-rejection-sampled|truthfulqa] [--preference-budget 1000]
-                                        [--preference-start served|fresh] [--preference-repeat 3] [--out FILE]
+                                        [--preference-set pandalm|hh-rejection-sampled|truthfulqa]
+                                        [--preference-budget 1000] [--preference-start served|fresh]
+                                        [--preference-repeat 3] [--out FILE]
 
 Moderation (ConvAbuse, CC BY 4.0: users' messages to conversational agents, abusive by majority of its annotators,
 mapped to `harassment`; never in the default moderation model's data):

@@ -15,7 +15,7 @@ import numpy as np
 
 from keel.core.artifact import file_sha256
 from keel.core.text import Message, ModelInput, parse_transcript, render
-from keel.training.data import filtered_rows, read_source, split_of
+from keel.training.data import filtered_rows, read_source, read_sources, split_of
 from keel.training.moderation.config import ANY, LabelRule, ModerationConfig, ModerationSource, Surroundings
 
 UNLABELLED = math.nan
@@ -153,9 +153,11 @@ def load_labelled(source: ModerationSource, config: ModerationConfig, role: str,
 def load_moderation_data(config: ModerationConfig, skip_bad_rows: bool = False) -> dict[str, list[Labelled]]:
     """Each role's rows; a training source's rows `repeat` times (held-out rows are never repeated), and the
     training texts placed in ordinary surroundings (`surroundings`)."""
-    data = {role: [item for source in getattr(config, role)
-                   for item in load_labelled(source, config, role, skip_bad_rows) * (source.repeat if role == "train" else 1)]
-            for role in ("train", "validation", "test")}
+    def rows(role: str) -> list[Labelled]:
+        return read_sources(getattr(config, role), skip_bad_rows, training=role == "train",
+                            load=lambda source, skip: load_labelled(source, config, role, skip))
+
+    data = {role: rows(role) for role in ("train", "validation", "test")}
     if config.surroundings is not None:
         data["train"] += surrounded(data["train"], config.surroundings)
     return data
