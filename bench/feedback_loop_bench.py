@@ -3,6 +3,7 @@ API, export, retrain with one added config line, and score held-out data the def
 
     python bench/feedback_loop_bench.py --work DIR [--parts moderation,preferences] [--noise 0.1]
                                         [--queue-budgets 100,300,500,1000] [--random-budgets 100,300,1000]
+                                        [--queue-random-rate 0.5]
                                         [--preference-set pandalm|hh-rejection-sampled|truthfulqa]
                                         [--preference-budget 1000] [--preference-start served|fresh]
                                         [--preference-repeat 3] [--out FILE]
@@ -14,7 +15,8 @@ mapped to `harassment`; never in the default moderation model's data):
 2. Two arms, each with its own server and store: the labelling queue (GET /v1/label/next, the page's own API)
    and random selection (random recorded responses). The simulated annotator answers POST /v1/label/answers with
    `harassment` from the dataset's label (flipped with probability --noise), other categories left unlabelled.
-   `--feedback-queue-pool` covers all the traffic, so the queue's first N picks are what it selects for N labels.
+   `--feedback-queue-pool` covers all the traffic, so the queue's first N picks are what it selects for N labels;
+   --queue-random-rate of them are random (`--feedback-random-rate`), the rest the most uncertain.
 3. After N labels (each budget), `keel feedback export`, then `keel train moderation` with the default config
    plus the export (`--set 'train+={path: .../moderation.jsonl, feedback: true}'`): all of it, since ConvAbuse's
    test file is the held-out set here.
@@ -230,7 +232,8 @@ def moderation_labels(arm: str, args: argparse.Namespace, traffic: list[tuple[st
     db = f"sqlite:///{folder / 'feedback.db'}"
     rng = random.Random(f"{args.seed}-{arm}")
     with keel_serve("--feedback-db", db, "--feedback-queue-pool", str(len(traffic) + 1),
-                    "--feedback-gold-rate", "0") as (base, _):
+                    "--feedback-gold-rate", "0", "--feedback-random-rate", str(args.queue_random_rate)
+                    ) as (base, _):
         responses = send_all(base, "/v1/moderations", [{"input": text} for text, _ in traffic])
         truth = {r["id"]: label for r, (_, label) in zip(responses, traffic)}
         wait_recorded(base, len(truth))
@@ -268,7 +271,7 @@ def moderation_part(args: argparse.Namespace) -> dict:
     test = convabuse(DATA / "convabuse/ConvAbuseEMNLPtest.csv")
     openai = held_out(load_config(ModerationConfig, DEFAULT_MODERATION_CONFIG), "openai-moderation")
     report: dict = {"traffic": len(traffic), "traffic_abusive": sum(label for _, label in traffic),
-                    "test": len(test), "noise": args.noise,
+                    "test": len(test), "noise": args.noise, "queue_random_rate": args.queue_random_rate,
                     "default": moderation_scores(default_model_dir("moderation"), test, openai), "arms": {}}
     for arm, budgets in (("queue", args.queue_budgets), ("random", args.random_budgets)):
         exports = moderation_labels(arm, args, traffic, budgets)
@@ -329,7 +332,8 @@ def preference_labels(args: argparse.Namespace, traffic: list[dict]) -> tuple[Pa
     answered = 0
     try:
         with keel_serve("--upstream", upstream, "--feedback-db", db, "--feedback-queue-pool", str(len(traffic) + 1),
-                        "--feedback-gold-rate", "0") as (base, _):
+                        "--feedback-gold-rate", "0", "--feedback-random-rate", str(args.queue_random_rate)
+                        ) as (base, _):
             bodies = [{"messages": pair["messages"], "best_of": 2, "max_tokens": 512} for pair in traffic]
             send_all(base, "/v1/chat/completions", bodies, workers=4)
             wait_recorded(base, len(bodies))
@@ -386,7 +390,8 @@ def preference_part(args: argparse.Namespace) -> dict:
                   feedback + start, args)
     hh = load_config(RewardConfig, DEFAULT_REWARD_CONFIG).heads[1].test[0].path
     report = {"set": args.preference_set, "traffic_pairs": len(traffic), "test_pairs": len(halves["test"]),
-              "answers": answered, "exported_pairs": rows, "noise": args.noise, "start": args.preference_start,
+              "answers": answered, "exported_pairs": rows, "noise": args.noise,
+              "queue_random_rate": args.queue_random_rate, "start": args.preference_start,
               "repeat": args.preference_repeat, "overrides": feedback + start + args.train_set}
     for name, directory in (("default", served), ("retrained", model)):
         report[name] = {"held_out_accuracy": pair_accuracy(directory, "helpful", test_file),
@@ -408,6 +413,8 @@ def main() -> None:
                         help="label counts at which the queue arm is exported and retrained")
     parser.add_argument("--random-budgets", type=budgets, default=[100, 300, 1000],
                         help="label counts at which the random arm is exported and retrained")
+    parser.add_argument("--queue-random-rate", type=float, default=0.5,
+                        help="the queue arm's share of random picks (keel serve --feedback-random-rate)")
     parser.add_argument("--preference-budget", type=int, default=1000, help="pairwise answers at most")
     parser.add_argument("--preference-set", choices=sorted(PREFERENCE_SETS), default="pandalm",
                         help="the preference data whose best-of-2 traffic is labelled (see above)")

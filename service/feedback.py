@@ -279,10 +279,12 @@ class FeedbackStore:
         return LabelQueue(open_units, reported, units_of(gold))
 
     @staticmethod
-    def pick(queue: LabelQueue, rng: random.Random, gold_rate: float = 0.0) -> tuple[Item, int] | None:
+    def pick(queue: LabelQueue, rng: random.Random, gold_rate: float = 0.0, random_rate: float = 0.5
+             ) -> tuple[Item, int] | None:
         """What to label first: reported items; then, unannounced, a gold unit at `gold_rate` (and when nothing
-        else is left); then one pick in five at random (so the labelled sample stays unbiased); else the most
-        uncertain."""
+        else is left); then a random unit at `random_rate`; else the most uncertain. Uncertain picks find the
+        model's mistakes fastest but soon become near-duplicate borderline cases; random picks keep the labelled
+        sample representative of the traffic (docs/benchmarks.md measures the two)."""
         units = queue.units
         first = [unit for unit in units if unit[0].id in queue.reported]
         if first:
@@ -291,7 +293,7 @@ class FeedbackStore:
             return rng.choice(queue.gold)
         if not units:
             return None
-        if rng.random() < 0.2:
+        if rng.random() < random_rate:
             return rng.choice(units)
         return max(units, key=lambda unit: unit[0].uncertainty)
 

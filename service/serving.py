@@ -274,7 +274,8 @@ class Serving:
         store, per_item = self.feedback, self.settings.feedback_annotations_per_item
         queue = await asyncio.to_thread(store.open_units, annotator, task, self.annotators(), per_item,
                                         self.settings.feedback_queue_pool)
-        unit = store.pick(queue, self.label_rng, self.settings.feedback_gold_rate)
+        unit = store.pick(queue, self.label_rng, self.settings.feedback_gold_rate,
+                          self.settings.feedback_random_rate)
         counts = await asyncio.to_thread(store.annotator_counts)
         progress = {"remaining": len(queue.units) + len(queue.gold), "done": counts.get(annotator, {}),
                     "annotators": counts}

@@ -83,6 +83,9 @@ class Settings(BaseSettings):
         "to measure each annotator's accuracy")
     feedback_gold_rate: float = Field(0.1, ge=0, le=1, description="share of the labelling page's picks that are "
                                       "a gold item the annotator has not answered yet")
+    feedback_random_rate: float = Field(0.5, ge=0, le=1, description="share of the labelling queue's picks "
+                                        "taken at random rather than the most uncertain (which find the model's "
+                                        "mistakes first, but soon only its borderline cases)")
     feedback_token_secret_file: Path | None = Field(
         None, description="file holding a secret (32 bytes or more, e.g. `openssl rand -hex 32`) that signs a "
         "short-lived token returned with each chat completion and moderation response (X-Keel-Feedback-Token), "

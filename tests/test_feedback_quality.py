@@ -55,6 +55,23 @@ def test_a_gold_file_is_read_with_its_errors_located(tmp_path: Path):
             read_gold(path, CATEGORIES)
 
 
+def test_the_queue_serves_reports_first_then_mixes_random_and_most_uncertain_units(tmp_path: Path):
+    store = FeedbackStore(f"sqlite:///{tmp_path / 'fb.db'}")
+    served = [moderation_served(f"modr-{i}", ["a"]) for i in range(10)]
+    for i, item in enumerate(served):
+        item.uncertainty = i / 10
+    store.record(served)
+    annotators = frozenset({"ann"})
+    queue = store.open_units("ann", "moderation", annotators)
+    rng = random.Random(0)
+    assert store.pick(queue, rng, random_rate=0.0)[0].id == "modr-9"
+    picks = [store.pick(queue, rng, random_rate=0.5)[0].id for _ in range(1000)]
+    assert 0.5 < picks.count("modr-9") / 1000 < 0.6  # half uncertain, plus its tenth of the random half
+    assert len(set(picks)) == 10
+    store.give("modr-2", "a-user", "moderation", {"categories": {"violence": True}})  # an appeal: a report
+    assert store.pick(store.open_units("ann", "moderation", annotators), rng, random_rate=0.0)[0].id == "modr-2"
+
+
 def test_gold_units_are_mixed_into_the_queue_unannounced(tmp_path: Path):
     store = FeedbackStore(f"sqlite:///{tmp_path / 'fb.db'}")
     gold = gold_items(write_gold(tmp_path / "gold.jsonl", GOLD))
