@@ -2,7 +2,7 @@
 
     python bench/rlhf_bench.py [--algorithm rloo] [--config PATH] [--eval-config PATH] [--seeds 0,1,2]
                                [--output DIR] [--set KEY=VALUE ...] [--warm-start CONFIG [--warm-start-algorithm dpo]
-                               [--warm-start-set KEY=VALUE ...]] [--skip-training]
+                               [--warm-start-set KEY=VALUE ...] [--reuse-warm-start]] [--skip-training]
 
 For each seed (`training.seed`), runs `keel train ALGORITHM` in a subprocess (timed end to end: model loading,
 rollouts, evaluations and the artifact included), then `keel eval policy` on held-out prompts and the refusal
@@ -15,6 +15,8 @@ over seeds, and how many targets each seed met.
 With --warm-start, a first stage (`keel train dpo|sft --config CONFIG`, into OUTPUT-warm) tunes the policy that
 the main algorithm then starts from; the wall time covers both stages, and the evaluation compares the final
 policy with the warm start's own base policy, so reward gain and KL are measured from where the pipeline began.
+--reuse-warm-start keeps a first stage that an interrupted run already wrote (OUTPUT-seedN-warm) and counts the
+training seconds its keel.json records toward the wall time.
 The device is recorded (CUDA when present, as training uses it).
 """
 
@@ -84,6 +86,9 @@ def main() -> None:
                         help="the first stage's algorithm (default: dpo)")
     parser.add_argument("--warm-start-set", dest="warm_start_overrides", action="append", default=[],
                         help="first-stage config override (e.g. data.0.repeat=2)")
+    parser.add_argument("--reuse-warm-start", action="store_true",
+                        help="keep an existing OUTPUT-seedN-warm from an interrupted run (its recorded training "
+                        "time counts toward wall)")
     parser.add_argument("--skip-training", action="store_true", help="evaluate existing outputs")
     args = parser.parse_args()
     base = args.output or Path("runs") / f"bench-{args.algorithm}"
@@ -103,7 +108,10 @@ def main() -> None:
         if not args.skip_training:
             train_default_reward_model_if_needed(args.config or CONFIGS / f"{args.algorithm}.yaml", args.overrides)
             began = time.time()
-            if args.warm_start:
+            if args.warm_start and args.reuse_warm_start and (warm / "keel.json").exists():
+                began -= json.loads((warm / "keel.json").read_text())["train_seconds"]
+                print(f"reusing the first stage in {warm}")
+            elif args.warm_start:
                 train(args.warm_start_algorithm, args.warm_start, warm, args.warm_start_overrides + seeded)
             train(args.algorithm, args.config, output,
                   ([f"policy.model={warm.resolve()}"] if args.warm_start else []) + args.overrides + seeded)
