@@ -214,6 +214,12 @@ def train(kind: str, output: Path, overrides: list[str], args: argparse.Namespac
     return output
 
 
+def labelling_store(db: str, traffic: int, args: argparse.Namespace) -> list[str]:
+    """`keel serve` flags of an arm's store: a queue pool over all the traffic, no gold, the bench's random rate."""
+    return ["--feedback-db", db, "--feedback-queue-pool", str(traffic + 1), "--feedback-gold-rate", "0",
+            "--feedback-random-rate", str(args.queue_random_rate)]
+
+
 def answer(client: httpx.Client, body: dict) -> None:
     client.post("/v1/label/answers", json=body).raise_for_status()
 
@@ -231,9 +237,7 @@ def moderation_labels(arm: str, args: argparse.Namespace, traffic: list[tuple[st
     (folder / "feedback.db").unlink(missing_ok=True)
     db = f"sqlite:///{folder / 'feedback.db'}"
     rng = random.Random(f"{args.seed}-{arm}")
-    with keel_serve("--feedback-db", db, "--feedback-queue-pool", str(len(traffic) + 1),
-                    "--feedback-gold-rate", "0", "--feedback-random-rate", str(args.queue_random_rate)
-                    ) as (base, _):
+    with keel_serve(*labelling_store(db, len(traffic), args)) as (base, _):
         responses = send_all(base, "/v1/moderations", [{"input": text} for text, _ in traffic])
         truth = {r["id"]: label for r, (_, label) in zip(responses, traffic)}
         wait_recorded(base, len(truth))
@@ -331,9 +335,7 @@ def preference_labels(args: argparse.Namespace, traffic: list[dict]) -> tuple[Pa
     wins = {chosen_and_rejected(pair) for pair in traffic}
     answered = 0
     try:
-        with keel_serve("--upstream", upstream, "--feedback-db", db, "--feedback-queue-pool", str(len(traffic) + 1),
-                        "--feedback-gold-rate", "0", "--feedback-random-rate", str(args.queue_random_rate)
-                        ) as (base, _):
+        with keel_serve("--upstream", upstream, *labelling_store(db, len(traffic), args)) as (base, _):
             bodies = [{"messages": pair["messages"], "best_of": 2, "max_tokens": 512} for pair in traffic]
             send_all(base, "/v1/chat/completions", bodies, workers=4)
             wait_recorded(base, len(bodies))

@@ -279,7 +279,7 @@ class FeedbackStore:
         return LabelQueue(open_units, reported, units_of(gold))
 
     @staticmethod
-    def pick(queue: LabelQueue, rng: random.Random, gold_rate: float = 0.0, random_rate: float = 0.5
+    def pick(queue: LabelQueue, rng: random.Random, gold_rate: float = 0.0, random_rate: float = 0.0
              ) -> tuple[Item, int] | None:
         """What to label first: reported items; then, unannounced, a gold unit at `gold_rate` (and when nothing
         else is left); then a random unit at `random_rate`; else the most uncertain. Uncertain picks find the
