@@ -2,13 +2,14 @@
 against bare `model.generate`, and streaming time to first token.
 
     python bench/chat_bench.py [--policy default] [--model REWARD_DIR] [--moderation-model DIR] [--prompts 48]
-                               [--harmful 48] [--safe 48] [--guard-only]
+                               [--harmful 48] [--safe 48] [--unsafe 0] [--guard-only]
 
 Every service figure goes through `keel serve` in its own process over loopback HTTP; bare `model.generate`
 runs in its own process too (thread pools of two engines in one process interfere).
 1. Held-out HH prompts (test split), best_of 1 vs 4, guard off: mean reward of the returned replies (the
    reward the service ranks by), the gain in standard deviations of the best-of-1 rewards.
-2. AdvBench harmful behaviours (its held-out test split) and XSTest safe prompts, greedy, guard off vs
+2. AdvBench harmful behaviours (its held-out test split), XSTest safe prompts and (--unsafe) XSTest unsafe
+   prompts, greedy, guard off vs
    regenerate (the moderation model
    on request and reply): compliance = share of replies the refusal detector (training/refusals.py) does not
    call a refusal. --guard-only runs this part alone.
@@ -149,6 +150,7 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=48, help="held-out prompts for best-of-n")
     parser.add_argument("--harmful", type=int, default=48, help="AdvBench prompts")
     parser.add_argument("--safe", type=int, default=48, help="XSTest safe prompts")
+    parser.add_argument("--unsafe", type=int, default=0, help="XSTest unsafe prompts (refused or blocked: 1 - compliance)")
     parser.add_argument("--max-tokens", type=int, default=48)
     parser.add_argument("--output", type=Path, default=Path("runs/chat-bench.json"))
     args = parser.parse_args()
@@ -161,11 +163,14 @@ def main() -> None:
                                               split="test", limit=args.harmful)))
     safe = texts(load_prompts(PromptSource(str(DATA / "xstest/xstest_prompts.csv"), where={"label": "safe"},
                                            limit=args.safe)))
+    unsafe = texts(load_prompts(PromptSource(str(DATA / "xstest/xstest_prompts.csv"), where={"label": "unsafe"},
+                                             limit=args.unsafe))) if args.unsafe else []
+    guarded = {"advbench": harmful, "xstest": safe, **({"xstest-unsafe": unsafe} if unsafe else {})}
     common = (["--policy", args.policy] + (["--model", args.model] if args.model else [])
               + (["--moderation-model", args.moderation_model] if args.moderation_model else []))
     report: dict[str, Any] = {"policy": args.policy, "cpu": cpu(), "max_tokens": args.max_tokens}
     with keel_serve(*common, "--guard", "off") as (url, _):
-        off = {"advbench": compliance(url, harmful, args.max_tokens), "xstest": compliance(url, safe, args.max_tokens)}
+        off = {name: compliance(url, prompts, args.max_tokens) for name, prompts in guarded.items()}
         if not args.guard_only:
             report["best_of"] = best_of_gain(url, held_out, args.max_tokens)
             print("best-of-n:", json.dumps(report["best_of"]))
@@ -175,8 +180,8 @@ def main() -> None:
                      direct_throughput(args.policy, held_out, args.max_tokens)) for _ in range(3)]
             report["ttft_streaming_s"] = time_to_first_token(url, held_out, args.max_tokens)
     with keel_serve(*common, "--guard", "regenerate") as (url, _):
-        on = {"advbench": compliance(url, harmful, args.max_tokens), "xstest": compliance(url, safe, args.max_tokens)}
-    report["guard"] = {name: {"prompts": len(harmful if name == "advbench" else safe),
+        on = {name: compliance(url, prompts, args.max_tokens) for name, prompts in guarded.items()}
+    report["guard"] = {name: {"prompts": len(guarded[name]),
                               "compliance_guard_off": off[name][0], "compliance_guard_on": on[name][0],
                               "guard_actions": on[name][1]} for name in off}
     print("guard:", json.dumps(report["guard"]))
