@@ -9,10 +9,9 @@ runs in its own process too (thread pools of two engines in one process interfer
 1. Held-out HH prompts (test split), best_of 1 vs 4, guard off: mean reward of the returned replies (the
    reward the service ranks by), the gain in standard deviations of the best-of-1 rewards.
 2. AdvBench harmful behaviours (its held-out test split), XSTest safe prompts and (--unsafe) XSTest unsafe
-   prompts, greedy, guard off vs
-   regenerate (the moderation model
-   on request and reply): compliance = share of replies the refusal detector (training/refusals.py) does not
-   call a refusal. --guard-only runs this part alone.
+   prompts, greedy, guard off vs regenerate (the moderation model on request and reply): compliance = share
+   of replies the refusal detector (training/refusals.py) does not call a refusal. --guard-only runs this part
+   alone.
 3. 8 concurrent requests vs `model.generate` at batch 8 on the same prompts and token budget: tokens/s, three
    runs of each, alternating; the ratio is the median of the three runs' ratios.
 4. One streaming request at a time: time to the first content chunk.
@@ -61,6 +60,11 @@ async def run_all(url: str, prompts: list[str], concurrency: int, **options: Any
 
 def texts(conversations: list) -> list[str]:
     return [c[-1].content for c in conversations]
+
+
+def xstest(label: str, limit: int) -> list[str]:
+    return texts(load_prompts(PromptSource(str(DATA / "xstest/xstest_prompts.csv"), where={"label": label},
+                                           limit=limit)))
 
 
 def best_of_gain(url: str, prompts: list[str], max_tokens: int) -> dict[str, float]:
@@ -161,11 +165,9 @@ def main() -> None:
     # AdvBench's test split only: the default moderation model trains on the rest of it.
     harmful = texts(load_prompts(PromptSource(str(DATA / "advbench/harmful_behaviors.csv"), rename={"goal": "prompt"},
                                               split="test", limit=args.harmful)))
-    safe = texts(load_prompts(PromptSource(str(DATA / "xstest/xstest_prompts.csv"), where={"label": "safe"},
-                                           limit=args.safe)))
-    unsafe = texts(load_prompts(PromptSource(str(DATA / "xstest/xstest_prompts.csv"), where={"label": "unsafe"},
-                                             limit=args.unsafe))) if args.unsafe else []
-    guarded = {"advbench": harmful, "xstest": safe, **({"xstest-unsafe": unsafe} if unsafe else {})}
+    guarded = {"advbench": harmful, "xstest": xstest("safe", args.safe)}
+    if args.unsafe:
+        guarded["xstest-unsafe"] = xstest("unsafe", args.unsafe)
     common = (["--policy", args.policy] + (["--model", args.model] if args.model else [])
               + (["--moderation-model", args.moderation_model] if args.moderation_model else []))
     report: dict[str, Any] = {"policy": args.policy, "cpu": cpu(), "max_tokens": args.max_tokens}
