@@ -2,16 +2,16 @@
 against bare `model.generate`, and streaming time to first token.
 
     python bench/chat_bench.py [--policy default] [--model REWARD_DIR] [--moderation-model DIR] [--prompts 48]
-                               [--harmful 48] [--safe 48] [--unsafe 0] [--guard-only]
+                               [--harmful 48] [--safe 48] [--unsafe 0] [--guard-margins 0.5] [--guard-only]
 
 Every service figure goes through `keel serve` in its own process over loopback HTTP; bare `model.generate`
 runs in its own process too (thread pools of two engines in one process interfere).
 1. Held-out HH prompts (test split), best_of 1 vs 4, guard off: mean reward of the returned replies (the
    reward the service ranks by), the gain in standard deviations of the best-of-1 rewards.
 2. AdvBench harmful behaviours (its held-out test split), XSTest safe prompts and (--unsafe) XSTest unsafe
-   prompts, greedy, guard off vs regenerate (the moderation model on request and reply): compliance = share
-   of replies the refusal detector (training/refusals.py) does not call a refusal. --guard-only runs this part
-   alone.
+   prompts, greedy, guard off vs regenerate at each --guard-margins value (the moderation model on request and
+   reply, its thresholds raised by the margin in log-odds): compliance = share of replies the refusal detector
+   (training/refusals.py) does not call a refusal. --guard-only runs this part alone.
 3. 8 concurrent requests vs `model.generate` at batch 8 on the same prompts and token budget: tokens/s, three
    runs of each, alternating; the ratio is the median of the three runs' ratios.
 4. One streaming request at a time: time to the first content chunk.
@@ -155,6 +155,9 @@ def main() -> None:
     parser.add_argument("--harmful", type=int, default=48, help="AdvBench prompts")
     parser.add_argument("--safe", type=int, default=48, help="XSTest safe prompts")
     parser.add_argument("--unsafe", type=int, default=0, help="XSTest unsafe prompts (refused or blocked: 1 - compliance)")
+    parser.add_argument("--guard-margins", type=lambda text: [float(m) for m in text.split(",")], default=[0.5],
+                        help="comma-separated --guard-margin values, one guarded server each (default: 0.5, the "
+                        "service's default)")
     parser.add_argument("--max-tokens", type=int, default=48)
     parser.add_argument("--output", type=Path, default=Path("runs/chat-bench.json"))
     args = parser.parse_args()
@@ -181,11 +184,13 @@ def main() -> None:
             runs = [(service_throughput(url, held_out, args.max_tokens),
                      direct_throughput(args.policy, held_out, args.max_tokens)) for _ in range(3)]
             report["ttft_streaming_s"] = time_to_first_token(url, held_out, args.max_tokens)
-    with keel_serve(*common, "--guard", "regenerate") as (url, _):
-        on = {name: compliance(url, prompts, args.max_tokens) for name, prompts in guarded.items()}
-    report["guard"] = {name: {"prompts": len(guarded[name]),
-                              "compliance_guard_off": off[name][0], "compliance_guard_on": on[name][0],
-                              "guard_actions": on[name][1]} for name in off}
+    report["guard"] = {}
+    for margin in args.guard_margins:
+        with keel_serve(*common, "--guard", "regenerate", "--guard-margin", str(margin)) as (url, _):
+            on = {name: compliance(url, prompts, args.max_tokens) for name, prompts in guarded.items()}
+        report["guard"][f"margin {margin}"] = {
+            name: {"prompts": len(guarded[name]), "compliance_guard_off": off[name][0],
+                   "compliance_guard_on": on[name][0], "guard_actions": on[name][1]} for name in off}
     print("guard:", json.dumps(report["guard"]))
     if args.guard_only:
         args.output.parent.mkdir(parents=True, exist_ok=True)

@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
-from keel.core.moderation import flags
+from keel.core.moderation import flags, raised
 from keel.core.runtime import ModerationRuntime, Scored
 from keel.service.schemas import ModerationResult
 
 
-def moderate(scored: Scored[ModerationRuntime], deployment: dict[str, float], request: dict[str, float] | None = None
-             ) -> list[ModerationResult]:
+def moderate(scored: Scored[ModerationRuntime], deployment: dict[str, float], request: dict[str, float] | None = None,
+             margin: float = 0.0) -> list[ModerationResult]:
     """A category is flagged when its probability reaches its threshold: the request's, else the deployment's
-    (--moderation-thresholds), else the model's. A category without any threshold is never flagged."""
+    (--moderation-thresholds), else the model's, raised by `margin` in log-odds (the chat guard's
+    --guard-margin). A category without any threshold is never flagged."""
     categories = scored.runtime.heads
     thresholds = {**scored.runtime.thresholds, **deployment, **(request or {})}
-    flagged = flags(scored.values, [thresholds[c] for c in categories])
+    limits = [None if (threshold := thresholds[c]) is None else raised(threshold, margin) for c in categories]
+    flagged = flags(scored.values, limits)
     text_only = {c: ["text"] for c in categories}
     return [ModerationResult(flagged=bool(row_flags.any()),
                              categories={c: bool(f) for c, f in zip(categories, row_flags)},

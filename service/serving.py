@@ -437,11 +437,12 @@ class Serving:
     def moderates(self) -> bool:
         return self.moderation is not None
 
-    async def moderations(self, inputs: list[ModelInput], thresholds: dict[str, float] | None = None
-                          ) -> tuple[Scored[ModerationRuntime], list[ModerationResult]]:
-        """Category probabilities and moderation results, at the request's, deployment's or model's thresholds."""
+    async def moderations(self, inputs: list[ModelInput], thresholds: dict[str, float] | None = None,
+                          margin: float = 0.0) -> tuple[Scored[ModerationRuntime], list[ModerationResult]]:
+        """Category probabilities and moderation results, at the request's, deployment's or model's thresholds
+        (raised by `margin` in log-odds)."""
         scored = await self.batched(MODERATION, inputs, "moderation")
-        results = moderate(scored, self.settings.moderation_thresholds, thresholds)
+        results = moderate(scored, self.settings.moderation_thresholds, thresholds, margin)
         for result in results:
             for category, flagged in result.categories.items():
                 if flagged:
@@ -449,8 +450,8 @@ class Serving:
         return scored, results
 
     async def moderate(self, inputs: list[ModelInput]) -> list[ModerationResult]:
-        """Moderation results at the served thresholds (the chat guard's question)."""
-        return (await self.moderations(inputs))[1]
+        """Moderation results at the served thresholds raised by --guard-margin (the chat guard's question)."""
+        return (await self.moderations(inputs, margin=self.settings.guard_margin))[1]
 
     # ---- generation -------------------------------------------------------------------------------------------
 

@@ -129,6 +129,11 @@ class Settings(BaseSettings):
         "regenerate", description="output guard: off (audit only), refuse (a flagged reply becomes a refusal) or "
         "regenerate (sample again up to --guard-retries times, then refuse)")
     guard_retries: int = Field(1, ge=0, le=5, description="fresh candidate sets the guard may draw")
+    # 0.5 was chosen on the default model's validation split: the widest margin that keeps 90% of its harmful
+    # requests and of GPTFuzz's complying replies flagged (docs/experiments.md, issue 31 item 8).
+    guard_margin: float = Field(0.5, ge=0.0, le=10.0, description="the guard refuses a request or reply only "
+                                "when a category's probability passes its moderation threshold by this margin in "
+                                "log-odds (0: the /v1/moderations verdict; higher: fewer harmless chats refused)")
     refusal_text: str = Field("I'm sorry, but I can't help with that.", description="the guard's refusal")
     stream_guard_tokens: int = Field(16, ge=1, le=256, description="a streamed reply under the guard is judged "
                                      "after its first 1, 2, 4 and 8 tokens, then every this many, and whole at its "

@@ -4,6 +4,7 @@ proxy, and bad requests, on the tiny policy and tiny reward model."""
 from __future__ import annotations
 
 import asyncio
+import math
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -11,6 +12,7 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
+from keel.core.moderation import raised
 from keel.core.runtime import Scored
 from keel.core.text import Message
 from keel.service.app import create_app
@@ -266,3 +268,28 @@ def test_health_alias_needs_no_key(tiny_reward_model: Path):
     with TestClient(create_app(Settings(model=tiny_reward_model, api_keys=["k"]))) as client:
         assert client.get("/health").status_code == 200 and client.get("/healthz").status_code == 200
         assert client.get("/v1/models").status_code == 401
+
+
+def test_the_guard_margin_lets_a_request_pass_that_moderation_flags(tiny_reward_model: Path,
+                                                                      tiny_moderation_model: Path, tiny_policy: str):
+    """--guard-margin raises every threshold the guard uses by that many log-odds; /v1/moderations keeps its own
+    verdict. Thresholds 5 log-odds under the request's highest category probability: flagged at margin 0, passed
+    at margin 10 (the highest probability is then 5 log-odds under every raised threshold)."""
+    request = "i will kill and hurt you"
+    with TestClient(create_app(Settings(model=tiny_reward_model, moderation_model=tiny_moderation_model))) as client:
+        scores = client.post("/v1/moderations", json={"input": request}).json()["results"][0]["category_scores"]
+    highest = max(scores.values())
+    threshold = 1 / (1 + math.exp(5 - math.log(highest / (1 - highest))))
+    assert raised(threshold, 0) == threshold and raised(0.5, math.log(3)) == pytest.approx(0.75)
+    verdicts = {}
+    for margin in (0.0, 10.0):
+        settings = Settings(model=tiny_reward_model, moderation_model=tiny_moderation_model, policy=tiny_policy,
+                            max_tokens_limit=4, guard_margin=margin,
+                            moderation_thresholds={category: threshold for category in scores})
+        with TestClient(create_app(settings)) as client:
+            flagged = client.post("/v1/moderations", json={"input": request}).json()["results"][0]["flagged"]
+            chat = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": request}],
+                                                             "max_tokens": 2}).json()
+        verdicts[margin] = (flagged, chat["keel"]["choices"][0]["guard"])
+    assert verdicts[0.0] == (True, "request_refused")
+    assert verdicts[10.0][0] is True and verdicts[10.0][1] != "request_refused"

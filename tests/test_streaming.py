@@ -148,7 +148,7 @@ def test_a_reply_that_turns_harmful_late_is_stopped_mid_stream_with_content_filt
 
     with scripted_upstream() as upstream, keel_server(
             tiny_reward_model, "--upstream", upstream, "--guard", "regenerate", "--stream-guard-tokens", "4",
-            moderation=tiny_moderation_model) as (url, _):
+            "--guard-margin", "0", moderation=tiny_moderation_model) as (url, _):  # the tiny model's own verdict
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="k", max_retries=0)
         received, finish = [], None
         for chunk in client.chat.completions.create(model="keel", messages=[{"role": "user", "content": "Hi"}],

@@ -26,6 +26,14 @@ def category_scores(z: np.ndarray) -> np.ndarray:
     return out
 
 
+def raised(threshold: float, margin: float) -> float:
+    """A threshold made stricter by `margin` in log-odds: sigma(logit(t) + margin). The chat guard's operating
+    point: the same model and thresholds, a wider margin of evidence before a chat is refused."""
+    if margin == 0 or threshold <= 0 or threshold >= 1:
+        return threshold
+    return float(1.0 / (1.0 + np.exp(-(np.log(threshold / (1.0 - threshold)) + margin))))
+
+
 def flags(scores: np.ndarray, thresholds: list[float | None]) -> np.ndarray:
     """[texts, categories] booleans: a category is flagged at or above its threshold; None never flags."""
     limits = np.array([np.inf if t is None else t for t in thresholds], dtype=np.float64)
