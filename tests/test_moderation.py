@@ -438,3 +438,25 @@ def test_repeat_oversamples_training_rows_only(tmp_path: Path):
     synthetic = sum(item.source == "synthetic" for item in plain["train"])
     assert synthetic and len(repeated["train"]) == len(plain["train"]) + 2 * synthetic
     assert repeated["validation"] == plain["validation"] and repeated["test"] == plain["test"]
+
+
+def test_ordinary_conversation_trains_alone_as_harmless_from_its_train_split_only(tmp_path: Path):
+    from keel.core.text import parse_transcript
+    from keel.training.data import split_of
+    from keel.training.moderation.config import Surroundings
+    from keel.training.moderation.data import surrounded
+
+    conversations = [f"\n\nHuman: how do I plant tomato number {i}?\n\nAssistant: " + "Water them and wait. " * 40
+                     for i in range(60)]
+    path = write_jsonl(tmp_path / "hh.jsonl", [{"chosen": text} for text in conversations])
+    train = [text.strip() for text in conversations
+             if split_of(parse_transcript(text)[0].content) == "train"]
+    assert 0 < len(train) < len(conversations)
+    harm = Labelled(("", "i will kill you"), (1.0, math.nan), "i will kill you", "synthetic")
+    surroundings = Surroundings(path=str(path), fraction=1.0, chars=[100, 200], ordinary=8)
+    out = surrounded([harm], surroundings)
+    assert len(out) == 9 and out[0].labels == harm.labels and "i will kill you" in out[0].input[1]
+    for item in out[1:]:
+        assert item.labels == (0.0, 0.0) and item.source == "ordinary-conversation"
+        assert len(item.input[1]) >= 190 and any(item.input[1] in text for text in train)  # a window or more
+    assert surrounded([harm], surroundings) == out  # deterministic

@@ -91,11 +91,13 @@ class ModerationSource(DataSource):
 class Surroundings(DataSource):
     """Long texts in training: a hash `fraction` of the training texts judged on their own also train inside
     ordinary conversation from this file (its train split, column `text`): `chars` = [low, high] characters
-    before the text, up to `low` after it (keel.training.moderation.data.surrounded)."""
+    before the text, up to `low` after it (keel.training.moderation.data.surrounded). `ordinary` excerpts of
+    that conversation also train on their own, every category 0: ordinary long text is harmless."""
 
     text: str = "chosen"
     fraction: float = 0.15
     chars: list[int] = dataclasses.field(default_factory=lambda: [100, 400])
+    ordinary: int = 0
 
 
 @dataclasses.dataclass
@@ -152,7 +154,8 @@ class ModerationConfig:
         if not 0 <= self.cross_validation.test_fold < self.cross_validation.folds:
             raise ConfigError(f"cross_validation.test_fold must be in [0, {self.cross_validation.folds})")
         if self.surroundings is not None:
-            check_numbers("surroundings", self.surroundings, up_to_1=["fraction"], positive=["fraction"])
+            check_numbers("surroundings", self.surroundings, up_to_1=["fraction"], positive=["fraction"],
+                          at_least_0=["ordinary"])
             low, high = (self.surroundings.chars + [0, 0])[:2]
             if len(self.surroundings.chars) != 2 or not 0 <= low <= high:
                 raise ConfigError(f"surroundings.chars must be [low, high] with 0 <= low <= high, got "
