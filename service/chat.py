@@ -3,8 +3,8 @@ guard, over candidates from the local policy or from an upstream OpenAI-compatib
 
 The guard moderates with the moderation model, on both sides, at thresholds raised by the deployment's
 --guard-margin (the backend applies it: a guard asks for more evidence than /v1/moderations, so that fewer
-harmless chats are refused). A request whose last user message is flagged
-is refused without generating. Otherwise, for each requested choice, `best_of` candidates are sampled and
+harmless chats are refused). A request whose last user message is flagged is refused without generating.
+Otherwise, for each requested choice, `best_of` candidates are sampled and
 scored in context (conversation + reply): the reward they are ranked by is a weighted sum of the reward model's
 head z-scores, and the moderation model judges each reply in its conversation. The guard takes the best-ranked
 candidate it does not flag; when every candidate is flagged it samples a fresh set (up to `guard_retries`
