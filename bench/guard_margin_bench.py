@@ -23,6 +23,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.abuse_bench import cpu
 from bench.moderation_bench import Judge
+from keel.core.moderation import logit
 from keel.training.config import DEFAULT_MODERATION_CONFIG, load_config
 from keel.training.moderation.config import ModerationConfig, ModerationSource
 from keel.training.moderation.data import Labelled, any_harm_labels, load_labelled
@@ -37,11 +38,11 @@ def margins(judge: Judge, items: list[Labelled]) -> np.ndarray:
     """Each text's largest log-odds margin over its flaggable categories' thresholds."""
     runtime = judge.runtime
     values = judge(items)[2]
-    usable = [i for i, c in enumerate(runtime.categories) if runtime.thresholds[c] is not None]
-    thresholds = np.array([runtime.thresholds[runtime.categories[i]] for i in usable], dtype=np.float64)
-    probabilities = np.clip(values[:, usable].astype(np.float64), 1e-6, 1 - 1e-6)
-    log_odds = np.log(probabilities / (1 - probabilities)) - np.log(thresholds / (1 - thresholds))
-    return log_odds.max(axis=1)
+    usable = [(i, t) for i, c in enumerate(runtime.categories) if (t := runtime.thresholds[c]) is not None]
+    to_log_odds = np.vectorize(logit, otypes=[np.float64])
+    columns = [i for i, _ in usable]
+    over: np.ndarray = to_log_odds(values[:, columns]) - np.array([logit(t) for _, t in usable])
+    return over.max(axis=1)
 
 
 def main() -> None:

@@ -454,9 +454,9 @@ def test_ordinary_conversation_trains_alone_as_harmless_from_its_train_split_onl
     assert 0 < len(train) < len(conversations)
     harm = Labelled(("", "i will kill you"), (1.0, math.nan), "i will kill you", "synthetic")
     surroundings = Surroundings(path=str(path), fraction=1.0, chars=[100, 200], ordinary=8)
-    out = surrounded([harm], surroundings)
+    out = surrounded([harm], surroundings, categories=2)
     assert len(out) == 9 and out[0].labels == harm.labels and "i will kill you" in out[0].input[1]
     for item in out[1:]:
         assert item.labels == (0.0, 0.0) and item.source == "ordinary-conversation"
         assert len(item.input[1]) >= 190 and any(item.input[1] in text for text in train)  # a window or more
-    assert surrounded([harm], surroundings) == out  # deterministic
+    assert surrounded([harm], surroundings, categories=2) == out  # deterministic

@@ -159,11 +159,11 @@ def load_moderation_data(config: ModerationConfig, skip_bad_rows: bool = False) 
 
     data = {role: rows(role) for role in ("train", "validation", "test")}
     if config.surroundings is not None:
-        data["train"] += surrounded(data["train"], config.surroundings)
+        data["train"] += surrounded(data["train"], config.surroundings, len(config.categories))
     return data
 
 
-def surrounded(items: list[Labelled], surroundings: Surroundings) -> list[Labelled]:
+def surrounded(items: list[Labelled], surroundings: Surroundings, categories: int) -> list[Labelled]:
     """Copies of a hash `fraction` of the texts judged on their own, each between two pieces of ordinary
     conversation (the file's train split): the one before `chars` characters long, the one after up to its
     lower bound. Labels are kept: harm anywhere in the window is harm, and ordinary text around a harmless one
@@ -184,7 +184,7 @@ def surrounded(items: list[Labelled], surroundings: Surroundings) -> list[Labell
         before, after = (rng.choice(filler).strip() for _ in range(2))
         text = f"{before[-rng.randint(low, high):]}\n\n{item.input[1]}\n\n{after[:rng.randint(0, low)]}".strip()
         out.append(replace(item, input=("", text)))
-    harmless = tuple(0.0 for _ in items[0].labels) if items else ()
+    harmless = (0.0,) * categories
     rng = random.Random(0)
     for _ in range(surroundings.ordinary):  # excerpts a window long or longer, starting anywhere in a conversation
         conversation = rng.choice(filler).strip()

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from keel.core.artifact import CategoryThreshold, ModerationManifest
-from keel.core.moderation import flags, probabilities
+from keel.core.moderation import flags, logit, probabilities
 from keel.core.reward_model import RewardModel, resolve_base_model
 from keel.training.config import to_dict
 from keel.training.encoder import onnx_export
@@ -133,11 +133,6 @@ def train_moderation(config: ModerationConfig, output: Path, resume: bool = Fals
 
 
 # ---- thresholds and held-out metrics --------------------------------------------------------------------------
-
-def logit(p: float) -> float:
-    p = min(max(p, 1e-6), 1 - 1e-6)
-    return math.log(p / (1 - p))
-
 
 def choose_thresholds(scores: np.ndarray, labels: np.ndarray, config: ModerationConfig, trained: np.ndarray,
                       any_harm: np.ndarray | None = None) -> dict[str, CategoryThreshold]:

@@ -3,6 +3,8 @@ trainer and the evaluation suites."""
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 # OpenAI's moderation categories (omni-moderation), in the order its API lists them.
@@ -26,12 +28,18 @@ def category_scores(z: np.ndarray) -> np.ndarray:
     return out
 
 
+def logit(p: float) -> float:
+    """log(p / (1 - p)), with p kept inside [1e-6, 1 - 1e-6] so that 0 and 1 stay finite."""
+    p = min(max(p, 1e-6), 1 - 1e-6)
+    return math.log(p / (1 - p))
+
+
 def raised(threshold: float, margin: float) -> float:
     """A threshold made stricter by `margin` in log-odds: sigma(logit(t) + margin). The chat guard's operating
     point: the same model and thresholds, a wider margin of evidence before a chat is refused."""
     if margin == 0 or threshold <= 0 or threshold >= 1:
         return threshold
-    return float(1.0 / (1.0 + np.exp(-(np.log(threshold / (1.0 - threshold)) + margin))))
+    return 1.0 / (1.0 + math.exp(-(logit(threshold) + margin)))
 
 
 def flags(scores: np.ndarray, thresholds: list[float | None]) -> np.ndarray:
