@@ -3,7 +3,7 @@ API, export, retrain with one added config line, and score held-out data the def
 
     python bench/feedback_loop_bench.py --work DIR [--parts moderation,preferences] [--noise 0.1]
                                         [--queue-budgets 100,300,500,1000] [--random-budgets 100,300,1000]
-                                        [--queue-random-rate 0.5]
+                                        [--queue-random-rate 0.5] [--annotators-per-item 3]
                                         [--preference-set pandalm|hh-rejection-sampled|truthfulqa]
                                         [--preference-budget 1000] [--preference-start served|fresh]
                                         [--preference-repeat 3] [--out FILE]
@@ -15,6 +15,8 @@ mapped to `harassment`; never in the default moderation model's data):
 2. Two arms, each with its own server and store: the labelling queue (GET /v1/label/next, the page's own API)
    and random selection (random recorded responses). The simulated annotator answers POST /v1/label/answers with
    `harassment` from the dataset's label (flipped with probability --noise), other categories left unlabelled.
+   With --annotators-per-item k, k annotators (each with a key) answer each item in turn, the store's majority
+   is what the export keeps, and a budget of N answers labels N / k items.
    `--feedback-queue-pool` covers all the traffic, so the queue's first N picks are what it selects for N labels;
    --queue-random-rate of them are random (`--feedback-random-rate`), the rest the most uncertain.
 3. After N labels (each budget), `keel feedback export`, then `keel train moderation` with the default config
@@ -182,8 +184,8 @@ def half(text: str) -> str:
 
 # ---- serving, labelling and export ----------------------------------------------------------------------------
 
-def send_all(base: str, path: str, bodies: list[dict], workers: int = 8) -> list[dict]:
-    with httpx.Client(base_url=base, timeout=120) as client, ThreadPoolExecutor(workers) as pool:
+def send_all(base: str, path: str, bodies: list[dict], workers: int = 8, headers: dict | None = None) -> list[dict]:
+    with httpx.Client(base_url=base, timeout=120, headers=headers) as client, ThreadPoolExecutor(workers) as pool:
         def post(body: dict) -> dict:
             response = client.post(path, json=body)
             response.raise_for_status()
@@ -191,11 +193,11 @@ def send_all(base: str, path: str, bodies: list[dict], workers: int = 8) -> list
         return list(pool.map(post, bodies))
 
 
-def wait_recorded(base: str, count: int) -> None:
+def wait_recorded(base: str, count: int, headers: dict | None = None) -> None:
     """Until the recorder has stored `count` items in the fresh store (it writes in batches, off the event loop)."""
     deadline = time.time() + 120
     while time.time() < deadline:
-        if httpx.get(f"{base}/v1/feedback/stats", timeout=60).json()["store"]["items"] >= count:
+        if httpx.get(f"{base}/v1/feedback/stats", timeout=60, headers=headers).json()["store"]["items"] >= count:
             return
         time.sleep(1)
     raise TimeoutError(f"the store did not record {count} items")
@@ -220,6 +222,17 @@ def labelling_store(db: str, traffic: int, args: argparse.Namespace) -> list[str
             "--feedback-random-rate", str(args.queue_random_rate)]
 
 
+def annotator_keys(folder: Path, k: int) -> tuple[list[str], list[dict]]:
+    """`keel serve` flags for k simulated annotators (a keys file of `name:key` lines, k answers per item), and
+    each annotator's request headers; none for k = 1 (one anonymous annotator, no keys)."""
+    if k == 1:
+        return [], [{}]
+    keys = {f"annotator-{j}": f"bench-{j}-{random.Random(j).getrandbits(64):016x}" for j in range(1, k + 1)}
+    (folder / "annotators.txt").write_text("".join(f"{name}:{key}\n" for name, key in keys.items()))
+    return (["--annotator-keys-file", str(folder / "annotators.txt"), "--feedback-annotations-per-item", str(k)],
+            [{"Authorization": f"Bearer {key}"} for key in keys.values()])
+
+
 def answer(client: httpx.Client, body: dict) -> None:
     client.post("/v1/label/answers", json=body).raise_for_status()
 
@@ -237,23 +250,30 @@ def moderation_labels(arm: str, args: argparse.Namespace, traffic: list[tuple[st
     (folder / "feedback.db").unlink(missing_ok=True)
     db = f"sqlite:///{folder / 'feedback.db'}"
     rng = random.Random(f"{args.seed}-{arm}")
-    with keel_serve(*labelling_store(db, len(traffic), args)) as (base, _):
-        responses = send_all(base, "/v1/moderations", [{"input": text} for text, _ in traffic])
+    k = args.annotators_per_item
+    flags, headers = annotator_keys(folder, k)
+    with keel_serve(*labelling_store(db, len(traffic), args), *flags) as (base, _):
+        responses = send_all(base, "/v1/moderations", [{"input": text} for text, _ in traffic], headers=headers[0])
         truth = {r["id"]: label for r, (_, label) in zip(responses, traffic)}
-        wait_recorded(base, len(truth))
-        order = rng.sample(sorted(truth), max(budgets)) if arm == "random" else []
-        with httpx.Client(base_url=base, timeout=120) as client:
-            for done in range(1, max(budgets) + 1):
-                if arm == "queue":
-                    item = client.get("/v1/label/next", params={"task": "moderation"}).json()["item"]
-                    item_id, index = item["id"], item["index"]
-                else:
-                    item_id, index = order[done - 1], 0
-                label = truth[item_id] != (rng.random() < args.noise)
-                answer(client, {"task": "moderation", "item_id": item_id, "index": index,
-                                "categories": {CATEGORY: label}})
-                if done in exports:
-                    export(db, exports[done])
+        wait_recorded(base, len(truth), headers[0])
+        order = rng.sample(sorted(truth), -(-max(budgets) // k)) if arm == "random" else []
+        clients = [httpx.Client(base_url=base, timeout=120, headers=h) for h in headers]
+        # Budgets count answers: the annotators take turns, so with k of them each item gets k answers (the
+        # queue finishes begun units first), each flipped on its own, and the export keeps their majority.
+        for done in range(1, max(budgets) + 1):
+            client = clients[(done - 1) % k]
+            if arm == "queue":
+                item = client.get("/v1/label/next", params={"task": "moderation"}).json()["item"]
+                item_id, index = item["id"], item["index"]
+            else:
+                item_id, index = order[(done - 1) // k], 0
+            label = truth[item_id] != (rng.random() < args.noise)
+            answer(client, {"task": "moderation", "item_id": item_id, "index": index,
+                            "categories": {CATEGORY: label}})
+            if done in exports:
+                export(db, exports[done])
+        for client in clients:
+            client.close()
     return exports
 
 
@@ -276,6 +296,7 @@ def moderation_part(args: argparse.Namespace) -> dict:
     openai = held_out(load_config(ModerationConfig, DEFAULT_MODERATION_CONFIG), "openai-moderation")
     report: dict = {"traffic": len(traffic), "traffic_abusive": sum(label for _, label in traffic),
                     "test": len(test), "noise": args.noise, "queue_random_rate": args.queue_random_rate,
+                    "annotators_per_item": args.annotators_per_item,
                     "default": moderation_scores(default_model_dir("moderation"), test, openai), "arms": {}}
     for arm, budgets in (("queue", args.queue_budgets), ("random", args.random_budgets)):
         exports = moderation_labels(arm, args, traffic, budgets)
@@ -284,7 +305,7 @@ def moderation_part(args: argparse.Namespace) -> dict:
             model = train("moderation", args.work / "models" / f"moderation-{arm}-{n}",
                           [f"train+={{path: {folder / 'moderation.jsonl'}, feedback: true}}"], args)
             report["arms"].setdefault(arm, {})[n] = {
-                "labels": len(rows), "labelled_abusive": sum(bool(r[CATEGORY]) for r in rows),
+                "answers": n, "labels": len(rows), "labelled_abusive": sum(bool(r[CATEGORY]) for r in rows),
                 **moderation_scores(model, test, openai)}
             print(json.dumps({arm: {n: report["arms"][arm][n]}}), flush=True)
     default = report["default"]
@@ -425,6 +446,9 @@ def main() -> None:
     parser.add_argument("--preference-repeat", type=int, default=3,
                         help="each exported preference this many times an epoch (the source's `repeat`)")
     parser.add_argument("--noise", type=float, default=0.0, help="probability that a simulated answer is flipped")
+    parser.add_argument("--annotators-per-item", type=int, default=1,
+                        help="moderation part: k simulated annotators answer each item (each flipped with "
+                        "probability --noise on its own; the export keeps the majority); budgets count answers")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random arm and of the label noise")
     parser.add_argument("--train-set", action="append", default=[], metavar="KEY=VALUE",
                         help="an extra --set for every retraining (a smoke test: training.max_steps=3)")

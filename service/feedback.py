@@ -165,11 +165,13 @@ class ServedItem:
 @dataclass
 class LabelQueue:
     """What an annotator may still label for a task: the open units (item, result index) among recent served
-    items, the ids of user-reported items, and the gold units this annotator has not answered."""
+    items, the ids of user-reported items, the gold units this annotator has not answered, and the open units
+    other annotators have begun (with k > 1 annotators per item)."""
 
     units: list[tuple[Item, int]]
     reported: set[str]
     gold: list[tuple[Item, int]]
+    started: set[tuple[str, int]] = field(default_factory=set)
 
 
 class FeedbackStore:
@@ -276,15 +278,19 @@ class FeedbackStore:
 
         open_units = [(item, position) for item, position in units_of(recent)
                       if len(labelled_by.get((item.id, position), set())) < per_item]
-        return LabelQueue(open_units, reported, units_of(gold))
+        started = {(item.id, position) for item, position in open_units if labelled_by.get((item.id, position))}
+        return LabelQueue(open_units, reported, units_of(gold), started)
 
     @staticmethod
     def pick(queue: LabelQueue, rng: random.Random, gold_rate: float = 0.0, random_rate: float = 0.0
              ) -> tuple[Item, int] | None:
         """What to label first: reported items; then, unannounced, a gold unit at `gold_rate` (and when nothing
-        else is left); then a random unit at `random_rate`; else the most uncertain. Uncertain picks find the
-        model's mistakes fastest but soon become near-duplicate borderline cases; random picks keep the labelled
-        sample representative of the traffic (docs/benchmarks.md measures the two)."""
+        else is left); then the most uncertain unit other annotators have begun; then a random unit at
+        `random_rate`; else the most uncertain. Uncertain picks find the model's mistakes fastest but soon become
+        near-duplicate borderline cases; random picks keep the labelled sample representative of the traffic
+        (docs/benchmarks.md measures the two). Begun units come before new ones because with k annotators per
+        item a unit's majority exists only once its k answers are in: independent random picks would leave
+        many units with a single answer."""
         units = queue.units
         first = [unit for unit in units if unit[0].id in queue.reported]
         if first:
@@ -293,6 +299,9 @@ class FeedbackStore:
             return rng.choice(queue.gold)
         if not units:
             return None
+        begun = [unit for unit in units if (unit[0].id, unit[1]) in queue.started]
+        if begun:
+            return max(begun, key=lambda unit: unit[0].uncertainty)
         if rng.random() < random_rate:
             return rng.choice(units)
         return max(units, key=lambda unit: unit[0].uncertainty)

@@ -72,6 +72,26 @@ def test_the_queue_serves_reports_first_then_mixes_random_and_most_uncertain_uni
     assert store.pick(store.open_units("ann", "moderation", annotators), rng, random_rate=0.0)[0].id == "modr-2"
 
 
+def test_with_k_annotators_per_item_a_begun_unit_is_finished_before_new_ones(tmp_path: Path):
+    store = FeedbackStore(f"sqlite:///{tmp_path / 'fb.db'}")
+    served = [moderation_served(f"modr-{i}", ["a"]) for i in range(10)]
+    for i, item in enumerate(served):
+        item.uncertainty = i / 10
+    store.record(served)
+    annotators = frozenset({"ann", "bob", "cy"})
+    rng = random.Random(0)
+    store.give("modr-3", "ann", "moderation", {"categories": {"violence": True}})  # a random pick of ann's
+    for who in ("bob", "cy"):  # even at random_rate 1, the others finish modr-3 first
+        assert store.pick(store.open_units(who, "moderation", annotators, per_item=3), rng,
+                          random_rate=1.0)[0].id == "modr-3"
+        store.give("modr-3", who, "moderation", {"categories": {"violence": False}})
+    queue = store.open_units("ann", "moderation", annotators, per_item=3)
+    assert queue.started == set() and "modr-3" not in {item.id for item, _ in queue.units}  # k answers: done
+    assert store.pick(queue, rng, random_rate=0.0)[0].id == "modr-9"
+    # With one annotator per item nothing is ever begun by someone else: the queue is as before
+    assert store.open_units("bob", "moderation", annotators, per_item=1).started == set()
+
+
 def test_gold_units_are_mixed_into_the_queue_unannounced(tmp_path: Path):
     store = FeedbackStore(f"sqlite:///{tmp_path / 'fb.db'}")
     gold = gold_items(write_gold(tmp_path / "gold.jsonl", GOLD))
