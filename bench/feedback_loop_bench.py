@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import csv
 import gzip
 import hashlib
@@ -257,23 +258,22 @@ def moderation_labels(arm: str, args: argparse.Namespace, traffic: list[tuple[st
         truth = {r["id"]: label for r, (_, label) in zip(responses, traffic)}
         wait_recorded(base, len(truth), headers[0])
         order = rng.sample(sorted(truth), -(-max(budgets) // k)) if arm == "random" else []
-        clients = [httpx.Client(base_url=base, timeout=120, headers=h) for h in headers]
-        # Budgets count answers: the annotators take turns, so with k of them each item gets k answers (the
-        # queue finishes begun units first), each flipped on its own, and the export keeps their majority.
-        for done in range(1, max(budgets) + 1):
-            client = clients[(done - 1) % k]
-            if arm == "queue":
-                item = client.get("/v1/label/next", params={"task": "moderation"}).json()["item"]
-                item_id, index = item["id"], item["index"]
-            else:
-                item_id, index = order[(done - 1) // k], 0
-            label = truth[item_id] != (rng.random() < args.noise)
-            answer(client, {"task": "moderation", "item_id": item_id, "index": index,
-                            "categories": {CATEGORY: label}})
-            if done in exports:
-                export(db, exports[done])
-        for client in clients:
-            client.close()
+        with contextlib.ExitStack() as stack:
+            clients = [stack.enter_context(httpx.Client(base_url=base, timeout=120, headers=h)) for h in headers]
+            # Budgets count answers: the annotators take turns, so with k of them each item gets k answers (the
+            # queue finishes begun units first), each flipped on its own, and the export keeps their majority.
+            for done in range(1, max(budgets) + 1):
+                client = clients[(done - 1) % k]
+                if arm == "queue":
+                    item = client.get("/v1/label/next", params={"task": "moderation"}).json()["item"]
+                    item_id, index = item["id"], item["index"]
+                else:
+                    item_id, index = order[(done - 1) // k], 0
+                label = truth[item_id] != (rng.random() < args.noise)
+                answer(client, {"task": "moderation", "item_id": item_id, "index": index,
+                                "categories": {CATEGORY: label}})
+                if done in exports:
+                    export(db, exports[done])
     return exports
 
 
