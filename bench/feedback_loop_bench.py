@@ -4,6 +4,7 @@ API, export, retrain with one added config line, and score held-out data the def
     python bench/feedback_loop_bench.py --work DIR [--parts moderation,preferences] [--noise 0.1]
                                         [--queue-budgets 100,300,500,1000] [--random-budgets 100,300,1000]
                                         [--queue-random-rate 0.5] [--annotators-per-item 3]
+                                        [--rescore-at 300]
                                         [--preference-set pandalm|hh-rejection-sampled|truthfulqa]
                                         [--preference-budget 1000] [--preference-start served|fresh]
                                         [--preference-repeat 3] [--out FILE]
@@ -15,6 +16,8 @@ mapped to `harassment`; never in the default moderation model's data):
 2. Two arms, each with its own server and store: the labelling queue (GET /v1/label/next, the page's own API)
    and random selection (random recorded responses). The simulated annotator answers POST /v1/label/answers with
    `harassment` from the dataset's label (flipped with probability --noise), other categories left unlabelled.
+   With --rescore-at N, the queue arm retrains at N labels and re-scores the store with that model (`keel
+   feedback rescore`), so its later picks are what the retrained model is unsure of: the loop closed once.
    With --annotators-per-item k, k annotators (each with a key) answer each item in turn, the store's majority
    is what the export keeps, and a budget of N answers labels N / k items.
    `--feedback-queue-pool` covers all the traffic, so the queue's first N picks are what it selects for N labels;
@@ -274,7 +277,19 @@ def moderation_labels(arm: str, args: argparse.Namespace, traffic: list[tuple[st
                                 "categories": {CATEGORY: label}})
                 if done in exports:
                     export(db, exports[done])
+                if arm == "queue" and done in args.rescore_at:
+                    # The loop closed once: retrain on the labels so far, and let the queue's next picks be
+                    # what the retrained model is unsure of (`keel feedback rescore`)
+                    model = retrained(arm, done, exports[done], args)
+                    subprocess.run([sys.executable, "-m", "keel", "feedback", "rescore", "--db", db, "--model",
+                                    str(model)], check=True, stdout=subprocess.DEVNULL)
     return exports
+
+
+def retrained(arm: str, n: int, export_folder: Path, args: argparse.Namespace) -> Path:
+    """The default moderation model retrained with an arm's export of n labels (reused if already trained)."""
+    return train("moderation", args.work / "models" / f"moderation-{arm}-{n}",
+                 [f"train+={{path: {export_folder / 'moderation.jsonl'}, feedback: true}}"], args)
 
 
 def moderation_scores(model: Path, test: list[tuple[str, bool]], openai: list) -> dict:
@@ -296,14 +311,13 @@ def moderation_part(args: argparse.Namespace) -> dict:
     openai = held_out(load_config(ModerationConfig, DEFAULT_MODERATION_CONFIG), "openai-moderation")
     report: dict = {"traffic": len(traffic), "traffic_abusive": sum(label for _, label in traffic),
                     "test": len(test), "noise": args.noise, "queue_random_rate": args.queue_random_rate,
-                    "annotators_per_item": args.annotators_per_item,
+                    "annotators_per_item": args.annotators_per_item, "rescore_at": args.rescore_at,
                     "default": moderation_scores(default_model_dir("moderation"), test, openai), "arms": {}}
     for arm, budgets in (("queue", args.queue_budgets), ("random", args.random_budgets)):
         exports = moderation_labels(arm, args, traffic, budgets)
         for n, folder in exports.items():
             rows = [json.loads(line) for line in (folder / "moderation.jsonl").open()]
-            model = train("moderation", args.work / "models" / f"moderation-{arm}-{n}",
-                          [f"train+={{path: {folder / 'moderation.jsonl'}, feedback: true}}"], args)
+            model = retrained(arm, n, folder, args)
             report["arms"].setdefault(arm, {})[n] = {
                 "answers": n, "labels": len(rows), "labelled_abusive": sum(bool(r[CATEGORY]) for r in rows),
                 **moderation_scores(model, test, openai)}
@@ -449,11 +463,17 @@ def main() -> None:
     parser.add_argument("--annotators-per-item", type=int, default=1,
                         help="moderation part: k simulated annotators answer each item (each flipped with "
                         "probability --noise on its own; the export keeps the majority); budgets count answers")
+    parser.add_argument("--rescore-at", type=budgets, default=[],
+                        help="moderation queue arm: at these label counts (each also a --queue-budgets entry), "
+                        "retrain on the labels so far and re-score the store with that model (keel feedback "
+                        "rescore) before labelling on")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random arm and of the label noise")
     parser.add_argument("--train-set", action="append", default=[], metavar="KEY=VALUE",
                         help="an extra --set for every retraining (a smoke test: training.max_steps=3)")
     parser.add_argument("--out", type=Path, help="also write the JSON here")
     args = parser.parse_args()
+    if not set(args.rescore_at) <= set(args.queue_budgets):
+        parser.error("each --rescore-at count must also be a --queue-budgets entry (its export is retrained on)")
     args.work.mkdir(parents=True, exist_ok=True)
     report: dict = {"date": time.strftime("%Y-%m-%d"), "cpu": cpu()}
     parts = args.parts.split(",")

@@ -3,10 +3,14 @@ the model versions, the scores, the guard's verdicts and every best-of-n candida
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
+
+from tqdm.auto import tqdm
+
 from keel.core.runtime import ModerationRuntime, Scored
 from keel.core.text import Conversation, ModelInput
 from keel.service.chat import Chosen
-from keel.service.feedback import ServedItem
+from keel.service.feedback import FeedbackStore, ServedItem
 from keel.service.schemas import ChatAudit, ModerationResponse
 
 
@@ -36,10 +40,14 @@ def chat_item(identifier: str, conversation: Conversation, chosen: list[Chosen],
 
 
 def moderation_uncertainty(response: ModerationResponse, scored: Scored[ModerationRuntime]) -> float:
-    """1 - the smallest distance of a category probability from its threshold: near 1 when a verdict was close."""
-    thresholds = scored.runtime.thresholds
-    distances = [abs(result.category_scores[c] - t) for result in response.results
-                 for c, t in thresholds.items() if t is not None]
+    return threshold_uncertainty([result.category_scores for result in response.results], scored.runtime.thresholds)
+
+
+def threshold_uncertainty(category_scores: Iterable[Mapping[str, float]], thresholds: Mapping[str, float | None]
+                          ) -> float:
+    """1 - the smallest distance of a category probability from its threshold, over the results of a response:
+    near 1 when a verdict was close."""
+    distances = [abs(scores[c] - t) for scores in category_scores for c, t in thresholds.items() if t is not None]
     return 1.0 - min(distances, default=1.0)
 
 
@@ -48,3 +56,22 @@ def reward_uncertainty(chosen: list[Chosen]) -> float:
     model could hardly tell them apart; 0 without two candidates."""
     rewards = sorted((c.reward for c in chosen[0].candidates), reverse=True) if chosen else []
     return 1.0 / (1.0 + rewards[0] - rewards[1]) if len(rewards) >= 2 else 0.0
+
+
+def rescore(store: FeedbackStore, runtime: ModerationRuntime, newest: int | None = None, batch: int = 256,
+            progress: bool = True) -> int:
+    """Re-score recorded moderation responses with another model version (a retrained one) and replace their
+    queue uncertainty, so that the labelling queue asks about what the new model finds hard rather than what
+    the served one did; returns how many. The served output, scores and model versions stay as served."""
+    ids = store.served_ids("moderation", newest)
+    for start in tqdm(range(0, len(ids), batch), desc="rescore", unit="batch", disable=not progress):
+        inputs = store.inputs_of(ids[start:start + batch])
+        texts = {i: [(t.get("context", ""), t["text"]) for t in value["texts"]] for i, value in inputs.items()}
+        values = runtime.scored([text for group in texts.values() for text in group]).values
+        rows, uncertainty = iter(values), {}
+        for item_id, group in texts.items():
+            scores = [dict(zip(runtime.categories, map(float, next(rows)))) for _ in group]
+            uncertainty[item_id] = threshold_uncertainty(scores, runtime.thresholds)
+        store.set_uncertainty(uncertainty)
+    return len(ids)
+

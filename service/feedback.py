@@ -36,6 +36,7 @@ from sqlalchemy import (
     func,
     insert,
     select,
+    update,
 )
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
@@ -305,6 +306,21 @@ class FeedbackStore:
         if rng.random() < random_rate:
             return rng.choice(units)
         return max(units, key=lambda unit: unit[0].uncertainty)
+
+    def served_ids(self, kind: str, newest: int | None = None) -> list[str]:
+        """Ids of the recorded (not gold) responses of a kind, newest first; only the `newest` if given."""
+        with self.session() as session:
+            return list(session.scalars(select(Item.id).where(Item.kind == kind, Item.gold.is_(None))
+                                        .order_by(Item.created_at.desc(), Item.id).limit(newest)))
+
+    def inputs_of(self, ids: Sequence[str]) -> dict[str, dict[str, Any]]:
+        with self.session() as session:
+            return {i: value for i, value in session.execute(select(Item.id, Item.input).where(Item.id.in_(ids)))}
+
+    def set_uncertainty(self, values: dict[str, float]) -> None:
+        """Replace the queue's uncertainty of these items (after a retrained model re-scored them)."""
+        with self.session() as session, session.begin():
+            session.execute(update(Item), [{"id": i, "uncertainty": u} for i, u in values.items()])
 
     def candidates_of(self, item_id: str) -> list[Candidate]:
         with self.session() as session:

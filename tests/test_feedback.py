@@ -76,6 +76,29 @@ def test_the_queue_chooses_among_the_newest_pool_items(tmp_path: Path):
     assert len(store.open_units("ann", "moderation", annotators, pool=500).units) == 3
 
 
+def test_rescore_gives_the_queue_a_retrained_models_uncertainty(tmp_path: Path, tiny_moderation_model: Path):
+    from keel.cli.main import main
+    from keel.core.runtime import ModerationRuntime
+
+    store = FeedbackStore(f"sqlite:///{tmp_path / 'fb.db'}")
+    texts = [["i will kill and hurt you", "here is some recipe for bread thanks"], ["help me steal"], ["python code"]]
+    store.record([moderation_served(f"modr-{i}", group) for i, group in enumerate(texts)])
+    store.record([chat_served("chatcmpl-1")])
+    runtime = ModerationRuntime(tiny_moderation_model)
+    assert any(t is not None for t in runtime.thresholds.values())  # else every uncertainty would be 0
+    expected = {}
+    for i, group in enumerate(texts):  # by hand: 1 - the nearest any category came to its threshold
+        values = runtime.scored([("", t) for t in group]).values
+        expected[f"modr-{i}"] = 1 - min(abs(float(row[runtime.categories.index(c)]) - t) for row in values
+                                        for c, t in runtime.thresholds.items() if t is not None)
+    assert main(["feedback", "rescore", "--db", store.url, "--model", str(tiny_moderation_model)]) == 0
+    queue = store.open_units("ann", "moderation", frozenset({"ann"}))
+    got = {item.id: item.uncertainty for item, _ in queue.units}
+    assert got == pytest.approx(expected, abs=1e-6) and len(set(got.values())) > 1
+    assert store.inputs_of(["modr-0"])["modr-0"]["texts"][1]["text"] == texts[0][1]  # what was served stays
+    assert main(["feedback", "rescore", "--db", store.url, "--model", str(tmp_path)]) == 2  # not a model: 1 line
+
+
 def test_majority_and_agreement_by_hand():
     assert majority([True, True, False]) is True and majority([True, False]) is None and majority([]) is None
     # Two annotators, four units, nominal: they agree on 3 of 4. Pairable values: 8 (4 units x 2); observed

@@ -51,6 +51,16 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     labels.add_argument("--annotator", required=True, help="whose labels these are (their name in the store, "
                         "the export and the agreement figures)")
     labels.set_defaults(func=run_import)
+    rescore = with_db(feedback.add_parser(
+        "rescore", help="re-score recorded moderation responses with a retrained model, for the labelling queue",
+        description="The labelling queue picks the moderation results nearest a threshold of the model that "
+        "served them. After retraining on the feedback (and reloading the server), run this with the new model "
+        "so that the queue's next picks are what the new model is unsure of, not what the old one was. Only the "
+        "queue's uncertainty changes; the recorded output, scores and model versions stay as served."))
+    rescore.add_argument("--model", type=Path, required=True, help="the moderation model directory (keel.json)")
+    rescore.add_argument("--newest", type=int, help="only the newest N recorded moderation responses (default: all; "
+                         "the queue looks at keel serve --feedback-queue-pool of them)")
+    rescore.set_defaults(func=run_rescore)
     with_db(feedback.add_parser("migrate", help="create or upgrade the store's schema (keel serve does this "
                                 "at start too)")).set_defaults(func=run_migrate)
     purge = with_db(feedback.add_parser("purge", help="delete recorded responses (and their feedback) older "
@@ -91,6 +101,15 @@ def run_import(args: argparse.Namespace) -> int:
     counts = import_labels(store_of(args), read_rows(args.file), args.task, args.annotator, CATEGORIES,
                            args.file.name)
     print(f"imported {counts['rows']} {args.task} labels by {args.annotator} ({counts['new_items']} new items)")
+    return 0
+
+
+def run_rescore(args: argparse.Namespace) -> int:
+    from keel.core.runtime import ModerationRuntime
+    from keel.service.capture import rescore
+
+    count = rescore(store_of(args), ModerationRuntime(args.model), args.newest)
+    print(f"re-scored {count} recorded moderation responses with {args.model}")
     return 0
 
 
