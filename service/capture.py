@@ -40,6 +40,7 @@ def chat_item(identifier: str, conversation: Conversation, chosen: list[Chosen],
 
 
 def moderation_uncertainty(response: ModerationResponse, scored: Scored[ModerationRuntime]) -> float:
+    """The queue's uncertainty of a served moderation response, by the model version that served it."""
     return threshold_uncertainty([result.category_scores for result in response.results], scored.runtime.thresholds)
 
 
@@ -74,4 +75,3 @@ def rescore(store: FeedbackStore, runtime: ModerationRuntime, newest: int | None
             uncertainty[item_id] = threshold_uncertainty(scores, runtime.thresholds)
         store.set_uncertainty(uncertainty)
     return len(ids)
-

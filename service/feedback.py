@@ -314,8 +314,9 @@ class FeedbackStore:
                                         .order_by(Item.created_at.desc(), Item.id).limit(newest)))
 
     def inputs_of(self, ids: Sequence[str]) -> dict[str, dict[str, Any]]:
+        """The recorded input of each of these items, by id."""
         with self.session() as session:
-            return {i: value for i, value in session.execute(select(Item.id, Item.input).where(Item.id.in_(ids)))}
+            return dict(session.execute(select(Item.id, Item.input).where(Item.id.in_(ids))).tuples().all())
 
     def set_uncertainty(self, values: dict[str, float]) -> None:
         """Replace the queue's uncertainty of these items (after a retrained model re-scored them)."""

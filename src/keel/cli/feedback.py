@@ -9,6 +9,8 @@ from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from keel.cli.options import positive_int
+
 if TYPE_CHECKING:
     from keel.service.feedback import FeedbackStore
 
@@ -58,7 +60,7 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
         "so that the queue's next picks are what the new model is unsure of, not what the old one was. Only the "
         "queue's uncertainty changes; the recorded output, scores and model versions stay as served."))
     rescore.add_argument("--model", type=Path, required=True, help="the moderation model directory (keel.json)")
-    rescore.add_argument("--newest", type=int, help="only the newest N recorded moderation responses (default: all; "
+    rescore.add_argument("--newest", type=positive_int, help="only the newest N recorded moderation responses (default: all; "
                          "the queue looks at keel serve --feedback-queue-pool of them)")
     rescore.set_defaults(func=run_rescore)
     with_db(feedback.add_parser("migrate", help="create or upgrade the store's schema (keel serve does this "
