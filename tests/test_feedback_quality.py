@@ -55,12 +55,18 @@ def test_a_gold_file_is_read_with_its_errors_located(tmp_path: Path):
             read_gold(path, CATEGORIES)
 
 
-def test_the_queue_serves_reports_first_then_mixes_random_and_most_uncertain_units(tmp_path: Path):
+def uncertain_store(tmp_path: Path) -> FeedbackStore:
+    """A store of ten served moderation items, modr-i with uncertainty i / 10."""
     store = FeedbackStore(f"sqlite:///{tmp_path / 'fb.db'}")
     served = [moderation_served(f"modr-{i}", ["a"]) for i in range(10)]
     for i, item in enumerate(served):
         item.uncertainty = i / 10
     store.record(served)
+    return store
+
+
+def test_the_queue_serves_reports_first_then_mixes_random_and_most_uncertain_units(tmp_path: Path):
+    store = uncertain_store(tmp_path)
     annotators = frozenset({"ann"})
     queue = store.open_units("ann", "moderation", annotators)
     rng = random.Random(0)
@@ -73,11 +79,7 @@ def test_the_queue_serves_reports_first_then_mixes_random_and_most_uncertain_uni
 
 
 def test_with_k_annotators_per_item_a_begun_unit_is_finished_before_new_ones(tmp_path: Path):
-    store = FeedbackStore(f"sqlite:///{tmp_path / 'fb.db'}")
-    served = [moderation_served(f"modr-{i}", ["a"]) for i in range(10)]
-    for i, item in enumerate(served):
-        item.uncertainty = i / 10
-    store.record(served)
+    store = uncertain_store(tmp_path)
     annotators = frozenset({"ann", "bob", "cy"})
     rng = random.Random(0)
     store.give("modr-3", "ann", "moderation", {"categories": {"violence": True}})  # a random pick of ann's
