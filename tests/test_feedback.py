@@ -53,6 +53,11 @@ def check_store(url: str) -> None:
     queue = store.open_units("new", "moderation", frozenset({"new", "ann", "other"}))
     assert [item.id for item, _ in queue.gold] == ["modr-gold"] and queue.gold[0][0].gold == gold.gold
     assert {item.id for item, _ in queue.units} == {"modr-1"}
+    # Re-scoring (keel feedback rescore) reads what was served, not gold, and replaces the queue's uncertainty
+    assert store.served_ids("moderation") == ["modr-1"] and store.served_ids("chat", newest=1) == ["chatcmpl-1"]
+    assert store.inputs_of(["modr-1"])["modr-1"]["texts"][1]["text"] == "b"
+    store.set_uncertainty({"modr-1": 0.75})
+    assert store.open_units("new", "moderation", frozenset({"new"})).units[0][0].uncertainty == 0.75
     assert store.purge(timedelta(days=1)) == 0 and store.purge(timedelta(seconds=-1)) == 2  # gold stays
     assert store.counts() == {"items": 1, "candidates": 0, "feedback": 0}
 
