@@ -3,13 +3,14 @@ the model versions, the scores, the guard's verdicts and every best-of-n candida
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 
+import numpy as np
 from tqdm.auto import tqdm
 
-from keel.core.runtime import ModerationRuntime, Scored
-from keel.core.text import Conversation, ModelInput
-from keel.service.chat import Chosen
+from keel.core.runtime import ModerationRuntime, RewardRuntime, Scored
+from keel.core.text import Conversation, Message, ModelInput, model_input
+from keel.service.chat import Chosen, split_prefill
 from keel.service.feedback import FeedbackStore, ServedItem
 from keel.service.schemas import ChatAudit, ModerationResponse
 
@@ -53,25 +54,51 @@ def threshold_uncertainty(category_scores: Iterable[Mapping[str, float]], thresh
 
 
 def reward_uncertainty(chosen: list[Chosen]) -> float:
+    return margin_uncertainty([c.reward for c in chosen[0].candidates] if chosen else [])
+
+
+def margin_uncertainty(rewards: Iterable[float]) -> float:
     """1 / (1 + the reward margin between the two best candidates of the first choice): near 1 when the reward
     model could hardly tell them apart; 0 without two candidates."""
-    rewards = sorted((c.reward for c in chosen[0].candidates), reverse=True) if chosen else []
-    return 1.0 / (1.0 + rewards[0] - rewards[1]) if len(rewards) >= 2 else 0.0
+    best = sorted(rewards, reverse=True)
+    return 1.0 / (1.0 + best[0] - best[1]) if len(best) >= 2 else 0.0
 
 
-def rescore(store: FeedbackStore, runtime: ModerationRuntime, newest: int | None = None, batch: int = 256,
-            progress: bool = True) -> int:
-    """Re-score recorded moderation responses with another model version (a retrained one) and replace their
-    queue uncertainty, so that the labelling queue asks about what the new model finds hard rather than what
-    the served one did; returns how many. The served output, scores and model versions stay as served."""
-    ids = store.served_ids("moderation", newest)
+def rescore(store: FeedbackStore, runtime: ModerationRuntime | RewardRuntime, newest: int | None = None,
+            weights: Mapping[str, float] | None = None, batch: int = 256, progress: bool = True) -> int:
+    """Re-score recorded responses with another model version (a retrained one) and replace their queue
+    uncertainty, so that the labelling queue asks about what the new model finds hard rather than what the
+    served one did; returns how many responses were read. A moderation model re-scores moderation responses; a
+    reward model the best-of-n candidates of chat completions, ranked by `weights` of its heads (default: the
+    primary head, as `keel serve --chat-reward-weights`). What was served, its scores and model versions stay."""
+    ids = store.served_ids("moderation" if isinstance(runtime, ModerationRuntime) else "chat", newest)
     for start in tqdm(range(0, len(ids), batch), desc="rescore", unit="batch", disable=not progress):
-        inputs = store.inputs_of(ids[start:start + batch])
-        texts = {i: [(t.get("context", ""), t["text"]) for t in value["texts"]] for i, value in inputs.items()}
-        values = runtime.scored([text for group in texts.values() for text in group]).values
-        rows, uncertainty = iter(values), {}
-        for item_id, group in texts.items():
-            scores = [dict(zip(runtime.categories, map(float, next(rows)))) for _ in group]
-            uncertainty[item_id] = threshold_uncertainty(scores, runtime.thresholds)
-        store.set_uncertainty(uncertainty)
+        chunk = ids[start:start + batch]
+        store.set_uncertainty(moderation_rescored(store, chunk, runtime) if isinstance(runtime, ModerationRuntime)
+                              else chat_rescored(store, chunk, runtime, weights or {runtime.primary_head: 1.0}))
     return len(ids)
+
+
+def moderation_rescored(store: FeedbackStore, ids: Sequence[str], runtime: ModerationRuntime) -> dict[str, float]:
+    texts = {i: [(t.get("context", ""), t["text"]) for t in value["texts"]] for i, value in store.inputs_of(ids).items()}
+    values = iter(runtime.scored([text for group in texts.values() for text in group]).values)
+    return {item_id: threshold_uncertainty([dict(zip(runtime.categories, map(float, next(values)))) for _ in group],
+                                           runtime.thresholds)
+            for item_id, group in texts.items()}
+
+
+def chat_rescored(store: FeedbackStore, ids: Sequence[str], runtime: RewardRuntime, weights: Mapping[str, float]
+                  ) -> dict[str, float]:
+    """The reward margin between the two best candidates of each completion's first choice, as served (the
+    prefilled start of a reply is judged with it); completions with fewer than two candidates are left alone."""
+    head_weights = np.array([weights.get(h, 0.0) for h in runtime.heads], dtype=np.float32)
+    groups: dict[str, list[ModelInput]] = {}
+    for item_id, value in store.inputs_of(ids).items():
+        replies = [c.text for c in store.candidates_of(item_id) if c.choice == 0]
+        if len(replies) >= 2:
+            prefill, context = split_prefill(tuple(Message(m["role"], m["content"]) for m in value["messages"]))
+            groups[item_id] = [model_input([*context, Message("assistant", prefill + r)]) for r in replies]
+    if not groups:
+        return {}
+    rewards = iter(runtime.scored([text for group in groups.values() for text in group]).values @ head_weights)
+    return {item_id: margin_uncertainty([float(next(rewards)) for _ in group]) for item_id, group in groups.items()}

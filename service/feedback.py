@@ -320,6 +320,8 @@ class FeedbackStore:
 
     def set_uncertainty(self, values: dict[str, float]) -> None:
         """Replace the queue's uncertainty of these items (after a retrained model re-scored them)."""
+        if not values:
+            return
         with self.session() as session, session.begin():
             session.execute(update(Item), [{"id": i, "uncertainty": u} for i, u in values.items()])
 

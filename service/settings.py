@@ -17,6 +17,14 @@ class SettingsError(KeelError, ValueError):
     """A setting that cannot be used as given; the message says which and why."""
 
 
+def number_pairs(text: str) -> dict[str, float]:
+    """`harmless=1,helpful=0.5` as {"harmless": 1.0, "helpful": 0.5}; ValueError saying the form otherwise."""
+    pairs = [item.split("=", 1) for item in text.split(",") if item.strip()]
+    if any(len(pair) != 2 for pair in pairs):
+        raise ValueError("expected NAME=NUMBER pairs separated by commas, e.g. harmless=1,helpful=0.5")
+    return {name.strip(): float(number) for name, number in pairs}
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="KEEL_", extra="ignore")
 
@@ -168,12 +176,7 @@ class Settings(BaseSettings):
     @field_validator("chat_reward_weights", "moderation_thresholds", mode="before")
     @classmethod
     def parse_pairs(cls, value: object) -> object:
-        if isinstance(value, str):
-            pairs = [item.split("=", 1) for item in value.split(",") if item.strip()]
-            if any(len(pair) != 2 for pair in pairs):
-                raise ValueError("expected NAME=NUMBER pairs separated by commas, e.g. harmless=1,helpful=0.5")
-            return {name.strip(): float(number) for name, number in pairs}
-        return value
+        return number_pairs(value) if isinstance(value, str) else value
 
     @field_validator("moderation_thresholds")
     @classmethod

@@ -104,6 +104,28 @@ def test_rescore_gives_the_queue_a_retrained_models_uncertainty(tmp_path: Path, 
     assert main(["feedback", "rescore", "--db", store.url, "--model", str(tmp_path)]) == 2  # not a model: 1 line
 
 
+def test_rescore_gives_the_pairwise_queue_a_retrained_reward_models_margins(tmp_path: Path,
+                                                                             tiny_reward_model: Path,
+                                                                             tiny_moderation_model: Path):
+    from keel.cli.main import main
+    from keel.core.runtime import RewardRuntime
+    from keel.core.text import Message, model_input
+
+    store = FeedbackStore(f"sqlite:///{tmp_path / 'fb.db'}")
+    store.record([chat_served("chatcmpl-1"), moderation_served("modr-1", ["a"])])
+    runtime = RewardRuntime(tiny_reward_model)
+    hello, away = runtime.scored([model_input([Message("user", "hi"), Message("assistant", reply)])
+                                  for reply in ("hello", "go away")]).values[:, runtime.heads.index(runtime.primary_head)]
+    command = ["feedback", "rescore", "--db", store.url, "--model", str(tiny_reward_model)]
+    assert main(command) == 0
+    units = store.open_units("ann", "pairwise", frozenset({"ann"})).units
+    assert units[0][0].uncertainty == pytest.approx(1 / (1 + abs(float(hello - away))), abs=1e-6)
+    assert units[0][0].uncertainty != 0.0  # served with no uncertainty recorded: the rescore set it
+    assert store.open_units("ann", "moderation", frozenset({"ann"})).units[0][0].uncertainty == 0.0  # not its kind
+    assert main([*command, "--chat-reward-weights", "nonsense=1"]) == 2  # one line naming the heads
+    assert main([*command[:-1], str(tiny_moderation_model), "--chat-reward-weights", "harmless=1"]) == 2
+
+
 def test_majority_and_agreement_by_hand():
     assert majority([True, True, False]) is True and majority([True, False]) is None and majority([]) is None
     # Two annotators, four units, nominal: they agree on 3 of 4. Pairable values: 8 (4 units x 2); observed

@@ -54,14 +54,20 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
                         "the export and the agreement figures)")
     labels.set_defaults(func=run_import)
     rescore = with_db(feedback.add_parser(
-        "rescore", help="re-score recorded moderation responses with a retrained model, for the labelling queue",
-        description="The labelling queue picks the moderation results nearest a threshold of the model that "
-        "served them. After retraining on the feedback (and reloading the server), run this with the new model "
-        "so that the queue's next picks are what the new model is unsure of, not what the old one was. Only the "
-        "queue's uncertainty changes; the recorded output, scores and model versions stay as served."))
-    rescore.add_argument("--model", type=Path, required=True, help="the moderation model directory (keel.json)")
-    rescore.add_argument("--newest", type=positive_int, help="only the newest N recorded moderation responses (default: all; "
-                         "the queue looks at keel serve --feedback-queue-pool of them)")
+        "rescore", help="re-score recorded responses with a retrained model, for the labelling queue",
+        description="The labelling queue picks the moderation results nearest a threshold, and the best-of-n "
+        "pairs with the smallest reward margin, by the model that served them. After retraining on the feedback "
+        "(and reloading the server), run this with the new model so that the queue's next picks are what the new "
+        "model is unsure of, not what the old one was: a moderation model re-scores moderation responses, a "
+        "reward model the candidates of chat completions. Only the queue's uncertainty changes; the recorded "
+        "output, scores and model versions stay as served."))
+    rescore.add_argument("--model", type=Path, required=True,
+                         help="the retrained moderation or reward model directory (keel.json)")
+    rescore.add_argument("--newest", type=positive_int, help="only the newest N recorded responses of the model's "
+                         "kind (default: all; the queue looks at keel serve --feedback-queue-pool of them)")
+    rescore.add_argument("--chat-reward-weights", type=reward_weights, default={},
+                         help="head weights the candidates are ranked by, as keel serve takes them (e.g. "
+                         "harmless=1,helpful=0.5; default: the primary head)")
     rescore.set_defaults(func=run_rescore)
     with_db(feedback.add_parser("migrate", help="create or upgrade the store's schema (keel serve does this "
                                 "at start too)")).set_defaults(func=run_migrate)
@@ -106,12 +112,33 @@ def run_import(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_rescore(args: argparse.Namespace) -> int:
-    from keel.core.runtime import ModerationRuntime
-    from keel.service.capture import rescore
+def reward_weights(text: str) -> dict[str, float]:
+    from keel.service.settings import number_pairs
 
-    count = rescore(store_of(args), ModerationRuntime(args.model), args.newest)
-    print(f"re-scored {count} recorded moderation responses with {args.model}")
+    try:
+        return number_pairs(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def run_rescore(args: argparse.Namespace) -> int:
+    from keel.core.artifact import read_model_manifest
+    from keel.core.runtime import ModerationRuntime, RewardRuntime
+    from keel.service.capture import rescore
+    from keel.service.feedback import FeedbackError
+
+    runtime = (ModerationRuntime(args.model) if read_model_manifest(args.model).kind == "moderation-model"
+               else RewardRuntime(args.model))
+    if args.chat_reward_weights and isinstance(runtime, ModerationRuntime):
+        raise FeedbackError(f"--chat-reward-weights ranks a reward model's heads, and {args.model} is a moderation "
+                            "model: leave it out, or give a reward model")
+    unknown = sorted(set(args.chat_reward_weights) - set(runtime.heads))
+    if unknown:
+        raise FeedbackError(f"--chat-reward-weights names {unknown}, which {args.model} does not have; its heads "
+                            f"are {runtime.heads}")
+    count = rescore(store_of(args), runtime, args.newest, args.chat_reward_weights)
+    what = "moderation responses" if isinstance(runtime, ModerationRuntime) else "chat completions"
+    print(f"re-scored {count} recorded {what} with {args.model}")
     return 0
 
 
