@@ -472,6 +472,8 @@ def main() -> None:
                         help="an extra --set for every retraining (a smoke test: training.max_steps=3)")
     parser.add_argument("--out", type=Path, help="also write the JSON here")
     args = parser.parse_args()
+    if args.annotators_per_item < 1:
+        parser.error("--annotators-per-item must be 1 or more")
     if not set(args.rescore_at) <= set(args.queue_budgets):
         parser.error("each --rescore-at count must also be a --queue-budgets entry (its export is retrained on)")
     args.work.mkdir(parents=True, exist_ok=True)
