@@ -26,8 +26,10 @@ def launch_two_processes(what: str, config: Path, output: Path) -> None:
          "--dynamo_backend", "no", "-m", "keel", "train", what, "--config", str(config),
          "--output", str(output), "--no-progress"],
         capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    # The launcher's summary fills the end of stderr; the failing rank's own error lines come first.
-    errors = [line for line in result.stderr.splitlines() if "Error" in line or "error:" in line]
+    # The launcher's summary fills the end of stderr; the failing rank's own error lines come first (a rank killed
+    # by SIGABRT says why only in a C++ `terminate called ... what():` pair).
+    markers = ("Error", "error:", "Exception", "terminate called", "what():")
+    errors = [line for line in result.stderr.splitlines() if any(marker in line for marker in markers)]
     assert result.returncode == 0, "\n".join(errors[:20]) + "\n...\n" + result.stderr[-2000:]
 
 

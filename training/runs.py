@@ -36,6 +36,16 @@ def start_run(output: Path, resume: bool, overwrite: bool, precision: str, seed:
     return output, work, accelerator
 
 
+def end_run() -> None:
+    """Close the process group that `accelerate launch` opened, before the interpreter exits: a group left to the
+    interpreter's teardown can abort a rank that has finished its work ("terminate called without an active
+    exception"), which fails the whole launch."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def discard_work_without_checkpoints(output: Path) -> None:
     work = output.parent / f"{output.name}.work"
     if work.is_dir() and latest_checkpoint(work) is None:

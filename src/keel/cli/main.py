@@ -38,6 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in KEEL_LOGGERS:
         logging.getLogger(name).setLevel(logging.DEBUG if args.verbose else logging.INFO)
     cleanup = getattr(args, "cleanup", None)  # what a failed command leaves to tidy (train: OUTPUT.work)
+    finish = getattr(args, "finish", None)  # what any run of the command ends with (train: the process group)
     try:
         status: int = args.func(args)
         return status
@@ -50,6 +51,9 @@ def main(argv: list[str] | None = None) -> int:
         if cleanup:
             cleanup(args)
         raise
+    finally:
+        if finish:
+            finish(args)
 
 
 if __name__ == "__main__":

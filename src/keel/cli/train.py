@@ -53,7 +53,7 @@ def add_train_common(parser: argparse.ArgumentParser, default_config: Path) -> N
     parser.add_argument("--skip-bad-rows", action="store_true",
                         help="skip malformed data rows with a warning (default: stop at the first, naming file:line)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    parser.set_defaults(cleanup=discard_unstarted_run)
+    parser.set_defaults(cleanup=discard_unstarted_run, finish=end_training_run)
 
 
 def run_reward(args: argparse.Namespace) -> int:
@@ -104,3 +104,9 @@ def discard_unstarted_run(args: argparse.Namespace) -> None:
     from keel.training.runs import discard_work_without_checkpoints
 
     discard_work_without_checkpoints(Path(args.output))
+
+
+def end_training_run(args: argparse.Namespace) -> None:
+    from keel.training.runs import end_run
+
+    end_run()
