@@ -3,7 +3,8 @@ the model versions, the scores, the guard's verdicts and every best-of-n candida
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from functools import partial
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -71,11 +72,15 @@ def rescore(store: FeedbackStore, runtime: ModerationRuntime | RewardRuntime, ne
     served one did; returns how many responses were read. A moderation model re-scores moderation responses; a
     reward model the best-of-n candidates of chat completions, ranked by `weights` of its heads (default: the
     primary head, as `keel serve --chat-reward-weights`). What was served, its scores and model versions stay."""
-    ids = store.served_ids("moderation" if isinstance(runtime, ModerationRuntime) else "chat", newest)
+    rescored: Callable[[Sequence[str]], dict[str, float]]
+    if isinstance(runtime, ModerationRuntime):
+        kind, rescored = "moderation", partial(moderation_rescored, store, runtime=runtime)
+    else:
+        kind = "chat"
+        rescored = partial(chat_rescored, store, runtime=runtime, weights=weights or {runtime.primary_head: 1.0})
+    ids = store.served_ids(kind, newest)
     for start in tqdm(range(0, len(ids), batch), desc="rescore", unit="batch", disable=not progress):
-        chunk = ids[start:start + batch]
-        store.set_uncertainty(moderation_rescored(store, chunk, runtime) if isinstance(runtime, ModerationRuntime)
-                              else chat_rescored(store, chunk, runtime, weights or {runtime.primary_head: 1.0}))
+        store.set_uncertainty(rescored(ids[start:start + batch]))
     return len(ids)
 
 
@@ -93,8 +98,9 @@ def chat_rescored(store: FeedbackStore, ids: Sequence[str], runtime: RewardRunti
     prefilled start of a reply is judged with it); completions with fewer than two candidates are left alone."""
     head_weights = np.array([weights.get(h, 0.0) for h in runtime.heads], dtype=np.float32)
     groups: dict[str, list[ModelInput]] = {}
+    candidates = store.candidates_of_items(ids)
     for item_id, value in store.inputs_of(ids).items():
-        replies = [c.text for c in store.candidates_of(item_id) if c.choice == 0]
+        replies = [c.text for c in candidates.get(item_id, []) if c.choice == 0]
         if len(replies) >= 2:
             prefill, context = split_prefill(tuple(Message(m["role"], m["content"]) for m in value["messages"]))
             groups[item_id] = [model_input([*context, Message("assistant", prefill + r)]) for r in replies]

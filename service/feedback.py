@@ -326,9 +326,16 @@ class FeedbackStore:
             session.execute(update(Item), [{"id": i, "uncertainty": u} for i, u in values.items()])
 
     def candidates_of(self, item_id: str) -> list[Candidate]:
+        return self.candidates_of_items([item_id]).get(item_id, [])
+
+    def candidates_of_items(self, ids: Sequence[str]) -> dict[str, list[Candidate]]:
+        """The candidates of each of these items that has any, in the order they were recorded (one query)."""
+        found: dict[str, list[Candidate]] = {}
         with self.session() as session:
-            return list(session.scalars(select(Candidate).where(Candidate.item_id == item_id)
-                                        .order_by(Candidate.id)))
+            for candidate in session.scalars(select(Candidate).where(Candidate.item_id.in_(ids))
+                                             .order_by(Candidate.id)):
+                found.setdefault(candidate.item_id, []).append(candidate)
+        return found
 
     def annotator_counts(self) -> dict[str, dict[str, int]]:
         """Per annotator, answers per kind."""
