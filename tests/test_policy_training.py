@@ -25,9 +25,9 @@ def test_two_steps_of_every_algorithm(name: str, tiny_policy: str, tiny_reward_m
 
     assert ALGORITHMS[name].default_config.exists()
     config = tiny_policy_config(tiny_policy, tiny_reward_model, tmp_path)
-    # The harm and evasion penalties, and a prompt source of harmful requests beside the ordinary one.
+    # The three penalties, and a prompt source of harmful requests beside the ordinary one.
     config.reward.penalties = [PenaltyConfig("harm", weight=1.0, model=str(tiny_moderation_model), backend="onnx"),
-                               PenaltyConfig("evasion", weight=0.5)]
+                               PenaltyConfig("evasion", weight=0.5), PenaltyConfig("unrefused", weight=0.5)]
     harmful = tmp_path / "harmful.jsonl"
     harmful.write_text("".join(json.dumps({"prompt": f"help me steal and hack {i}"}) + "\n" for i in range(8)))
     config.prompts.train.append(PromptSource(str(harmful), harmful=True))
@@ -42,7 +42,8 @@ def test_two_steps_of_every_algorithm(name: str, tiny_policy: str, tiny_reward_m
     assert [r["step"] for r in rows if "loss" in r or "policy_loss" in r] == [1, 2]
     assert "eval_reward" in rows[-1] and "eval_kl" in rows[-1]  # the final held-out evaluation
     if name in ("reinforce", "rloo", "ppo"):
-        assert {"reward", "kl", "entropy", "response_length", "penalty_harm", "penalty_evasion"} <= set(rows[1])
+        assert {"reward", "kl", "entropy", "response_length", "penalty_harm", "penalty_evasion",
+                "penalty_unrefused"} <= set(rows[1])
         assert {k for k in rows[1] if k.startswith("evasive_")} <= {"evasive_prompts", "evasive_harmful"}
     if name == "ppo":
         assert {"value_loss", "clip_fraction", "approx_kl"} <= set(rows[1])

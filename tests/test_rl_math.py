@@ -215,14 +215,19 @@ def test_evasion_detector(response: str, evasive: bool):
     assert is_evasive(response) is evasive
 
 
-def test_the_evasion_penalty_skips_harmful_requests():
-    from keel.training.policy.penalties import EvasionPenalty
+def test_the_evasion_penalty_skips_harmful_requests_and_the_unrefused_one_takes_only_them():
+    from keel.training.policy.penalties import EvasionPenalty, UnrefusedPenalty
     from keel.training.policy.rewards import PenaltyConfig
 
-    penalty = EvasionPenalty(PenaltyConfig("evasion"), "KEEL_API_KEY")
-    replies = ["It's a complex topic.", "I can't help with that.", "Canberra."]
-    conversations = [(Message("user", "q"),)] * 3
-    assert penalty(conversations, replies, [False, True, False]).tolist() == [1.0, 0.0, 0.0]
+    replies = ["It's a complex topic.", "I can't help with that.", "Canberra.", "It's a complex topic.",
+               "Step 1: buy the chemicals."]
+    harmful = [False, True, False, True, True]
+    conversations = [(Message("user", "q"),)] * len(replies)
+    evasion = EvasionPenalty(PenaltyConfig("evasion"), "KEEL_API_KEY")
+    assert evasion(conversations, replies, harmful).tolist() == [1.0, 0.0, 0.0, 0.0, 0.0]
+    # A deflection of a harmful request costs what compliance does; only a refusal is free.
+    unrefused = UnrefusedPenalty(PenaltyConfig("unrefused"), "KEEL_API_KEY")
+    assert unrefused(conversations, replies, harmful).tolist() == [0.0, 0.0, 0.0, 1.0, 1.0]
 
 
 def test_a_reply_the_moderation_model_flags_costs_the_harm_penalty_weight(tiny_reward_model, tiny_moderation_model):
@@ -246,5 +251,5 @@ def test_a_reply_the_moderation_model_flags_costs_the_harm_penalty_weight(tiny_r
 def test_an_unknown_penalty_is_a_config_error_naming_the_kinds(tiny_reward_model):
     from keel.training.policy.rewards import PenaltyConfig, RewardError, RewardFunction, RewardSourceConfig
 
-    with pytest.raises(RewardError, match="unknown kind 'hedging'; the kinds are harm, evasion"):
+    with pytest.raises(RewardError, match="unknown kind 'hedging'; the kinds are harm, evasion, unrefused"):
         RewardFunction(RewardSourceConfig(model=str(tiny_reward_model), penalties=[PenaltyConfig("hedging")]))

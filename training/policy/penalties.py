@@ -6,7 +6,11 @@ the request (hedging); it does not pay much for refusing real harm, which the ba
 - harm: 1 when the moderation model flags the reply in its conversation (the reply-level judgment, harm the
   reply gives, not harm the request asks for), from a moderation-model directory or a running `keel serve`;
 - evasion: 1 when the reply to an ordinary request (a prompt source not marked `harmful`) refuses or hedges
-  (keel.training.evaluation.refusals.is_evasive), so evasion earns nothing where help was asked for.
+  (keel.training.evaluation.refusals.is_evasive), so evasion earns nothing where help was asked for;
+- unrefused: 1 when the reply to a harmful request does not refuse it (keel.training.evaluation.refusals.is_refusal).
+  The harm penalty alone is avoided as well by deflecting ("a complex and multifaceted challenge") as by refusing;
+  this one makes the refusal the best reply to harm, as rule-based safety rewards do (Mu et al., 2024), while the
+  evasion penalty keeps it from paying on ordinary requests and look-alikes.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import httpx
 import numpy as np
 
 from keel.core.text import Conversation, Message, model_input
-from keel.training.evaluation.refusals import is_evasive
+from keel.training.evaluation.refusals import is_evasive, is_refusal
 from keel.training.policy.rewards import KeelService, PenaltyConfig, RewardError
 
 Penalty = Callable[[Sequence[Conversation], Sequence[str], Sequence[bool]], np.ndarray]
@@ -59,7 +63,19 @@ class EvasionPenalty:
                         dtype=np.float32)
 
 
-PENALTIES: dict[str, type[HarmPenalty] | type[EvasionPenalty]] = {"harm": HarmPenalty, "evasion": EvasionPenalty}
+class UnrefusedPenalty:
+    """1 for a reply to a harmful request that does not refuse it; 0 on ordinary requests."""
+
+    def __init__(self, config: PenaltyConfig, api_key_env: str, transport: httpx.BaseTransport | None = None):
+        pass
+
+    def __call__(self, conversations: Sequence[Conversation], responses: Sequence[str],
+                 harmful: Sequence[bool]) -> np.ndarray:
+        return np.array([float(bad and not is_refusal(r)) for r, bad in zip(responses, harmful)], dtype=np.float32)
+
+
+PENALTIES: dict[str, Callable[[PenaltyConfig, str, httpx.BaseTransport | None], Penalty]] = {
+    "harm": HarmPenalty, "evasion": EvasionPenalty, "unrefused": UnrefusedPenalty}
 
 
 def make_penalty(config: PenaltyConfig, api_key_env: str, transport: httpx.BaseTransport | None = None) -> Penalty:

@@ -1,6 +1,6 @@
 """Rewards for policy training: normalised reward-model heads, weighted and summed, from a Keel reward-model
 directory (scored in-process) or from a running Keel service over HTTP, minus penalties (harm as the moderation
-model judges it, evasion: training/policy/penalties.py).
+model judges it, evasion, unrefused harm: training/policy/penalties.py).
 
     r(x, y) = clip(sum_h w_h * z_h(x, y), -clip, clip) - sum_p lambda_p * penalty_p(x, y)
 """
@@ -26,7 +26,7 @@ from keel.core.text import Conversation, Message, model_input
 class PenaltyConfig:
     """A penalty subtracted from the reward: weight * penalty(x, y), a penalty in [0, 1]."""
 
-    kind: str  # an entry of keel.training.policy.penalties.PENALTIES: harm | evasion
+    kind: str  # an entry of keel.training.policy.penalties.PENALTIES: harm | evasion | unrefused
     weight: float = 1.0
     model: str | None = "default"  # harm: a moderation-model directory ("default": the default moderation model)
     url: str | None = None  # harm: a running Keel service's base URL (its /v1/moderations), instead of model
