@@ -82,7 +82,8 @@ class DataSource:
     score_columns: list[str] | None = None  # score = max of these columns (e.g. binary labels)
     where: dict[str, str] = field(default_factory=dict)  # keep only rows whose column equals this value
     # all | refusal_vs_compliance | compliance_vs_refusal: keep only preference pairs where the chosen reply is a
-    # refusal and the rejected one is not, or the reverse (training/evaluation/refusals.py): to teach when (not) to refuse
+    # refusal and the rejected one is not, or the reverse (training/evaluation/refusals.py): to teach when (not) to
+    # refuse
     pairs: str = "all"
     # Read every row as one rating with this score (for a pair: the first exchange of its chosen conversation,
     # the first user turn and the reply to it): labels a whole file, e.g. red-team openings 0, ordinary ones 1.
