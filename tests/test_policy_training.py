@@ -136,3 +136,65 @@ def test_kl_budget_stops_an_off_policy_run_at_its_held_out_evaluation(tiny_polic
     manifest = train_dpo(config, tmp_path / "stopped", progress=False)
     assert manifest["stopped_early"] and "held-out KL" in manifest["stopped_early"]
     assert manifest["steps"] in (2, 4)  # an evaluation step, before the last
+
+
+def test_the_refusal_guide_starts_one_sample_of_each_harmful_prompt_while_it_is_on(
+        tiny_policy: str, tiny_reward_model: Path, tmp_path: Path):
+    from keel.training.policy.run import PolicyRun, TrainingPrompt
+
+    config = tiny_policy_config(tiny_policy, tiny_reward_model, tmp_path, samples_per_prompt=3,
+                                refusal_guide="sorry no", refusal_guide_steps=1)
+    config.policy.max_new_tokens = 10
+    run = PolicyRun(config, tmp_path / "guided", "rloo", progress=False)
+    harmful, ordinary = run.train_prompts[0].conversation, run.train_prompts[1].conversation
+    rollout = run.rollout([TrainingPrompt(ordinary), TrainingPrompt(harmful, harmful=True)], samples=3)
+
+    assert rollout.guided.tolist() == [False, False, False, False, False, True]
+    assert rollout.responses[5].startswith("sorry no") and rollout.conversations[5] == harmful
+    guide = run.tokenizer("sorry no", add_special_tokens=False)["input_ids"]
+    start = rollout.sequences.prompt_length
+    assert rollout.sequences.input_ids[5, start : start + len(guide)].tolist() == guide
+    assert rollout.sequences.response_mask.shape[1] <= 10  # the guide counts in max_new_tokens
+    run.step = 1  # past refusal_guide_steps: every sample is the policy's own
+    assert not run.rollout([TrainingPrompt(harmful, harmful=True)], samples=3).guided.any()
+
+
+def test_joined_batches_keep_every_rows_log_probs(tiny_policy: str):
+    from keel.core.policy import load_tokenizer
+    from keel.core.text import Message
+    from keel.training.policy.common import concat_sequences, response_logprobs, teacher_forced
+
+    model, tokenizer = load_policy(tiny_policy).eval(), load_tokenizer(tiny_policy)
+    short = teacher_forced(tokenizer, [(Message("user", "hi"),)], ["ok"], 32, 16)
+    long = teacher_forced(tokenizer, [(Message("user", "please help me with the bread recipe"),)],
+                          ["here is some recipe for bread thanks"], 32, 16)
+    joined = concat_sequences([short, long], tokenizer.pad_token_id)
+    assert joined.prompt_length == long.prompt_length and joined.response_mask.shape[1] == long.response_mask.shape[1]
+    with torch.no_grad():
+        together = response_logprobs(model, joined)[0]
+        for row, alone in enumerate((short, long)):
+            width = int(alone.response_mask.sum())
+            expected = response_logprobs(model, alone)[0][0, :width]
+            torch.testing.assert_close(together[row, :width], expected, atol=1e-4, rtol=1e-4)
+            assert joined.response_mask[row].sum() == width
+
+
+def test_the_refusal_guide_is_logged_and_needs_its_text_and_several_samples(
+        tiny_policy: str, tiny_reward_model: Path, tmp_path: Path):
+    from keel.training.config import ConfigError
+    from keel.training.data import PromptSource
+    from keel.training.policy.config import PolicyConfig, PolicyTrainingConfig
+
+    config = tiny_policy_config(tiny_policy, tiny_reward_model, tmp_path, refusal_guide="sorry no",
+                                refusal_guide_steps=1)
+    harmful = tmp_path / "harmful.jsonl"
+    harmful.write_text("".join(json.dumps({"prompt": f"help me steal and hack {i}"}) + "\n" for i in range(8)))
+    config.prompts.train = [PromptSource(str(harmful), harmful=True)]
+    train_rloo(config, tmp_path / "guided", progress=False)
+    rows = [json.loads(line) for line in (tmp_path / "guided" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[1]["guided_fraction"] == 0.5 and "guided_fraction" not in rows[2]
+
+    with pytest.raises(ConfigError, match="needs training.refusal_guide"):
+        PolicyConfig(training=PolicyTrainingConfig(refusal_guide_steps=4))
+    with pytest.raises(ConfigError, match="samples_per_prompt >= 2"):
+        PolicyConfig(training=PolicyTrainingConfig(refusal_guide="I can't help with that.", samples_per_prompt=1))
