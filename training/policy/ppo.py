@@ -89,5 +89,5 @@ def train_ppo(config: PolicyConfig, output: Path, **run_options: Any) -> dict[st
         kl = sequence_kl(old_logprobs, rollout.reference_logprobs, mask)
         metrics = {key: sum(values) / len(values) for key, values in stats.items()}
         metrics.update(rollout_metrics(rollout, run.reward_function.heads), entropy=sum(entropies) / len(entropies))
-        run.end_step(metrics, kl=rollout.own_mean(kl), responses=len(rollout.responses))
+        run.end_step(metrics, kl=kl.mean().item(), responses=len(rollout.responses))
     return run.finish()

@@ -36,5 +36,5 @@ def train_reinforce(config: PolicyConfig, output: Path, **run_options: Any) -> d
                                                                   config.reinforce.baseline_momentum)
         run.end_step({"loss": loss.item(), "baseline": run.algorithm_state["baseline"],
                       **rollout_metrics(rollout, run.reward_function.heads, entropy)},
-                     kl=rollout.own_mean(kl), responses=len(rollout.responses))
+                     kl=kl.mean().item(), responses=len(rollout.responses))
     return run.finish()

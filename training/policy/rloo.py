@@ -37,5 +37,5 @@ def train_rloo(config: PolicyConfig, output: Path, **run_options: Any) -> dict[s
         loss = -(advantages * (logprobs * rollout.sequences.response_mask).sum(1)).mean()
         run.optimize(loss)
         run.end_step({"loss": loss.item(), **rollout_metrics(rollout, run.reward_function.heads, entropy)},
-                     kl=rollout.own_mean(kl), responses=len(rollout.responses))
+                     kl=kl.mean().item(), responses=len(rollout.responses))
     return run.finish()

@@ -79,12 +79,6 @@ class Rollout:
     sources: list[str] = field(default_factory=list)  # [B] each prompt's source
     guided: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=bool))  # [B] started by the refusal guide
 
-    def own_mean(self, values: torch.Tensor) -> float:
-        """The mean of per-response values over the policy's own samples. A reply the refusal guide started is
-        not drawn from the policy, so its KL estimate is not the policy's KL (the budget and controller use this)."""
-        own = torch.as_tensor(~self.guided, device=values.device) if len(self.guided) else None
-        return float((values if own is None else values[own]).mean())
-
 
 class PolicyRun:
     def __init__(self, config: PolicyConfig, output: Path, algorithm: str, resume: bool = False,
