@@ -60,19 +60,10 @@ def repeated_ngram_fraction(sequences: Sequences, n: int = 3) -> torch.Tensor:
 @torch.no_grad()
 def generate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, conversations: Sequence[Conversation],
              max_prompt_length: int, max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0,
-             greedy: bool = False, prefix: str = "") -> tuple[Sequences, list[str]]:
-    """Sample one response per conversation; returns the sequences and the decoded responses. A `prefix` is
-    forced as every response's first tokens (counted in max_new_tokens, leaving at least one) and the model
-    continues it."""
+             greedy: bool = False) -> tuple[Sequences, list[str]]:
+    """Sample one response per conversation; returns the sequences and the decoded responses."""
     device = next(model.parameters()).device
     prompts = {k: v.to(device) for k, v in encode_prompts(tokenizer, conversations, max_prompt_length).items()}
-    prompt_length = prompts["input_ids"].shape[1]
-    if prefix:
-        forced = tokenizer(prefix, add_special_tokens=False, return_tensors="pt")["input_ids"][:, : max_new_tokens - 1]
-        forced = forced.to(device).expand(len(conversations), -1)
-        prompts = {"input_ids": torch.cat([prompts["input_ids"], forced], dim=1),
-                   "attention_mask": torch.cat([prompts["attention_mask"], torch.ones_like(forced)], dim=1)}
-        max_new_tokens -= forced.shape[1]
     end_ids = end_token_ids(model, tokenizer)
     was_training = model.training
     model.eval()
@@ -81,6 +72,7 @@ def generate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, convers
     output = model.generate(**prompts, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
                             eos_token_id=end_ids, **sampling)
     model.train(was_training)
+    prompt_length = prompts["input_ids"].shape[1]
     responses = output[:, prompt_length:]
     if responses.shape[1] == 0:  # max_new_tokens 0 or an immediate stop everywhere
         responses = torch.full((len(conversations), 1), end_ids[0], device=device)
@@ -90,20 +82,6 @@ def generate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, convers
     texts = tokenizer.batch_decode(responses * response_mask.long() + tokenizer.pad_token_id * (1 - response_mask.long()),
                                    skip_special_tokens=True)
     return sequences, [t.strip() for t in texts]
-
-
-def concat_sequences(parts: Sequence[Sequences], pad_token_id: int) -> Sequences:
-    """The rows of several batches as one batch: prompts left-padded and responses right-padded to the widest."""
-    prompt_width = max(part.prompt_length for part in parts)
-    response_width = max(part.response_mask.shape[1] for part in parts)
-    input_ids, attention_masks, response_masks = [], [], []
-    for part in parts:
-        left, right = prompt_width - part.prompt_length, response_width - part.response_mask.shape[1]
-        input_ids.append(F.pad(part.input_ids, (left, right), value=pad_token_id))
-        attention_masks.append(F.pad(part.attention_mask, (left, right), value=0))
-        response_masks.append(F.pad(part.response_mask, (0, right), value=0.0))
-    return Sequences(torch.cat(input_ids), torch.cat(attention_masks), torch.cat(response_masks),
-                     torch.cat([part.ended for part in parts]))
 
 
 def teacher_forced(tokenizer: PreTrainedTokenizerBase, conversations: Sequence[Conversation], responses: Sequence[str],

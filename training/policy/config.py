@@ -57,11 +57,6 @@ class PolicyTrainingConfig:
     kl_budget: float | None = 6.0  # stop early when the mean KL per response passes this (nats; null: never)
     unfinished_penalty: float = 0.0  # subtracted from the reward of responses that hit max_new_tokens
     whiten_rewards: bool = False  # whiten rewards across the batch before computing advantages
-    # Exploration for refusals (null: off). A policy that almost never refuses cannot have a refusal reinforced,
-    # so during the first refusal_guide_steps steps the last of each harmful prompt's samples starts with this
-    # text and the policy continues it (an off-policy sample in the group, as in LUFFY, Yan et al. 2025).
-    refusal_guide: str | None = None
-    refusal_guide_steps: int = 0
 
 
 # Each algorithm's own settings, in its own section (as TRL's trainers each have their config).
@@ -122,13 +117,7 @@ class PolicyConfig:
                       positive=["epochs", "prompts_per_step", "samples_per_prompt", "learning_rate", "max_grad_norm",
                                 "log_every", "kl_target", "kl_horizon", "kl_budget"],
                       at_least_0=["steps", "weight_decay", "warmup_steps", "eval_every", "checkpoint_every", "kl_coef",
-                                  "unfinished_penalty", "refusal_guide_steps"])
-        if self.training.refusal_guide_steps and not self.training.refusal_guide:
-            raise ConfigError("training.refusal_guide_steps needs training.refusal_guide, the refusal's opening text, "
-                              "e.g. --set \"training.refusal_guide=I'm sorry, but I can't help with that.\"")
-        if self.training.refusal_guide and self.training.samples_per_prompt < 2:
-            raise ConfigError("training.refusal_guide replaces one of each harmful prompt's samples: set "
-                              "training.samples_per_prompt >= 2")
+                                  "unfinished_penalty"])
         check_numbers("ppo", self.ppo, positive=["clip_range", "value_clip", "epochs", "minibatch_size"],
                       at_least_0=["value_coef", "gamma", "lam"], up_to_1=["gamma", "lam"])
         check_numbers("dpo", self.dpo, positive=["beta", "max_length"], below_1=["label_smoothing"])

@@ -38,7 +38,6 @@ from keel.training.evaluation.refusals import is_evasive
 from keel.training.plots import plot_curves
 from keel.training.policy.common import (
     Sequences,
-    concat_sequences,
     generate,
     repeated_ngram_fraction,
     response_logprobs,
@@ -77,7 +76,6 @@ class Rollout:
     reference_logprobs: torch.Tensor  # [B, R]
     penalties: dict[str, np.ndarray] = field(default_factory=dict)  # kind -> [B], before weights
     sources: list[str] = field(default_factory=list)  # [B] each prompt's source
-    guided: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=bool))  # [B] started by the refusal guide
 
 
 class PolicyRun:
@@ -196,36 +194,20 @@ class PolicyRun:
     def rollout(self, prompts: Sequence[TrainingPrompt], samples: int = 1,
                 greedy: bool = False) -> Rollout:
         """Sample `samples` responses per prompt (grouped: prompt i's samples are rows i*samples ...), score
-        them, and take the reference's log-probs. While the refusal guide is on, the last sample of each harmful
-        prompt's group starts with the guide's text (see PolicyTrainingConfig.refusal_guide)."""
-        p, t = self.config.policy, self.config.training
+        them, and take the reference's log-probs."""
+        p = self.config.policy
         repeated = [prompt for prompt in prompts for _ in range(samples)]
         conversations = [prompt.conversation for prompt in repeated]
-        guiding = bool(t.refusal_guide) and samples > 1 and not greedy and self.step < t.refusal_guide_steps
-        guided = np.array([guiding and prompt.harmful and row % samples == samples - 1
-                           for row, prompt in enumerate(repeated)], dtype=bool)
         policy = self.accelerator.unwrap_model(self.policy)
-        parts, order = [], []
         with self.autocast():  # bf16 sampling is ~25% faster on CPU
-            for rows, prefix in ((np.flatnonzero(~guided), ""), (np.flatnonzero(guided), t.refusal_guide or "")):
-                if len(rows):
-                    parts.append(generate(policy, self.tokenizer, [conversations[i] for i in rows],
-                                          p.max_prompt_length, p.max_new_tokens, p.temperature, p.top_p,
-                                          greedy=greedy, prefix=prefix))
-                    order += rows.tolist()
-        if len(parts) == 1:
-            sequences, texts = parts[0]
-        else:  # both kinds of row, back in the grouped order
-            inverse = np.argsort(order)
-            joined = concat_sequences([part_sequences for part_sequences, _ in parts], self.tokenizer.pad_token_id)
-            sequences = joined.select(torch.as_tensor(inverse, device=joined.input_ids.device))
-            texts = [[text for _, part_texts in parts for text in part_texts][i] for i in inverse]
+            sequences, texts = generate(policy, self.tokenizer, conversations, p.max_prompt_length,
+                                        p.max_new_tokens, p.temperature, p.top_p, greedy=greedy)
         scored = self.reward_function(conversations, texts, [p.heads for p in repeated],
                                       [p.harmful for p in repeated])
         rewards = torch.tensor(scored.total, dtype=torch.float32, device=self.device)
-        rewards -= t.unfinished_penalty * (~sequences.ended).float()
+        rewards -= self.config.training.unfinished_penalty * (~sequences.ended).float()
         return Rollout(conversations, texts, sequences, rewards, scored.head_z, self.reference_logprobs(sequences),
-                       scored.penalties, [p.source for p in repeated], guided)
+                       scored.penalties, [p.source for p in repeated])
 
     @torch.no_grad()
     def reference_logprobs(self, sequences: Sequences) -> torch.Tensor:
@@ -389,16 +371,10 @@ def rollout_metrics(rollout: Rollout, heads: Sequence[str], entropy: torch.Tenso
     metrics.update({f"z_{head}": float(rollout.head_scores[:, i].mean()) for i, head in enumerate(heads)})
     metrics.update({f"penalty_{kind}": float(values.mean()) for kind, values in rollout.penalties.items()})
     # Evasive replies (refusals and hedges) per prompt source: rising on ordinary requests is reward hacking
-    # (a reward that pays for sounding careful), rising on harmful ones is the refusal being taught. Replies the
-    # refusal guide started are the policy's own only after the guide, so they are left out.
+    # (a reward that pays for sounding careful), rising on harmful ones is the refusal being taught.
     evasive = np.array([is_evasive(r) for r in rollout.responses], dtype=np.float32)
-    own = ~rollout.guided if len(rollout.guided) else np.ones(len(evasive), dtype=bool)
     for source in sorted(set(rollout.sources)):
-        rows = own & np.array([s == source for s in rollout.sources])
-        if rows.any():
-            metrics[f"evasive_{source}"] = float(evasive[rows].mean())
-    if rollout.guided.any():
-        metrics["guided_fraction"] = float(rollout.guided.mean())
+        metrics[f"evasive_{source}"] = float(evasive[[s == source for s in rollout.sources]].mean())
     if entropy is not None:
         metrics["entropy"] = float((entropy * mask).sum() / mask.sum())
     return metrics
