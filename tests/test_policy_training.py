@@ -136,3 +136,18 @@ def test_kl_budget_stops_an_off_policy_run_at_its_held_out_evaluation(tiny_polic
     manifest = train_dpo(config, tmp_path / "stopped", progress=False)
     assert manifest["stopped_early"] and "held-out KL" in manifest["stopped_early"]
     assert manifest["steps"] in (2, 4)  # an evaluation step, before the last
+
+
+def test_a_prompt_sources_repeat_oversamples_its_training_prompts_only(tiny_policy: str, tiny_reward_model: Path,
+                                                                       tmp_path: Path):
+    from keel.training.data import PromptSource
+    from keel.training.policy.run import PolicyRun
+
+    config = tiny_policy_config(tiny_policy, tiny_reward_model, tmp_path)
+    harmful = tmp_path / "harmful.jsonl"
+    harmful.write_text("".join(json.dumps({"prompt": f"help me steal and hack {i}"}) + "\n" for i in range(5)))
+    config.prompts.train.append(PromptSource(str(harmful), harmful=True, repeat=3))
+    config.prompts.evaluation = [PromptSource(str(harmful), repeat=3)]
+    run = PolicyRun(config, tmp_path / "repeated", "rloo", progress=False)
+    assert sum(prompt.harmful for prompt in run.train_prompts) == 15
+    assert len(run.train_prompts) == 16 + 15 and len(run.eval_prompts) == 5

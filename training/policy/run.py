@@ -117,7 +117,7 @@ class PolicyRun:
         train_sources = config.prompts.train if on_policy else []
         with self.accelerator.main_process_first():  # the default reward model is trained once, if absent
             self.reward = RewardFunction(config.reward) if train_sources or config.prompts.evaluation else None
-        self.train_prompts = self._load_prompts(train_sources, skip_bad_rows)
+        self.train_prompts = self._load_prompts(train_sources, skip_bad_rows, training=True)
         self.eval_prompts = self._load_prompts(config.prompts.evaluation, skip_bad_rows)
 
         # ---- resume ------------------------------------------------------------------------------------------
@@ -139,14 +139,16 @@ class PolicyRun:
         if self.start_step == 0 and self.eval_prompts:
             self._log_row(0, self.evaluate())
 
-    def _load_prompts(self, sources: Sequence[PromptSource], skip_bad_rows: bool) -> list[TrainingPrompt]:
+    def _load_prompts(self, sources: Sequence[PromptSource], skip_bad_rows: bool,
+                      training: bool = False) -> list[TrainingPrompt]:
+        """Each source's prompts; for training, its `repeat` times (as reward, SFT and DPO data)."""
         prompts = []
         for source in sources:
             if source.heads and self.reward:
                 self.reward.check_weights(source.heads)
             name = Path(source.path).name.split(".")[0] + (f"-{source.split}" if source.split != "all" else "")
             prompts += [TrainingPrompt(c, source.heads, source.harmful, name)
-                        for c in load_prompts(source, skip_bad_rows)]
+                        for c in load_prompts(source, skip_bad_rows)] * (source.repeat if training else 1)
         return prompts
 
     # ---- the loop ----------------------------------------------------------------------------------------
