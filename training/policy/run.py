@@ -33,7 +33,7 @@ from keel.core.artifact import PolicyManifest, file_sha256, staged
 from keel.core.policy import load_policy, load_tokenizer, resolve_policy
 from keel.core.text import Conversation
 from keel.training.config import ConfigError, to_dict
-from keel.training.data import PromptSource, load_prompts
+from keel.training.data import PromptSource, load_prompts, read_sources
 from keel.training.evaluation.refusals import is_evasive
 from keel.training.plots import plot_curves
 from keel.training.policy.common import (
@@ -141,15 +141,15 @@ class PolicyRun:
 
     def _load_prompts(self, sources: Sequence[PromptSource], skip_bad_rows: bool,
                       training: bool = False) -> list[TrainingPrompt]:
-        """Each source's prompts; for training, its `repeat` times (as reward, SFT and DPO data)."""
-        prompts = []
-        for source in sources:
+        """Each source's prompts; for training, its `repeat` times (read_sources, as for reward, SFT and DPO data)."""
+
+        def load(source: PromptSource, skip: bool) -> list[TrainingPrompt]:
             if source.heads and self.reward:
                 self.reward.check_weights(source.heads)
             name = Path(source.path).name.split(".")[0] + (f"-{source.split}" if source.split != "all" else "")
-            prompts += [TrainingPrompt(c, source.heads, source.harmful, name)
-                        for c in load_prompts(source, skip_bad_rows)] * (source.repeat if training else 1)
-        return prompts
+            return [TrainingPrompt(c, source.heads, source.harmful, name) for c in load_prompts(source, skip)]
+
+        return read_sources(sources, skip_bad_rows, training, load)
 
     # ---- the loop ----------------------------------------------------------------------------------------
     def steps(self) -> Iterator[int]:
