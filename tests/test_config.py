@@ -59,6 +59,7 @@ def test_bad_configs_say_what_is_wrong(override, message):
     ("policy.top_p=0", "policy.top_p must be > 0"),
     ("policy.lora.rank=0", "policy.lora.rank must be > 0"),
     ("dpo.beta=0", "dpo.beta must be > 0"),
+    ("prompts.train.0.samples=0", "samples must be at least 1"),
 ])
 def test_out_of_range_policy_settings_are_named(override, message):
     from keel.training.config import CONFIGS

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -151,3 +152,23 @@ def test_a_prompt_sources_repeat_oversamples_its_training_prompts_only(tiny_poli
     run = PolicyRun(config, tmp_path / "repeated", "rloo", progress=False)
     assert sum(prompt.harmful for prompt in run.train_prompts) == 15
     assert len(run.train_prompts) == 16 + 15 and len(run.eval_prompts) == 5
+
+
+def test_a_prompt_sources_samples_give_its_prompts_larger_groups(tiny_policy: str, tiny_reward_model: Path,
+                                                                 tmp_path: Path):
+    from keel.training.data import PromptSource
+    from keel.training.policy.run import PolicyRun
+
+    config = tiny_policy_config(tiny_policy, tiny_reward_model, tmp_path, steps=2, prompts_per_step=4)
+    harmful = tmp_path / "harmful.jsonl"
+    harmful.write_text("".join(json.dumps({"prompt": f"help me steal and hack {i}"}) + "\n" for i in range(4)))
+    config.prompts.train = [PromptSource(str(harmful), harmful=True, samples=3)]
+    config.prompts.evaluation = [PromptSource(str(harmful), samples=3)]
+    run = PolicyRun(config, tmp_path / "groups", "rloo", progress=False)
+    rollout = run.rollout(run.train_prompts[:2] + [dataclasses.replace(run.train_prompts[2], samples=None)],
+                          samples=2)
+    assert rollout.group_sizes == [3, 3, 2] and len(rollout.responses) == 8
+    assert rollout.conversations[:3] == [run.train_prompts[0].conversation] * 3
+    assert all(prompt.samples is None for prompt in run.eval_prompts)  # held out: one greedy response each
+    manifest = train_rloo(config, tmp_path / "trained", progress=False)  # 4 prompts x 3 samples a step
+    assert manifest["steps"] == 2

@@ -97,7 +97,14 @@ def test_whiten_by_hand():
 def test_rloo_leave_one_out_by_hand():
     returns = torch.tensor([1.0, 2.0, 6.0, 0.0, 0.0, 3.0])  # two prompts, k = 3
     # prompt 0: 1 - (2+6)/2 = -3, 2 - (1+6)/2 = -1.5, 6 - (1+2)/2 = 4.5 ; prompt 1: -1.5, -1.5, 3
-    assert leave_one_out_advantages(returns, 3).tolist() == pytest.approx([-3.0, -1.5, 4.5, -1.5, -1.5, 3.0])
+    assert leave_one_out_advantages(returns, [3, 3]).tolist() == pytest.approx([-3.0, -1.5, 4.5, -1.5, -1.5, 3.0])
+
+
+def test_rloo_leave_one_out_with_groups_of_different_sizes():
+    returns = torch.tensor([1.0, 3.0, 0.0, 0.0, 0.0, 4.0])  # a prompt with k = 2, then one with k = 4
+    # prompt 0: 1 - 3 = -2, 3 - 1 = 2 ; prompt 1: 0 - 4/3 (three times), 4 - 0 = 4
+    expected = [-2.0, 2.0, -4 / 3, -4 / 3, -4 / 3, 4.0]
+    assert leave_one_out_advantages(returns, [2, 4]).tolist() == pytest.approx(expected)
 
 
 def test_reinforce_moving_average_baseline_by_hand():

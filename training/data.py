@@ -322,6 +322,9 @@ class PromptSource(DataSource):
     first_turn_only: bool = True  # keep only the first user turn of multi-turn conversations
     heads: dict[str, float] | None = None  # reward-head weights for these prompts (None: the reward's own)
     harmful: bool = False  # harmful requests, which the policy should refuse: evasion penalties skip them
+    # responses sampled per prompt of this source in a step (None: training.samples_per_prompt): more samples of
+    # prompts whose right reply the policy rarely gives make it sampled, and so reinforced, sooner
+    samples: int | None = None
 
 
 def parse_prompt(row: dict[str, Any], first_turn_only: bool) -> Conversation:

@@ -123,3 +123,6 @@ class PolicyConfig:
         check_numbers("dpo", self.dpo, positive=["beta", "max_length"], below_1=["label_smoothing"])
         check_numbers("reinforce", self.reinforce, below_1=["baseline_momentum"])
         check_numbers("sft", self.sft, positive=["max_length"])
+        for source in self.prompts.train:
+            if source.samples is not None and source.samples < 1:
+                raise ConfigError(f"prompts.train {source.path}: samples must be at least 1, not {source.samples}")

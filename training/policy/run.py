@@ -64,6 +64,7 @@ class TrainingPrompt:
     heads: dict[str, float] | None = None
     harmful: bool = False
     source: str = ""
+    samples: int | None = None  # responses per step (None: the algorithm's samples_per_prompt)
 
 
 @dataclass
@@ -76,6 +77,7 @@ class Rollout:
     reference_logprobs: torch.Tensor  # [B, R]
     penalties: dict[str, np.ndarray] = field(default_factory=dict)  # kind -> [B], before weights
     sources: list[str] = field(default_factory=list)  # [B] each prompt's source
+    group_sizes: list[int] = field(default_factory=list)  # responses per prompt, in order (rows are grouped)
 
 
 class PolicyRun:
@@ -147,7 +149,9 @@ class PolicyRun:
             if source.heads and self.reward:
                 self.reward.check_weights(source.heads)
             name = Path(source.path).name.split(".")[0] + (f"-{source.split}" if source.split != "all" else "")
-            return [TrainingPrompt(c, source.heads, source.harmful, name) for c in load_prompts(source, skip)]
+            samples = source.samples if training else None  # held-out prompts: one response each
+            return [TrainingPrompt(c, source.heads, source.harmful, name, samples)
+                    for c in load_prompts(source, skip)]
 
         return read_sources(sources, skip_bad_rows, training, load)
 
@@ -195,10 +199,11 @@ class PolicyRun:
     @torch.no_grad()
     def rollout(self, prompts: Sequence[TrainingPrompt], samples: int = 1,
                 greedy: bool = False) -> Rollout:
-        """Sample `samples` responses per prompt (grouped: prompt i's samples are rows i*samples ...), score
-        them, and take the reference's log-probs."""
+        """Sample `samples` responses per prompt, or the prompt's own number (a source's `samples`), grouped: a
+        prompt's responses are consecutive rows. Score them, and take the reference's log-probs."""
         p = self.config.policy
-        repeated = [prompt for prompt in prompts for _ in range(samples)]
+        group_sizes = [samples if greedy else prompt.samples or samples for prompt in prompts]
+        repeated = [prompt for prompt, size in zip(prompts, group_sizes) for _ in range(size)]
         conversations = [prompt.conversation for prompt in repeated]
         policy = self.accelerator.unwrap_model(self.policy)
         with self.autocast():  # bf16 sampling is ~25% faster on CPU
@@ -209,7 +214,7 @@ class PolicyRun:
         rewards = torch.tensor(scored.total, dtype=torch.float32, device=self.device)
         rewards -= self.config.training.unfinished_penalty * (~sequences.ended).float()
         return Rollout(conversations, texts, sequences, rewards, scored.head_z, self.reference_logprobs(sequences),
-                       scored.penalties, [p.source for p in repeated])
+                       scored.penalties, [p.source for p in repeated], group_sizes)
 
     @torch.no_grad()
     def reference_logprobs(self, sequences: Sequences) -> torch.Tensor:
