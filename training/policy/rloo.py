@@ -1,8 +1,8 @@
 """RLOO: REINFORCE with a leave-one-out baseline (Kool et al. 2019; Ahmadian et al. 2024).
 
-Each prompt gets k sampled responses (k may differ by prompt source). A response's return is its reward minus the KL penalty to the reference,
-R = r(x, y) - beta * KL(x, y), and its baseline is the mean return of the prompt's other k - 1 responses: an
-unbiased, prompt-specific baseline that needs no value network.
+Each prompt gets k sampled responses (k may differ by prompt source). A response's return is its reward minus
+the KL penalty to the reference, R = r(x, y) - beta * KL(x, y), and its baseline is the mean return of the
+prompt's other k - 1 responses: an unbiased, prompt-specific baseline that needs no value network.
 """
 
 from __future__ import annotations
