@@ -4,7 +4,7 @@ API, export, retrain with one added config line, and score held-out data the def
     python bench/feedback_loop_bench.py --work DIR [--parts moderation,preferences] [--noise 0.1]
                                         [--queue-budgets 100,300,500,1000] [--random-budgets 100,300,1000]
                                         [--queue-random-rate 0.5] [--annotators-per-item 3]
-                                        [--rescore-at 300]
+                                        [--rescore-at 300] [--train-seeds 0,1,2] [--feedback-rows 0]
                                         [--preference-set pandalm|hh-rejection-sampled|truthfulqa]
                                         [--preference-budget 1000] [--preference-start served|fresh]
                                         [--preference-repeat 3] [--out FILE]
@@ -24,7 +24,8 @@ mapped to `harassment`; never in the default moderation model's data):
    --queue-random-rate of them are random (`--feedback-random-rate`), the rest the most uncertain.
 3. After N labels (each budget), `keel feedback export`, then `keel train moderation` with the default config
    plus the export (`--set 'train+={path: .../moderation.jsonl, feedback: true}'`): all of it, since ConvAbuse's
-   test file is the held-out set here.
+   test file is the held-out set here, repeated ceil(1,000 / rows) times an epoch (--feedback-rows);
+   --train-seeds retrains each export with several training seeds and reports their mean.
 4. Each model scores ConvAbuse's test messages (AUPRC of `harassment`) and OpenAI's moderation samples of the
    default config's test fold (AUPRC of any harm, the served rule), beside the default model.
 Preferences (--preference-set; none of these sets is in the default reward model's data):
@@ -286,10 +287,16 @@ def moderation_labels(arm: str, args: argparse.Namespace, traffic: list[tuple[st
     return exports
 
 
-def retrained(arm: str, n: int, export_folder: Path, args: argparse.Namespace) -> Path:
-    """The default moderation model retrained with an arm's export of n labels (reused if already trained)."""
-    return train("moderation", args.work / "models" / f"moderation-{arm}-{n}",
-                 [f"train+={{path: {export_folder / 'moderation.jsonl'}, feedback: true}}"], args)
+def retrained(arm: str, n: int, export_folder: Path, args: argparse.Namespace, seed: int = 0) -> Path:
+    """The default moderation model retrained with an arm's export of n labels and training seed `seed` (reused if
+    already trained). With --feedback-rows R the export is repeated ceil(R / rows) times an epoch, so that a small
+    export is not drowned by the default data."""
+    export_file = export_folder / "moderation.jsonl"
+    with export_file.open() as lines:
+        repeat = max(1, -(-args.feedback_rows // sum(1 for _ in lines)))
+    name = f"moderation-{arm}-{n}" + (f"-seed{seed}" if seed else "") + (f"-x{repeat}" if repeat > 1 else "")
+    return train("moderation", args.work / "models" / name,
+                 [f"train+={{path: {export_file}, feedback: true, repeat: {repeat}}}", f"training.seed={seed}"], args)
 
 
 def moderation_scores(model: Path, test: list[tuple[str, bool]], openai: list) -> dict:
@@ -312,15 +319,19 @@ def moderation_part(args: argparse.Namespace) -> dict:
     report: dict = {"traffic": len(traffic), "traffic_abusive": sum(label for _, label in traffic),
                     "test": len(test), "noise": args.noise, "queue_random_rate": args.queue_random_rate,
                     "annotators_per_item": args.annotators_per_item, "rescore_at": args.rescore_at,
+                    "train_seeds": args.train_seeds, "feedback_rows": args.feedback_rows,
                     "default": moderation_scores(default_model_dir("moderation"), test, openai), "arms": {}}
     for arm, budgets in (("queue", args.queue_budgets), ("random", args.random_budgets)):
         exports = moderation_labels(arm, args, traffic, budgets)
         for n, folder in exports.items():
             rows = [json.loads(line) for line in (folder / "moderation.jsonl").open()]
-            model = retrained(arm, n, folder, args)
+            seeds = {seed: moderation_scores(retrained(arm, n, folder, args, seed), test, openai)
+                     for seed in args.train_seeds}
+            means = {key: round(float(np.mean([scores[key] for scores in seeds.values()])), 4)
+                     for key in seeds[args.train_seeds[0]]}
             report["arms"].setdefault(arm, {})[n] = {
-                "answers": n, "labels": len(rows), "labelled_abusive": sum(bool(r[CATEGORY]) for r in rows),
-                **moderation_scores(model, test, openai)}
+                "answers": n, "labels": len(rows), "labelled_abusive": sum(bool(r[CATEGORY]) for r in rows), **means,
+                **({"by_training_seed": seeds} if len(seeds) > 1 else {})}
             print(json.dumps({arm: {n: report["arms"][arm][n]}}), flush=True)
     default = report["default"]
     queue, randomly = report["arms"].get("queue", {}), report["arms"].get("random", {})
@@ -468,6 +479,12 @@ def main() -> None:
                         "retrain on the labels so far and re-score the store with that model (keel feedback "
                         "rescore) before labelling on")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random arm and of the label noise")
+    parser.add_argument("--train-seeds", type=budgets, default=[0],
+                        help="moderation part: retrain each export with each of these training seeds and report "
+                        "the mean (and each seed)")
+    parser.add_argument("--feedback-rows", type=int, default=1000,
+                        help="moderation part: repeat each export ceil(N / its rows) times an epoch, so that it "
+                        "gives at least N training rows (0: once, as before 2026-12-07)")
     parser.add_argument("--train-set", action="append", default=[], metavar="KEY=VALUE",
                         help="an extra --set for every retraining (a smoke test: training.max_steps=3)")
     parser.add_argument("--out", type=Path, help="also write the JSON here")
