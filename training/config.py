@@ -172,9 +172,12 @@ def build(cls: Any, value: Any, where: str) -> Any:
         unknown = set(value) - known
         if unknown:
             raise ConfigError(f"{where}: unknown keys {sorted(unknown)}; known keys: {sorted(known)}")
+        fields = {key: build(hints[key], item, f"{where}.{key}") for key, item in value.items()}
         try:
-            return cast(Any, cls)(**{key: build(hints[key], item, f"{where}.{key}") for key, item in value.items()})
-        except TypeError as error:
+            return cast(Any, cls)(**fields)
+        except ConfigError:
+            raise  # already names what to fix
+        except (TypeError, ValueError) as error:  # a missing key, or a check in the dataclass's __post_init__
             raise ConfigError(f"{where}: {error}") from error
     if cls is float and not isinstance(value, bool):
         try:  # YAML 1.1 reads "1e-4" as a string
