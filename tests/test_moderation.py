@@ -440,6 +440,24 @@ def test_repeat_oversamples_training_rows_only(tmp_path: Path):
     assert repeated["validation"] == plain["validation"] and repeated["test"] == plain["test"]
 
 
+def test_min_rows_repeats_a_small_training_source_up_to_that_many_rows(tmp_path: Path):
+    from keel.training.data import DataSource
+    from keel.training.moderation.data import load_moderation_data
+
+    data = write_jsonl(tmp_path / "d.jsonl", moderation_rows(20))
+    plain = load_moderation_data(tiny_moderation_config("unused", data))
+    synthetic = sum(item.source == "synthetic" for item in plain["train"])
+    config = tiny_moderation_config("unused", data)
+    config.train[0].min_rows = 2 * synthetic + 1  # just over twice the rows: three copies
+    grown = load_moderation_data(config)
+    assert len(grown["train"]) == len(plain["train"]) + 2 * synthetic
+    assert grown["validation"] == plain["validation"] and grown["test"] == plain["test"]
+    config.train[0].min_rows = synthetic  # already enough: once, as `repeat` says
+    assert len(load_moderation_data(config)["train"]) == len(plain["train"])
+    with pytest.raises(ValueError, match="min_rows must be 0 or more"):
+        DataSource(path=str(data), min_rows=-1)
+
+
 def test_ordinary_conversation_trains_alone_as_harmless_from_its_train_split_only(tmp_path: Path):
     from keel.core.text import parse_transcript
     from keel.training.data import split_of

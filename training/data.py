@@ -89,10 +89,15 @@ class DataSource:
     # the first user turn and the reply to it): labels a whole file, e.g. red-team openings 0, ordinary ones 1.
     as_rating: float | None = None
     repeat: int = 1  # training: each row this many times an epoch (oversampling a small source, e.g. feedback)
+    # training: repeat the rows (more than `repeat` if need be) until they give at least this many an epoch, so that
+    # a growing source such as a team's feedback export keeps its share of training at any size
+    min_rows: int = 0
 
     def __post_init__(self) -> None:
         if self.split not in ("all", *SPLITS):
             raise ValueError(f"data source {self.path}: split must be all, train, validation or test, not {self.split!r}")
+        if self.min_rows < 0:
+            raise ValueError(f"data source {self.path}: min_rows must be 0 or more, not {self.min_rows}")
         if self.as_rating is not None and self.pairs != "all":
             raise ValueError(f"data source {self.path}: as_rating turns pairs into ratings, so it cannot also filter "
                              f"pairs ({self.pairs})")
@@ -307,9 +312,13 @@ def load_source(source: DataSource, skip_bad_rows: bool = False,
 
 def read_sources(sources: Sequence[DataSource], skip_bad_rows: bool, training: bool = False,
                  load: Callable[[Any, bool], list[Any]] = load_source) -> list[Any]:
-    """Every source's rows; for training, each source's `repeat` times (held-out rows are never repeated)."""
+    """Every source's rows; for training, each source's `repeat` times, or more to reach its `min_rows` (held-out
+    rows are never repeated)."""
+    def times(source: DataSource, rows: list[Any]) -> int:
+        return max(source.repeat, -(-source.min_rows // len(rows))) if training and rows else 1
+
     return [item for source in sources
-            for item in load(source, skip_bad_rows) * (source.repeat if training else 1)]
+            for rows in [load(source, skip_bad_rows)] for item in rows * times(source, rows)]
 
 
 # ---- prompts and demonstrations for policy training ------------------------------------------------------
