@@ -24,7 +24,7 @@ mapped to `harassment`; never in the default moderation model's data):
    --queue-random-rate of them are random (`--feedback-random-rate`), the rest the most uncertain.
 3. After N labels (each budget), `keel feedback export`, then `keel train moderation` with the default config
    plus the export (`--set 'train+={path: .../moderation.jsonl, feedback: true}'`): all of it, since ConvAbuse's
-   test file is the held-out set here, repeated ceil(1,000 / rows) times an epoch (--feedback-rows);
+   test file is the held-out set here, repeated to at least 1,000 rows an epoch (`min_rows`, --feedback-rows);
    --train-seeds retrains each export with several training seeds and reports their mean.
 4. Each model scores ConvAbuse's test messages (AUPRC of `harassment`) and OpenAI's moderation samples of the
    default config's test fold (AUPRC of any harm, the served rule), beside the default model.
@@ -289,14 +289,13 @@ def moderation_labels(arm: str, args: argparse.Namespace, traffic: list[tuple[st
 
 def retrained(arm: str, n: int, export_folder: Path, args: argparse.Namespace, seed: int = 0) -> Path:
     """The default moderation model retrained with an arm's export of n labels and training seed `seed` (reused if
-    already trained). With --feedback-rows R the export is repeated ceil(R / rows) times an epoch, so that a small
-    export is not drowned by the default data."""
-    export_file = export_folder / "moderation.jsonl"
-    with export_file.open() as lines:
-        repeat = max(1, -(-args.feedback_rows // sum(1 for _ in lines)))
-    name = f"moderation-{arm}-{n}" + (f"-seed{seed}" if seed else "") + (f"-x{repeat}" if repeat > 1 else "")
+    already trained). The export gives at least --feedback-rows rows an epoch (`min_rows`), so that a small one is
+    not drowned by the default data."""
+    rows = args.feedback_rows
+    name = f"moderation-{arm}-{n}" + (f"-seed{seed}" if seed else "") + (f"-rows{rows}" if rows else "")
     return train("moderation", args.work / "models" / name,
-                 [f"train+={{path: {export_file}, feedback: true, repeat: {repeat}}}", f"training.seed={seed}"], args)
+                 [f"train+={{path: {export_folder / 'moderation.jsonl'}, feedback: true, min_rows: {rows}}}",
+                  f"training.seed={seed}"], args)
 
 
 def moderation_scores(model: Path, test: list[tuple[str, bool]], openai: list) -> dict:
@@ -483,8 +482,8 @@ def main() -> None:
                         help="moderation part: retrain each export with each of these training seeds and report "
                         "the mean (and each seed)")
     parser.add_argument("--feedback-rows", type=int, default=1000,
-                        help="moderation part: repeat each export ceil(N / its rows) times an epoch, so that it "
-                        "gives at least N training rows (0: once, as before 2026-12-07)")
+                        help="moderation part: repeat each export until it gives at least N training rows an epoch "
+                        "(the source's min_rows; 0: once, as before 2026-12-07)")
     parser.add_argument("--train-set", action="append", default=[], metavar="KEY=VALUE",
                         help="an extra --set for every retraining (a smoke test: training.max_steps=3)")
     parser.add_argument("--out", type=Path, help="also write the JSON here")
