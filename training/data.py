@@ -314,11 +314,12 @@ def read_sources(sources: Sequence[DataSource], skip_bad_rows: bool, training: b
                  load: Callable[[Any, bool], list[Any]] = load_source) -> list[Any]:
     """Every source's rows; for training, each source's `repeat` times, or more to reach its `min_rows` (held-out
     rows are never repeated)."""
-    def times(source: DataSource, rows: list[Any]) -> int:
-        return max(source.repeat, -(-source.min_rows // len(rows))) if training and rows else 1
-
-    return [item for source in sources
-            for rows in [load(source, skip_bad_rows)] for item in rows * times(source, rows)]
+    items: list[Any] = []
+    for source in sources:
+        rows = load(source, skip_bad_rows)
+        times = max(source.repeat, -(-source.min_rows // len(rows))) if training and rows else 1
+        items += rows * times
+    return items
 
 
 # ---- prompts and demonstrations for policy training ------------------------------------------------------
