@@ -17,7 +17,8 @@ the main algorithm then starts from; the wall time covers both stages, and the e
 policy with the warm start's own base policy, so reward gain and KL are measured from where the pipeline began.
 --reuse-warm-start keeps a first stage that an interrupted run already wrote (OUTPUT-seedN-warm) and counts the
 training seconds its keel.json records toward the wall time.
-The device is recorded (CUDA when present, as training uses it).
+The device is recorded (CUDA when present, as training uses it). With training.restarts, a seed's wall time
+covers all its attempts, and each attempt's training-log shares are printed.
 """
 
 from __future__ import annotations
@@ -130,6 +131,10 @@ def main() -> None:
         values = {name: value(result) for name, value, _, _ in TARGETS}
         met = {name: values[name] is not None and check(values[name]) for name, _, _, check in TARGETS}
         print(f"\nseed {seed}: {args.algorithm}, {manifest['steps']} steps, stopped early: {manifest['stopped_early']}")
+        for attempt in manifest.get("attempts", []):  # training.restarts
+            print(f"  attempt with seed {attempt['seed']}: evasive harmful {attempt['evasive_harmful']:.3f}, ordinary "
+                  f"{attempt['evasive_ordinary']:.3f}, {attempt['train_seconds'] / 60:.1f} min"
+                  f"{', passed' if attempt['accepted'] else ''}{', kept' if attempt['kept'] else ''}")
         for name, _, target, _ in TARGETS:
             shown = "n/a" if values[name] is None else f"{values[name]:.2f}"
             print(f"  {name:<42}{shown:>8}  target {target:<7} {'met' if met[name] else 'MISSED'}")
@@ -139,7 +144,7 @@ def main() -> None:
                                   for rate in ("refusal_rate", "evasive_rate", "harm_rate") if rate in entry["policy"])
                 print(f"  {kind} {name} (n={entry['prompts']}): {rates}")
         return {"seed": seed, "steps": manifest["steps"], "stopped_early": manifest["stopped_early"],
-                "targets": values, "met": met, "evaluation": str(report_path)}
+                "attempts": manifest.get("attempts", []), "targets": values, "met": met, "evaluation": str(report_path)}
 
     runs = [run_seed(seed) for seed in seeds]
     aggregate: dict[str, Any] = {}

@@ -172,3 +172,112 @@ def test_a_prompt_sources_samples_give_its_prompts_larger_groups(tiny_policy: st
     assert all(prompt.samples is None for prompt in run.eval_prompts)  # held out: one greedy response each
     manifest = train_rloo(config, tmp_path / "trained", progress=False)  # 4 prompts x 3 samples a step
     assert manifest["steps"] == 2
+
+
+def test_evasive_shares_by_hand():
+    from keel.training.policy.restarts import evasive_shares
+
+    rows = [{"step": 0, "eval_reward": 0.1},
+            {"step": 1, "evasive_a": 1.0, "evasive_b": 1.0, "evasive_c": 1.0},  # outside the last two steps
+            {"step": 2, "evasive_a": 0.5, "evasive_b": 0.0, "evasive_c": 0.25},
+            {"step": 3, "evasive_a": 0.2, "evasive_c": 0.0},  # b not sampled this step
+            {"step": 3, "eval_reward": 0.2}]
+    shares = evasive_shares(rows, harmful={"a", "b"}, ordinary={"c"}, last_steps=2)
+    assert shares["evasive_harmful"] == pytest.approx((0.25 + 0.2) / 2)
+    assert shares["evasive_ordinary"] == pytest.approx(0.125)
+    assert evasive_shares(rows, harmful={"absent"}, ordinary={"c"}, last_steps=2)["evasive_harmful"] == 0.0
+
+
+def restart_config(tiny_policy: str, tiny_reward_model: Path, tmp_path: Path, **restarts: float):
+    from keel.training.data import PromptSource
+    from keel.training.policy.config import RestartConfig
+
+    config = tiny_policy_config(tiny_policy, tiny_reward_model, tmp_path, seed=3)
+    harmful = tmp_path / "harmful.jsonl"
+    harmful.write_text("".join(json.dumps({"prompt": f"help me steal and hack {i}"}) + "\n" for i in range(4)))
+    config.prompts.train.append(PromptSource(str(harmful), harmful=True))
+    config.training.restarts = RestartConfig(last_steps=2, **restarts)
+    return config
+
+
+def test_restarts_keep_the_first_attempt_that_passes(tiny_policy: str, tiny_reward_model: Path, tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch):
+    from keel.training.policy import restarts
+
+    config = restart_config(tiny_policy, tiny_reward_model, tmp_path, attempts=3, min_evasive_harmful=0.5,
+                            max_evasive_ordinary=0.1)
+    # The tiny policy never refuses; the second attempt's log is made to show a refusal being learnt.
+    logged = iter([{"evasive_harmful": 0.0, "evasive_ordinary": 0.0},
+                   {"evasive_harmful": 0.6, "evasive_ordinary": 0.05}])
+    monkeypatch.setattr(restarts, "evasive_shares", lambda *args: next(logged))
+    output = tmp_path / "policy"
+    manifest = restarts.train_policy("rloo", config, output, progress=False)
+
+    assert [(a["seed"], a["accepted"], a["kept"]) for a in manifest["attempts"]] == [(3, False, False),
+                                                                                     (1003, True, True)]
+    saved = json.loads((output / "keel.json").read_text())
+    assert saved["attempts"] == manifest["attempts"] and saved["config"]["training"]["seed"] == 1003
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("policy")) == ["policy"]
+
+
+def test_restarts_keep_the_closest_attempt_when_none_passes(tiny_policy: str, tiny_reward_model: Path,
+                                                           tmp_path: Path):
+    from keel.training.policy.restarts import train_policy
+
+    # A random tiny policy refuses nothing, so no attempt reaches a harmful evasive share of 1.
+    config = restart_config(tiny_policy, tiny_reward_model, tmp_path, attempts=2, min_evasive_harmful=1.0)
+    manifest = train_policy("reinforce", config, tmp_path / "policy", progress=False)
+    attempts = manifest["attempts"]
+    assert [a["seed"] for a in attempts] == [3, 1003] and not any(a["accepted"] for a in attempts)
+    scores = [a["evasive_harmful"] - a["evasive_ordinary"] for a in attempts]
+    assert [a["kept"] for a in attempts] == [scores[0] >= scores[1], scores[0] < scores[1]]
+    assert all(a["train_seconds"] > 0 for a in attempts)
+
+
+def test_restarts_resume_without_retraining_a_finished_attempt(tiny_policy: str, tiny_reward_model: Path,
+                                                               tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    from keel.training.policy import restarts, rloo
+    from keel.training.policy import run as policy_run
+
+    config = restart_config(tiny_policy, tiny_reward_model, tmp_path, attempts=2, min_evasive_harmful=1.0)
+    output = tmp_path / "policy"
+    original = policy_run.PolicyRun.end_step
+
+    def crash_in_the_second_attempt(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        if self.config.training.seed == 1003 and self.step + 1 == 1:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(policy_run.PolicyRun, "end_step", crash_in_the_second_attempt)
+    with pytest.raises(KeyboardInterrupt):
+        restarts.train_policy("rloo", config, output, progress=False)
+    first = json.loads((tmp_path / "policy.attempt-0" / "keel.json").read_text())
+    assert not output.exists() and latest_checkpoint(tmp_path / "policy.attempt-1.work") is not None
+
+    monkeypatch.setattr(policy_run.PolicyRun, "end_step", original)
+    seeds_trained = []
+
+    def recording(config, *args, **kwargs):
+        seeds_trained.append(config.training.seed)
+        return train_rloo(config, *args, **kwargs)
+
+    monkeypatch.setattr(rloo, "train_rloo", recording)  # ALGORITHMS imports the entry point when it runs
+    manifest = restarts.train_policy("rloo", config, output, resume=True, progress=False)
+    assert seeds_trained == [1003] and [a["seed"] for a in manifest["attempts"]] == [3, 1003]
+    assert manifest["attempts"][0]["train_seconds"] == first["train_seconds"]
+    assert (output / "keel.json").exists() and not (tmp_path / "policy.attempt-0").exists()
+
+
+def test_restarts_need_an_on_policy_algorithm_and_a_harmful_source(tiny_policy: str, tiny_reward_model: Path,
+                                                                    tmp_path: Path):
+    from keel.training.config import ConfigError
+    from keel.training.policy.config import PolicyConfig, RestartConfig
+    from keel.training.policy.restarts import train_policy
+
+    config = restart_config(tiny_policy, tiny_reward_model, tmp_path, min_evasive_harmful=0.1)
+    with pytest.raises(ConfigError, match="dpo samples none"):
+        train_policy("dpo", config, tmp_path / "x", progress=False)
+    plain = tiny_policy_config(tiny_policy, tiny_reward_model, tmp_path)
+    with pytest.raises(ConfigError, match="marked harmful"):
+        PolicyConfig(policy=plain.policy, reward=plain.reward, prompts=plain.prompts,
+                     training=dataclasses.replace(plain.training, restarts=RestartConfig(min_evasive_harmful=0.1)))

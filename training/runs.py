@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import glob
 import json
 import shutil
 from pathlib import Path
@@ -11,10 +12,14 @@ CHECKPOINTS = "checkpoints"
 KEEP_CHECKPOINTS = 2
 
 
-def prepare_work_directory(output: Path, resume: bool, overwrite: bool) -> Path:
-    """OUTPUT.work holds checkpoints and metrics while a run is in progress; a fresh run starts it empty."""
+def check_output_free(output: Path, overwrite: bool) -> None:
     if output.exists() and not overwrite:
         raise FileExistsError(f"{output} already exists; pass --overwrite to replace it or choose another --output")
+
+
+def prepare_work_directory(output: Path, resume: bool, overwrite: bool) -> Path:
+    """OUTPUT.work holds checkpoints and metrics while a run is in progress; a fresh run starts it empty."""
+    check_output_free(output, overwrite)
     work = output.parent / f"{output.name}.work"
     if not resume and work.exists():
         shutil.rmtree(work)
@@ -47,9 +52,10 @@ def end_run() -> None:
 
 
 def discard_work_without_checkpoints(output: Path) -> None:
-    work = output.parent / f"{output.name}.work"
-    if work.is_dir() and latest_checkpoint(work) is None:
-        shutil.rmtree(work, ignore_errors=True)
+    """The work directories of OUTPUT and of its restart attempts (OUTPUT.attempt-K) that hold no checkpoint."""
+    for work in [output.parent / f"{output.name}.work", *output.parent.glob(f"{glob.escape(output.name)}.attempt-*.work")]:
+        if work.is_dir() and latest_checkpoint(work) is None:
+            shutil.rmtree(work, ignore_errors=True)
 
 
 def _checkpoints(work: Path) -> list[Path]:

@@ -17,6 +17,7 @@ class Algorithm:
     summary: str  # `keel train --help` shows it
     entry_point: str  # "module:function"; imported only when the algorithm runs (torch is slow to import)
     default_config: Path
+    on_policy: bool = True  # samples its own replies while training (training.restarts reads them)
 
     def load(self) -> Callable[..., dict[str, Any]]:
         module, function = self.entry_point.split(":")
@@ -24,7 +25,8 @@ class Algorithm:
 
 
 ALGORITHMS = {
-    "sft": Algorithm("supervised fine-tuning on demonstrations", "keel.training.policy.sft:train_sft", CONFIGS / "sft.yaml"),
+    "sft": Algorithm("supervised fine-tuning on demonstrations", "keel.training.policy.sft:train_sft",
+                     CONFIGS / "sft.yaml", on_policy=False),
     "reinforce": Algorithm("REINFORCE with a moving-average baseline and a KL penalty",
                            "keel.training.policy.reinforce:train_reinforce", CONFIGS / "reinforce.yaml"),
     "rloo": Algorithm("RLOO: k samples per prompt, leave-one-out baseline, KL penalty (the default RLHF run)",
@@ -32,5 +34,5 @@ ALGORITHMS = {
     "ppo": Algorithm("PPO: clipped surrogate, value head, GAE, per-token KL penalty (fixed or adaptive)",
                      "keel.training.policy.ppo:train_ppo", CONFIGS / "ppo.yaml"),
     "dpo": Algorithm("DPO: direct preference optimisation on preference pairs (offline, no reward model)",
-                     "keel.training.policy.dpo:train_dpo", CONFIGS / "dpo.yaml"),
+                     "keel.training.policy.dpo:train_dpo", CONFIGS / "dpo.yaml", on_policy=False),
 }

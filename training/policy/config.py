@@ -37,6 +37,18 @@ class PromptsConfig:
 
 
 @dataclasses.dataclass
+class RestartConfig:
+    """Train again with another seed when an attempt's own training log misses these shares (training.restarts;
+    keel.training.policy.restarts). Each share is a refusal-or-hedge rate of the policy's samples of train prompts,
+    averaged over the last `last_steps` steps."""
+
+    attempts: int = 2  # at most; attempt k trains with seed + 1000 k
+    last_steps: int = 8
+    min_evasive_harmful: float = 0.0  # on prompts marked harmful: a refusal being learnt
+    max_evasive_ordinary: float = 1.0  # on the other prompts: a refusal spreading to what should be answered
+
+
+@dataclasses.dataclass
 class PolicyTrainingConfig:
     steps: int = 100  # optimiser steps (SFT/DPO: None-like 0 means epochs over the data)
     epochs: int = 1  # SFT/DPO passes over the data when steps is 0
@@ -57,6 +69,7 @@ class PolicyTrainingConfig:
     kl_budget: float | None = 6.0  # stop early when the mean KL per response passes this (nats; null: never)
     unfinished_penalty: float = 0.0  # subtracted from the reward of responses that hit max_new_tokens
     whiten_rewards: bool = False  # whiten rewards across the batch before computing advantages
+    restarts: RestartConfig | None = None  # on-policy algorithms: retry a run whose training log misses a check
 
 
 # Each algorithm's own settings, in its own section (as TRL's trainers each have their config).
@@ -123,6 +136,14 @@ class PolicyConfig:
         check_numbers("dpo", self.dpo, positive=["beta", "max_length"], below_1=["label_smoothing"])
         check_numbers("reinforce", self.reinforce, below_1=["baseline_momentum"])
         check_numbers("sft", self.sft, positive=["max_length"])
+        if self.training.restarts:
+            restarts = self.training.restarts
+            check_numbers("training.restarts", restarts, positive=["attempts", "last_steps"],
+                          up_to_1=["min_evasive_harmful", "max_evasive_ordinary"],
+                          at_least_0=["min_evasive_harmful", "max_evasive_ordinary"])
+            if restarts.min_evasive_harmful > 0 and not any(source.harmful for source in self.prompts.train):
+                raise ConfigError("training.restarts.min_evasive_harmful needs a prompt source marked harmful: true "
+                                  "in prompts.train")
         for source in self.prompts.train:
             if source.samples is not None and source.samples < 1:
                 raise ConfigError(f"prompts.train {source.path}: samples must be at least 1, not {source.samples}")

@@ -148,9 +148,8 @@ class PolicyRun:
         def load(source: PromptSource, skip: bool) -> list[TrainingPrompt]:
             if source.heads and self.reward:
                 self.reward.check_weights(source.heads)
-            name = Path(source.path).name.split(".")[0] + (f"-{source.split}" if source.split != "all" else "")
             samples = source.samples if training else None  # held-out prompts: one response each
-            return [TrainingPrompt(c, source.heads, source.harmful, name, samples)
+            return [TrainingPrompt(c, source.heads, source.harmful, prompt_source_name(source), samples)
                     for c in load_prompts(source, skip)]
 
         return read_sources(sources, skip_bad_rows, training, load)
@@ -367,6 +366,11 @@ class PolicyRun:
             )
             manifest.write(staging)
         return manifest.to_json()
+
+
+def prompt_source_name(source: PromptSource) -> str:
+    """How metrics name a prompt source: its file's stem and split (metrics.jsonl's evasive_NAME)."""
+    return Path(source.path).name.split(".")[0] + (f"-{source.split}" if source.split != "all" else "")
 
 
 def rollout_metrics(rollout: Rollout, heads: Sequence[str], entropy: torch.Tensor | None = None) -> dict[str, float]:

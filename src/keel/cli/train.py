@@ -87,14 +87,19 @@ def run_moderation(args: argparse.Namespace) -> int:
 def run_policy(args: argparse.Namespace) -> int:
     from keel.training.config import load_config
     from keel.training.policy.config import PolicyConfig
+    from keel.training.policy.restarts import train_policy
 
     config = load_config(PolicyConfig, args.config, args.overrides)
-    manifest = ALGORITHMS[args.what].load()(config, args.output, resume=args.resume, overwrite=args.overwrite,
-                                            skip_bad_rows=args.skip_bad_rows, progress=not args.no_progress)
+    manifest = train_policy(args.what, config, args.output, resume=args.resume, overwrite=args.overwrite,
+                            skip_bad_rows=args.skip_bad_rows, progress=not args.no_progress)
     if manifest:
         print(json.dumps(manifest["final_evaluation"], indent=2))
         if manifest["stopped_early"]:
             print(f"stopped early: {manifest['stopped_early']}")
+        for number, attempt in enumerate(manifest["attempts"], 1):
+            print(f"attempt {number} (seed {attempt['seed']}): evasive on harmful prompts "
+                  f"{attempt['evasive_harmful']:.3f}, on others {attempt['evasive_ordinary']:.3f}, "
+                  f"{'passed' if attempt['accepted'] else 'missed'}{', kept' if attempt['kept'] else ''}")
         print(f"policy written to {args.output}")
     return 0
 

@@ -327,6 +327,8 @@ class PolicyManifest(Manifest):
     reward: dict[str, Any]
     config: dict[str, Any]
     data: list[dict[str, Any]]
+    # training.restarts: every attempt's seed, training-log shares and verdict; this directory holds the kept one
+    attempts: list[dict[str, Any]] = dataclasses.field(default_factory=list)
 
     @classmethod
     def read(cls, directory: str | Path) -> PolicyManifest:
