@@ -188,6 +188,20 @@ def test_evasive_shares_by_hand():
     assert evasive_shares(rows, harmful={"absent"}, ordinary={"c"}, last_steps=2)["evasive_harmful"] == 0.0
 
 
+def test_the_closest_attempt_keeps_the_refusal_off_ordinary_requests():
+    from keel.training.policy.config import RestartConfig
+    from keel.training.policy.restarts import closest
+
+    rule = RestartConfig(min_evasive_harmful=0.1, max_evasive_ordinary=0.05)
+
+    def attempt(harmful: float, ordinary: float) -> dict[str, float]:
+        return {"evasive_harmful": harmful, "evasive_ordinary": ordinary}
+
+    # A refusal that spread (0.28 / 0.20) loses to one that learnt less but kept ordinary requests answered.
+    assert closest([attempt(0.07, 0.01), attempt(0.28, 0.20), attempt(0.03, 0.03)], rule) == 0
+    assert closest([attempt(0.30, 0.30), attempt(0.20, 0.10)], rule) == 1  # none within: the least spread
+
+
 def restart_config(tiny_policy: str, tiny_reward_model: Path, tmp_path: Path, **restarts: float):
     from keel.training.data import PromptSource
     from keel.training.policy.config import RestartConfig
@@ -229,8 +243,7 @@ def test_restarts_keep_the_closest_attempt_when_none_passes(tiny_policy: str, ti
     manifest = train_policy("reinforce", config, tmp_path / "policy", progress=False)
     attempts = manifest["attempts"]
     assert [a["seed"] for a in attempts] == [3, 1003] and not any(a["accepted"] for a in attempts)
-    scores = [a["evasive_harmful"] - a["evasive_ordinary"] for a in attempts]
-    assert [a["kept"] for a in attempts] == [scores[0] >= scores[1], scores[0] < scores[1]]
+    assert sum(a["kept"] for a in attempts) == 1
     assert all(a["train_seconds"] > 0 for a in attempts)
 
 

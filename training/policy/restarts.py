@@ -1,5 +1,5 @@
 """`keel train ALGORITHM`, with restarts: when an attempt's own training log misses a check, train again with
-another seed, and keep the first attempt that passes, or the one that came closest.
+another seed, and keep the first attempt that passes, or else the closest (`closest`).
 
 An RL run learns a behaviour only if it samples it early enough to reinforce it. With Keel's refusal recipe
 (configs/rloo-harm.yaml) one seed refuses harm and another, with the same settings, never samples a refusal before
@@ -71,8 +71,7 @@ def train_policy(algorithm: str, config: PolicyConfig, output: Path, resume: boo
                     "others %.3f, wanted <= %s)%s", k + 1, restarts.attempts, shares["evasive_harmful"],
                     restarts.min_evasive_harmful, shares["evasive_ordinary"], restarts.max_evasive_ordinary,
                     "" if k + 1 == restarts.attempts else f"; training again with seed {seed + SEED_STRIDE}")
-    kept = next((k for k, a in enumerate(attempts) if a["accepted"]),
-                max(range(len(attempts)), key=lambda k: attempts[k]["evasive_harmful"] - attempts[k]["evasive_ordinary"]))
+    kept = next((k for k, a in enumerate(attempts) if a["accepted"]), closest(attempts, restarts))
     state = PartialState()
     state.wait_for_everyone()  # every process has read the attempts' logs before they move
     if not state.is_main_process:
@@ -102,6 +101,17 @@ def evasive_shares(rows: Sequence[dict[str, Any]], harmful: Collection[str], ord
         return float(np.mean(per_step)) if per_step else 0.0
 
     return {"evasive_harmful": share(harmful), "evasive_ordinary": share(ordinary)}
+
+
+def closest(attempts: Sequence[dict[str, Any]], restarts: RestartConfig) -> int:
+    """When no attempt passes: the one with the most evasion on harmful prompts among those that kept it off the
+    others, else the one with the least on the others. A refusal that spread to ordinary requests is the worse
+    failure: ranked by the difference of the two shares, run 17 of issue 34 kept an attempt that refused 35% of
+    ordinary requests over one that had learnt little (docs/experiments.md)."""
+    within = [k for k, a in enumerate(attempts) if a["evasive_ordinary"] <= restarts.max_evasive_ordinary]
+    if within:
+        return max(within, key=lambda k: attempts[k]["evasive_harmful"])
+    return min(range(len(attempts)), key=lambda k: attempts[k]["evasive_ordinary"])
 
 
 def passes(shares: dict[str, float], restarts: RestartConfig) -> bool:
