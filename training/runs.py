@@ -53,7 +53,8 @@ def end_run() -> None:
 
 def discard_work_without_checkpoints(output: Path) -> None:
     """The work directories of OUTPUT and of its restart attempts (OUTPUT.attempt-K) that hold no checkpoint."""
-    for work in [output.parent / f"{output.name}.work", *output.parent.glob(f"{glob.escape(output.name)}.attempt-*.work")]:
+    attempts = output.parent.glob(f"{glob.escape(output.name)}.attempt-*.work")
+    for work in [output.parent / f"{output.name}.work", *attempts]:
         if work.is_dir() and latest_checkpoint(work) is None:
             shutil.rmtree(work, ignore_errors=True)
 
