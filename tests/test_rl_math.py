@@ -255,18 +255,6 @@ def test_a_reply_the_moderation_model_flags_costs_the_harm_penalty_weight(tiny_r
     np.testing.assert_allclose(after.heads, before.total, atol=1e-6)  # the heads alone are unchanged
 
 
-def test_a_ramped_penalty_weighs_nothing_at_step_0_and_all_from_its_last_ramp_step(tiny_reward_model):
-    from keel.training.policy.rewards import PenaltyConfig, RewardFunction, RewardSourceConfig
-
-    reward = RewardFunction(RewardSourceConfig(model=str(tiny_reward_model), backend="torch", heads={"harmless": 1.0},
-                                               penalties=[PenaltyConfig("evasion", weight=2.0, ramp_steps=4)]))
-    conversations = [(Message("user", "say something"),)] * 2
-    replies = ["I'm sorry, I can't.", "here is some recipe for bread thanks"]
-    heads = reward(conversations, replies).heads
-    for step, weight in [(0, 0.0), (1, 0.5), (2, 1.0), (4, 2.0), (9, 2.0), (None, 2.0)]:  # None: held out
-        np.testing.assert_allclose(reward(conversations, replies, step=step).total, heads - [weight, 0.0], atol=1e-6)
-
-
 def test_an_unknown_penalty_is_a_config_error_naming_the_kinds(tiny_reward_model):
     from keel.training.policy.rewards import PenaltyConfig, RewardError, RewardFunction, RewardSourceConfig
 

@@ -126,8 +126,6 @@ class PolicyConfig:
         if self.policy.lora:
             check_numbers("policy.lora", self.policy.lora, positive=["rank", "alpha"], below_1=["dropout"])
         check_numbers("reward", self.reward, positive=["clip"])
-        for number, penalty in enumerate(self.reward.penalties):
-            check_numbers(f"reward.penalties.{number}", penalty, at_least_0=["ramp_steps"])
         check_numbers("training", self.training,
                       positive=["epochs", "prompts_per_step", "samples_per_prompt", "learning_rate", "max_grad_norm",
                                 "log_every", "kl_target", "kl_horizon", "kl_budget"],

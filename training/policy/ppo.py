@@ -50,8 +50,7 @@ def train_ppo(config: PolicyConfig, output: Path, **run_options: Any) -> dict[st
     value_head = run.value_head
     assert value_head is not None  # PolicyRun(value_head=True)
     for step in run.steps():
-        rollout = run.rollout(run.take(run.train_prompts, step, t.prompts_per_step), samples=t.samples_per_prompt,
-                              step=step)
+        rollout = run.rollout(run.take(run.train_prompts, step, t.prompts_per_step), samples=t.samples_per_prompt)
         sequences, mask = rollout.sequences, rollout.sequences.response_mask
         with torch.no_grad(), run.autocast():
             old_logprobs, _, hidden = response_logprobs(run.policy, sequences, temperature, with_hidden=True)

@@ -24,8 +24,7 @@ def train_reinforce(config: PolicyConfig, output: Path, **run_options: Any) -> d
     t = config.training
     run = PolicyRun(config, output, "reinforce", **run_options)
     for step in run.steps():
-        rollout = run.rollout(run.take(run.train_prompts, step, t.prompts_per_step), samples=t.samples_per_prompt,
-                              step=step)
+        rollout = run.rollout(run.take(run.train_prompts, step, t.prompts_per_step), samples=t.samples_per_prompt)
         logprobs, entropy, kl, returns = run.sequence_returns(rollout)
         baseline = run.algorithm_state.get("baseline")
         # A = R - b, with b from earlier batches only (the first batch: its own mean)

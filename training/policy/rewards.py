@@ -31,16 +31,6 @@ class PenaltyConfig:
     model: str | None = "default"  # harm: a moderation-model directory ("default": the default moderation model)
     url: str | None = None  # harm: a running Keel service's base URL (its /v1/moderations), instead of model
     backend: str = "auto"  # harm: the moderation model's backend, in-process
-    # The weight rises linearly from 0 over the first N training steps (0: full from the start). An evasion
-    # penalty at full weight from step 0 suppresses refusal openings before a harmful prompt's refusal is ever
-    # sampled (docs/experiments.md, issue 34 run 18).
-    ramp_steps: int = 0
-
-    def weight_at(self, step: int | None) -> float:
-        """The weight at a training step; None (evaluation) is the full weight."""
-        if step is None or self.ramp_steps == 0:
-            return self.weight
-        return self.weight * min(1.0, step / self.ramp_steps)
 
 
 @dataclasses.dataclass
@@ -157,10 +147,9 @@ class RewardFunction:
 
     def __call__(self, conversations: Sequence[Conversation], responses: Sequence[str],
                  weights: Sequence[dict[str, float] | None] | None = None,
-                 harmful: Sequence[bool] | None = None, step: int | None = None) -> Rewards:
+                 harmful: Sequence[bool] | None = None) -> Rewards:
         """Each item may carry its own head weights, and whether its prompt is a harmful request (penalties
-        that apply to ordinary requests only, such as evasion, skip those). `step`, the training step, sets the
-        weight of a ramped penalty; None (held-out evaluation) gives every penalty its full weight."""
+        that apply to ordinary requests only, such as evasion, skip those)."""
         z = self.head_scores(conversations, responses)
         weights = weights or [None] * len(responses)
         harmful = harmful or [False] * len(responses)
@@ -169,7 +158,7 @@ class RewardFunction:
         total, penalties = heads, {}
         for config, penalty in self.penalties:
             penalties[config.kind] = penalty(conversations, responses, harmful)
-            total = total - config.weight_at(step) * penalties[config.kind]
+            total = total - config.weight * penalties[config.kind]
         return Rewards(total, heads, z, penalties)
 
     def _score_over_http(self, conversations: list[tuple[Message, ...]]) -> np.ndarray:

@@ -33,7 +33,7 @@ def train_rloo(config: PolicyConfig, output: Path, **run_options: Any) -> dict[s
                           "baseline is the other samples' mean)")
     run = PolicyRun(config, output, "rloo", **run_options)
     for step in run.steps():
-        rollout = run.rollout(run.take(run.train_prompts, step, t.prompts_per_step), samples=k, step=step)
+        rollout = run.rollout(run.take(run.train_prompts, step, t.prompts_per_step), samples=k)
         logprobs, entropy, kl, returns = run.sequence_returns(rollout)
         advantages = leave_one_out_advantages(returns, rollout.group_sizes)
         # L = -mean_i A_i * sum_t log pi(y_i,t | x, y_i,<t)

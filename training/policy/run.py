@@ -196,11 +196,10 @@ class PolicyRun:
         return self.reward
 
     @torch.no_grad()
-    def rollout(self, prompts: Sequence[TrainingPrompt], samples: int = 1, greedy: bool = False,
-                step: int | None = None) -> Rollout:
+    def rollout(self, prompts: Sequence[TrainingPrompt], samples: int = 1,
+                greedy: bool = False) -> Rollout:
         """Sample `samples` responses per prompt, or the prompt's own number (a source's `samples`), grouped: a
-        prompt's responses are consecutive rows. Score them (at training step `step`, for ramped penalties; None
-        for held-out prompts), and take the reference's log-probs."""
+        prompt's responses are consecutive rows. Score them, and take the reference's log-probs."""
         p = self.config.policy
         group_sizes = [samples if greedy else prompt.samples or samples for prompt in prompts]
         repeated = [prompt for prompt, size in zip(prompts, group_sizes) for _ in range(size)]
@@ -210,7 +209,7 @@ class PolicyRun:
             sequences, texts = generate(policy, self.tokenizer, conversations, p.max_prompt_length,
                                         p.max_new_tokens, p.temperature, p.top_p, greedy=greedy)
         scored = self.reward_function(conversations, texts, [p.heads for p in repeated],
-                                      [p.harmful for p in repeated], step)
+                                      [p.harmful for p in repeated])
         rewards = torch.tensor(scored.total, dtype=torch.float32, device=self.device)
         rewards -= self.config.training.unfinished_penalty * (~sequences.ended).float()
         return Rollout(conversations, texts, sequences, rewards, scored.head_z, self.reference_logprobs(sequences),
