@@ -41,11 +41,12 @@ def train_policy(algorithm: str, config: PolicyConfig, output: Path, resume: boo
                  **run_options: Any) -> dict[str, Any]:
     """Train `algorithm` once, or, with training.restarts, up to its attempts; returns the kept policy's manifest
     (empty on processes other than the main one under `accelerate launch`)."""
-    train = ALGORITHMS[algorithm].load()
+    entry = ALGORITHMS[algorithm]
+    train = entry.load()
     restarts = config.training.restarts
     if restarts is None:
         return train(config, output, resume=resume, overwrite=overwrite, **run_options)
-    if not ALGORITHMS[algorithm].on_policy:
+    if not entry.on_policy:
         raise ConfigError(f"training.restarts reads the replies a run samples; {algorithm} samples none (use it with "
                           "reinforce, rloo or ppo, or set training.restarts=null)")
     from accelerate import PartialState
@@ -76,10 +77,11 @@ def train_policy(algorithm: str, config: PolicyConfig, output: Path, resume: boo
     state.wait_for_everyone()  # every process has read the attempts' logs before they move
     if not state.is_main_process:
         return {}
-    manifest = PolicyManifest.read(attempt_directory(output, kept))
+    chosen = attempt_directory(output, kept)
+    manifest = PolicyManifest.read(chosen)
     manifest.attempts = [{**a, "kept": k == kept} for k, a in enumerate(attempts)]
-    manifest.write(attempt_directory(output, kept))
-    publish(attempt_directory(output, kept), output, overwrite)
+    manifest.write(chosen)
+    publish(chosen, output, overwrite)
     for k in range(len(attempts)):
         shutil.rmtree(attempt_directory(output, k), ignore_errors=True)
     return manifest.to_json()
