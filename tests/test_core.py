@@ -16,7 +16,7 @@ PAIRS = [("", "hi"), ("Human: " + "word " * 400, "reply " * 50), ("Human: x", "y
 
 def test_the_serving_tokenizer_gives_trainings_ids(tiny_reward_model: Path):
     for side in ("left", "right"):
-        served = PairTokenizer(tiny_reward_model, 64, side)
+        served = PairTokenizer.from_directory(tiny_reward_model, 64, side)
         trained = load_tokenizer(str(tiny_reward_model), 64, side)
         assert served.encode(PAIRS) == [{"input_ids": e["input_ids"], "token_type_ids": e["token_type_ids"]}
                                         for e in encode(trained, PAIRS, 64)]

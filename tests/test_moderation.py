@@ -19,7 +19,7 @@ from keel.training.config import DEFAULT_MODERATION_CONFIG, ConfigError, load_co
 from keel.training.evaluation.metrics import average_precision, operating_threshold
 from keel.training.moderation.config import LabelRule, ModerationConfig, ModerationSource
 from keel.training.moderation.data import Labelled, fold_split, load_labelled, parse_labelled
-from keel.training.moderation.train import choose_thresholds, masked_bce
+from keel.training.moderation.train import choose_thresholds, masked_bce, max_over_windows
 from tests.helpers import moderation_rows, tiny_moderation_config, write_jsonl
 
 NAN = math.nan
@@ -169,6 +169,39 @@ def test_at_least_one_of_loss_by_hand():
     assert leaf.grad[0, 1].item() == pytest.approx(-0.75 / 21, rel=1e-4)
 
 
+def test_a_text_in_windows_trains_on_its_highest_window():
+    # Text 0 is read in two windows, text 1 in one: each category's logit is the text's highest over its windows.
+    window_logits = torch.tensor([[1.0, -2.0], [3.0, -5.0], [0.5, 0.0]], requires_grad=True)
+    logits = max_over_windows(window_logits, torch.tensor([0, 0, 1]), 2)
+    assert logits.tolist() == [[3.0, -2.0], [0.5, 0.0]]
+    # Harm in text 0's category 0 trains only its most harmful window; a harmless category 1 pushes down the
+    # window that scores it highest, which is the only one that could flag the text.
+    masked_bce(logits, torch.tensor([[1.0, 0.0], [NAN, NAN]])).backward()
+    grad = window_logits.grad.tolist()
+    assert grad[0][0] == 0 and grad[1][0] < 0 and grad[0][1] > 0 and grad[1][1] == 0 and grad[2] == [0, 0]
+
+
+def test_training_measures_a_long_text_as_the_service_scores_it(tiny_moderation_model: Path):
+    """keel.json's thresholds and metrics come from training's scorers: they must read a long text in the same
+    windows as `keel serve`, not its first max_length tokens."""
+    from keel.core.reward_model import RewardModel
+    from keel.training.encoder.onnx_export import onnx_scorer
+    from keel.training.encoder.optim import load_tokenizer
+    from keel.training.encoder.scoring import torch_scorer
+
+    filler = " ".join(["here is some recipe for bread thanks"] * 25)
+    texts = [("", "i will kill and hurt you 7"), ("", filler + " i will kill and hurt you 7"),
+             ("Human: " + filler, "i will kill and hurt you 7 " + filler)]
+    tokenizer = load_tokenizer(str(tiny_moderation_model), 32, "right")
+    served = ModerationRuntime(tiny_moderation_model, backend="onnx").score(texts)
+    onnx = onnx_scorer(tiny_moderation_model / "model.onnx", tokenizer, 32, windowed=True)(texts)
+    trained = torch_scorer(RewardModel.load(tiny_moderation_model), tokenizer, 32, windowed=True)(texts)
+    np.testing.assert_allclose(onnx, served, atol=1e-5)
+    np.testing.assert_allclose(trained, served, atol=1e-3)
+    cut = onnx_scorer(tiny_moderation_model / "model.onnx", tokenizer, 32)(texts)
+    assert np.abs(cut[1:] - served[1:]).max() > 0.1  # the first window alone is another reading
+
+
 # ---- thresholds ----------------------------------------------------------------------------------------------
 
 def test_average_precision_by_hand():
@@ -270,6 +303,30 @@ def test_harm_late_in_a_long_text_is_flagged_through_windows(tiny_moderation_mod
     runtime.windowed = False  # the old reading: the first max_length tokens only
     cut = moderate(runtime.scored(texts), {"violence": 0.15})
     assert [result.categories["violence"] for result in cut] == [True, False, False, False]
+
+
+def test_harm_only_late_in_training_texts_is_learned_in_windows(tiny_backbone: str, tmp_path: Path):
+    """Every text starts with the same 60 words, so the first 32-token window tells no class from another: the
+    harm is learned only when training reads each text in windows (`train_in_windows`), as served."""
+    from dataclasses import replace
+
+    from keel.training.moderation.train import train_moderation
+
+    filler = " ".join(["the weather is mild today and the bus was late"] * 6)
+    data = write_jsonl(tmp_path / "late.jsonl", [{**row, "text": f"{filler} {row['text']}"}
+                                                 for row in moderation_rows(48)])
+    config = tiny_moderation_config(tiny_backbone, data, onnx=False)
+    texts = [("", f"{filler} i will kill and hurt you 99"), ("", f"{filler} here is some recipe for bread thanks 99")]
+    violence = {}
+    for windows in (True, False):
+        output = tmp_path / f"model-{windows}"
+        train_moderation(replace(config, train_in_windows=windows), output, progress=False)
+        runtime = ModerationRuntime(output, backend="torch")
+        violence[windows] = runtime.scored(texts).values[:, runtime.categories.index("violence")]
+    harm, bread = violence[True]
+    assert harm > 0.5 and harm - bread > 0.3
+    harm, bread = violence[False]  # trained on the shared first window: it cannot tell the texts apart
+    assert abs(harm - bread) < 0.05
 
 
 def test_hugging_face_pipeline_gives_category_probabilities(tiny_moderation_model: Path):

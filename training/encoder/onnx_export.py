@@ -106,6 +106,7 @@ def down_projections(model: onnx.ModelProto) -> list[str]:
     return [name for name, shape in matmul_weight_shapes(model).items() if len(shape) == 2 and shape[0] > shape[1]]
 
 
-def onnx_scorer(path: str | Path, tokenizer: PreTrainedTokenizerBase, max_length: int, batch_size: int = 64) -> Scorer:
+def onnx_scorer(path: str | Path, tokenizer: PreTrainedTokenizerBase, max_length: int, batch_size: int = 64,
+                windowed: bool = False) -> Scorer:
     engine = OnnxEngine(path, tokenizer.pad_token_id)
-    return length_sorted_scorer(tokenizer, max_length, batch_size, engine.heads, engine.run)
+    return length_sorted_scorer(tokenizer, max_length, batch_size, engine.heads, engine.run, windowed)

@@ -10,7 +10,9 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from keel.core.reward_model import RewardModel
+from keel.core.runtime import WINDOW_OVERLAP, max_over_windows
 from keel.core.text import ModelInput
+from keel.core.tokenizer import PairTokenizer
 
 # A scorer maps (context, response) inputs to raw scores [len(inputs), heads] (torch or ONNX Runtime behind it).
 Scorer = Callable[[Sequence[ModelInput]], np.ndarray]
@@ -26,33 +28,50 @@ def encode(tokenizer: PreTrainedTokenizerBase, inputs: Sequence[ModelInput], max
     return [{key: encoded[key][i] for key in encoded} for i in range(len(inputs))]
 
 
+def encode_windows(tokenizer: PreTrainedTokenizerBase, inputs: Sequence[ModelInput], max_length: int
+                   ) -> tuple[list[dict[str, list[int]]], list[int]]:
+    """Each pair as the runtime reads it for a windowed (moderation) model: as `encode` gives it when it fits,
+    else overlapping windows of the response (keel.core.tokenizer.PairTokenizer.encode_windows, WINDOW_OVERLAP);
+    and for each window the index of its pair. Training and thresholds then see what serving sees."""
+    if not inputs:
+        return [], []
+    pairs = PairTokenizer(tokenizer.backend_tokenizer, max_length, tokenizer.truncation_side,
+                          tokenizer.pad_token_id or 0)
+    return pairs.encode_windows(inputs, WINDOW_OVERLAP)
+
+
 def collate(tokenizer: PreTrainedTokenizerBase, items: Sequence[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
     """Pad a batch to its own longest sequence (dynamic padding)."""
     return dict(tokenizer.pad(list(items), return_tensors="pt"))
 
 
 def length_sorted_scorer(tokenizer: PreTrainedTokenizerBase, max_length: int, batch_size: int, heads: int,
-                         run: Callable[[list[dict[str, list[int]]]], np.ndarray]) -> Scorer:
-    """A scorer that tokenises, sorts by length (similar lengths pad less) and runs `run` on each batch."""
+                         run: Callable[[list[dict[str, list[int]]]], np.ndarray], windowed: bool = False) -> Scorer:
+    """A scorer that tokenises, sorts by length (similar lengths pad less) and runs `run` on each batch. A
+    windowed scorer reads a long text in overlapping windows and keeps each head's highest score, as served."""
 
     def score(texts: Sequence[ModelInput]) -> np.ndarray:
-        encoded = encode(tokenizer, texts, max_length)
+        if windowed:
+            encoded, owners = encode_windows(tokenizer, texts, max_length)
+        else:
+            encoded, owners = encode(tokenizer, texts, max_length), list(range(len(texts)))
         order = np.argsort([len(item["input_ids"]) for item in encoded])
-        out = np.zeros((len(texts), heads), dtype=np.float32)
+        out = np.zeros((len(encoded), heads), dtype=np.float32)
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
             out[idx] = run([encoded[i] for i in idx])
-        return out
+        return out if not windowed else max_over_windows(out, owners, len(texts))
 
     return score
 
 
 def torch_scorer(
     model: RewardModel, tokenizer: PreTrainedTokenizerBase, max_length: int, batch_size: int = 64,
-    features: bool = False,
+    features: bool = False, windowed: bool = False,
 ) -> Scorer:
-    """Scores [texts, heads] of a RewardModel; with `features`, the pooled features its heads read. The device
-    is read at each call: training moves the model (to the GPU) after the scorer is made."""
+    """Scores [texts, heads] of a RewardModel; with `features`, the pooled features its heads read; `windowed`
+    as in length_sorted_scorer. The device is read at each call: training moves the model (to the GPU) after
+    the scorer is made."""
 
     @torch.no_grad()
     def run(items: list[dict[str, list[int]]]) -> np.ndarray:
@@ -65,7 +84,7 @@ def torch_scorer(
         return scores
 
     width = model.heads.in_features if features else len(model.head_names)
-    return length_sorted_scorer(tokenizer, max_length, batch_size, width, run)
+    return length_sorted_scorer(tokenizer, max_length, batch_size, width, run, windowed)
 
 
 def cached(scorer: Scorer) -> Scorer:

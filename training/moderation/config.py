@@ -114,7 +114,12 @@ class ModerationConfig:
     categories: list[str] = dataclasses.field(default_factory=lambda: list(CATEGORIES))
     base_model: str = "default"
     max_length: int = 128
-    truncation_side: str = "right"  # a long text keeps its beginning; a reply in context keeps the reply
+    # Where the saved tokenizer cuts a long text for a plain transformers pipeline. Keel trains, measures and serves
+    # a moderation model on overlapping windows of a long text instead (training/moderation/train.py).
+    truncation_side: str = "right"
+    # Train on every window of a long text (the highest logit over them, as served) rather than its first max_length
+    # tokens. Thresholds and metrics are always measured in windows. Off by default: docs/experiments.md, issue 31.
+    train_in_windows: bool = False
     min_precision: float = 0.8  # thresholds: the lowest with validation precision >= this, else best F1 (train.py)
     min_positives: int = 5  # fewer validation positives than this: the category takes the shared threshold
     threshold_shrinkage: float = 30.0  # pseudo-positives pulling a category's threshold toward the shared one

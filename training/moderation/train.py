@@ -1,7 +1,7 @@
 """Train a moderation model: a pretrained encoder with one sigmoid output per category (OpenAI's taxonomy),
 trained on labelled harm data whose sources each label only some categories.
 
-Read top to bottom: the masked loss -> model -> data -> the shared encoder loop (keel.training.encoder.fit:
+Read top to bottom: the masked loss (over each text's windows) -> model -> data -> the shared encoder loop (keel.training.encoder.fit:
 checkpointed, resumable, best weights kept) -> thresholds on validation -> held-out metrics -> publishing
 (keel.training.encoder.publish: ONNX fp32 and int8, keel.json, model card). The model is Keel's RewardModel class
 (keel/core/reward_model.py) with categories as its heads, so it serves through the same runtime, batcher and
@@ -28,7 +28,7 @@ from keel.training.encoder import onnx_export
 from keel.training.encoder.fit import Run, Selection, Step, fit
 from keel.training.encoder.optim import freeze, load_tokenizer
 from keel.training.encoder.publish import Exported, publish
-from keel.training.encoder.scoring import Scorer, collate, encode, torch_scorer
+from keel.training.encoder.scoring import Scorer, collate, encode, encode_windows, torch_scorer
 from keel.training.evaluation.metrics import average_precision, expected_calibration_error, operating_threshold
 from keel.training.moderation.config import ModerationConfig
 from keel.training.moderation.data import (
@@ -62,6 +62,19 @@ def masked_bce(logits: torch.Tensor, labels: torch.Tensor, groups: torch.Tensor 
     none_apply = (F.softplus(logits) * groups).sum(dim=1)  # -log P(no category of the group applies)
     group_losses = -torch.log((-torch.expm1(-none_apply[has_group])).clamp(min=1e-7))
     return ((cells * mask).sum() + group_losses.sum()) / (mask.sum() + has_group.sum()).clamp(min=1)
+
+
+def max_over_windows(window_logits: torch.Tensor, owners: torch.Tensor, texts: int) -> torch.Tensor:
+    """[texts, categories] logits of texts read in windows, as served (keel.core.runtime): a text's logit for
+    category c is its highest over its windows W_i,
+
+        s_ic = max_{w in W_i} s_wc
+
+    so a harmful text trains the window that looks most harmful (harm may sit in one window of many), and a
+    harmless one pushes all its windows down. A text that fits is one window: s_ic is its own logit."""
+    index = owners.unsqueeze(1).expand_as(window_logits)
+    start = torch.full((texts, window_logits.shape[1]), -torch.inf, device=window_logits.device)
+    return start.scatter_reduce(0, index, window_logits, reduce="amax")
 
 
 def category_probabilities(scorer: Scorer, items: list[Labelled]) -> np.ndarray:
@@ -107,16 +120,27 @@ def train_moderation(config: ModerationConfig, output: Path, resume: bool = Fals
     labels = torch.from_numpy(label_matrix(train))
     groups = torch.from_numpy(any_of_matrix(train, len(config.categories)))
     tokenizer = load_tokenizer(config.base_model, config.max_length, config.truncation_side)
-    encoded = encode(tokenizer, [item.input for item in train], config.max_length)
+    inputs = [item.input for item in train]
+    if config.train_in_windows:
+        windows, owners = encode_windows(tokenizer, inputs, config.max_length)
+    else:  # each text's first max_length tokens: one window per text
+        windows, owners = encode(tokenizer, inputs, config.max_length), list(range(len(inputs)))
+    windows_of: list[list[int]] = [[] for _ in train]
+    for window, owner in enumerate(owners):
+        windows_of[owner].append(window)
 
-    # ---- training: one group of items, the masked loss ------------------------------------------------------
+    # ---- training: one group of items, each read in its windows, the masked loss -----------------------------
     def step_loss(training: torch.nn.Module, group: int, indices: list[int]) -> Step:
-        batch = collate(tokenizer, [encoded[i] for i in indices])
-        logits = training(**{k: v.to(accelerator.device) for k, v in batch.items()}).logits.float()
+        batch = collate(tokenizer, [windows[w] for i in indices for w in windows_of[i]])
+        window_logits = training(**{k: v.to(accelerator.device) for k, v in batch.items()}).logits.float()
+        text_of_window = torch.tensor([k for k, i in enumerate(indices) for _ in windows_of[i]],
+                                      device=window_logits.device)
+        logits = max_over_windows(window_logits, text_of_window, len(indices))
         return Step(masked_bce(logits, labels[indices].to(logits.device), groups[indices].to(logits.device)))
 
-    scorer = torch_scorer(model, tokenizer, config.max_length, t.eval_batch_size)
-    fitted = fit(model, [[len(item["input_ids"]) for item in encoded]], step_loss,
+    scorer = torch_scorer(model, tokenizer, config.max_length, t.eval_batch_size, windowed=True)
+    tokens_of = [sum(len(windows[w]["input_ids"]) for w in text) for text in windows_of]  # for length grouping
+    fitted = fit(model, [tokens_of], step_loss,
                  lambda: {"val_mean_auprc": validation_score(scorer, validation, config)},
                  Selection("val_mean_auprc"), t, Run(work, accelerator, resume), "train moderation", progress)
 
@@ -256,4 +280,4 @@ def publish_moderation_model(config: ModerationConfig, model: RewardModel, token
     sample = [item.input for item in data["validation"][:: max(1, len(data["validation"]) // 64)]]
     return publish(model, tokenizer, output, overwrite, max_length=config.max_length, export=config.export,
                    eval_batch_size=config.training.eval_batch_size, sample=sample, metrics_path=metrics_path,
-                   title="moderation model", describe=describe, card=moderation_model_card)
+                   title="moderation model", describe=describe, card=moderation_model_card, windowed=True)

@@ -33,6 +33,14 @@ log = logging.getLogger(__name__)
 # Consecutive windows of a long text share this many tokens, so a sentence cut by one window is whole in the next.
 WINDOW_OVERLAP = 32
 
+
+def max_over_windows(per_window: np.ndarray, owners: Sequence[int], texts: int) -> np.ndarray:
+    """[texts, heads]: each text's highest raw score per head over its windows (`owners[w]` is window w's text).
+    Sigmoid is monotone, so the highest logit is the highest probability: harm anywhere in a text flags it."""
+    out = np.full((texts, per_window.shape[1]), -np.inf, dtype=per_window.dtype)
+    np.maximum.at(out, np.asarray(owners, dtype=np.int64), per_window)
+    return out
+
 # Called after each engine batch with (seconds, texts, padded tokens): the service's Prometheus histograms.
 BatchObserver = Callable[[float, int, int], None]
 
@@ -139,7 +147,7 @@ class ModelRuntime:
         self.observe_batch = observe_batch
         threads = threads or max(1, usable_cpus() // workers)
         try:
-            self.tokenizer = PairTokenizer(self.directory, self.max_length, manifest.truncation_side)
+            self.tokenizer = PairTokenizer.from_directory(self.directory, self.max_length, manifest.truncation_side)
             if self.backend == "torch":  # one model, however many workers: torch runs one batch at a time here
                 self.engines: list[OnnxEngine | TorchEngine] = [
                     TorchEngine(self.directory, self.heads, threads, self.tokenizer.pad_token_id)]
@@ -177,9 +185,7 @@ class ModelRuntime:
         per_window = self.run_batches(encoded, worker)
         if len(encoded) == len(inputs):
             return per_window, tokens, truncated
-        out = np.full((len(inputs), len(self.heads)), -np.inf, dtype=np.float32)
-        np.maximum.at(out, np.array(owners), per_window)  # sigmoid is monotone: the max logit is the max probability
-        return out, tokens, truncated
+        return max_over_windows(per_window, owners, len(inputs)), tokens, truncated
 
     def run_batches(self, encoded: list[dict[str, list[int]]], worker: int = 0) -> np.ndarray:
         """Raw scores of tokenised inputs, sorted by length and cut into token-budgeted batches. Each worker

@@ -18,29 +18,23 @@ from keel.core.text import ModelInput
 
 
 class PairTokenizer:
-    def __init__(self, directory: str | Path, max_length: int, truncation_side: str):
-        directory = Path(directory)
+    def __init__(self, tokenizer: Tokenizer, max_length: int, truncation_side: str, pad_token_id: int):
         self.max_length = max_length
-        self.tokenizer = Tokenizer.from_file(str(directory / "tokenizer.json"))
+        self.tokenizer = Tokenizer.from_str(tokenizer.to_str())  # own copies: truncation is set on them
         # Over max_length, tokens go from the longer segment first, on the truncation side (left: oldest turns).
         self.tokenizer.enable_truncation(max_length, strategy="longest_first", direction=truncation_side)
         self.tokenizer.no_padding()
-        self.untruncated = Tokenizer.from_file(str(directory / "tokenizer.json"))  # cuts long texts into windows
+        self.untruncated = Tokenizer.from_str(tokenizer.to_str())  # cuts long texts into windows
         self.untruncated.no_truncation()
         self.untruncated.no_padding()
-        self.pad_token_id = self._pad_id(directory)
+        self.pad_token_id = pad_token_id
 
-    def _pad_id(self, directory: Path) -> int:
-        """The pad token as transformers would pick it: tokenizer_config.json's pad_token, else its eos_token."""
-        config_path = directory / "tokenizer_config.json"
-        config = json.loads(config_path.read_text()) if config_path.exists() else {}
-        for key in ("pad_token", "eos_token"):
-            token = config.get(key)
-            token = token.get("content") if isinstance(token, dict) else token
-            token_id = self.tokenizer.token_to_id(token) if isinstance(token, str) else None
-            if token_id is not None:
-                return int(token_id)
-        return 0
+    @classmethod
+    def from_directory(cls, directory: str | Path, max_length: int, truncation_side: str) -> PairTokenizer:
+        """A model directory's tokenizer.json, with the pad token as transformers would pick it."""
+        directory = Path(directory)
+        tokenizer = Tokenizer.from_file(str(directory / "tokenizer.json"))
+        return cls(tokenizer, max_length, truncation_side, pad_token_id(tokenizer, directory))
 
     def encode_counted(self, inputs: Sequence[ModelInput]) -> tuple[list[dict[str, list[int]]], list[bool]]:
         """`encode`, and for each pair whether it was cut to max_length."""
@@ -78,3 +72,16 @@ class PairTokenizer:
                 windows.append({"input_ids": merged.ids, "token_type_ids": merged.type_ids})
                 owners.append(index)
         return windows, owners
+
+
+def pad_token_id(tokenizer: Tokenizer, directory: Path) -> int:
+    """The pad token as transformers would pick it: tokenizer_config.json's pad_token, else its eos_token."""
+    config_path = directory / "tokenizer_config.json"
+    config = json.loads(config_path.read_text()) if config_path.exists() else {}
+    for key in ("pad_token", "eos_token"):
+        token = config.get(key)
+        token = token.get("content") if isinstance(token, dict) else token
+        token_id = tokenizer.token_to_id(token) if isinstance(token, str) else None
+        if token_id is not None:
+            return int(token_id)
+    return 0
