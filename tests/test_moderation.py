@@ -51,6 +51,17 @@ def test_label_rules_map_columns_onto_categories():
     assert everything["hate"] == 1 and sum(everything.values()) == 1
 
 
+def test_rows_harmless_on_all_they_label_can_be_harmless_on_every_category():
+    rules = {"sexual": LabelRule(column="S"), "hate": LabelRule(column="H")}
+    clean = labels_of({"text": "t", "S": 0, "H": None}, labels=rules, rest_if_clean=0)
+    assert all(value == 0 for value in clean.values())  # hate was not annotated; the text harmed in nothing asked
+    harmful = labels_of({"text": "t", "S": 1, "H": None}, labels=rules, rest_if_clean=0)
+    assert harmful["sexual"] == 1 and math.isnan(harmful["hate"]) and math.isnan(harmful["illicit"])
+    unannotated = labels_of({"text": "t", "S": None, "H": None}, labels=rules, rest_if_clean=0)
+    assert all(math.isnan(value) for value in unannotated.values())
+    assert math.isnan(labels_of({"text": "t", "S": 0, "H": None}, labels=rules)["illicit"])  # off by default
+
+
 def test_texts_in_context_and_hh_first_turns():
     reply = parse_labelled({"context": "you are dumb", "response": "no, you are"},
                            ModerationSource(path="d/x.json", context="context", text="response"), list(CATEGORIES))

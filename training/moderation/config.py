@@ -68,6 +68,10 @@ class ModerationSource(DataSource):
     hh_first_turn: bool = False  # `text` holds an HH transcript: judge its first human turn
     labels: dict[str, LabelRule] = dataclasses.field(default_factory=dict)
     rest: float | None = None  # the label of every category `labels` does not name (None: unlabelled)
+    # On a row judged harmless on every category it labels (none 1, at least one 0), the label of the categories it
+    # leaves unlabelled: OpenAI's samples annotate a subset per text, and "harmless on all it was asked" then
+    # teaches the other heads (illicit, ...) what ordinary web text is
+    rest_if_clean: float | None = None
     any_of: list[str] = dataclasses.field(default_factory=list)  # at least one of these applies to every row
     by: list[LabelsBy] = dataclasses.field(default_factory=list)  # labels by a column's value, applied in order
     context_file: ContextFile | None = None  # `context` holds a key into this file

@@ -64,7 +64,7 @@ def words(text: str) -> frozenset[str]:
 
 
 class SourceReader:
-    """Reads one source's rows as Labelled items: its labels (`labels`, `rest`, `any_of`, then `by`), its
+    """Reads one source's rows as Labelled items: its labels (`labels`, `rest`, `any_of`, then `by`; then `rest_if_clean`), its
     context (a column, or a key into `context_file`), and the near copies of `exclude` left out."""
 
     def __init__(self, source: ModerationSource, categories: list[str]):
@@ -95,6 +95,9 @@ class SourceReader:
             group = set()  # already satisfied
         for category in group:
             labels[category] = UNLABELLED  # which of the group applies is not known
+        values = labels.values()
+        if source.rest_if_clean is not None and not group and 1 not in values and 0 in values:
+            labels = {c: float(source.rest_if_clean) if math.isnan(v) else v for c, v in labels.items()}
         return (tuple(labels[c] for c in self.categories),
                 tuple(i for i, c in enumerate(self.categories) if c in group))
 
