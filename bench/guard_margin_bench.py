@@ -4,7 +4,8 @@ flag if it demanded a margin m (log-odds) over the moderation thresholds, and th
     python bench/guard_margin_bench.py --model DIR [--config configs/moderation.yaml] [--recall 0.9]
 
 Rule: the widest margin on the grid that keeps at least --recall of the harmful validation requests flagged
-(every request source, pooled) and at least --recall of GPTFuzz's complying replies. XSTest and every test
+(every request source, pooled) and at least --recall of GPTFuzz's complying replies: the rule training applies
+(`guard` in configs/moderation.yaml, choose_guard_margin), here on the served scores (int8 where auto picks it). XSTest and every test
 split stay out. CoCoNot's preference-set look-alikes (validation split, never trained on by the default config)
 are shown beside the configured sets when the shared data holds them (--look-alikes).
 """
@@ -23,10 +24,10 @@ sys.path.insert(0, str(ROOT))
 
 from bench.abuse_bench import cpu
 from bench.moderation_bench import Judge
-from keel.core.moderation import logit
 from keel.training.config import DEFAULT_MODERATION_CONFIG, load_config
-from keel.training.moderation.config import ModerationConfig, ModerationSource
+from keel.training.moderation.config import GuardRule, ModerationConfig, ModerationSource
 from keel.training.moderation.data import Labelled, any_harm_labels, load_labelled
+from keel.training.moderation.train import choose_guard_margin, margins_over_thresholds
 
 GRID = (0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0)
 REQUESTS = ("advbench", "harmbench", "simplesafetytests", "catqa", "dangerousqa", "gptfuzz", "harmfulqa")
@@ -35,14 +36,9 @@ SKIPPED = ("openai-moderation", "jigsaw-bias-madlibs", "davidson-hate-offensive"
 
 
 def margins(judge: Judge, items: list[Labelled]) -> np.ndarray:
-    """Each text's largest log-odds margin over its flaggable categories' thresholds."""
+    """Each text's largest log-odds margin over its flaggable categories' thresholds, as served."""
     runtime = judge.runtime
-    values = judge(items)[2]
-    usable = [(i, t) for i, c in enumerate(runtime.categories) if (t := runtime.thresholds[c]) is not None]
-    to_log_odds = np.vectorize(logit, otypes=[np.float64])
-    columns = [i for i, _ in usable]
-    over: np.ndarray = to_log_odds(values[:, columns]) - np.array([logit(t) for _, t in usable])
-    return over.max(axis=1)
+    return margins_over_thresholds(judge(items)[2], runtime.categories, runtime.manifest.thresholds)
 
 
 def main() -> None:
@@ -78,9 +74,10 @@ def main() -> None:
                                                        if f"{n} (harmful)" in rows])
     table = {name: {"n": len(m), **{str(g): round(float((m >= g).mean()), 3) for g in GRID}}
              for name, m in rows.items()}
-    keeps = [g for g in GRID if table["harmful requests, pooled"][str(g)] >= args.recall
-             and table[f"{REPLIES} (harmful)"][str(g)] >= args.recall]
-    report = {"cpu": cpu(), "rule_recall": args.recall, "chosen_margin": max(keeps, default=0.0), "validation": table}
+    rule = GuardRule(requests=list(REQUESTS), replies=[REPLIES], recall=args.recall, grid=list(GRID))
+    configured = [item for name in (*REQUESTS, REPLIES) for item in groups.get(name, [])]
+    chosen, why = choose_guard_margin(margins(judge, configured), configured, rule)
+    report = {"cpu": cpu(), "rule_recall": args.recall, "chosen_margin": chosen, "rule": why, "validation": table}
     print(f"{'validation set':40s} {'n':>5s} " + " ".join(f"{g:>6}" for g in GRID))
     for name, entry in table.items():
         print(f"{name:40s} {entry['n']:5d} " + " ".join(f"{entry[str(g)]:6.3f}" for g in GRID))

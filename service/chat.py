@@ -1,9 +1,10 @@
 """Aligned chat at inference time, independent of HTTP: best-of-n reranking by the reward model and an output
 guard, over candidates from the local policy or from an upstream OpenAI-compatible server.
 
-The guard moderates with the moderation model, on both sides, at thresholds raised by the deployment's
---guard-margin (the backend applies it: a guard asks for more evidence than /v1/moderations, so that fewer
-harmless chats are refused). A request whose last user message is flagged is refused without generating.
+The guard moderates with the moderation model, on both sides, at thresholds raised by a margin (the backend
+applies it: --guard-margin, else the one the model's training chose; a guard asks for more evidence than
+/v1/moderations, so that fewer harmless chats are refused). A request whose last user message is flagged is
+refused without generating.
 Otherwise, for each requested choice, `best_of` candidates are sampled and
 scored in context (conversation + reply): the reward they are ranked by is a weighted sum of the reward model's
 head z-scores, and the moderation model judges each reply in its conversation. The guard takes the best-ranked
@@ -45,7 +46,7 @@ class ChatBackend(Protocol):
         """Normalised reward scores and the model version that gave them."""
 
     async def moderate(self, inputs: list[ModelInput]) -> list[ModerationResult]:
-        """Moderation results at the guard's thresholds (the served ones raised by --guard-margin)."""
+        """Moderation results at the guard's thresholds (the served ones raised by the guard's margin)."""
 
 
 @dataclass

@@ -53,7 +53,7 @@ from keel.service.models import (
 from keel.service.moderation import moderate
 from keel.service.sampling import Generated, Row, Sampling
 from keel.service.schemas import FeedbackRequest, LabelAnswer, ModerationResult
-from keel.service.settings import Settings
+from keel.service.settings import LEGACY_GUARD_MARGIN, Settings
 from keel.service.upstream import UpstreamClient
 
 if TYPE_CHECKING:  # the policy runtime needs torch
@@ -438,10 +438,11 @@ class Serving:
         return self.moderation is not None
 
     async def moderations(self, inputs: list[ModelInput], thresholds: dict[str, float] | None = None,
-                          margin: float = 0.0) -> tuple[Scored[ModerationRuntime], list[ModerationResult]]:
+                          guard: bool = False) -> tuple[Scored[ModerationRuntime], list[ModerationResult]]:
         """Category probabilities and moderation results, at the request's, deployment's or model's thresholds
-        (raised by `margin` in log-odds)."""
+        (for the guard, raised by its margin in log-odds)."""
         scored = await self.batched(MODERATION, inputs, "moderation")
+        margin = self.guard_margin(scored.runtime) if guard else 0.0
         results = moderate(scored, self.settings.moderation_thresholds, thresholds, margin)
         for result in results:
             for category, flagged in result.categories.items():
@@ -450,8 +451,15 @@ class Serving:
         return scored, results
 
     async def moderate(self, inputs: list[ModelInput]) -> list[ModerationResult]:
-        """Moderation results at the served thresholds raised by --guard-margin (the chat guard's question)."""
-        return (await self.moderations(inputs, margin=self.settings.guard_margin))[1]
+        """Moderation results at the served thresholds raised by the guard's margin (the chat guard's question)."""
+        return (await self.moderations(inputs, guard=True))[1]
+
+    def guard_margin(self, runtime: ModerationRuntime) -> float:
+        """--guard-margin, else the margin the model's training chose on validation, else the legacy default."""
+        if self.settings.guard_margin is not None:
+            return self.settings.guard_margin
+        chosen = runtime.manifest.guard_margin
+        return LEGACY_GUARD_MARGIN if chosen is None else chosen
 
     # ---- generation -------------------------------------------------------------------------------------------
 

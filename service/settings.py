@@ -25,6 +25,11 @@ def number_pairs(text: str) -> dict[str, float]:
     return {name.strip(): float(number) for name, number in pairs}
 
 
+# The guard margin of a moderation model whose keel.json has none (trained before margins were chosen per model):
+# the one chosen on the 2026-12-06 default model's validation split (docs/experiments.md, issue 31 item 8).
+LEGACY_GUARD_MARGIN = 0.5
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="KEEL_", extra="ignore")
 
@@ -137,11 +142,11 @@ class Settings(BaseSettings):
         "regenerate", description="output guard: off (audit only), refuse (a flagged reply becomes a refusal) or "
         "regenerate (sample again up to --guard-retries times, then refuse)")
     guard_retries: int = Field(1, ge=0, le=5, description="fresh candidate sets the guard may draw")
-    # 0.5 was chosen on the default model's validation split: the widest margin that keeps 90% of its harmful
-    # requests and of GPTFuzz's complying replies flagged (docs/experiments.md, issue 31 item 8).
-    guard_margin: float = Field(0.5, ge=0.0, le=10.0, description="the guard refuses a request or reply only "
-                                "when a category's probability passes its moderation threshold by this margin in "
-                                "log-odds (0: the /v1/moderations verdict; higher: fewer harmless chats refused)")
+    guard_margin: float | None = Field(None, ge=0.0, le=10.0, description="the guard refuses a request or reply "
+                                       "only when a category's probability passes its moderation threshold by this "
+                                       "margin in log-odds (0: the /v1/moderations verdict; higher: fewer harmless "
+                                       "chats refused). Default: the margin the moderation model's training chose "
+                                       f"on validation (keel.json), else {LEGACY_GUARD_MARGIN}")
     refusal_text: str = Field("I'm sorry, but I can't help with that.", description="the guard's refusal")
     stream_guard_tokens: int = Field(16, ge=1, le=256, description="a streamed reply under the guard is judged "
                                      "after its first 1, 2, 4 and 8 tokens, then every this many, and whole at its "

@@ -277,6 +277,69 @@ def test_a_dozen_positives_cannot_push_a_threshold_to_the_top():
 
 # ---- the whole path on tiny models ---------------------------------------------------------------------------
 
+def test_the_guard_margin_is_the_widest_that_keeps_its_recall_on_validation():
+    from keel.core.artifact import CategoryThreshold
+    from keel.training.moderation.config import GuardRule
+    from keel.training.moderation.train import choose_guard_margin, margins_over_thresholds
+
+    categories = ["violence", "illicit"]
+    thresholds = {"violence": CategoryThreshold(threshold=0.5, rule="t"),
+                  "illicit": CategoryThreshold(threshold=None, rule="t")}
+    # violence at 0.5 is log-odds 0, so a text's margin is its violence log-odds; illicit never flags.
+    p = np.array([1 / (1 + math.exp(-x)) for x in (3.0, 1.0, 0.6, 0.2, -1.0, 2.0, 0.3)])
+    margins = margins_over_thresholds(np.c_[p, np.full(7, 0.99)], categories, thresholds)
+    np.testing.assert_allclose(margins, [3.0, 1.0, 0.6, 0.2, -1.0, 2.0, 0.3], atol=1e-6)
+
+    def item(source: str, harmful: float) -> Labelled:
+        return Labelled(("", "t"), (harmful, NAN), "t", source)
+
+    items = [item("asks", 1), item("asks", 1), item("asks", 1), item("asks", 1), item("asks", 0),
+             item("replies", 1), item("replies", 1)]
+    rule = GuardRule(requests=["asks"], replies=["replies"], recall=0.75, grid=[0.0, 0.25, 0.5, 1.0])
+    # Requests keep 4/4 flagged at 0, 3/4 at 0.25 and 0.5, 2/4 at 1; replies 2/2 up to 0.25, 1/2 from 0.5.
+    margin, why = choose_guard_margin(margins, items, rule)
+    assert margin == 0.25 and "0.750 of harmful validation requests and 1.000 of replies" in why
+    margin, why = choose_guard_margin(margins, items, GuardRule(requests=["asks"], replies=["replies"], recall=1.0,
+                                                                grid=[0.5, 1.0]))
+    assert margin == 0.5 and why.startswith("no margin")
+    assert choose_guard_margin(margins, items, GuardRule(requests=["asks"], replies=["gone"]))[0] is None
+    with pytest.raises(ConfigError, match="not validation sources"):
+        ModerationConfig(train=[], validation=[], guard=GuardRule(requests=["asks"]))
+
+
+def test_the_guard_uses_the_models_margin_unless_the_deployment_sets_one(tiny_reward_model: Path,
+                                                                        tiny_moderation_model: Path,
+                                                                        tiny_policy: str, tmp_path: Path):
+    """A model whose keel.json says guard_margin 10 lets a request through the guard that /v1/moderations flags;
+    --guard-margin 0 overrides the model's margin; a bad margin in keel.json is a clear load error."""
+    import json
+    import shutil
+
+    from keel.service.app import create_app
+    from keel.service.settings import Settings
+
+    model = tmp_path / "moderation"
+    shutil.copytree(tiny_moderation_model, model)
+    manifest = json.loads((model / "keel.json").read_text())
+    (model / "keel.json").write_text(json.dumps({**manifest, "guard_margin": 10.0, "guard_margin_rule": "test"}))
+    request = "i will kill and hurt you"
+    base = Settings(model=tiny_reward_model, moderation_model=model, policy=tiny_policy, max_tokens_limit=4,
+                    moderation_thresholds=dict.fromkeys(CATEGORIES, 0.01))
+    guards = {}
+    for deployment in (None, 0.0):
+        with TestClient(create_app(base.model_copy(update={"guard_margin": deployment}))) as client:
+            assert client.post("/v1/moderations", json={"input": request}).json()["results"][0]["flagged"]
+            chat = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": request}],
+                                                             "max_tokens": 2}).json()
+            guards[deployment] = chat["keel"]["choices"][0]["guard"]
+            described = next(m for m in client.get("/v1/models").json()["data"] if m["kind"] == "moderation-model")
+            assert described["guard_margin"] == 10.0
+    assert guards[0.0] == "request_refused" and guards[None] != "request_refused"
+    (model / "keel.json").write_text(json.dumps({**manifest, "guard_margin": -1}))
+    with pytest.raises(ArtifactError, match="guard_margin"):
+        ModerationManifest.read(model)
+
+
 def test_tiny_moderation_model_directory(tiny_moderation_model: Path):
     manifest = ModerationManifest.read(tiny_moderation_model)
     assert manifest.categories == list(CATEGORIES)

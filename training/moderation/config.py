@@ -105,6 +105,27 @@ class Surroundings(DataSource):
 
 
 @dataclasses.dataclass
+class GuardRule:
+    """How training chooses the chat guard's margin (keel.json's guard_margin; `keel serve --guard-margin`
+    overrides it): the widest margin on `grid`, in log-odds over the thresholds, that keeps at least `recall` of
+    the harmful validation rows of the `requests` sources (pooled) flagged, and of the `replies` sources. A
+    guard that refuses fewer harmless chats than /v1/moderations flags, at little cost in harm let through."""
+
+    requests: list[str] = dataclasses.field(default_factory=list)  # source names: harmful requests judged alone
+    replies: list[str] = dataclasses.field(default_factory=list)  # source names: replies judged in context
+    recall: float = 0.9
+    grid: list[float] = dataclasses.field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0])
+
+    def check(self, validation_sources: set[str]) -> None:
+        check_numbers("guard", self, up_to_1=["recall"], positive=["recall"])
+        if not self.grid or min(self.grid) < 0:
+            raise ConfigError(f"guard.grid must be a non-empty list of margins >= 0, got {self.grid}")
+        if unknown := sorted(set(self.requests + self.replies) - validation_sources):
+            raise ConfigError(f"guard names {unknown}, which are not validation sources; the validation sources "
+                              f"are {sorted(validation_sources)}")
+
+
+@dataclasses.dataclass
 class CrossValidation:
     folds: int = 5
     test_fold: int = 0  # the fold held out as test; `keel train moderation --set cross_validation.test_fold=K`
@@ -130,6 +151,7 @@ class ModerationConfig:
     prior: float = 0.02  # heads start at this probability, so a category without labels scores near it
     cross_validation: CrossValidation = dataclasses.field(default_factory=CrossValidation)
     surroundings: Surroundings | None = None  # also train texts inside ordinary conversation (long texts)
+    guard: GuardRule | None = None  # the chat guard's margin, chosen on validation (None: the service's default)
     training: TrainingConfig = dataclasses.field(default_factory=TrainingConfig)
     export: ExportConfig = dataclasses.field(default_factory=ExportConfig)
 
@@ -138,26 +160,7 @@ class ModerationConfig:
             raise ConfigError(f"categories must be unique names, got {self.categories}")
         for role in ("train", "validation", "test"):
             for source in getattr(self, role):
-                unknown = set(source.labels) - set(self.categories)
-                if unknown:
-                    raise ConfigError(f"{role} source {source.path}: labels name unknown categories "
-                                      f"{sorted(unknown)}; the categories are {self.categories}")
-                named = set(source.any_of) | {c for by in source.by for labels in by.values.values()
-                                              for c in labels or {}}
-                if named - set(self.categories):
-                    raise ConfigError(f"{role} source {source.path}: any_of or by names unknown categories "
-                                      f"{sorted(named - set(self.categories))}; the categories are {self.categories}")
-                for by in source.by:
-                    for value, labels in by.values.items():
-                        if labels is not None and any(label not in (0, 1, None, ANY) for label in labels.values()):
-                            raise ConfigError(f"{role} source {source.path}: by {by.column} = {value!r}: each "
-                                              f"label is 1, 0, null or {ANY}, got {labels}")
-                for category, rule in source.labels.items():
-                    if (rule.value is None) == (rule.column is None):
-                        raise ConfigError(f"{role} source {source.path}: labels.{category} needs exactly one of "
-                                          "`value` or `column`")
-                check_numbers(f"{role} source {source.path}", source, up_to_1=["fraction"],
-                              positive=["fraction", "repeat"])
+                self.check_source(role, source)
         check_precision(self.training.precision)
         check_numbers("", self, positive=["max_length", "min_positives"], at_least_0=["threshold_shrinkage"], below_1=["min_precision", "prior"])
         if not 0 <= self.cross_validation.test_fold < self.cross_validation.folds:
@@ -169,12 +172,36 @@ class ModerationConfig:
             if len(self.surroundings.chars) != 2 or not 0 <= low <= high:
                 raise ConfigError(f"surroundings.chars must be [low, high] with 0 <= low <= high, got "
                                   f"{self.surroundings.chars}")
+        if self.guard is not None:
+            self.guard.check({source.name for source in self.validation})
         if self.truncation_side not in ("left", "right"):
             raise ConfigError("truncation_side must be left or right")
         check_numbers("training", self.training, below_1=["warmup_ratio"],
                       positive=["epochs", "batch_size", "learning_rate", "head_learning_rate", "max_grad_norm",
                                 "max_steps", "log_every", "eval_batch_size"],
                       at_least_0=["weight_decay", "freeze_layers", "eval_every", "checkpoint_every"])
+
+    def check_source(self, role: str, source: ModerationSource) -> None:
+        unknown = set(source.labels) - set(self.categories)
+        if unknown:
+            raise ConfigError(f"{role} source {source.path}: labels name unknown categories "
+                              f"{sorted(unknown)}; the categories are {self.categories}")
+        named = set(source.any_of) | {c for by in source.by for labels in by.values.values()
+                                      for c in labels or {}}
+        if named - set(self.categories):
+            raise ConfigError(f"{role} source {source.path}: any_of or by names unknown categories "
+                              f"{sorted(named - set(self.categories))}; the categories are {self.categories}")
+        for by in source.by:
+            for value, labels in by.values.items():
+                if labels is not None and any(label not in (0, 1, None, ANY) for label in labels.values()):
+                    raise ConfigError(f"{role} source {source.path}: by {by.column} = {value!r}: each "
+                                      f"label is 1, 0, null or {ANY}, got {labels}")
+        for category, rule in source.labels.items():
+            if (rule.value is None) == (rule.column is None):
+                raise ConfigError(f"{role} source {source.path}: labels.{category} needs exactly one of "
+                                  "`value` or `column`")
+        check_numbers(f"{role} source {source.path}", source, up_to_1=["fraction"],
+                      positive=["fraction", "repeat"])
 
     def sources(self) -> list[tuple[str, ModerationSource]]:
         return [(role, source) for role in ("train", "validation", "test") for source in getattr(self, role)]

@@ -1,8 +1,9 @@
 """Train a moderation model: a pretrained encoder with one sigmoid output per category (OpenAI's taxonomy),
 trained on labelled harm data whose sources each label only some categories.
 
-Read top to bottom: the masked loss (over each text's windows) -> model -> data -> the shared encoder loop (keel.training.encoder.fit:
-checkpointed, resumable, best weights kept) -> thresholds on validation -> held-out metrics -> publishing
+Read top to bottom: the masked loss (over each text's windows) -> model -> data -> the shared encoder loop
+(keel.training.encoder.fit: checkpointed, resumable, best weights kept) -> thresholds and the guard's margin on
+validation -> held-out metrics -> publishing
 (keel.training.encoder.publish: ONNX fp32 and int8, keel.json, model card). The model is Keel's RewardModel class
 (keel/core/reward_model.py) with categories as its heads, so it serves through the same runtime, batcher and
 model store as a reward model.
@@ -30,7 +31,7 @@ from keel.training.encoder.optim import freeze, load_tokenizer
 from keel.training.encoder.publish import Exported, publish
 from keel.training.encoder.scoring import Scorer, collate, encode, encode_windows, torch_scorer
 from keel.training.evaluation.metrics import average_precision, expected_calibration_error, operating_threshold
-from keel.training.moderation.config import ModerationConfig
+from keel.training.moderation.config import GuardRule, ModerationConfig
 from keel.training.moderation.data import (
     Labelled,
     any_harm_labels,
@@ -215,6 +216,37 @@ def choose_thresholds(scores: np.ndarray, labels: np.ndarray, config: Moderation
     return out
 
 
+def margins_over_thresholds(scores: np.ndarray, categories: list[str], thresholds: dict[str, CategoryThreshold]
+                            ) -> np.ndarray:
+    """[texts]: each text's largest margin, in log-odds, by which a category's probability passes its threshold
+    (negative: flagged by none; -inf when no category can flag). A guard with margin m flags where it is >= m."""
+    limits = [(c, t) for c, name in enumerate(categories) if (t := thresholds[name].threshold) is not None]
+    if not limits:
+        return np.full(len(scores), -np.inf)
+    probabilities = np.clip(scores[:, [c for c, _ in limits]].astype(np.float64), 1e-12, 1 - 1e-12)
+    log_odds = np.log(probabilities) - np.log1p(-probabilities)
+    return (log_odds - np.array([logit(t) for _, t in limits])).max(axis=1)
+
+
+def choose_guard_margin(margins: np.ndarray, items: list[Labelled], rule: GuardRule) -> tuple[float | None, str]:
+    """The widest margin on the rule's grid at which at least `recall` of the harmful validation rows of the
+    request sources (pooled) and of the reply sources stay flagged; None when either has no harmful rows."""
+    harmful = any_harm_labels(items) == 1
+    kept = {}
+    for kind, names in (("requests", rule.requests), ("replies", rule.replies)):
+        rows = harmful & np.array([item.source in names for item in items], dtype=bool)
+        if not rows.any():
+            return None, f"no harmful validation rows among the guard's {kind} ({', '.join(names) or 'none named'})"
+        kept[kind] = {margin: float((margins[rows] >= margin).mean()) for margin in rule.grid}
+    passing = [m for m in rule.grid if min(kept["requests"][m], kept["replies"][m]) >= rule.recall]
+    chosen = max(passing, default=min(rule.grid))
+    shares = (f"{kept['requests'][chosen]:.3f} of harmful validation requests and {kept['replies'][chosen]:.3f} "
+              "of replies")
+    if not passing:
+        return chosen, f"no margin of {rule.grid} keeps {rule.recall} flagged; the smallest: {shares} at {chosen}"
+    return chosen, f"the widest margin of {rule.grid} keeping >= {rule.recall} flagged: {shares} at {chosen}"
+
+
 def held_out_metrics(scores: np.ndarray, items: list[Labelled], config: ModerationConfig,
                      thresholds: dict[str, CategoryThreshold]) -> dict[str, Any]:
     """Per category: AUPRC, calibration error (ECE), and precision and recall at the served threshold. Per
@@ -264,6 +296,10 @@ def publish_moderation_model(config: ModerationConfig, model: RewardModel, token
                                        any_harm_labels(data["validation"]))
         metrics: dict[str, Any] = {**run, "validation": held_out_metrics(validation_scores, data["validation"],
                                                                          config, thresholds)}
+        guard_margin, guard_rule = None, ""
+        if config.guard is not None:
+            margins = margins_over_thresholds(validation_scores, config.categories, thresholds)
+            guard_margin, guard_rule = choose_guard_margin(margins, data["validation"], config.guard)
         if data["test"]:
             test_scores = category_probabilities(exported.scorer, data["test"])
             metrics["test"] = held_out_metrics(test_scores, data["test"], config, thresholds)
@@ -275,7 +311,8 @@ def publish_moderation_model(config: ModerationConfig, model: RewardModel, token
             base_model_path=resolve_base_model(config.base_model), categories=config.categories,
             max_length=config.max_length, truncation_side=config.truncation_side,
             input_names=onnx_export.onnx_input_names(tokenizer), thresholds=thresholds, onnx=exported.onnx,
-            data=data_provenance(config), config=to_dict(config), metrics=metrics)
+            data=data_provenance(config), config=to_dict(config), metrics=metrics, guard_margin=guard_margin,
+            guard_margin_rule=guard_rule)
 
     sample = [item.input for item in data["validation"][:: max(1, len(data["validation"]) // 64)]]
     return publish(model, tokenizer, output, overwrite, max_length=config.max_length, export=config.export,

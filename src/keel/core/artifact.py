@@ -275,6 +275,9 @@ class ModerationManifest(Manifest):
     data: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     config: dict[str, Any] = dataclasses.field(default_factory=dict)
     metrics: dict[str, Any] = dataclasses.field(default_factory=dict)
+    # The chat guard's margin over the thresholds, in log-odds, chosen on validation (None: chosen by no rule)
+    guard_margin: float | None = None
+    guard_margin_rule: str = ""
 
     @property
     def heads(self) -> list[str]:  # the model's outputs, as a reward model's heads
@@ -296,6 +299,9 @@ class ModerationManifest(Manifest):
             threshold = thresholds[category].get("threshold")
             if threshold is not None and not (_finite(threshold) and 0.0 <= threshold <= 1.0):
                 raise ArtifactError(f"{path}: category {category!r} has a threshold {threshold!r}, not in [0, 1]")
+        margin = raw.get("guard_margin")
+        if margin is not None and not (_finite(margin) and margin >= 0):
+            raise ArtifactError(f"{path}: guard_margin {margin!r} must be a number >= 0 (log-odds) or null")
         values = _known(cls, raw)
         values["thresholds"] = {c: _construct(CategoryThreshold, _known(CategoryThreshold, thresholds[c]), directory)
                                 for c in categories}

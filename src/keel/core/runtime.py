@@ -289,4 +289,5 @@ class ModerationRuntime(ModelRuntime):
         test = self.manifest.metrics.get("test", {}).get("categories", {})
         categories = {c: {"threshold": self.thresholds[c], "threshold_rule": self.manifest.thresholds[c].rule,
                           **{f"test_{k}": v for k, v in test.get(c, {}).items()}} for c in self.categories}
-        return {**super().describe(), "categories": categories}
+        return {**super().describe(), "categories": categories, "guard_margin": self.manifest.guard_margin,
+                "guard_margin_rule": self.manifest.guard_margin_rule}
