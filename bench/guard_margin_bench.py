@@ -5,9 +5,9 @@ flag if it demanded a margin m (log-odds) over the moderation thresholds, and th
 
 Rule: the widest margin on the grid that keeps at least --recall of the harmful validation requests flagged
 (every request source, pooled) and at least --recall of GPTFuzz's complying replies: the rule training applies
-(`guard` in configs/moderation.yaml, choose_guard_margin), here on the served scores (int8 where auto picks it). XSTest and every test
-split stay out. CoCoNot's preference-set look-alikes (validation split, never trained on by the default config)
-are shown beside the configured sets when the shared data holds them (--look-alikes).
+(`guard` in configs/moderation.yaml, choose_guard_margin), here on the served scores (int8 where auto picks
+it). XSTest and every test split stay out. CoCoNot's preference-set look-alikes (validation split, never trained
+on by the default config) are shown beside the configured sets when the shared data holds them (--look-alikes).
 """
 
 from __future__ import annotations

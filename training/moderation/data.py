@@ -64,8 +64,9 @@ def words(text: str) -> frozenset[str]:
 
 
 class SourceReader:
-    """Reads one source's rows as Labelled items: its labels (`labels`, `rest`, `any_of`, then `by`; then `rest_if_clean`), its
-    context (a column, or a key into `context_file`), and the near copies of `exclude` left out."""
+    """Reads one source's rows as Labelled items: its labels (`labels`, `rest`, `any_of`, then `by`; then
+    `rest_if_clean`), its context (a column, or a key into `context_file`), and the near copies of `exclude` left
+    out."""
 
     def __init__(self, source: ModerationSource, categories: list[str]):
         self.source = source

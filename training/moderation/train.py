@@ -72,7 +72,8 @@ def max_over_windows(window_logits: torch.Tensor, owners: torch.Tensor, texts: i
         s_ic = max_{w in W_i} s_wc
 
     so a harmful text trains the window that looks most harmful (harm may sit in one window of many), and a
-    harmless one pushes all its windows down. A text that fits is one window: s_ic is its own logit."""
+    harmless one pushes down its highest window, whichever that is at each step. A text that fits is one window:
+    s_ic is its own logit."""
     index = owners.unsqueeze(1).expand_as(window_logits)
     start = torch.full((texts, window_logits.shape[1]), -torch.inf, device=window_logits.device)
     return start.scatter_reduce(0, index, window_logits, reduce="amax")
