@@ -65,8 +65,9 @@ def main() -> None:
     for source in sources:
         groups.setdefault(source.name, []).extend(load_labelled(source, config, "validation"))
     rows: dict[str, np.ndarray] = {}
+    margin_of = {name: margins(judge, items) for name, items in groups.items()}  # each set scored once
     for name, items in groups.items():
-        margin, labels = margins(judge, items), any_harm_labels(items)
+        margin, labels = margin_of[name], any_harm_labels(items)
         for kind, mask in (("harmful", labels == 1), ("benign", labels == 0)):
             if mask.any():
                 rows[f"{name} ({kind})"] = margin[mask]
@@ -75,8 +76,9 @@ def main() -> None:
     table = {name: {"n": len(m), **{str(g): round(float((m >= g).mean()), 3) for g in GRID}}
              for name, m in rows.items()}
     rule = GuardRule(requests=list(REQUESTS), replies=[REPLIES], recall=args.recall, grid=list(GRID))
-    configured = [item for name in (*REQUESTS, REPLIES) for item in groups.get(name, [])]
-    chosen, why = choose_guard_margin(margins(judge, configured), configured, rule)
+    named = [name for name in (*REQUESTS, REPLIES) if name in groups]
+    chosen, why = choose_guard_margin(np.concatenate([margin_of[name] for name in named]),
+                                      [item for name in named for item in groups[name]], rule)
     report = {"cpu": cpu(), "rule_recall": args.recall, "chosen_margin": chosen, "rule": why, "validation": table}
     print(f"{'validation set':40s} {'n':>5s} " + " ".join(f"{g:>6}" for g in GRID))
     for name, entry in table.items():

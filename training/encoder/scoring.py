@@ -33,11 +33,13 @@ def encode_windows(tokenizer: PreTrainedTokenizerBase, inputs: Sequence[ModelInp
     """Each pair as the runtime reads it for a windowed (moderation) model: as `encode` gives it when it fits,
     else overlapping windows of the response (keel.core.tokenizer.PairTokenizer.encode_windows, WINDOW_OVERLAP);
     and for each window the index of its pair. Training and thresholds then see what serving sees."""
-    if not inputs:
-        return [], []
-    pairs = PairTokenizer(tokenizer.backend_tokenizer, max_length, tokenizer.truncation_side,
-                          tokenizer.pad_token_id or 0)
-    return pairs.encode_windows(inputs, WINDOW_OVERLAP)
+    return window_tokenizer(tokenizer, max_length).encode_windows(inputs, WINDOW_OVERLAP) if inputs else ([], [])
+
+
+def window_tokenizer(tokenizer: PreTrainedTokenizerBase, max_length: int) -> PairTokenizer:
+    """The runtime's tokenizer over the same vocabulary (it copies the tokenizer: build it once, not per call)."""
+    return PairTokenizer(tokenizer.backend_tokenizer, max_length, tokenizer.truncation_side,
+                         tokenizer.pad_token_id or 0)
 
 
 def collate(tokenizer: PreTrainedTokenizerBase, items: Sequence[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
@@ -49,10 +51,11 @@ def length_sorted_scorer(tokenizer: PreTrainedTokenizerBase, max_length: int, ba
                          run: Callable[[list[dict[str, list[int]]]], np.ndarray], windowed: bool = False) -> Scorer:
     """A scorer that tokenises, sorts by length (similar lengths pad less) and runs `run` on each batch. A
     windowed scorer reads a long text in overlapping windows and keeps each head's highest score, as served."""
+    windows = window_tokenizer(tokenizer, max_length) if windowed else None
 
     def score(texts: Sequence[ModelInput]) -> np.ndarray:
-        if windowed:
-            encoded, owners = encode_windows(tokenizer, texts, max_length)
+        if windows is not None:
+            encoded, owners = windows.encode_windows(texts, WINDOW_OVERLAP) if texts else ([], [])
         else:
             encoded, owners = encode(tokenizer, texts, max_length), list(range(len(texts)))
         order = np.argsort([len(item["input_ids"]) for item in encoded])
@@ -60,7 +63,7 @@ def length_sorted_scorer(tokenizer: PreTrainedTokenizerBase, max_length: int, ba
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
             out[idx] = run([encoded[i] for i in idx])
-        return out if not windowed else max_over_windows(out, owners, len(texts))
+        return out if windows is None else max_over_windows(out, owners, len(texts))
 
     return score
 

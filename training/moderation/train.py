@@ -224,7 +224,7 @@ def margins_over_thresholds(scores: np.ndarray, categories: list[str], threshold
     limits = [(c, t) for c, name in enumerate(categories) if (t := thresholds[name].threshold) is not None]
     if not limits:
         return np.full(len(scores), -np.inf)
-    probabilities = np.clip(scores[:, [c for c, _ in limits]].astype(np.float64), 1e-12, 1 - 1e-12)
+    probabilities = np.clip(scores[:, [c for c, _ in limits]].astype(np.float64), 1e-6, 1 - 1e-6)  # as logit()
     log_odds = np.log(probabilities) - np.log1p(-probabilities)
     return (log_odds - np.array([logit(t) for _, t in limits])).max(axis=1)
 
