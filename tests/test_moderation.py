@@ -60,6 +60,8 @@ def test_rows_harmless_on_all_they_label_can_be_harmless_on_every_category():
     unannotated = labels_of({"text": "t", "S": None, "H": None}, labels=rules, rest_if_clean=0)
     assert all(math.isnan(value) for value in unannotated.values())
     assert math.isnan(labels_of({"text": "t", "S": 0, "H": None}, labels=rules)["illicit"])  # off by default
+    only = labels_of({"text": "t", "S": 0, "H": None}, labels=rules, rest_if_clean=0, clean_categories=["illicit"])
+    assert only["illicit"] == 0 and math.isnan(only["hate"]) and math.isnan(only["self-harm"])
 
 
 def test_texts_in_context_and_hh_first_turns():
@@ -131,6 +133,11 @@ def test_unknown_categories_and_half_rules_are_config_errors(tmp_path: Path):
         ModerationConfig(train=[ModerationSource(str(data), labels={"violent": LabelRule(value=1)})], validation=[])
     with pytest.raises(ConfigError, match="exactly one of"):
         ModerationConfig(train=[ModerationSource(str(data), labels={"hate": LabelRule()})], validation=[])
+    with pytest.raises(ConfigError, match="set rest_if_clean too"):
+        ModerationConfig(train=[ModerationSource(str(data), clean_categories=["illicit"])], validation=[])
+    with pytest.raises(ConfigError, match="unknown categories"):
+        ModerationConfig(train=[ModerationSource(str(data), rest_if_clean=0, clean_categories=["crime"])],
+                         validation=[])
 
 
 def test_folds_partition_the_rows_and_move_with_the_test_fold():

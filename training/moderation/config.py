@@ -72,6 +72,7 @@ class ModerationSource(DataSource):
     # leaves unlabelled: OpenAI's samples annotate a subset per text, and "harmless on all it was asked" then
     # teaches the other heads (illicit, ...) what ordinary web text is
     rest_if_clean: float | None = None
+    clean_categories: list[str] = dataclasses.field(default_factory=list)  # only these take it (empty: all)
     any_of: list[str] = dataclasses.field(default_factory=list)  # at least one of these applies to every row
     by: list[LabelsBy] = dataclasses.field(default_factory=list)  # labels by a column's value, applied in order
     context_file: ContextFile | None = None  # `context` holds a key into this file
@@ -162,7 +163,8 @@ class ModerationConfig:
             for source in getattr(self, role):
                 self.check_source(role, source)
         check_precision(self.training.precision)
-        check_numbers("", self, positive=["max_length", "min_positives"], at_least_0=["threshold_shrinkage"], below_1=["min_precision", "prior"])
+        check_numbers("", self, positive=["max_length", "min_positives"], at_least_0=["threshold_shrinkage"],
+                      below_1=["min_precision", "prior"])
         if not 0 <= self.cross_validation.test_fold < self.cross_validation.folds:
             raise ConfigError(f"cross_validation.test_fold must be in [0, {self.cross_validation.folds})")
         if self.surroundings is not None:
@@ -186,16 +188,19 @@ class ModerationConfig:
         if unknown:
             raise ConfigError(f"{role} source {source.path}: labels name unknown categories "
                               f"{sorted(unknown)}; the categories are {self.categories}")
-        named = set(source.any_of) | {c for by in source.by for labels in by.values.values()
-                                      for c in labels or {}}
+        named = set(source.any_of) | set(source.clean_categories) | {
+            c for by in source.by for labels in by.values.values() for c in labels or {}}
         if named - set(self.categories):
-            raise ConfigError(f"{role} source {source.path}: any_of or by names unknown categories "
+            raise ConfigError(f"{role} source {source.path}: any_of, by or clean_categories name unknown categories "
                               f"{sorted(named - set(self.categories))}; the categories are {self.categories}")
         for by in source.by:
             for value, labels in by.values.items():
                 if labels is not None and any(label not in (0, 1, None, ANY) for label in labels.values()):
                     raise ConfigError(f"{role} source {source.path}: by {by.column} = {value!r}: each "
                                       f"label is 1, 0, null or {ANY}, got {labels}")
+        if source.clean_categories and source.rest_if_clean is None:
+            raise ConfigError(f"{role} source {source.path}: clean_categories restricts rest_if_clean; set "
+                              "rest_if_clean too (e.g. 0)")
         for category, rule in source.labels.items():
             if (rule.value is None) == (rule.column is None):
                 raise ConfigError(f"{role} source {source.path}: labels.{category} needs exactly one of "

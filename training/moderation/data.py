@@ -98,7 +98,9 @@ class SourceReader:
             labels[category] = UNLABELLED  # which of the group applies is not known
         values = labels.values()
         if source.rest_if_clean is not None and not group and 1 not in values and 0 in values:
-            labels = {c: float(source.rest_if_clean) if math.isnan(v) else v for c, v in labels.items()}
+            filled = source.clean_categories or self.categories
+            labels = {c: float(source.rest_if_clean) if math.isnan(v) and c in filled else v
+                      for c, v in labels.items()}
         return (tuple(labels[c] for c in self.categories),
                 tuple(i for i, c in enumerate(self.categories) if c in group))
 
