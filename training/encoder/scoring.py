@@ -33,7 +33,7 @@ def encode_windows(tokenizer: PreTrainedTokenizerBase, inputs: Sequence[ModelInp
     """Each pair as the runtime reads it for a windowed (moderation) model: as `encode` gives it when it fits,
     else overlapping windows of the response (keel.core.tokenizer.PairTokenizer.encode_windows, WINDOW_OVERLAP);
     and for each window the index of its pair. Training and thresholds then see what serving sees."""
-    return window_tokenizer(tokenizer, max_length).encode_windows(inputs, WINDOW_OVERLAP) if inputs else ([], [])
+    return window_tokenizer(tokenizer, max_length).encode_windows(inputs, WINDOW_OVERLAP)
 
 
 def window_tokenizer(tokenizer: PreTrainedTokenizerBase, max_length: int) -> PairTokenizer:
@@ -55,7 +55,7 @@ def length_sorted_scorer(tokenizer: PreTrainedTokenizerBase, max_length: int, ba
 
     def score(texts: Sequence[ModelInput]) -> np.ndarray:
         if windows is not None:
-            encoded, owners = windows.encode_windows(texts, WINDOW_OVERLAP) if texts else ([], [])
+            encoded, owners = windows.encode_windows(texts, WINDOW_OVERLAP)
         else:
             encoded, owners = encode(tokenizer, texts, max_length), list(range(len(texts)))
         order = np.argsort([len(item["input_ids"]) for item in encoded])
